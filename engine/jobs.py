@@ -1,0 +1,97 @@
+"""What every job shares: reports, progress, devices and seeds."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cryogmm.bridge.fileio import atomic_output
+
+__all__ = ["write_report", "Progress", "pick_device", "Timer"]
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if hasattr(x, "tolist"):  # torch tensors
+        return _jsonable(x.tolist())
+    return x
+
+
+def write_report(path, report: dict) -> dict:
+    """Write ``report.json`` atomically (NaN/inf become null) with the version and machine."""
+    from cryogmm import __version__
+
+    full = dict(report)
+    full.setdefault("cryogmm_version", __version__)
+    full.setdefault("host", {"python": platform.python_version(), "machine": platform.machine()})
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(full), indent=2) + "\n")
+    return full
+
+
+class Progress:
+    """Progress reporting for a job: ``progress(stage, done, total)``.
+
+    With ``callback=None`` and ``bar=True`` it draws tqdm bars on stderr (the CLI); Scipion
+    and ChimeraX pass their own callback.
+    """
+
+    def __init__(self, callback=None, bar: bool = False):
+        self.callback, self.bar = callback, bar
+        self._bars = {}
+
+    def __call__(self, stage: str, done: int, total: int):
+        if self.callback is not None:
+            self.callback(stage, done, total)
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            b = self._bars.get(stage)
+            if b is None:
+                b = self._bars[stage] = tqdm(total=total, desc=stage, unit="ptcl", leave=False, dynamic_ncols=True)
+            b.n = done
+            b.refresh()
+            if done >= total:
+                b.close()
+                del self._bars[stage]
+
+
+def pick_device(name: str | None = None):
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``."""
+    import torch
+
+    from cryogmm.errors import OptionError
+
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OptionError("--device", f"unknown device {name!r}; expected auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device", f"{name} asked for but no CUDA device is available")
+    return dev
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
