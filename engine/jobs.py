@@ -65,8 +65,7 @@ class Progress:
             b = self._bars.get(stage)
             if b is None:
                 b = self._bars[stage] = tqdm(total=total, desc=stage, unit="ptcl", leave=False, dynamic_ncols=True)
-            b.n = done
-            b.refresh()
+            b.update(done - b.n)
             if done >= total:
                 b.close()
                 del self._bars[stage]
