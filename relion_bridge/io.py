@@ -130,13 +130,20 @@ def _read_star_particles(path: Path, project_dir) -> ParticleTable:
     return _from_relion30(path, particles, part, blocks, extra, project_dir)
 
 
+def _tidy(x: np.ndarray) -> np.ndarray:
+    """Round a px <-> Å origin conversion to 1e-9 (far below any meaningful shift), so that
+    1.5 px * 1.4 Å reads 2.1, not 2.0999999999999996, and converts back to exactly 1.5."""
+    return np.round(x, 9)
+
+
 def _origin_px_to_A(path, particles, optics):
     """A 3.1-style file that still has pixel origins: convert them in place."""
     t = ParticleTable(particles, optics, source=path)
     apix = t.apix
     p = particles.copy()
     for ax in "XY":
-        p[f"rlnOrigin{ax}"] = conventions.origin_px_to_A(p[f"rlnOrigin{ax}"].to_numpy(dtype=float), apix)
+        if f"rlnOrigin{ax}" in p.columns:
+            p[f"rlnOrigin{ax}"] = _tidy(conventions.origin_px_to_A(p[f"rlnOrigin{ax}"].to_numpy(dtype=float), apix))
     return p.rename(columns={"rlnOriginX": "rlnOriginXAngst", "rlnOriginY": "rlnOriginYAngst"})
 
 
@@ -191,7 +198,7 @@ def _from_relion30(path, particles, part, blocks, extra, project_dir) -> Particl
     if apix is not None:
         for ax in "XY":
             if f"rlnOrigin{ax}" in p.columns:
-                p[f"rlnOrigin{ax}"] = conventions.origin_px_to_A(p[f"rlnOrigin{ax}"].to_numpy(dtype=float), apix)
+                p[f"rlnOrigin{ax}"] = _tidy(conventions.origin_px_to_A(p[f"rlnOrigin{ax}"].to_numpy(dtype=float), apix))
         p = p.rename(columns={"rlnOriginX": "rlnOriginXAngst", "rlnOriginY": "rlnOriginYAngst"})
     layout = StarLayout(
         order=list(blocks), particles=part, optics=None, extra=extra, version="3.0", columns_30=columns_30
@@ -226,7 +233,7 @@ def star_blocks_of(table: ParticleTable, version: str = "3.1") -> dict:
     for ax in "XY":
         c = f"rlnOrigin{ax}Angst"
         if c in p.columns:
-            p[c] = conventions.origin_A_to_px(p[c].to_numpy(dtype=float), apix)
+            p[c] = _tidy(conventions.origin_A_to_px(p[c].to_numpy(dtype=float), apix))
     p = p.rename(columns={"rlnOriginXAngst": "rlnOriginX", "rlnOriginYAngst": "rlnOriginY"})
     rows = table._row_of_group
     was_30 = lay.columns_30 is not None

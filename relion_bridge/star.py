@@ -159,7 +159,7 @@ def _read_loop(path: Path, text: str, pos: int):
             sep=" " if simple else r"\s+",
             header=None,
             keep_default_na=False,
-            na_values=[],
+            na_values=[""],  # only a missing field (or a quoted "") reads as NA
             quotechar='"',
             engine="c",
             skip_blank_lines=True,
@@ -182,13 +182,22 @@ def _read_loop(path: Path, text: str, pos: int):
         )
     missing = df.isna().to_numpy().any(axis=1)
     if missing.any():
-        row = int(np.argmax(missing))
-        bad = first_line + _blank_adjusted(body, row + 1) - 1
-        raise StarError(
-            path,
-            f"line {bad}: row {row + 1} of the loop has fewer values than its {len(columns)} columns "
-            "(truncated or malformed file)",
-        )
+        # a row with too few values, or one holding a quoted empty string ""? tokenise it
+        lines = [l for l in body.split("\n") if l.strip()]
+        for row in np.flatnonzero(missing):
+            try:
+                n_tok = len(shlex.split(lines[row], posix=True))
+            except ValueError:
+                n_tok = -1
+            if n_tok != len(columns):
+                bad = first_line + _blank_adjusted(body, row + 1) - 1
+                raise StarError(
+                    path,
+                    f"line {bad}: row {row + 1} of the loop has {max(n_tok, 0)} values for its "
+                    f"{len(columns)} columns (truncated or malformed file)",
+                )
+        for c in df.columns[df.isna().any().to_numpy()]:
+            df[c] = df[c].astype(object).where(df[c].notna(), "")
     df.columns = columns
     return df, end
 

@@ -3,8 +3,9 @@
 Works on any STAR file: for one that holds no particles (postprocess, optimiser, model,
 micrograph lists) it says what it looks like and lists its blocks.
 
-example:
+examples:
   cryogmm info Refine3D/job012/run_data.star
+  cryogmm info J24/J24_001_particles.cs --project-dir /data/P12 --check-images
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from pathlib import Path
 def add_args(parser) -> None:
     parser.add_argument("input", metavar="IN", help=".star or .cs file")
     parser.add_argument("--project-dir", metavar="D", default=None, help="folder that image paths are relative to")
+    parser.add_argument(
+        "--check-images", action="store_true",
+        help="also open every particle stack's header: do the paths resolve, do the stacks hold "
+        "enough images of the right size?",
+    )
 
 
 def _fmt(values) -> str:
@@ -81,5 +87,11 @@ def main(args) -> int:
             else:
                 print(f"data_{name}: {len(b)} values: {', '.join(list(b)[:12])}" + (", ..." if len(b) > 12 else ""))
         return 0
-    print("\n".join(describe(table)))
+    lines = describe(table)
+    if args.check_images:
+        from cryogmm.bridge.images import ImageSource
+
+        src = ImageSource.from_table(table)
+        lines.append(f"images:         OK ({src.n} images of {src.box}x{src.box} px found)")
+    print("\n".join(lines))
     return 0
