@@ -170,6 +170,12 @@ def _from_relion30(path, particles, part, blocks, extra, project_dir) -> Particl
             "RELION 3.0 file with pixel origins but no pixel size "
             "(needs rlnImagePixelSize, or rlnDetectorPixelSize and rlnMagnification)",
         )
+    derived = ("rlnMagnification", "rlnDetectorPixelSize")
+    if "rlnImagePixelSize" in columns_30 and all(c in columns_30 for c in derived):
+        det_apix = p["rlnDetectorPixelSize"].to_numpy(dtype=float) * 1e4 / p["rlnMagnification"].to_numpy(dtype=float)
+        if np.allclose(det_apix, apix, rtol=1e-9, atol=0):
+            ocols = [c for c in ocols if c not in derived]  # what our 3.0 writer adds: redundant
+            p = p.drop(columns=list(derived))
     keys = [c for c in ocols if c not in ("rlnOpticsGroup", "rlnOpticsGroupName")]
     if keys:
         combo = p.groupby(keys, sort=False, dropna=False).ngroup().to_numpy()
@@ -193,7 +199,7 @@ def _from_relion30(path, particles, part, blocks, extra, project_dir) -> Particl
     if "rlnImageDimensionality" not in optics.columns:
         optics["rlnImageDimensionality"] = 2
     # canonical particles: optics columns out, rlnOpticsGroup in, origins to Å in place
-    p = p.drop(columns=[c for c in ocols if c in p.columns])
+    p = p.drop(columns=[c for c in ocols if c in p.columns and c != "rlnOpticsGroup"])
     p["rlnOpticsGroup"] = group
     if apix is not None:
         for ax in "XY":
@@ -243,11 +249,10 @@ def star_blocks_of(table: ParticleTable, version: str = "3.1") -> dict:
             p[c] = table.optics[c].to_numpy()[rows]
     if was_30 and "rlnOpticsGroup" not in keep:
         p = p.drop(columns=["rlnOpticsGroup"])  # synthesised on reading: 3.0 had none
-    if "rlnImagePixelSize" in table.optics.columns and not was_30:
-        if "rlnMagnification" not in p.columns:
-            p["rlnMagnification"] = 10000.0
-        if "rlnDetectorPixelSize" not in p.columns:
-            p["rlnDetectorPixelSize"] = p["rlnImagePixelSize"].to_numpy(dtype=float) * p["rlnMagnification"].to_numpy(dtype=float) / 1e4
+    if "rlnImagePixelSize" in p.columns and "rlnMagnification" not in p.columns and "rlnDetectorPixelSize" not in p.columns:
+        # RELION 3.0 knows the pixel size only as detector pixel size (µm) / magnification
+        p["rlnMagnification"] = 10000.0
+        p["rlnDetectorPixelSize"] = p["rlnImagePixelSize"].to_numpy(dtype=float)
     if lay.columns_30:
         first = [c for c in lay.columns_30 if c in p.columns]
         p = p[first + [c for c in p.columns if c not in set(first)]]
