@@ -47,6 +47,7 @@ class OutputDir:
         self.out = Path(out)
 
     def __enter__(self):
+        self._created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.out))
         return self
@@ -71,4 +72,9 @@ class OutputDir:
                 self.commit()
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            if exc_type is not None and self._created:
+                try:
+                    self.out.rmdir()  # only if still empty: never remove anything of the user's
+                except OSError:
+                    pass
         return False
