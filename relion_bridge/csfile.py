@@ -232,13 +232,9 @@ def cs_fields_of(table: ParticleTable) -> dict:
     if "uid" not in out:
         out = {"uid": _uids(table), **out}
     if "blob/path" not in out or "blob/idx" not in out:
-        names = p["rlnImageName"].astype(str)
-        codes, uniq = pd.factorize(names)
-        u = pd.Series(uniq, dtype=object).str.partition("@")
-        has_at = (u[1] == "@").to_numpy()
-        path = np.where(has_at, u[2].to_numpy(dtype=object), u[0].to_numpy(dtype=object))
-        out["blob/path"] = path[codes]
-        out["blob/idx"] = table.image_index.astype(np.uint32)
+        idx, codes, paths = table._image_parts()
+        out["blob/path"] = paths[codes]
+        out["blob/idx"] = idx.astype(np.uint32)
     if "rlnImageSize" in table.optics.columns or "rlnImageSize" in p.columns:
         out["blob/shape"] = np.repeat(table.box.astype(np.uint32)[:, None], 2, axis=1)
     if "rlnImagePixelSize" in table.optics.columns or "rlnImagePixelSize" in p.columns:

@@ -27,15 +27,13 @@ from cryogmm.errors import StarError
 
 __all__ = ["read_star_blocks", "write_star_blocks", "format_column"]
 
-# a line that ends a loop's rows: a block or loop header alone on its line, or a label
-_NEXT_SECTION = re.compile(r"^[ \t]*(?:(?:data_\S*|loop_|global_)[ \t]*$|_[A-Za-z])", re.M)
-_COMMENT_LINE = re.compile(r"^[ \t]*#", re.M)
 _STR = np.dtypes.StringDType()
 _CHUNK_ROWS = 200_000
+_SECTION_STARTS = (b"\ndata_", b"\nloop_", b"\n_", b"\nglobal_")
 
 
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
+def _line_of(data: bytes, pos: int) -> int:
+    return data.count(b"\n", 0, pos) + 1
 
 
 def read_star_blocks(path) -> dict:
@@ -47,47 +45,52 @@ def read_star_blocks(path) -> dict:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise StarError(path, "file not found") from None
     except IsADirectoryError:
         raise StarError(path, "is a folder, expected a STAR file") from None
-    except UnicodeDecodeError:
-        raise StarError(path, "not a text file (is it really a STAR file?)") from None
     except OSError as e:
         raise StarError(path, f"cannot be read ({e.strerror})") from None
+    if b"\r" in data[:65536]:
+        data = data.replace(b"\r\n", b"\n")
+    if b"\0" in data[:65536]:
+        raise StarError(path, "not a text file (is it really a STAR file?)")
 
     blocks: dict = {}
-    pos, n = 0, len(text)
+    pos, n = 0, len(data)
     name = None
     while pos < n:
-        eol = text.find("\n", pos)
+        eol = data.find(b"\n", pos)
         eol = n if eol < 0 else eol
-        line = text[pos:eol].strip()
+        try:
+            line = data[pos:eol].decode().strip()
+        except UnicodeDecodeError:
+            raise StarError(path, f"line {_line_of(data, pos)}: not UTF-8 text (is it really a STAR file?)") from None
         if not line or line.startswith("#"):
             pos = eol + 1
             continue
         if line.startswith("data_"):
             name = line[5:].split()[0] if len(line) > 5 else ""
             if name in blocks:
-                raise StarError(path, f"line {_line_of(text, pos)}: block data_{name} appears twice")
+                raise StarError(path, f"line {_line_of(data, pos)}: block data_{name} appears twice")
             blocks[name] = {}
             pos = eol + 1
             continue
         if name is None:
             raise StarError(
-                path, f"line {_line_of(text, pos)}: expected a data_ block, found {line[:40]!r}"
+                path, f"line {_line_of(data, pos)}: expected a data_ block, found {line[:40]!r}"
             )
         if line.startswith("loop_"):
             if isinstance(blocks[name], pd.DataFrame) or blocks[name]:
                 raise StarError(
-                    path, f"line {_line_of(text, pos)}: data_{name} holds more than one table"
+                    path, f"line {_line_of(data, pos)}: data_{name} holds more than one table"
                 )
-            blocks[name], pos = _read_loop(path, text, eol + 1)
+            blocks[name], pos = _read_loop(path, data, eol + 1)
             continue
         if line.startswith("_"):
             if isinstance(blocks[name], pd.DataFrame):
-                raise StarError(path, f"line {_line_of(text, pos)}: data_{name} holds more than one table")
+                raise StarError(path, f"line {_line_of(data, pos)}: data_{name} holds more than one table")
             try:
                 parts = shlex.split(line, comments=True)
             except ValueError:
@@ -95,12 +98,12 @@ def read_star_blocks(path) -> dict:
             if len(parts) != 2:
                 raise StarError(
                     path,
-                    f"line {_line_of(text, pos)}: expected '_label value', found {line[:60]!r}",
+                    f"line {_line_of(data, pos)}: expected '_label value', found {line[:60]!r}",
                 )
             blocks[name][parts[0][1:]] = _numericise(parts[1])
             pos = eol + 1
             continue
-        raise StarError(path, f"line {_line_of(text, pos)}: unexpected text {line[:40]!r} in data_{name}")
+        raise StarError(path, f"line {_line_of(data, pos)}: unexpected text {line[:40]!r} in data_{name}")
     if not blocks:
         raise StarError(path, "no data_ block found (empty or not a STAR file)")
     return blocks
@@ -115,15 +118,38 @@ def _numericise(v: str):
     return v
 
 
-def _read_loop(path: Path, text: str, pos: int):
+def _loop_end(data: bytes, pos: int) -> int:
+    """Start of the first line at/after ``pos`` that ends a loop's rows (a block or loop
+    header alone on its line, or a label line), or len(data). Searches with bytes.find:
+    memchr speed on files of hundreds of MB."""
+    end = len(data)
+    for key in _SECTION_STARTS:
+        at = pos - 1
+        while True:
+            at = data.find(key, at, end)
+            if at < 0:
+                break
+            if key == b"\n_":
+                end = at + 1
+                break
+            eol = data.find(b"\n", at + 1)
+            eol = len(data) if eol < 0 else eol
+            if len(data[at + 1 : eol].split()) == 1:  # "data_x" alone; not a value "data_x.mrc 1 2"
+                end = at + 1
+                break
+            at = eol
+    return max(end, pos)
+
+
+def _read_loop(path: Path, data: bytes, pos: int):
     """Parse the loop starting at ``pos`` (just after ``loop_``); return (DataFrame, end)."""
-    n = len(text)
+    n = len(data)
     columns = []
     header_start = pos
     while pos < n:
-        eol = text.find("\n", pos)
+        eol = data.find(b"\n", pos)
         eol = n if eol < 0 else eol
-        line = text[pos:eol].strip()
+        line = data[pos:eol].decode(errors="replace").strip()
         if line.startswith("_"):
             columns.append(line.split()[0][1:])
             pos = eol + 1
@@ -134,28 +160,32 @@ def _read_loop(path: Path, text: str, pos: int):
         else:
             break
     if not columns:
-        raise StarError(path, f"line {_line_of(text, header_start)}: loop_ without column labels")
+        raise StarError(path, f"line {_line_of(data, header_start)}: loop_ without column labels")
     if len(set(columns)) != len(columns):
         dup = sorted({c for c in columns if columns.count(c) > 1})
-        raise StarError(path, f"line {_line_of(text, header_start)}: repeated column labels {', '.join(dup)}")
-    m = _NEXT_SECTION.search(text, pos)
-    end = m.start() if m else n
-    body = text[pos:end]
-    # drop comment lines (RELION writes '# version 30001' before the next block)
-    if _COMMENT_LINE.search(body):
-        body = "\n".join(l for l in body.split("\n") if not l.lstrip().startswith("#"))
+        raise StarError(path, f"line {_line_of(data, header_start)}: repeated column labels {', '.join(dup)}")
+    end = _loop_end(data, pos)
+    # trailing blank and comment lines (RELION writes '# version 30001' before a block)
+    stop = end
+    while stop > pos:
+        prev = data.rfind(b"\n", pos, stop - 1)
+        line = data[prev + 1 if prev >= 0 else pos : stop].strip()
+        if line and not line.startswith(b"#"):
+            break
+        stop = prev + 1 if prev >= pos else pos
+    body = data[pos:stop]
+    first_line = _line_of(data, pos)
+    empty = pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
     if not body.strip():
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns}), end
-    if "'" in body and '"' not in body:
-        body = body.replace("'", '"')
-    simple = (
-        "\t" not in body and "  " not in body and "\n " not in body and " \n" not in body
-        and not body.startswith(" ")
-    )
-    first_line = _line_of(text, pos)
+        return empty, end
+    if b"\n#" in body or body.lstrip().startswith(b"#"):
+        body = b"\n".join(b"" if l.lstrip().startswith(b"#") else l for l in body.split(b"\n"))
+    if b"'" in body and b'"' not in body:
+        body = body.replace(b"'", b'"')
+    simple = not (b"\t" in body or b"  " in body or b"\n " in body or b" \n" in body or body.startswith(b" "))
     try:
         df = pd.read_csv(
-            io.StringIO(body),
+            io.BytesIO(body),
             sep=" " if simple else r"\s+",
             header=None,
             keep_default_na=False,
@@ -164,6 +194,7 @@ def _read_loop(path: Path, text: str, pos: int):
             engine="c",
             skip_blank_lines=True,
             low_memory=False,
+            encoding="utf-8",
         )
     except pd.errors.ParserError as e:
         msg = str(e)
@@ -174,8 +205,10 @@ def _read_loop(path: Path, text: str, pos: int):
                 path, f"line {bad}: {mm.group(3)} values where the loop has {len(columns)} columns"
             ) from None
         raise StarError(path, f"line {first_line}: malformed loop ({msg.splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise StarError(path, f"line {first_line}: loop holds text that is not UTF-8") from None
     except pd.errors.EmptyDataError:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns}), end
+        return empty, end
     if df.shape[1] != len(columns):
         raise StarError(
             path, f"line {first_line}: {df.shape[1]} values per row where the loop has {len(columns)} columns"
@@ -183,7 +216,7 @@ def _read_loop(path: Path, text: str, pos: int):
     missing = df.isna().to_numpy().any(axis=1)
     if missing.any():
         # a row with too few values, or one holding a quoted empty string ""? tokenise it
-        lines = [l for l in body.split("\n") if l.strip()]
+        lines = [l for l in body.decode(errors="replace").split("\n") if l.strip()]
         for row in np.flatnonzero(missing):
             try:
                 n_tok = len(shlex.split(lines[row], posix=True))
@@ -202,10 +235,10 @@ def _read_loop(path: Path, text: str, pos: int):
     return df, end
 
 
-def _blank_adjusted(body: str, data_row: int) -> int:
+def _blank_adjusted(body: bytes, data_row: int) -> int:
     """1-based line within ``body`` of its ``data_row``-th non-blank line."""
     seen = 0
-    for i, line in enumerate(body.split("\n"), 1):
+    for i, line in enumerate(body.split(b"\n"), 1):
         if line.strip():
             seen += 1
             if seen == data_row:

@@ -31,6 +31,8 @@ import pandas as pd
 from cryogmm.bridge import conventions
 from cryogmm.errors import CsError, StarError
 
+_STR = np.dtypes.StringDType()
+
 __all__ = ["ParticleTable", "StarLayout", "OPTICS_LABELS", "POSE_COLUMNS", "CTF_COLUMNS", "latent_columns"]
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -268,26 +270,31 @@ class ParticleTable:
         return self.particles["rlnOpticsGroup"].to_numpy(dtype=np.int64)
 
     def _image_parts(self):
+        """(index [n] 0-based, path_codes [n], path_uniques [k]) from rlnImageName, vectorised."""
         if "rlnImageName" not in self.particles.columns:
             self._fail("missing column rlnImageName (where each particle image is)")
-        names = self.particles["rlnImageName"].astype(str)
-        codes, uniques = pd.factorize(names)
-        # split the (few) unique names, then broadcast back: fast for millions of rows
-        u = pd.Series(uniques, dtype=object).str.partition("@")
-        has_at = (u[1] == "@").to_numpy()
-        num = np.where(has_at, u[0].to_numpy(dtype=object), "1")
-        path = np.where(has_at, u[2].to_numpy(dtype=object), u[0].to_numpy(dtype=object))
-        idx = pd.to_numeric(pd.Series(num), errors="coerce").to_numpy()
-        if np.isnan(idx).any() or (idx < 1).any():
-            bad = int(np.argmax(np.isnan(idx) | (idx < 1)))
-            self._fail(f"rlnImageName {uniques[bad]!r} does not start with a 1-based image number before '@'")
-        return codes, idx.astype(np.int64) - 1, path
+        names = np.asarray(self.particles["rlnImageName"].to_numpy(dtype=object), dtype=_STR)
+        num, sep, rest = np.strings.partition(names, np.asarray("@", dtype=_STR))
+        has_at = sep == "@"
+        path = np.where(has_at, rest, num)
+        digits = np.strings.isdecimal(num) & has_at
+        idx = np.ones(len(names), dtype=np.int64)
+        try:
+            idx[has_at] = num[has_at].astype(np.int64)
+        except ValueError:
+            digits = digits | ~has_at
+            bad = int(np.argmax(~digits))
+            self._fail(f"rlnImageName {names[bad]!r} does not start with a 1-based image number before '@'")
+        if (idx < 1).any():
+            bad = int(np.argmax(idx < 1))
+            self._fail(f"rlnImageName {names[bad]!r}: image numbers start at 1")
+        codes, uniques = pd.factorize(path.astype(object))
+        return idx - 1, codes, np.asarray(uniques, dtype=object)
 
     @property
     def image_index(self) -> np.ndarray:
         """[n] int64, 0-based index of each image in its stack (``000001@x.mrcs`` -> 0)."""
-        codes, idx, _ = self._image_parts()
-        return idx[codes]
+        return self._image_parts()[0]
 
     @property
     def image_path(self) -> np.ndarray:
@@ -296,11 +303,15 @@ class ParticleTable:
         Relative paths are resolved against ``project_dir`` if set, else the source file's
         folder, else the working folder.
         """
-        codes, _, path = self._image_parts()
-        pcodes, pu = pd.factorize(pd.Series(path, dtype=object))
+        _, codes, paths = self._image_parts()
         base = self.project_dir or (self.source.parent if self.source is not None else Path.cwd())
-        resolved = np.array([os.path.normpath(os.path.join(base, p)) for p in pu], dtype=object)
-        return resolved[pcodes][codes]
+        resolved = np.array([os.path.normpath(os.path.join(base, p)) for p in paths], dtype=object)
+        return resolved[codes]
+
+    def image_stack_names(self) -> tuple[np.ndarray, np.ndarray]:
+        """(codes [n], names [k]): each particle's stack as written in the file (not resolved)."""
+        _, codes, paths = self._image_parts()
+        return codes, paths
 
     @property
     def half_set(self) -> np.ndarray:
