@@ -1,7 +1,7 @@
 """Lazy access to particle images in MRC stacks (``.mrcs``, ``.mrc``), by table row.
 
 ``ImageSource.from_table(table)`` checks every stack once (exists, holds enough images,
-has the table's box size) by reading headers only; images are then read on demand through
+has the table's box size and, where its header sets one, pixel size) by reading headers only; images are then read on demand through
 memory maps (``mrcfile.mmap``, read-only, permissive), a bounded number kept open.
 """
 
@@ -22,8 +22,8 @@ __all__ = ["ImageSource"]
 _MAX_OPEN = 64
 
 
-def _stack_shape(path: str, star) -> tuple[int, int, int]:
-    """(n_images, ny, nx) from the header of an MRC file."""
+def _stack_shape(path: str, star) -> tuple[int, int, int, float]:
+    """(n_images, ny, nx, pixel size in Å or 0) from the header of an MRC file."""
     import mrcfile
 
     p = Path(path)
@@ -37,6 +37,7 @@ def _stack_shape(path: str, star) -> tuple[int, int, int]:
             if h is None:
                 raise ValueError("no header")
             nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+            voxel = float(h.cella.x) / int(h.mx) if int(h.mx) > 0 else 0.0
     except Exception as e:  # mrcfile raises ValueError/OSError for bad files
         raise StackError(path, f"not a readable MRC stack ({e}) (referenced by {star})") from None
     if min(nx, ny, nz) < 1:
@@ -48,7 +49,7 @@ def _stack_shape(path: str, star) -> tuple[int, int, int]:
             f"file is truncated: {p.stat().st_size} bytes, its header promises {nz} images of {ny}x{nx} "
             f"({expected} bytes) (referenced by {star})",
         )
-    return nz, ny, nx
+    return nz, ny, nx, voxel
 
 
 def _mode_bytes(mode: int) -> int:
@@ -74,8 +75,9 @@ class ImageSource:
         """Check every stack the table refers to (headers only) and return a lazy source.
 
         Raises :class:`~cryogmm.errors.StackError` naming the stack (and the metadata file)
-        when a stack is missing, holds fewer images than referenced, or has images of a
-        size other than the optics group's ``rlnImageSize``.
+        when a stack is missing, holds fewer images than referenced, has images of a size
+        other than the optics group's ``rlnImageSize``, or a header pixel size (other than
+        the unset values 0 and 1) more than 1% from ``rlnImagePixelSize``.
         """
         star = table.source if table.source is not None else "the particle table"
         paths = table.image_path
@@ -89,9 +91,13 @@ class ImageSource:
             box_per = table.box
             first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
             want_box = box_per[first]
+        want_apix = None
+        if "rlnImagePixelSize" in table.optics.columns or "rlnImagePixelSize" in table.particles.columns:
+            first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
+            want_apix = table.apix[first]
         boxes = set()
         for s in range(k):
-            nz, ny, nx = _stack_shape(stacks[s], star)
+            nz, ny, nx, voxel = _stack_shape(stacks[s], star)
             if max_idx[s] >= nz:
                 raise StackError(
                     stacks[s],
@@ -102,6 +108,12 @@ class ImageSource:
             if want_box is not None and nx != want_box[s]:
                 raise StackError(
                     stacks[s], f"images are {nx}x{ny} px but {star} gives rlnImageSize {want_box[s]}"
+                )
+            # a header pixel size of 0 or 1 means "not set" (many tools write that)
+            if want_apix is not None and voxel > 0 and abs(voxel - 1.0) > 1e-6 and abs(voxel / want_apix[s] - 1) > 0.01:
+                raise StackError(
+                    stacks[s],
+                    f"pixel size is {voxel:g} Å in its header but {star} gives rlnImagePixelSize {want_apix[s]:g}",
                 )
             boxes.add(nx)
         if len(boxes) > 1:

@@ -85,3 +85,14 @@ def test_truncated_stack(tmp_path):
     (tmp_path / "s.mrcs").write_bytes(data[: len(data) - 100])
     with pytest.raises(StackError, match="file is truncated"):
         ImageSource.from_table(table_for(tmp_path, ["000001@s.mrcs"]))
+
+
+def test_pixel_size_in_header_must_match(tmp_path):
+    write_stack(tmp_path / "s.mrcs", 3)
+    with mrcfile.open(tmp_path / "s.mrcs", mode="r+") as m:
+        m.voxel_size = 3.0
+    with pytest.raises(StackError, match=r"s.mrcs: pixel size is 3 Å in its header but .*p.star gives rlnImagePixelSize 2"):
+        ImageSource.from_table(table_for(tmp_path, ["000001@s.mrcs"]))
+    with mrcfile.open(tmp_path / "s.mrcs", mode="r+") as m:
+        m.voxel_size = 2.01  # within 1%
+    assert ImageSource.from_table(table_for(tmp_path, ["000001@s.mrcs"])).box == 16

@@ -251,3 +251,25 @@ def test_table_api(tmp_path):
     assert c.particles["rlnCryogmmLatent0"].tolist() == [0.5, -0.5]
     assert t.image_path[0] == str(tmp_path / "s.mrcs")
     assert read_particles(p, project_dir="/data/proj").image_path[0] == "/data/proj/s.mrcs"
+
+
+def test_relion5_style_general_block_and_extra_columns_kept(tmp_path):
+    """RELION 4/5 particle files: a data_general block first, tomography columns: all carried."""
+    text = "data_general\n\n_rlnTomoSubTomosAre2DStacks 1\n\n" + GOOD.replace(
+        "_rlnDefocusAngle\n", "_rlnDefocusAngle\n_rlnTomoName\n").replace(" 5\n", " 5 TS_01\n")
+    (tmp_path / "r5.star").write_text(text)
+    t = read_particles(tmp_path / "r5.star")
+    assert t.particles["rlnTomoName"].tolist() == ["TS_01", "TS_01"]
+    write_particles(t, tmp_path / "o.star")
+    blocks = read_star_blocks(tmp_path / "o.star")
+    assert list(blocks) == ["general", "optics", "particles"]
+    assert blocks["general"] == {"rlnTomoSubTomosAre2DStacks": 1}
+    assert list(blocks["particles"].columns) == list(read_star_blocks(tmp_path / "r5.star")["particles"].columns)
+
+
+def test_bad_image_name(tmp_path):
+    p = tmp_path / "names.star"
+    p.write_text(GOOD.replace("000002@s.mrcs", "abc@s.mrcs"))
+    t = read_particles(p)
+    with pytest.raises(StarError, match=r"names.star: rlnImageName 'abc@s.mrcs' does not start with a 1-based image number"):
+        t.image_index
