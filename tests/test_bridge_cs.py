@@ -197,3 +197,12 @@ def test_bad_cs(tmp_path, content, expect):
     with pytest.raises(CsError, match=expect) as e:
         read_particles(p)
     assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cs_without_blob_is_not_a_particle_file(tmp_path):
+    from cryosparc.dataset import NUMPY_FORMAT, Dataset
+
+    Dataset({"uid": np.arange(3, dtype=np.uint64), "ctf/df1_A": np.ones(3, np.float32)}).save(
+        str(tmp_path / "passthrough.cs"), format=NUMPY_FORMAT)
+    with pytest.raises(CsError, match=r"passthrough.cs: no blob/path field: not a particle file"):
+        read_particles(tmp_path / "passthrough.cs")

@@ -58,6 +58,8 @@ def converted(shared_dir, tmp_path_factory):
     t = read_particles(cs)
     write_particles(t, d / "ours31.star", star_version="3.1")
     write_particles(t, d / "ours30.star", star_version="3.0")
+    six = read_particles(shared_dir / "data" / "metadata" / "relion31.6opticsgroups.star")
+    write_particles(six, d / "six.star")
     if HAVE_CRYODRGN:
         calls = [
             ("parse_pose_csparc", [str(cs), "-D", str(int(t.box[0])), "-o", str(d / "cs_pose.pkl")]),
@@ -65,10 +67,12 @@ def converted(shared_dir, tmp_path_factory):
             ("parse_pose_star", [str(d / "ours30.star"), "-o", str(d / "ours30.star.pkl")]),
             ("parse_ctf_csparc", [str(cs), "-o", str(d / "cs_ctf.pkl")]),
             ("parse_ctf_star", [str(d / "ours31.star"), "-o", str(d / "star_ctf.pkl")]),
+            ("parse_pose_star", [str(d / "six.star"), "-o", str(d / "six_pose.pkl")]),
+            ("parse_ctf_star", [str(d / "six.star"), "-o", str(d / "six_ctf.pkl")]),
         ]
         r = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(calls)], capture_output=True, text=True, cwd=d)
         assert r.returncode == 0, r.stderr[-3000:]
-    return d, cs, t
+    return d, cs, t, six
 
 
 def expected_trans(t):
@@ -77,7 +81,7 @@ def expected_trans(t):
 
 @needs_cryodrgn
 def test_cryodrgn_poses_from_cs_and_from_our_star(converted):
-    d, cs, t = converted
+    d, cs, t, six = converted
     rot, trans = load(d / "cs_pose.pkl")
     np.testing.assert_allclose(rot, t.rotmat, atol=1e-5)
     a = np.load(cs)
@@ -93,7 +97,7 @@ def test_cryodrgn_poses_from_cs_and_from_our_star(converted):
 
 @needs_cryodrgn
 def test_cryodrgn_ctf_from_cs_and_from_our_star(converted):
-    d, cs, t = converted
+    d, cs, t, six = converted
     ours = np.stack([t.box, t.apix, t.defocus_u_A, t.defocus_v_A, t.defocus_angle_deg, t.voltage_kV,
                      t.cs_mm, t.amp_contrast, t.phase_shift_deg], axis=1)
     for p in ("cs_ctf.pkl", "star_ctf.pkl"):
@@ -121,3 +125,19 @@ def test_relion_reads_what_we_write(shared_dir, tmp_path, src, version):
     np.testing.assert_allclose(back.cs_mm, t.cs_mm, rtol=1e-6)
     np.testing.assert_allclose(back.voltage_kV, t.voltage_kV, rtol=1e-6)
     assert back.particles["rlnImageName"].tolist() == t.particles["rlnImageName"].tolist()
+
+
+def ctf_rows(t):
+    return np.stack([t.box, t.apix, t.defocus_u_A, t.defocus_v_A, t.defocus_angle_deg, t.voltage_kV,
+                     t.cs_mm, t.amp_contrast, t.phase_shift_deg], axis=1)
+
+
+@needs_cryodrgn
+def test_cryodrgn_reads_six_optics_groups_as_we_do(converted):
+    """Per-particle pixel size and Cs come from each particle's optics group."""
+    d, cs, t, six = converted
+    rot, trans = load(d / "six_pose.pkl")
+    np.testing.assert_allclose(rot, six.rotmat, atol=1e-5)
+    np.testing.assert_allclose(trans, expected_trans(six), atol=1e-6)
+    np.testing.assert_allclose(load(d / "six_ctf.pkl"), ctf_rows(six), rtol=1e-6, atol=1e-4)
+    assert len(np.unique(six.apix)) == 2 and len(np.unique(six.cs_mm)) == 2
