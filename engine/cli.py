@@ -16,6 +16,7 @@ COMMANDS = {
     "simulate": "cryogmm.commands.simulate",
     "reconstruct": "cryogmm.commands.reconstruct",
     "demo": "cryogmm.commands.demo",
+    "fit-gmm": "cryogmm.commands.fit_gmm",
     "convert": "cryogmm.bridge.commands.convert",
     "subset": "cryogmm.bridge.commands.subset",
     "info": "cryogmm.bridge.commands.info",
