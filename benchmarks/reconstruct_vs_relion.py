@@ -72,10 +72,11 @@ def main(argv=None):
         star = work / "sim" / "particles.star"
 
         def relion(subset=None, name="relion.mrc"):
-            cmd = ["relion_reconstruct", "--i", str(star), "--o", str(work / name), "--ctf"]
+            # RELION resolves image names against its working folder
+            cmd = ["relion_reconstruct", "--i", star.name, "--o", str(work / name), "--ctf"]
             if subset:
                 cmd += ["--subset", str(subset)]
-            subprocess.run(cmd, check=True, capture_output=True)
+            subprocess.run(cmd, check=True, capture_output=True, cwd=star.parent)
 
         _, t_relion = timed(lambda: relion(), args.repeat)
         _, t_relion_h1 = timed(lambda: relion(1, "relion_h1.mrc"), 1)
