@@ -44,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--box", type=int, default=96)
     ap.add_argument("--apix", type=float, default=1.5)
-    ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--snr", type=float, default=0.01, help="low enough that the FSC crosses 0.143 before Nyquist")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--repeat", type=int, default=2, help="best of this many timings each")

@@ -3,7 +3,8 @@
 Each particle's Fourier transform is phase-shifted to undo its origin, multiplied by its
 CTF and inserted on the central slice ``A^T (kx, ky, 0)`` of a 2x oversampled 3D Fourier
 grid by trilinear weights, together with its Friedel mate; the CTF^2 goes into a weight
-grid alongside. The map is ``F / (W + lambda)`` per voxel, with ``lambda`` a small
+grid alongside. The map is ``F / (W + lambda)`` per voxel (inverse-transformed, corrected for
+the trilinear kernel and limited to the sphere of radius N/2 with a soft edge), with ``lambda`` a small
 fraction of the shell's mean weight for half maps (CTF^2-weighted inversion) and
 ``mean_shell(W) / SNR(k)`` from the half-map FSC for the final map (a Wiener filter).
 
@@ -172,4 +173,9 @@ class FourierAccumulator:
         vol = vol[lo:lo + n, lo:lo + n, lo:lo + n]
         # trilinear insertion convolves the Fourier grid with a tent: undo its sinc^2 in real space
         t = torch.sinc((torch.arange(n, device=vol.device, dtype=vol.dtype) - n // 2) / P) ** 2
-        return (vol / (t[:, None, None] * t[None, :, None] * t[None, None, :])).contiguous()
+        vol = vol / (t[:, None, None] * t[None, :, None] * t[None, None, :])
+        # as RELION does, keep only the sphere the particle box can hold (soft edge inside
+        # radius N/2): the corners hold nothing but noise, amplified by the correction above
+        from cryogmm.metrics import soft_sphere_mask
+
+        return (vol * soft_sphere_mask(n, n // 2 - 3, edge_px=3, device=vol.device, dtype=vol.dtype)).contiguous()
