@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "simulate": "cryogmm.commands.simulate",
     "reconstruct": "cryogmm.commands.reconstruct",
+    "refine-poses": "cryogmm.commands.refine_poses",
     "demo": "cryogmm.commands.demo",
     "fit-gmm": "cryogmm.commands.fit_gmm",
     "convert": "cryogmm.bridge.commands.convert",
