@@ -1,0 +1,91 @@
+"""Pose-refinement throughput: particles/s of the alignment step of ``refine-poses``.
+
+Times :func:`cryogmm.refine.refine_batch` (the per-iteration work on every particle: Adam
+steps of projection + CTF + band FRC and their gradients) for the box sizes and mixture
+sizes the method uses, on CPU here and on a GPU when one is present (``--device cuda``).
+The paper's anchor (Chen, Schmid & Chiu): 400,000 particles, box 196, 3 Å, about 2 hours
+per iteration on an RTX A5000, i.e. about 55 particles/s. Results go to
+``benchmarks/results/refine_poses_<device>.json``.
+
+    python benchmarks/refine_poses.py [--device cpu] [--cases 128:5000 196:20000] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+PAPER_PARTICLES_PER_S = 400_000 / (2 * 3600)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cases", nargs="+", default=["128:5000", "196:20000"], help="BOX:N_GAUSSIANS")
+    ap.add_argument("--apix", type=float, default=1.0)
+    ap.add_argument("--resolution", type=float, default=3.0, help="upper bound of the FRC band, Å (paper: 3 Å)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+
+    from cryogmm.ctf import CtfParams, ctf_rfft2
+    from cryogmm.gmm import Gaussians
+    from cryogmm.jobs import pick_device
+    from cryogmm.refine import BandFrc, refine_batch
+    from cryogmm.simulate import random_rotations
+
+    dev = pick_device(args.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    rng = np.random.default_rng(0)
+    results = []
+    for case in args.cases:
+        box, n = (int(v) for v in case.split(":"))
+        radius = 0.3 * box * args.apix
+        g = Gaussians(torch.as_tensor(rng.normal(0, radius / 2, (n, 3)), dtype=torch.float32, device=dev),
+                      torch.ones(n, device=dev), torch.full((n,), args.resolution / (math.pi * math.sqrt(2)), device=dev))
+        band = BandFrc(box, args.apix, max(1, round(box * args.apix / 30.0)), int(box * args.apix / args.resolution),
+                       device=dev)
+        B = args.batch
+        imgs = torch.randn(B, box, box, device=dev)
+        x = band.crop_ft(imgs)
+        ctf = band.band(ctf_rfft2(CtfParams(defocus_u_A=np.full(B, 15000.0), defocus_v_A=np.full(B, 14800.0),
+                                            defocus_angle_deg=0.0, voltage_kV=300.0, cs_mm=2.7, amp_contrast=0.1),
+                                  band.crop, band.apix_crop, device=dev))
+        A0 = torch.as_tensor(random_rotations(B, rng), dtype=torch.float32, device=dev)
+        s0 = torch.zeros(B, 2, device=dev)
+        refine_batch(g, band, x, ctf, A0, s0, steps=2, lr_rad=0.01, lr_A=0.3)  # warm-up
+        best = float("inf")
+        for _ in range(args.repeat):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            refine_batch(g, band, x, ctf, A0, s0, steps=args.steps, lr_rad=0.01, lr_A=0.3)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        pps = B / best
+        r = {"box": box, "n_gaussians": n, "crop_box": band.crop, "band_shells": [band.lo, band.hi], "batch": B,
+             "steps": args.steps, "seconds_per_batch": best, "particles_per_s": pps,
+             "ratio_to_paper_a5000": pps / PAPER_PARTICLES_PER_S}
+        results.append(r)
+        print(f"box {box}, {n} Gaussians, crop {band.crop}: {pps:.2f} particles/s "
+              f"({r['ratio_to_paper_a5000']:.3f}x the paper's ~{PAPER_PARTICLES_PER_S:.0f}/s on an RTX A5000)")
+    out = args.out or HERE / "results" / f"refine_poses_{dev.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "refine_poses", "device": str(dev), "device_name": name,
+                               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                               "resolution_A": args.resolution, "cases": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
