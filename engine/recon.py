@@ -15,6 +15,7 @@ grids (``(2N)^3 x 3`` floats per half) are kept.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -26,6 +27,16 @@ __all__ = ["FourierAccumulator", "shell_mean"]
 def _fft_index(n: int, device=None, dtype=torch.float32):
     """Signed integer frequencies of an ``n``-point FFT axis (fftfreq * n)."""
     return torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=dtype)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` helper threads (made on first use)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cryogmm-insert")
+    return _POOLS[workers]
 
 
 def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int, where: torch.Tensor | None = None):
@@ -43,11 +54,17 @@ class FourierAccumulator:
     """Sums of CTF-weighted Fourier slices for ``n_sets`` independent sets (gold-standard halves).
 
     ``box`` and ``apix`` of the particles; the reconstruction has the same box and pixel.
-    The grid is the half-spectrum (``rfftn`` layout, ``[P, P, P // 2 + 1]`` for ``P = pad * box``):
+    The grid is the half-spectrum (``qx >= 0``, ``[P, P, P // 2 + 1]`` for ``P = pad * box``, held with
+    z and y centred):
     a slice point with ``qx < 0`` is inserted as its Friedel mate, and the ``qx = 0`` plane is
     made Hermitian when the map is computed, which equals inserting every point twice into a
     full grid at half the work and memory.
     """
+
+    #: points per block of the scatter (see :meth:`_scatter`): the grid voxels one block reaches
+    #: stay in cache while its 8 corners x 3 channels are added, and each of its tensor operations
+    #: stays below torch's parallel grain (32768 elements), so that helper threads run them serially
+    chunk = 24576
 
     def __init__(self, box: int, apix: float, n_sets: int = 2, pad: int = 2, device=None, dtype=torch.float32):
         self.box, self.apix, self.pad, self.n_sets = int(box), float(apix), int(pad), int(n_sets)
@@ -59,6 +76,8 @@ class FourierAccumulator:
         self.C = self.P // 2
         self.Pc, self.Hc = self.P + 2, self.H + 1
         self.grid = torch.zeros(3, n_sets * self.Pc * self.Pc * self.Hc, device=device, dtype=dtype)
+        # grid addresses in int32 (half the memory traffic of int64) while they fit: box <= 640 for two sets
+        self._index_dtype = torch.int32 if self.grid.shape[1] < 2**31 else torch.int64
         o = torch.arange(2, device=device)
         self._offsets = ((o[:, None, None] * self.Pc + o[None, :, None]) * self.Hc + o[None, None, :]).reshape(8)
         self.count = torch.zeros(n_sets, dtype=torch.long)
@@ -71,77 +90,139 @@ class FourierAccumulator:
         self._keep = keep
         # the kx = 0 column holds each Friedel pair twice: half weight there
         self._half = torch.where(self._kx == 0, 0.5, 1.0).to(dtype)
+        self._map_tables = None  # per-voxel tables of reconstruct(), made on first use
 
     def insert(self, images: torch.Tensor, rotmat: torch.Tensor, shift_A: torch.Tensor | None = None,
                ctf: CtfParams | torch.Tensor | None = None, sets: torch.Tensor | None = None) -> None:
         """Add particles ``images [B, N, N]`` with RELION matrices ``rotmat [B, 3, 3]``, origins
         ``shift_A [B, 2]``, CTF (parameters or an ``rfft2``-layout tensor; None = no CTF) and
         set index ``sets [B]`` (0-based; default all in set 0)."""
-        n, P, H, dev, dt = self.box, self.P, self.H, self.device, self.dtype
+        key, pts = self._slice_points(images, rotmat, shift_A, ctf, sets)
+        self._scatter(key, pts)
+        if sets is None:
+            self.count[0] += images.shape[0]
+        else:
+            self.count += torch.bincount(sets.cpu().long(), minlength=self.n_sets)[: self.n_sets]
+
+    def _slice_points(self, images, rotmat, shift_A, ctf, sets):
+        """The particles' Fourier samples (inside the Nyquist circle) as points of the padded grid,
+        in grid-address order: ``(key [M], pts [6, M])`` with ``key`` the address of each point's
+        lower corner and ``pts`` its fractional position in that voxel (x, y, z) and its values
+        (real, imaginary, CTF^2 weight), Friedel-flipped where ``qx < 0``."""
+        n, dev, dt = self.box, self.device, self.dtype
         images = images.to(device=dev, dtype=dt)
         B = images.shape[0]
-        f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))[:, self._keep]  # [B, K]
-        kx, ky = self._kx, self._ky
+        f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))  # [B, N, N // 2 + 1]
         if shift_A is not None:
-            o = shift_A.to(device=dev, dtype=dt)
-            phase = -2.0 * math.pi * (kx[None] * o[:, :1] + ky[None] * o[:, 1:2]) / (n * self.apix)
-            f = f * torch.polar(torch.ones_like(phase), phase)
+            # undo the origin: exp(-2 pi i (kx ox + ky oy) / (N apix)), a product of a row and a column factor
+            o = shift_A.to(device=dev, dtype=dt) * (-2.0 * math.pi / (n * self.apix))
+            ky = _fft_index(n, dev, dt)
+            kx = torch.arange(n // 2 + 1, device=dev, dtype=dt)
+            ex = torch.polar(torch.ones(B, kx.numel(), device=dev, dtype=dt), o[:, :1] * kx)
+            ey = torch.polar(torch.ones(B, n, device=dev, dtype=dt), o[:, 1:2] * ky)
+            f = f * ey[:, :, None] * ex[:, None, :]
+        f = f[:, self._keep]  # [B, K]
         if ctf is None:
-            c = torch.ones(B, kx.numel(), device=dev, dtype=dt)
+            c = torch.ones(B, self._kx.numel(), device=dev, dtype=dt)
         else:
             if isinstance(ctf, CtfParams):
                 ctf = ctf_rfft2(ctf, n, self.apix, device=dev, dtype=dt)
             c = ctf.to(device=dev, dtype=dt)[:, self._keep]
         R = rotmat.to(device=dev, dtype=dt)
-        q = self.pad * (kx[None, :, None] * R[:, None, 0, :] + ky[None, :, None] * R[:, None, 1, :])  # [B,K,(x,y,z)]
+        # A^T (kx, ky, 0) on the padded grid, one row per axis: [3 (x, y, z), B, K]
+        q = self.pad * (R[:, 0, :].T[:, :, None] * self._kx + R[:, 1, :].T[:, :, None] * self._ky)
         # points with qx < 0 go in as their Friedel mates: -q, complex conjugate
-        flip = q[..., 0] < 0
-        q = torch.where(flip[..., None], -q, q)
-        h = self._half[None] * c
-        val = torch.stack([f.real * h, torch.where(flip, -f.imag, f.imag) * h, c * h], -1)  # [B, K, 3]
+        sign = torch.where(q[0] < 0, -1.0, 1.0).to(dt)
+        q *= sign
         q0 = torch.floor(q)
-        fr = q - q0
-        # centred z and y (offset C) so the 8 corners never wrap; folded back in reconstruct()
-        q0 = q0.to(torch.int64)
-        sets = torch.zeros(B, dtype=torch.long, device=dev) if sets is None else sets.to(device=dev, dtype=torch.long)
-        base = ((sets[:, None] * self.Pc + q0[..., 2] + self.C) * self.Pc + q0[..., 1] + self.C) * self.Hc + q0[..., 0]
+        # address of the lower corner, z and y centred (offset C) so the 8 corners never wrap
+        # (folded back in reconstruct())
+        i0 = q0.to(self._index_dtype)
+        s = torch.zeros(B, 1, device=dev, dtype=self._index_dtype) if sets is None else \
+            sets.to(device=dev, dtype=self._index_dtype)[:, None]
+        key = ((s * self.Pc + (i0[2] + self.C)) * self.Pc + (i0[1] + self.C)) * self.Hc + i0[0]
         # visit the grid in memory order: sorting the points by their lower corner turns the
         # scattered additions (cache-miss bound) into near-streaming passes
-        base, order = torch.sort(base.reshape(-1))
-        fr = fr.reshape(-1, 3)[order].T  # [3, M] (x, y, z)
-        val = val.reshape(-1, 3)[order].T  # [3, M]
-        one = torch.ones_like(fr)
-        wx, wy, wz = torch.stack([one - fr, fr], 1).unbind(0)  # each [2, M]
-        w = ((wz[:, None, :] * wy[None, :, :]).reshape(4, 1, -1) * wx[None, :, :]).reshape(8, -1)  # [8, M]
-        flat = (base[None, :] + self._offsets[:, None]).reshape(-1)  # corner-major, each pass sorted
-        for ch in range(3):
-            self.grid[ch].view(-1).index_add_(0, flat, (w * val[ch][None, :]).reshape(-1))
-        self.count += torch.bincount(sets.cpu(), minlength=self.n_sets)[: self.n_sets]
+        key, order = torch.sort(key.reshape(-1), stable=True)
+        h = self._half * c
+        pts = torch.empty(6, B, self._kx.numel(), device=dev, dtype=dt)
+        torch.sub(q, q0, out=pts[:3])
+        torch.mul(f.real, h, out=pts[3])
+        torch.mul(f.imag * sign, h, out=pts[4])
+        torch.mul(c, h, out=pts[5])
+        return key, pts.view(6, -1).index_select(1, order)
 
-    def _shells(self):
-        k = _fft_index(self.P, self.device, self.dtype)
-        kx = torch.arange(self.H, device=self.device, dtype=self.dtype)
-        kz, ky, kx = torch.meshgrid(k, k, kx, indexing="ij")
-        return torch.round(torch.sqrt(kx**2 + ky**2 + kz**2) / self.pad).long()  # in original-box shells
+    def _scatter(self, key, pts):
+        """Add the sorted points to the grid by trilinear weights: corner ``(dz, dy, dx)`` of a point
+        at ``key`` is address ``key + offset``, weighted ``wz * wy * wx`` (``1 - f`` or ``f`` per axis).
 
-    def _fft_layout(self, g: torch.Tensor) -> torch.Tensor:
-        """Centred ``[Pc, Pc, Hc, 3]`` accumulation grid -> ``rfftn`` layout ``[P * P * H, 3]``.
+        The grid is cut into address ranges holding about ``chunk`` points each; each range takes the
+        8 corners x 3 channels of the points whose corners fall in it (a contiguous run of the sorted
+        points for each corner). The ranges are disjoint, so on the CPU consecutive groups of them go to
+        ``torch.get_num_threads()`` threads (``index_add_`` runs on one core and releases the GIL);
+        every grid voxel still receives its additions in the same order as in one sequential pass."""
+        M = key.numel()
+        on_cpu = key.device.type == "cpu"
+        n_chunks = max(1, -(-M // self.chunk)) if on_cpu else 1
+        # range boundaries: the addresses of every chunk-th point; runs of each corner: [8, n_chunks + 1]
+        inner = key[torch.arange(1, n_chunks, device=key.device) * M // n_chunks]
+        bounds = torch.cat([key.new_full((1,), -(2**30)), inner, key.new_full((1,), self.grid.shape[1])])
+        runs = torch.searchsorted(key, bounds[None, :] - self._offsets.to(key)[:, None]).tolist()
+        fx, fy, fz, *vals = pts
+        gx, gy, gz = 1.0 - pts[:3]
+        offsets = self._offsets.tolist()  # corner (dz, dy, dx) is offsets[4 dz + 2 dy + dx]
+        corners = [(offsets[4 * dz + 2 * dy + dx], (fz if dz else gz), (fy if dy else gy), (fx if dx else gx))
+                   for dz in range(2) for dy in range(2) for dx in range(2)]
 
-        Entries beyond the ``P`` grid (only reached from the Nyquist edge) are dropped."""
-        P, C = self.P, self.C
-        g = g.reshape(self.Pc, self.Pc, self.Hc, 3)[:P, :P, : self.H]
-        return torch.roll(g, shifts=(-C, -C), dims=(0, 1)).reshape(-1, 3)
+        def add(first, last):  # chunks first .. last - 1
+            for j in range(first, last):
+                for c, (off, wz, wy, wx) in enumerate(corners):
+                    a, b = runs[c][j], runs[c][j + 1]
+                    if a == b:
+                        continue
+                    w = wz[a:b] * wy[a:b]
+                    w *= wx[a:b]
+                    k = key[a:b]
+                    for ch, v in enumerate(vals):
+                        self.grid[ch, off:].index_add_(0, k, w * v[a:b])
 
-    def _hermitian_x0(self, g: torch.Tensor) -> torch.Tensor:
-        """Add to the ``qx = 0`` plane its own Friedel mates (``(y, z) -> (-y, -z)``, conjugated)."""
-        P = self.P
-        g = g.reshape(P, P, self.H, 3).clone()
-        plane = g[:, :, 0, :]
-        idx = (-torch.arange(P, device=g.device)) % P
-        mate = plane[idx][:, idx]
-        mate = mate * torch.tensor([1.0, -1.0, 1.0], device=g.device, dtype=g.dtype)
-        g[:, :, 0, :] = plane + mate
-        return g.reshape(-1, 3)
+        parts = min(torch.get_num_threads(), n_chunks) if on_cpu else 1
+        cut = [p * n_chunks // parts for p in range(parts + 1)]
+        futures = [_pool(parts - 1).submit(add, cut[p], cut[p + 1]) for p in range(1, parts)]
+        add(cut[0], cut[1])
+        for fut in futures:
+            fut.result()
+
+    def _tables(self):
+        """Per-voxel tables of the centred ``[P, P, H]`` grid and of the map, made on first use:
+        ``shell`` (``[P * P * H]``, the shell in the original box, ``N // 2 + 1`` for all beyond the
+        last kept one), ``kept`` (``shell <= N // 2``), ``mate`` (index of ``-u`` along z and y, for
+        the ``qx = 0`` plane), ``crop`` (the ``N`` grid indices along each axis that the map keeps)
+        and ``post`` (``[N, N, N]``: the real-space factor of the map: signs, tent correction, mask)."""
+        if self._map_tables is None:
+            from cryogmm.metrics import soft_sphere_mask
+
+            P, H, n, dev, dt = self.P, self.H, self.box, self.device, self.dtype
+            nsh = n // 2 + 1
+            k = torch.arange(P, device=dev, dtype=dt) - self.C  # centred frequency of z and y
+            kx = torch.arange(H, device=dev, dtype=dt)
+            shell = torch.round(torch.sqrt(kx**2 + k[None, :, None] ** 2 + k[:, None, None] ** 2) / self.pad)
+            shell = shell.long().clamp_max(nsh).reshape(-1)
+            u = torch.arange(P, device=dev)
+            j = torch.arange(n, device=dev) - n // 2  # map index, centred
+            # the map is the centre of fftshift(ifft(V)) on the P grid: index (j - N/2) mod P of the
+            # transform; the grid being centred (frequency u - P/2 at index u) multiplies that by
+            # (-1)^(j - N/2) along z and y
+            sign = 1.0 - 2.0 * (j % 2).to(dt)
+            # trilinear insertion convolves the Fourier grid with a tent: undo its sinc^2 in real space
+            t = torch.sinc(j.to(dt) / P) ** 2
+            # as RELION does, keep only the sphere the particle box can hold (soft edge inside
+            # radius N/2): the corners hold nothing but noise, amplified by the correction above
+            mask = soft_sphere_mask(n, n // 2 - 3, edge_px=3, device=dev, dtype=dt)
+            post = (sign[:, None, None] * sign[None, :, None]) / (t[:, None, None] * t[None, :, None] * t) * mask
+            self._map_tables = {"shell": shell, "kept": shell < nsh, "mate": (-u) % P, "crop": j % P,
+                                "post": post.contiguous()}
+        return self._map_tables
 
     def reconstruct(self, sets=None, reg: float = 1e-3, ssnr: torch.Tensor | None = None) -> torch.Tensor:
         """The map ``[N, N, N]`` from the sum of the given sets (default all).
@@ -151,31 +232,42 @@ class FourierAccumulator:
         where given).
         """
         sets = list(range(self.n_sets)) if sets is None else list(sets)
-        g = self.grid.view(3, self.n_sets, -1)[:, sets].sum(1).T  # [G, 3]
-        g = self._hermitian_x0(self._fft_layout(g))
-        P, n = self.P, self.box
-        F = torch.complex(g[:, 0], g[:, 1])
-        W = g[:, 2]
-        shells = self._shells().reshape(-1)
+        P, H, n = self.P, self.H, self.box
         nsh = n // 2 + 1
-        mean_w = shell_mean(W, shells, nsh, where=W > 0)
+        tab = self._tables()
+        g = self.grid.view(3, self.n_sets, self.Pc, self.Pc, self.Hc)
+        g = g[:, sets[0]] if len(sets) == 1 else g[:, sets].sum(1)
+        # centred half grid [3, P, P, H]: index u along z and y is frequency u - P/2; the entries
+        # beyond (only reached from the Nyquist edge) are dropped
+        g = g[:, :P, :P, :H]
+        # the qx = 0 plane gets its own Friedel mates ((y, z) -> (-y, -z), conjugated)
+        x0 = g[..., 0]
+        m = tab["mate"]
+        mate = x0[:, m][:, :, m]
+        x0 = torch.stack([x0[0] + mate[0], x0[1] - mate[1], x0[2] + mate[2]])
+        W = g[2].contiguous()
+        W[..., 0] = x0[2]
+        W = W.view(-1)
+        shell = tab["shell"]
+        filled = W > 0
+        # mean weight per shell over the filled voxels (W >= 0, so the empty ones add nothing)
+        tot = W.new_zeros(nsh + 1).index_add_(0, shell, W)[:nsh]
+        cnt = W.new_zeros(nsh + 1).index_add_(0, shell, filled.to(W.dtype))[:nsh]
+        mean_w = tot / cnt.clamp_min(1)
         if ssnr is None:
             lam_sh = reg * mean_w
         else:
             lam_sh = mean_w / ssnr.to(mean_w).clamp_min(1e-6)
-        lam = torch.where(shells < nsh, lam_sh[shells.clamp_max(nsh - 1)], torch.zeros_like(W))
-        inside = (shells < nsh) & (W > 0)
-        V = torch.where(inside, F / (W + lam).clamp_min(1e-30), torch.zeros_like(F))
+        # 1 / (W + lambda) inside the sphere of shell N/2 (and where there is weight), else 0
+        inv = (W + torch.cat([lam_sh, lam_sh.new_zeros(1)])[shell]).clamp_min_(1e-30).reciprocal_()
+        inv = inv.masked_fill_(~(filled & tab["kept"]), 0.0).view(P, P, H)
+        V = torch.complex(g[0] * inv, g[1] * inv)
+        V[..., 0] = torch.complex(x0[0] * inv[..., 0], x0[1] * inv[..., 0])
         # the zero-padded map's DFT on the P grid equals the N-map's DFT at the shared
-        # frequencies, so the plain inverse of the P grid, cropped, is the map on its scale
-        vol = torch.fft.fftshift(torch.fft.irfftn(V.reshape(P, P, self.H), s=(P, P, P)))
-        lo = P // 2 - n // 2
-        vol = vol[lo:lo + n, lo:lo + n, lo:lo + n]
-        # trilinear insertion convolves the Fourier grid with a tent: undo its sinc^2 in real space
-        t = torch.sinc((torch.arange(n, device=vol.device, dtype=vol.dtype) - n // 2) / P) ** 2
-        vol = vol / (t[:, None, None] * t[None, :, None] * t[None, None, :])
-        # as RELION does, keep only the sphere the particle box can hold (soft edge inside
-        # radius N/2): the corners hold nothing but noise, amplified by the correction above
-        from cryogmm.metrics import soft_sphere_mask
-
-        return (vol * soft_sphere_mask(n, n // 2 - 3, edge_px=3, device=vol.device, dtype=vol.dtype)).contiguous()
+        # frequencies, so the plain inverse of the P grid, cropped, is the map on its scale;
+        # the inverse runs axis by axis (z, y, then the half axis x), cropping after each
+        crop = tab["crop"]
+        v = torch.fft.ifft(V, dim=0).index_select(0, crop)
+        v = torch.fft.ifft(v, dim=1).index_select(1, crop)
+        vol = torch.fft.irfft(v, n=P, dim=2).index_select(2, crop)
+        return vol * tab["post"]
