@@ -61,9 +61,9 @@ class FourierAccumulator:
     full grid at half the work and memory.
     """
 
-    #: points per block of the scatter (see :meth:`_scatter`): the grid voxels one block reaches
-    #: stay in cache while its 8 corners x 3 channels are added, and each of its tensor operations
-    #: stays below torch's parallel grain (32768 elements), so that helper threads run them serially
+    #: points per chunk of the scatter (see :meth:`_scatter`): the grid voxels one chunk reaches stay
+    #: in cache while its 8 corners x 3 channels are added, and its elementwise operations stay below
+    #: torch's parallel grain (32768 elements), so that the helper threads run them serially
     chunk = 24576
 
     def __init__(self, box: int, apix: float, n_sets: int = 2, pad: int = 2, device=None, dtype=torch.float32):
@@ -87,7 +87,7 @@ class FourierAccumulator:
         KY, KX = torch.meshgrid(ky, kx, indexing="ij")
         keep = (KX**2 + KY**2) < (n / 2.0) ** 2  # inside Nyquist circle
         self._kx, self._ky = KX[keep], KY[keep]
-        self._keep = keep
+        self._keep = keep.reshape(-1).nonzero().squeeze(1)  # flat rfft2 indices (cheaper than the mask)
         # the kx = 0 column holds each Friedel pair twice: half weight there
         self._half = torch.where(self._kx == 0, 0.5, 1.0).to(dtype)
         self._map_tables = None  # per-voxel tables of reconstruct(), made on first use
@@ -97,18 +97,18 @@ class FourierAccumulator:
         """Add particles ``images [B, N, N]`` with RELION matrices ``rotmat [B, 3, 3]``, origins
         ``shift_A [B, 2]``, CTF (parameters or an ``rfft2``-layout tensor; None = no CTF) and
         set index ``sets [B]`` (0-based; default all in set 0)."""
-        key, pts = self._slice_points(images, rotmat, shift_A, ctf, sets)
-        self._scatter(key, pts)
+        self._scatter(*self._slice_points(images, rotmat, shift_A, ctf, sets))
         if sets is None:
             self.count[0] += images.shape[0]
         else:
             self.count += torch.bincount(sets.cpu().long(), minlength=self.n_sets)[: self.n_sets]
 
     def _slice_points(self, images, rotmat, shift_A, ctf, sets):
-        """The particles' Fourier samples (inside the Nyquist circle) as points of the padded grid,
-        in grid-address order: ``(key [M], pts [6, M])`` with ``key`` the address of each point's
-        lower corner and ``pts`` its fractional position in that voxel (x, y, z) and its values
-        (real, imaginary, CTF^2 weight), Friedel-flipped where ``qx < 0``."""
+        """The particles' Fourier samples (inside the Nyquist circle) as points of the padded grid:
+        ``(key [M], order [M], pts [6, M])``, with ``key`` the grid address of each point's lower
+        corner in ascending order, ``order`` the points in that order and ``pts`` (in the particles'
+        order) each point's fractional position in its voxel (x, y, z) and its values (real,
+        imaginary, CTF^2 weight), Friedel-flipped where ``qx < 0``."""
         n, dev, dt = self.box, self.device, self.dtype
         images = images.to(device=dev, dtype=dt)
         B = images.shape[0]
@@ -121,13 +121,13 @@ class FourierAccumulator:
             ex = torch.polar(torch.ones(B, kx.numel(), device=dev, dtype=dt), o[:, :1] * kx)
             ey = torch.polar(torch.ones(B, n, device=dev, dtype=dt), o[:, 1:2] * ky)
             f = f * ey[:, :, None] * ex[:, None, :]
-        f = f[:, self._keep]  # [B, K]
+        f = f.reshape(B, -1).index_select(1, self._keep)  # [B, K]
         if ctf is None:
             c = torch.ones(B, self._kx.numel(), device=dev, dtype=dt)
         else:
             if isinstance(ctf, CtfParams):
                 ctf = ctf_rfft2(ctf, n, self.apix, device=dev, dtype=dt)
-            c = ctf.to(device=dev, dtype=dt)[:, self._keep]
+            c = ctf.to(device=dev, dtype=dt).reshape(B, -1).index_select(1, self._keep)
         R = rotmat.to(device=dev, dtype=dt)
         # A^T (kx, ky, 0) on the padded grid, one row per axis: [3 (x, y, z), B, K]
         q = self.pad * (R[:, 0, :].T[:, :, None] * self._kx + R[:, 1, :].T[:, :, None] * self._ky)
@@ -150,17 +150,20 @@ class FourierAccumulator:
         torch.mul(f.real, h, out=pts[3])
         torch.mul(f.imag * sign, h, out=pts[4])
         torch.mul(c, h, out=pts[5])
-        return key, pts.view(6, -1).index_select(1, order)
+        return key, order, pts.view(6, -1)
 
-    def _scatter(self, key, pts):
-        """Add the sorted points to the grid by trilinear weights: corner ``(dz, dy, dx)`` of a point
-        at ``key`` is address ``key + offset``, weighted ``wz * wy * wx`` (``1 - f`` or ``f`` per axis).
+    def _scatter(self, key, order, pts):
+        """Add the points (see :meth:`_slice_points`) to the grid by trilinear weights: corner
+        ``(dz, dy, dx)`` of a point at ``key`` is address ``key + offset``, weighted ``wz * wy * wx``
+        (``1 - f`` or ``f`` per axis).
 
-        The grid is cut into address ranges holding about ``chunk`` points each; each range takes the
-        8 corners x 3 channels of the points whose corners fall in it (a contiguous run of the sorted
-        points for each corner). The ranges are disjoint, so on the CPU consecutive groups of them go to
-        ``torch.get_num_threads()`` threads (``index_add_`` runs on one core and releases the GIL);
-        every grid voxel still receives its additions in the same order as in one sequential pass."""
+        The grid is cut into address ranges holding about ``chunk`` points each; each range (chunk)
+        takes the 8 corners x 3 channels of the points whose corners fall in it (for each corner a
+        contiguous run of the sorted points; the chunk gathers their values itself, so they stay in
+        cache). The ranges are disjoint, so on the CPU consecutive groups of chunks go to
+        ``torch.get_num_threads()`` threads (``index_add_`` and ``index_select`` run on one core and
+        release the GIL); every grid voxel still receives its additions in the same order as in one
+        sequential pass."""
         M = key.numel()
         on_cpu = key.device.type == "cpu"
         n_chunks = max(1, -(-M // self.chunk)) if on_cpu else 1
@@ -168,23 +171,29 @@ class FourierAccumulator:
         inner = key[torch.arange(1, n_chunks, device=key.device) * M // n_chunks]
         bounds = torch.cat([key.new_full((1,), -(2**30)), inner, key.new_full((1,), self.grid.shape[1])])
         runs = torch.searchsorted(key, bounds[None, :] - self._offsets.to(key)[:, None]).tolist()
-        fx, fy, fz, *vals = pts
-        gx, gy, gz = 1.0 - pts[:3]
         offsets = self._offsets.tolist()  # corner (dz, dy, dx) is offsets[4 dz + 2 dy + dx]
-        corners = [(offsets[4 * dz + 2 * dy + dx], (fz if dz else gz), (fy if dy else gy), (fx if dx else gx))
-                   for dz in range(2) for dy in range(2) for dx in range(2)]
 
         def add(first, last):  # chunks first .. last - 1
             for j in range(first, last):
-                for c, (off, wz, wy, wx) in enumerate(corners):
-                    a, b = runs[c][j], runs[c][j + 1]
-                    if a == b:
-                        continue
-                    w = wz[a:b] * wy[a:b]
-                    w *= wx[a:b]
-                    k = key[a:b]
-                    for ch, v in enumerate(vals):
-                        self.grid[ch, off:].index_add_(0, k, w * v[a:b])
+                # the points of this chunk: from the start of the farthest corner's run to the end of corner 0's
+                lo, hi = runs[7][j], runs[0][j + 1]
+                if lo >= hi:
+                    continue
+                p = pts.index_select(1, order[lo:hi])
+                f, vals = p[:3], p[3:]
+                g = 1.0 - f
+                for dz in range(2):
+                    for dy in range(2):
+                        for dx in range(2):
+                            c = 4 * dz + 2 * dy + dx
+                            a, b = runs[c][j] - lo, runs[c][j + 1] - lo
+                            if a == b:
+                                continue
+                            w = (f if dz else g)[2, a:b] * (f if dy else g)[1, a:b]
+                            w *= (f if dx else g)[0, a:b]
+                            k = key[lo + a:lo + b]
+                            for ch in range(3):
+                                self.grid[ch, offsets[c]:].index_add_(0, k, w * vals[ch, a:b])
 
         parts = min(torch.get_num_threads(), n_chunks) if on_cpu else 1
         cut = [p * n_chunks // parts for p in range(parts + 1)]
@@ -236,7 +245,7 @@ class FourierAccumulator:
         nsh = n // 2 + 1
         tab = self._tables()
         g = self.grid.view(3, self.n_sets, self.Pc, self.Pc, self.Hc)
-        g = g[:, sets[0]] if len(sets) == 1 else g[:, sets].sum(1)
+        g = sum((g[:, i] for i in sets[1:]), g[:, sets[0]])  # a view for one set
         # centred half grid [3, P, P, H]: index u along z and y is frequency u - P/2; the entries
         # beyond (only reached from the Nyquist edge) are dropped
         g = g[:, :P, :P, :H]
