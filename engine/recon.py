@@ -15,6 +15,7 @@ grids (``(2N)^3 x 3`` floats per half) are kept.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -29,14 +30,16 @@ def _fft_index(n: int, device=None, dtype=torch.float32):
     return torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=dtype)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` helper threads (made on first use)."""
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cryogmm-insert")
-    return _POOLS[workers]
+    """A pool of ``workers`` helper threads for this process (made on first use; a forked child
+    makes its own, as it has none of its parent's threads)."""
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cryogmm-insert")
+    return _POOLS[key]
 
 
 def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int, where: torch.Tensor | None = None):
