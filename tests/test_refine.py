@@ -137,3 +137,17 @@ def test_bad_inputs(clean, tmp_path, capsys):
     b["particles"] = b["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
     starfile.write(b, clean / "noposes.star", overwrite=True)
     fails(["refine-poses", str(clean / "noposes.star"), "--out", str(tmp_path / "o")], "rlnAngleRot")
+
+
+@pytest.mark.slow
+def test_refine_poses_seeded_from_model(clean, tmp_path):
+    """--model: mixtures seeded on the model's heavy atoms (randomised per half), then fitted."""
+    out = tmp_path / "ref_model"
+    assert cli(["refine-poses", str(clean / "particles.star"), "--model", str(example_model("open")), "--out", str(out),
+                "--iterations", "1", "--fit-iterations", "60", "--steps", "30"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["references"] == "model"
+    truth = read_particles(clean / "truth.star")
+    e0, _ = errors(read_particles(clean / "particles.star"), truth)
+    e1, _ = errors(read_particles(out / "refined.star"), truth)
+    assert np.median(e1) < 0.6 * np.median(e0), (np.median(e0), np.median(e1))  # measured 2.54 -> 1.24 deg
