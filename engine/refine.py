@@ -129,13 +129,13 @@ def refine_batch(g, band: BandFrc, x: torch.Tensor, ctf: torch.Tensor, A0: torch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps)))
     x_power = band.shell_sum(x.real**2 + x.imag**2)
     g = g.detach()
-    for _ in range(steps + 1):
+    for step in range(steps + 1):
         A = rotvec_to_rotmat(delta) @ A0
         img = project(g, A, shift, band.crop, band.apix_crop)
         p = torch.fft.rfft2(torch.fft.ifftshift(img, dim=(-2, -1)))
         p = band.band(p) * ctf
         score = band.frc(x, p, x_power).mean(1)
-        if _ == steps:
+        if step == steps:  # the last pass only scores the final poses
             break
         opt.zero_grad()
         (-score.sum()).backward()

@@ -8,7 +8,7 @@ from a multi-model file or from two endpoints with frames between them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,6 @@ class SimulateConfig:
     seed: int = 0
     batch: int = 128
     device: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -49,24 +49,15 @@ def test_short_stack(small, tmp_path, capsys):
     fails(capsys, ["reconstruct", str(star), "--out", str(tmp_path / "o")], "particles.mrcs", out=tmp_path / "o")
 
 
-def test_box_mismatch_between_stack_and_star(small, tmp_path, capsys):
+@pytest.mark.parametrize("column, value, needle", [("rlnImageSize", 48, "48"), ("rlnImagePixelSize", 2.0, "pixel")])
+def test_box_or_pixel_mismatch_between_stack_and_star(small, tmp_path, capsys, column, value, needle):
     b = starfile.read(small / "particles.star", always_dict=True)
-    b["optics"]["rlnImageSize"] = 48
+    b["optics"][column] = value
     with mrcfile.new(tmp_path / "particles.mrcs") as m:
         m.set_data(mrcfile.read(small / "particles.mrcs"))
         m.voxel_size = 3.0
     star = write_star(tmp_path / "p.star", b)
-    fails(capsys, ["reconstruct", str(star), "--out", str(tmp_path / "o")], "48", out=tmp_path / "o")
-
-
-def test_pixel_mismatch_between_stack_and_star(small, tmp_path, capsys):
-    b = starfile.read(small / "particles.star", always_dict=True)
-    b["optics"]["rlnImagePixelSize"] = 2.0
-    with mrcfile.new(tmp_path / "particles.mrcs") as m:
-        m.set_data(mrcfile.read(small / "particles.mrcs"))
-        m.voxel_size = 3.0
-    star = write_star(tmp_path / "p.star", b)
-    fails(capsys, ["reconstruct", str(star), "--out", str(tmp_path / "o")], "pixel", out=tmp_path / "o")
+    fails(capsys, ["reconstruct", str(star), "--out", str(tmp_path / "o")], needle, out=tmp_path / "o")
 
 
 @pytest.mark.parametrize("drop, what", [(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "rlnAngleRot"),
