@@ -9,14 +9,29 @@ reconstructs both halves and computes the FSC. Starting half maps are --half-map
 reconstructed from the particles' own poses. --model seeds the mixtures on the model's
 heavy atoms (randomised at the resolution, independently per half).
 
+--map starts from a consensus map instead (low-passed to --start-res-A, so the two halves
+share nothing beyond it).
+
 --mask (MRC, 0..1) focuses the alignment: each Gaussian's width is scaled by
-1/(0.25 + 0.75 M) at its centre, so high resolution counts inside the mask only.
+1/(0.25 + 0.75 M) at its centre, so high resolution counts inside the mask only; the band
+then follows the FSC inside the mask.
+
+--patches K (patch-by-patch): after the global iterations the mixture is split into K
+patches by k-means, each patch gets a soft spherical mask and its own focused refinement
+(--patch-iterations), and the maps are combined into composite.mrc, the mask-weighted
+average (the global map fills what no patch covers).
+
+--sym Cn|Dn imposes point-group symmetry in every reconstruction. With --mask or --patches
+the particles are symmetry-expanded first (one row per copy, pose A*R_k, as
+relion_particle_symmetry_expand), so every copy of the masked region is aligned, and the
+final/composite map is re-symmetrised.
 
 Outputs in --out:
   refined.star   the input STAR with poses replaced (all columns kept; the input poses in
                  rlnCryogmmOrig* columns, the final band FRC in rlnCryogmmFrc)
   half1.mrc, half2.mrc, map.mrc, fsc.png (every iteration), report.json (per iteration:
   resolution, median and 90th-percentile pose change, timing, particles/s)
+  composite.mrc, composite_half1/2.mrc, patches/patch_NN/ (refined.star, mask, maps) with --patches
 
 Example:
   cryogmm refine-poses sim/particles.star --iterations 3 --out refined
@@ -33,7 +48,15 @@ def add_args(p):
     p.add_argument("--half-maps", type=Path, nargs=2, metavar=("HALF1", "HALF2"),
                    help="starting half maps (default: reconstructed from the input poses)")
     p.add_argument("--model", type=Path, help="atomic model to seed the mixtures (heavy atoms)")
+    p.add_argument("--map", type=Path, help="consensus map to start from (low-passed to --start-res-A, which it needs)")
     p.add_argument("--mask", type=Path, help="focus mask (MRC, 0..1, same box and pixel as the particles)")
+    p.add_argument("--patches", type=int, default=0,
+                   help="patch-by-patch: after the global iterations, split the mixture into K patches (k-means), "
+                        "refine focused on each patch, and write the mask-weighted composite map (default 0: off)")
+    p.add_argument("--patch-iterations", type=int, default=2, help="focused iterations per patch (default 2)")
+    p.add_argument("--sym", default="C1", help="point group Cn or Dn (RELION's axes: n-fold along z, D's two-fold "
+                   "along x); imposed in reconstruction; with --mask or --patches the particles are "
+                   "symmetry-expanded and the composite is re-symmetrised (default C1)")
     p.add_argument("--project-dir", type=Path, help="folder the image paths are relative to")
     p.add_argument("--iterations", type=int, default=5, help="most iterations (default 5; stops early when the FSC stops improving)")
     p.add_argument("--low-res-A", type=float, default=30.0, help="lower bound of the FRC band, Å (default 30)")
@@ -54,7 +77,8 @@ def main(args) -> int:
     from cryogmm.refine import RefineConfig, refine_poses
 
     cfg = RefineConfig(star=args.star, out=args.out, half_maps=tuple(args.half_maps) if args.half_maps else None,
-                       model=args.model, mask=args.mask, project_dir=args.project_dir, iterations=args.iterations,
+                       model=args.model, map=args.map, mask=args.mask, patches=args.patches,
+                       patch_iterations=args.patch_iterations, sym=args.sym, project_dir=args.project_dir, iterations=args.iterations,
                        low_res_A=args.low_res_A, start_res_A=args.start_res_A, steps=args.steps, lr_deg=args.lr_deg,
                        lr_A=args.lr_A, n_gaussians=args.n_gaussians, max_gaussians=args.max_gaussians,
                        fit_iterations=args.fit_iterations, batch=args.batch, seed=args.seed, device=args.device)
