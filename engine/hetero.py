@@ -503,7 +503,7 @@ def _config_json(cfg) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-def _save_checkpoint(path, vae, opt, epoch, history, cfg, data, ref):
+def _save_checkpoint(path, vae, opt, epoch, history, cfg, data, ref, rng):
     from cryogmm.bridge.fileio import atomic_output
 
     state = {
@@ -515,6 +515,7 @@ def _save_checkpoint(path, vae, opt, epoch, history, cfg, data, ref):
         "meta": json.dumps({"crop": data.crop, "box": data.box, "apix": data.apix, "noise_var": data.noise_var,
                             "center_A": ref.center_A.tolist(), "n_gaussians": ref.gaussians.n}),
         "torch_rng": torch.get_rng_state(),
+        "numpy_rng": json.dumps(rng.bit_generator.state),
     }
     with atomic_output(path) as tmp:
         torch.save(state, tmp)
@@ -567,7 +568,7 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
         history = json.loads(state["history"])
         first = int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])
-        rng = np.random.default_rng([cfg.seed, first])
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
     else:
         with torch.no_grad():
             vae.log_scale.fill_(math.log(fw.ref_scale))
@@ -600,17 +601,17 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
             opt.step()
             k = len(idx)
             sums["loss"] += float(loss.detach()) * k
-            sums["data"] += float(dterm.mean()) * k
-            sums["kl"] += float(kl.mean()) * k
+            sums["data"] += float(dterm.detach().mean()) * k
+            sums["kl"] += float(kl.detach().mean()) * k
             for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(v.mean()) * k
+                sums[name] = sums.get(name, 0.0) + float(v.detach().mean()) * k
             progress(f"epoch {epoch + 1}/{cfg.epochs}", b0 + k, n)
         sec = time.perf_counter() - t0
         seconds_train += sec
         rec = {"epoch": epoch + 1, "beta": beta, "seconds": sec, "images_per_s": n / sec}
         rec.update({k: v / n for k, v in sums.items()})
         history.append(rec)
-        _save_checkpoint(ckpt_path, vae, opt, epoch, history, cfg, data, ref)
+        _save_checkpoint(ckpt_path, vae, opt, epoch, history, cfg, data, ref, rng)
     _loss_plot(out / "loss.png", history)
     report = {
         "job": "hetero train",
