@@ -1,0 +1,69 @@
+"""Refine an atomic model into a map with differentiable stereochemistry.
+
+Stages (--stages, in order; each optional):
+  rigid     k-means patches of whole residues (--patches, default 64) moved as rigid
+            bodies, coarse to fine (1, 8, then all patches) on blurred maps
+  residue   every residue a rigid body
+  rotamers  outlier side chains tried at every rotamer mode; best map fit without new
+            clashes kept (also added by --rebuild-rotamers)
+  full      every heavy atom free with the full geometry, then a geometry polish
+
+Map similarity (--similarity): relative-entropy (default), cross-correlation, inner-product
+(Blau & Lindahl, Gaussian spreading res/(2 sqrt(ln 4))), fsc (mean FSC of volumes up to the
+resolution) or frc (mean FRC of projections), as Chen. The geometry weight is set
+automatically per stage (map gain / geometry loss over two unconstrained iterations) and
+the map force is adapted as the similarity rises or falls.
+
+--geometry-only regularises the model without a map (a 0.15 Å harmonic tether keeps it
+in place).
+
+Outputs in --out: refined.pdb, refined.cif, trajectory.pdb (frames for playback),
+report.json (validation and map figures before and after, per-phase log).
+
+Example:
+  cryogmm refine-model closed.pdb --map open_4A.mrc --resolution 4 --out refined
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_args(p):
+    p.add_argument("model", type=Path, help="PDB or mmCIF model")
+    p.add_argument("--map", type=Path, help="MRC map in the model's frame")
+    p.add_argument("--resolution", type=float, help="map resolution in Å")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--similarity", default="relative-entropy",
+                   choices=["relative-entropy", "cross-correlation", "inner-product", "fsc", "frc"],
+                   help="map similarity (default relative-entropy)")
+    p.add_argument("--stages", nargs="+", default=["rigid", "residue", "full"],
+                   help="stages to run, in order (default: rigid residue full)")
+    p.add_argument("--rebuild-rotamers", action="store_true", help="add the rotamer rebuild stage before full")
+    p.add_argument("--geometry-only", action="store_true", help="no map: regularise the geometry only")
+    p.add_argument("--patches", type=int, default=64, help="rigid patches (default 64)")
+    p.add_argument("--steps", type=int, default=150, help="optimiser steps per phase (default 150)")
+    p.add_argument("--geometry-weight", type=float, default=1.0,
+                   help="multiplies the automatic geometry weight (default 1)")
+    p.add_argument("--reference", type=Path, help="model to report the Cα RMSD against (benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+
+
+def main(args) -> int:
+    from cryogmm.jobs import Progress
+    from cryogmm.model_refine import RefineModelConfig, refine_model
+    from cryogmm.validate import summary_table
+
+    cfg = RefineModelConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution,
+                            similarity=args.similarity, stages=tuple(args.stages), geometry_only=args.geometry_only,
+                            rebuild_rotamers=args.rebuild_rotamers, n_patches=args.patches, steps=args.steps,
+                            geometry_weight=args.geometry_weight, reference=args.reference, seed=args.seed,
+                            device=args.device)
+    rep = refine_model(cfg, progress=Progress(bar=True))
+    print("before:")
+    print(summary_table(rep["before"]))
+    print("after:")
+    print(summary_table(rep["after"]))
+    print(f"moved {rep['rms_moved_A']:.2f} Å RMS in {rep['seconds']:.0f} s -> {args.out}/refined.pdb")
+    return 0

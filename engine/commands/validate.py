@@ -1,0 +1,48 @@
+"""Validate an atomic model: geometry, Ramachandran, rotamers, clashes, and fit to a map.
+
+Figures (all in report.json; the main ones printed):
+  bond/angle RMSZ and |z| > 4 outliers   against the CCP4 monomer library (Engh & Huber)
+  planarity, chirality, cis non-Pro       least-squares planes, signed chiral volumes
+  Ramachandran favoured/allowed/outlier % Top8000 contours (2% favoured; MolProbity's
+                                          class-specific allowed levels), plot in
+                                          ramachandran.png
+  rotamer outliers %                      below the Top8000 0.3% contour
+  clashscore                              overlaps >= 0.4 Å per 1000 atoms, riding H added,
+                                          probe contact radii, H-bond relief
+  Cβ deviations                           > 0.25 Å from the ideal Cβ
+  with --map: map CC (voxels within 3 Å of atoms), map-model FSC (0.5), Q-score (mean
+  and per residue; Pintilie et al. 2020)
+
+Residues outside the library (ligands, waters) are listed as fixed and left out of the
+statistics; alternate conformations keep the first altloc (reported).
+
+Example:
+  cryogmm validate refined.pdb --map map.mrc --resolution 3.5 --out val
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_args(p):
+    p.add_argument("model", type=Path, help="PDB or mmCIF model")
+    p.add_argument("--map", type=Path, help="MRC map in the model's frame (origin in the header)")
+    p.add_argument("--resolution", type=float, help="map resolution in Å (needed with --map)")
+    p.add_argument("--out", type=Path, help="output folder for report.json and ramachandran.png")
+
+
+def main(args) -> int:
+    from cryogmm.validate import ValidateConfig, summary_table, validate
+
+    rep = validate(ValidateConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution))
+    print(f"{args.model}: {rep['n_residues']} residues, {rep['n_atoms']} heavy atoms")
+    print(summary_table(rep))
+    if rep["fixed_residues"]:
+        print(f"  not validated (outside the monomer library): {', '.join(rep['fixed_residues'][:10])}"
+              + (" ..." if len(rep["fixed_residues"]) > 10 else ""))
+    for w in rep.get("warnings", []):
+        print(f"  note: {w}")
+    if args.out:
+        print(f"-> {args.out}/report.json, {args.out}/ramachandran.png")
+    return 0
