@@ -1,0 +1,2 @@
+from .protocol_refine_poses import CryoGmmProtRefinePoses
+from .protocol_reconstruct import CryoGmmProtReconstruct

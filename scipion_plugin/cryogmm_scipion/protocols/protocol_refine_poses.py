@@ -1,0 +1,253 @@
+"""Refine orientations: ``cryogmm refine-poses`` as a Scipion protocol."""
+
+import os
+from enum import Enum
+
+import pyworkflow.protocol.params as params
+from pyworkflow.constants import BETA
+from pyworkflow.object import Float, Integer
+from pwem.objects import FSC, SetOfParticles, Transform, Volume
+from pwem.protocols import ProtRefine3D
+
+from ..constants import ATTR_FRC, ATTR_HALF
+from ..convert import (fscFromReport, mapFile, readReport, readStarRows, relionToMatrix,
+                       writeParticlesStar)
+from .protocol_base import CryoGmmBase
+
+
+class RefineOutputs(Enum):
+    outputParticles = SetOfParticles
+    outputVolume = Volume
+    outputFSC = FSC
+
+
+class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
+    """Gold-standard local refinement of particle orientations and origins against
+    Gaussian mixtures (Chen, Schmid & Chiu; EMAN2 e2gmm_refine), run by the cryogmm engine.
+
+    Each half set of particles is aligned only against a Gaussian mixture fitted to its own
+    half map. Every iteration fits the mixtures, refines each particle's rotation and origin
+    locally by maximising the Fourier ring correlation between the particle and the
+    CTF-modulated projection of its half's mixture, reconstructs both halves and computes
+    their FSC. The output particles carry the new alignment (and the final per-particle
+    FRC), the output volume its two half maps.
+    """
+    _label = "refine orientations"
+    _devStatus = BETA
+    _possibleOutputs = RefineOutputs
+
+    # --------------------------- DEFINE param functions ----------------------
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam,
+                      pointerClass="SetOfParticles", important=True,
+                      label="Input particles",
+                      help="Particles with CTF and a 3D alignment (the starting poses), "
+                           "e.g. from a consensus refinement. Half sets are taken from "
+                           "rlnRandomSubset when the particles carry it, random otherwise.")
+        form.addParam("inputVolume", params.PointerParam, pointerClass="Volume",
+                      allowsNull=True,
+                      label="Reference volume with half maps (optional)",
+                      help="A volume whose half maps start the refinement (gold-standard "
+                           "halves, same box and sampling rate as the particles). Leave "
+                           "empty to reconstruct both halves from the particles' own poses.")
+        form.addParam("inputMask", params.PointerParam, pointerClass="VolumeMask",
+                      allowsNull=True, label="Focus mask (optional)",
+                      help="Soft mask (0..1) focusing the alignment: each Gaussian's width "
+                           "is scaled by 1/(0.25 + 0.75 M) at its centre, so high resolution "
+                           "counts inside the mask only. Same box and sampling rate as the "
+                           "particles.")
+        form.addParam("inputAtomStruct", params.PointerParam, pointerClass="AtomStruct",
+                      allowsNull=True, expertLevel=params.LEVEL_ADVANCED,
+                      label="Atomic model to seed the mixtures (optional)",
+                      help="Seed each half's mixture on the model's heavy atoms "
+                           "(randomised at the resolution, independently per half). The "
+                           "model must overlay the maps.")
+
+        form.addSection(label="Refinement")
+        form.addParam("iterations", params.IntParam, default=5,
+                      validators=[params.Positive], label="Iterations",
+                      help="Most iterations; stops earlier when the FSC stops improving.")
+        form.addParam("lowResA", params.FloatParam, default=30.0,
+                      validators=[params.Positive], label="Low resolution limit (Å)",
+                      help="Lower bound of the FRC band used for alignment.")
+        form.addParam("startResA", params.FloatParam, default=0.0,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Starting high resolution limit (Å)",
+                      help="Upper bound of the first band; 0: the FSC of the starting "
+                           "halves.")
+        form.addParam("steps", params.IntParam, default=40,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
+                      label="Optimiser steps per particle",
+                      help="Adam steps per particle and iteration.")
+        form.addParam("lrDeg", params.FloatParam, default=1.0,
+                      expertLevel=params.LEVEL_ADVANCED, label="Rotation step (deg)",
+                      help="Initial rotation step, cosine-decayed.")
+        form.addParam("lrA", params.FloatParam, default=0.3,
+                      expertLevel=params.LEVEL_ADVANCED, label="Shift step (Å)",
+                      help="Initial shift step, cosine-decayed.")
+
+        form.addSection(label="Gaussian mixtures")
+        form.addParam("nGaussians", params.IntParam, default=0,
+                      expertLevel=params.LEVEL_ADVANCED, label="Gaussians per half",
+                      help="0: chosen from the volume and the resolution (at most the cap "
+                           "below).")
+        form.addParam("maxGaussians", params.IntParam, default=1000,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
+                      label="Most Gaussians (automatic choice)")
+        form.addParam("fitIterations", params.IntParam, default=300,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
+                      label="Fitting steps per mixture")
+        form.addParam("batch", params.IntParam, default=128,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
+                      label="Particles per batch",
+                      help="GPU/CPU memory scales with it.")
+        form.addParam("seed", params.IntParam, default=0,
+                      expertLevel=params.LEVEL_ADVANCED, label="Random seed")
+
+        self._defineComputeParams(form)
+
+    # --------------------------- INSERT steps functions ----------------------
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.refineStep, needsGPU=True)
+        self._insertFunctionStep(self.fscStep, needsGPU=False)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    # --------------------------- STEPS functions -----------------------------
+    def convertInputStep(self):
+        writeParticlesStar(self.inputParticles.get(), self._getExtraPath("particles.star"),
+                           self._getExtraPath())
+
+    def refineStep(self):
+        args = [self._getExtraPath("particles.star"),
+                "--out", self._getRefineDir(),
+                "--project-dir", self._projectDir(),
+                "--iterations", self.iterations.get(),
+                "--low-res-A", self.lowResA.get(),
+                "--steps", self.steps.get(),
+                "--lr-deg", self.lrDeg.get(),
+                "--lr-A", self.lrA.get(),
+                "--max-gaussians", self.maxGaussians.get(),
+                "--fit-iterations", self.fitIterations.get(),
+                "--batch", self.batch.get(),
+                "--seed", self.seed.get()]
+        if self.startResA.get() > 0:
+            args += ["--start-res-A", self.startResA.get()]
+        if self.nGaussians.get() > 0:
+            args += ["--n-gaussians", self.nGaussians.get()]
+        vol = self.inputVolume.get()
+        if vol is not None:
+            args += ["--half-maps"] + [f.split(":")[0] for f in vol.getHalfMaps(asList=True)]
+        if self.inputMask.get() is not None:
+            args += ["--mask", mapFile(self.inputMask.get())]
+        if self.inputAtomStruct.get() is not None:
+            args += ["--model", self.inputAtomStruct.get().getFileName()]
+        self._runEngine("refine-poses", args)
+
+    def fscStep(self):
+        """The FSC curve of the refined halves: from the refinement's report when it holds
+        one, else from ``cryogmm reconstruct`` of the refined STAR (same half sets)."""
+        if fscFromReport(readReport(self._getRefineDir())) is None:
+            self._runEngine("reconstruct", [
+                os.path.join(self._getRefineDir(), "refined.star"),
+                "--out", self._getExtraPath("fsc"),
+                "--project-dir", self._projectDir(),
+                "--seed", self.seed.get()])
+
+    def createOutputStep(self):
+        inputSet = self.inputParticles.get()
+        apix = inputSet.getSamplingRate()
+        rows = {int(r.rlnImageId): r for r in
+                readStarRows(os.path.join(self._getRefineDir(), "refined.star"))}
+        missing = [p.getObjId() for p in inputSet.iterItems() if p.getObjId() not in rows]
+        if missing:
+            raise ValueError("refined.star lacks %d input particles (first id %d)" %
+                             (len(missing), missing[0]))
+
+        def updateItem(item, _row=None):
+            row = rows[item.getObjId()]
+            item.setTransform(Transform(relionToMatrix(
+                row.rlnAngleRot, row.rlnAngleTilt, row.rlnAnglePsi,
+                row.rlnOriginXAngst, row.rlnOriginYAngst, apix)))
+            if hasattr(row, "rlnCryogmmFrc"):
+                setattr(item, ATTR_FRC, Float(row.rlnCryogmmFrc))
+            if hasattr(row, "rlnRandomSubset"):
+                setattr(item, ATTR_HALF, Integer(row.rlnRandomSubset))
+
+        outSet = self._createSetOfParticles()
+        outSet.copyInfo(inputSet)
+        outSet.setAlignmentProj()
+        outSet.copyItems(inputSet, updateItemCallback=updateItem)
+
+        vol = self._makeVolume(self._getRefineDir(), apix)
+        fsc = self._makeFsc()
+        self._defineOutputs(**{RefineOutputs.outputParticles.name: outSet,
+                               RefineOutputs.outputVolume.name: vol,
+                               RefineOutputs.outputFSC.name: fsc})
+        self._defineTransformRelation(self.inputParticles, outSet)
+        self._defineSourceRelation(self.inputParticles, vol)
+        self._defineSourceRelation(self.inputParticles, fsc)
+        if self.inputVolume.get() is not None:
+            self._defineSourceRelation(self.inputVolume, vol)
+
+    # --------------------------- INFO functions ------------------------------
+    def _validate(self):
+        parts = self.inputParticles.get()
+        errors = self._validateParticles(parts, needAlignment=True)
+        vol = self.inputVolume.get()
+        if vol is not None:
+            errors += self._validateMap("The reference volume", vol, parts)
+            if not vol.hasHalfMaps():
+                errors.append("The reference volume has no half maps: refine orientations "
+                              "is gold-standard and needs both halves (or leave the "
+                              "reference empty to reconstruct them from the particles).")
+        if self.inputMask.get() is not None:
+            errors += self._validateMap("The focus mask", self.inputMask.get(), parts)
+        return errors
+
+    def _summary(self):
+        if not self.hasAttribute(RefineOutputs.outputParticles.name):
+            return ["Output not ready yet."]
+        report = readReport(self._getRefineDir())
+        its = report.get("iterations", [])
+        lines = ["%d particles refined in %d iteration(s) on %s (%.0f s)." %
+                 (report.get("n_particles", 0), len(its), report.get("device", "?"),
+                  report.get("seconds", 0.0)),
+                 "Gold-standard FSC 0.143: %s Å." % self._fmt(report.get("resolution_A"))]
+        if its:
+            last = its[-1]
+            lines.append("Last iteration: pose change median %s° (90th percentile %s°), "
+                         "shift change median %s Å." % (
+                             self._fmt(last["pose_change_deg"]["median"]),
+                             self._fmt(last["pose_change_deg"]["p90"]),
+                             self._fmt(last["shift_change_A"]["median"])))
+        if report.get("focused"):
+            lines.append("Alignment focused by the mask.")
+        return lines
+
+    def _methods(self):
+        if not self.hasAttribute(RefineOutputs.outputParticles.name):
+            return []
+        report = readReport(self._getRefineDir())
+        return ["The orientations and origins of %d particles were refined locally against "
+                "Gaussian mixtures fitted independently to each half map [Chen2024] with "
+                "cryogmm, for %d iteration(s); the final gold-standard FSC = 0.143 "
+                "resolution was %s Å." % (report.get("n_particles", 0),
+                                          len(report.get("iterations", [])),
+                                          self._fmt(report.get("resolution_A")))]
+
+    def _citations(self):
+        return ["Chen2024"]
+
+    # --------------------------- UTILS functions -----------------------------
+    def _getRefineDir(self):
+        return self._getExtraPath("refine")
+
+    def _makeFsc(self):
+        curve = fscFromReport(readReport(self._getRefineDir()))
+        if curve is None:
+            curve = fscFromReport(readReport(self._getExtraPath("fsc")))
+        fsc = FSC(objLabel="%s masked FSC" % self.getRunName())
+        fsc.setData(*curve)
+        return fsc
