@@ -465,6 +465,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
             "rlnCryogmmOrigOriginYAngst": S_in[:, 1].double().numpy(),
             "rlnCryogmmFrc": frc_final.double().numpy(),
         }
+        table = table.relocated(cfg.out)  # image paths that still resolve from the output folder
         out_table = table.with_poses(rotmat=R.double().numpy(), shift_A=S.double().numpy()).with_columns(**extra)
         write_particles(out_table, od.path("refined.star"))
         if str(cfg.star).endswith(".cs") and not expanded:

@@ -103,6 +103,18 @@ class StarLayout:
     columns_30: list | None = None
 
 
+def _resolve(path: str, bases) -> str:
+    """Absolute, normalised path of ``path`` under the first of ``bases`` that holds it
+    (``>``-prefixed cryoSPARC paths are handled by the .cs reader); the first base if none."""
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    for b in bases:
+        c = os.path.normpath(os.path.join(b, path))
+        if os.path.exists(c):
+            return c
+    return os.path.normpath(os.path.join(bases[0], path))
+
+
 class ParticleTable:
     """Per-particle metadata in canonical RELION 3.1 form (see the module docstring).
 
@@ -296,17 +308,57 @@ class ParticleTable:
         """[n] int64, 0-based index of each image in its stack (``000001@x.mrcs`` -> 0)."""
         return self._image_parts()[0]
 
+    def _bases(self) -> list[Path]:
+        """Folders a relative image path may be relative to, in order: ``project_dir`` alone
+        if set; else the source file's folder and its ancestors (a RELION project keeps
+        ``Extract/job005/...`` paths in ``Refine3D/job010/run_data.star``), then the working
+        folder (where RELION runs)."""
+        if self.project_dir is not None:
+            return [Path(self.project_dir)]
+        if self.source is None:
+            return [Path.cwd()]
+        start = Path(os.path.abspath(self.source)).parent
+        return [start, *start.parents, Path.cwd()]
+
     @property
     def image_path(self) -> np.ndarray:
         """[n] str: absolute stack path of each image.
 
-        Relative paths are resolved against ``project_dir`` if set, else the source file's
-        folder, else the working folder.
+        Relative paths are resolved against ``project_dir`` if set; else against the first of
+        the source file's folder, its ancestors and the working folder under which the stack
+        exists (the source's folder when none holds it, so errors name the expected place).
         """
         _, codes, paths = self._image_parts()
-        base = self.project_dir or (self.source.parent if self.source is not None else Path.cwd())
-        resolved = np.array([os.path.normpath(os.path.join(base, p)) for p in paths], dtype=object)
+        bases = self._bases()
+        resolved = np.array([_resolve(p, bases) for p in paths], dtype=object)
         return resolved[codes]
+
+    def relocated(self, folder) -> "ParticleTable":
+        """Copy whose image paths still find the same stacks when written into ``folder``:
+        a relative path that ``folder`` (its ancestors, the working folder) would not resolve
+        to the same file is made absolute. Used by jobs writing STAR/.cs outputs elsewhere."""
+        if "rlnImageName" not in self.particles.columns:
+            return self
+        idx, codes, paths = self._image_parts()
+        here = self._bases()
+        folder = Path(os.path.abspath(folder))
+        there = [folder, *folder.parents, Path.cwd()]
+        new = []
+        for p in paths:
+            if os.path.isabs(p):
+                new.append(p)
+                continue
+            target = _resolve(p, here)
+            new.append(p if _resolve(p, there) == target else target)
+        if list(new) == list(paths):
+            return self
+        names = np.char.add(np.char.add(np.char.zfill((idx + 1).astype(str), 6), "@"),
+                            np.asarray(new, dtype=str)[codes])
+        t = self.with_columns(rlnImageName=names.astype(object))
+        if t.cs_fields is not None and "blob/path" in t.cs_fields:
+            t.cs_fields = dict(t.cs_fields)
+            t.cs_fields["blob/path"] = np.asarray(new, dtype=object)[codes]
+        return t
 
     def image_stack_names(self) -> tuple[np.ndarray, np.ndarray]:
         """(codes [n], names [k]): each particle's stack as written in the file (not resolved)."""

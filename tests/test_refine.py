@@ -137,6 +137,12 @@ def test_bad_inputs(clean, tmp_path, capsys):
     b["particles"] = b["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
     starfile.write(b, clean / "noposes.star", overwrite=True)
     fails(["refine-poses", str(clean / "noposes.star"), "--out", str(tmp_path / "o")], "rlnAngleRot")
+    fails(["refine-poses", star, "--sym", "X3", "--out", str(tmp_path / "o")], "--sym")
+    fails(["refine-poses", star, "--patches", "2", "--mask", str(tmp_path / "h.mrc"), "--out", str(tmp_path / "o")],
+          "--patches/--mask")
+    fails(["refine-poses", star, "--map", str(tmp_path / "h.mrc"), "--out", str(tmp_path / "o")], "--start-res-A")
+    fails(["refine-poses", star, "--map", str(tmp_path / "h.mrc"), "--model", str(example_model("open")),
+           "--out", str(tmp_path / "o")], "--half-maps/--map/--model")
 
 
 @pytest.mark.slow
@@ -151,3 +157,49 @@ def test_refine_poses_seeded_from_model(clean, tmp_path):
     e0, _ = errors(read_particles(clean / "particles.star"), truth)
     e1, _ = errors(read_particles(out / "refined.star"), truth)
     assert np.median(e1) < 0.6 * np.median(e0), (np.median(e0), np.median(e1))  # measured 2.54 -> 1.24 deg
+
+
+@pytest.mark.slow
+def test_refine_poses_from_cryosparc_cs(clean, tmp_path):
+    """A cryoSPARC .cs in: poses read through the bridge, refined, written back as STAR and .cs."""
+    cs = clean / "particles.cs"
+    assert cli(["convert", str(clean / "particles.star"), str(cs)]) == 0
+    out = tmp_path / "ref_cs"
+    assert cli(["refine-poses", str(cs), "--out", str(out), "--iterations", "1", "--fit-iterations", "60",
+                "--max-gaussians", "400", "--steps", "30", "--project-dir", str(clean)]) == 0
+    truth = read_particles(clean / "truth.star")
+    e0, _ = errors(read_particles(cs, project_dir=clean), truth)
+    for f in ("refined.star", "refined.cs"):
+        e1, _ = errors(read_particles(out / f, project_dir=clean), truth)
+        assert np.median(e1) < 0.6 * np.median(e0), (f, np.median(e0), np.median(e1))
+
+
+@pytest.mark.slow
+def test_patch_by_patch_composite(clean, tmp_path):
+    """--patches: a focused run per k-means patch, and the mask-weighted composite."""
+    out = tmp_path / "ref_patch"
+    assert cli(["refine-poses", str(clean / "particles.star"), "--out", str(out), "--iterations", "1",
+                "--patches", "2", "--patch-iterations", "1", "--fit-iterations", "60", "--max-gaussians", "400",
+                "--steps", "25"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["patches"]) == 2 and rep["composite_resolution_A"] is not None
+    for f in ("composite.mrc", "composite_half1.mrc", "composite_half2.mrc", "patches/patch_01/refined.star",
+              "patches/patch_02/mask.mrc", "patches/patch_02/half1.mrc"):
+        assert (out / f).is_file(), f
+    masks = [mrcfile.read(out / f"patches/patch_0{k}/mask.mrc") for k in (1, 2)]
+    assert all(0.0 <= m.min() and m.max() <= 1.0 + 1e-6 and m.max() > 0.99 for m in masks)
+    # the patches split the molecule: their mask centres are apart
+    c = [np.array(p["centre_A"]) for p in rep["patches"]]
+    assert np.linalg.norm(c[0] - c[1]) > 10.0
+    truth = read_particles(clean / "truth.star")
+    e0, _ = errors(read_particles(clean / "particles.star"), truth)
+    for k in (1, 2):
+        e1, _ = errors(read_particles(out / f"patches/patch_0{k}/refined.star"), truth)
+        assert np.median(e1) < 0.6 * np.median(e0)
+    # the composite is a proper map of the molecule: it correlates with the truth as the global map does
+    from cryogmm.metrics import real_space_correlation
+
+    t = torch.as_tensor(mrcfile.read(clean / "truth_map.mrc").copy())
+    cg = real_space_correlation(torch.as_tensor(mrcfile.read(out / "map.mrc").copy()), t)
+    cc = real_space_correlation(torch.as_tensor(mrcfile.read(out / "composite.mrc").copy()), t)
+    assert cc > cg - 0.02, (cg, cc)
