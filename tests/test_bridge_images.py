@@ -96,3 +96,29 @@ def test_pixel_size_in_header_must_match(tmp_path):
     with mrcfile.open(tmp_path / "s.mrcs", mode="r+") as m:
         m.voxel_size = 2.01  # within 1%
     assert ImageSource.from_table(table_for(tmp_path, ["000001@s.mrcs"])).box == 16
+
+
+def test_relion_project_layout_and_relocation(tmp_path):
+    """Paths relative to a RELION project folder resolve from a STAR two levels down, and a
+    table written elsewhere keeps paths that still find the same stacks."""
+    from cryogmm.bridge.io import write_particles
+
+    proj = tmp_path / "proj"
+    (proj / "Extract" / "job005").mkdir(parents=True)
+    (proj / "Refine3D" / "job010").mkdir(parents=True)
+    write_stack(proj / "Extract" / "job005" / "p.mrcs", 3)
+    t = table_for(proj / "Refine3D" / "job010", ["000002@Extract/job005/p.mrcs"])
+    star = proj / "Refine3D" / "job010" / "run_data.star"
+    write_particles(t, star)
+    t = read_particles(star)
+    assert t.image_path[0] == str(proj / "Extract" / "job005" / "p.mrcs")
+    assert ImageSource.from_table(t).images([0]).shape == (1, 16, 16)
+    # written into another job folder of the same project: the relative path still works, kept as is
+    inside = t.relocated(proj / "CryoGMM" / "job001")
+    assert inside.particles["rlnImageName"][0] == "000002@Extract/job005/p.mrcs"
+    # written outside the project: made absolute, so it finds the same stack
+    outside = t.relocated(tmp_path / "elsewhere")
+    assert outside.particles["rlnImageName"][0] == f"000002@{proj / 'Extract' / 'job005' / 'p.mrcs'}"
+    write_particles(outside, tmp_path / "elsewhere.star")
+    again = read_particles(tmp_path / "elsewhere.star")
+    np.testing.assert_array_equal(ImageSource.from_table(again).images([0]), ImageSource.from_table(t).images([0]))
