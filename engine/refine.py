@@ -29,8 +29,10 @@ import torch
 
 from cryogmm.errors import MapError, OptionError
 from cryogmm.jobs import Timer
+from cryogmm.rotations import rotmat_angle_deg
 
-__all__ = ["RefineConfig", "refine_poses", "refine_batch", "focus_widths", "BandFrc", "patch_masks", "composite"]
+__all__ = ["RefineConfig", "refine_poses", "refine_batch", "focus_widths", "BandFrc", "patch_masks", "composite",
+           "weighted_kabsch", "conformation_to_orientation"]
 
 
 @dataclass
@@ -41,6 +43,7 @@ class RefineConfig:
     model: Path | None = None
     map: Path | None = None
     mask: Path | None = None
+    hetero: Path | None = None
     patches: int = 0
     patch_iterations: int = 2
     sym: str = "C1"
@@ -147,6 +150,89 @@ def refine_batch(g, band: BandFrc, x: torch.Tensor, ctf: torch.Tensor, A0: torch
         opt.step()
         sched.step()
     return A.detach(), shift.detach(), score.detach()
+
+
+def weighted_kabsch(P: torch.Tensor, Q: torch.Tensor, w: torch.Tensor):
+    """Rigid motion that best maps points ``P [B, N, 3]`` onto ``Q [N, 3]`` (or ``[B, N, 3]``)
+    with weights ``w [N] >= 0``: ``(Rot [B, 3, 3], t [B, 3])`` minimising
+    ``sum_j w_j |Rot p_j + t - q_j|^2`` (Kabsch with the reflection guard)."""
+    P = P.double()
+    Q = Q.double().expand_as(P)
+    w = (w.double() / w.double().sum()).to(P.device)
+    pc = (w[None, :, None] * P).sum(1)
+    qc = (w[None, :, None] * Q).sum(1)
+    H = ((P - pc[:, None]) * w[None, :, None]).transpose(1, 2) @ (Q - qc[:, None])
+    U, _, Vt = torch.linalg.svd(H)
+    d = torch.sign(torch.linalg.det(Vt.transpose(1, 2) @ U.transpose(1, 2)))
+    D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
+    Rot = Vt.transpose(1, 2) @ D @ U.transpose(1, 2)
+    t = qc - (Rot @ pc[:, :, None])[:, :, 0]
+    return Rot, t
+
+
+def conformation_to_orientation(R, S, deformed, neutral, weights):
+    """Turn each particle's conformational change of a region into a change of orientation.
+
+    ``R [n, 3, 3]``, ``S [n, 2]`` Å: the particles' poses (RELION ``A`` and origin);
+    ``deformed [n, N, 3]``: the Gaussian centres of each particle's own conformation;
+    ``neutral [N, 3]``: the neutral (reference) centres; ``weights [N]``: how much each
+    Gaussian belongs to the region (the mask at its neutral centre times its amplitude).
+
+    The masked RMSD between the particle's conformation and the neutral mixture is minimised
+    over rigid motions (weighted Kabsch: ``Rot d_j + t ~ n_j`` in the region). A region point
+    of the particle then sits where the neutral region point sits under the pose
+    ``A' = A Rot^T`` with origin ``o' = o + (A Rot^T t)[:2]`` (image position ``(A r)[:2] - o``),
+    so the projections of the neutral mixture at the new pose and of the particle's own
+    conformation at the old one agree inside the mask, for every view. Returns
+    ``(R' [n, 3, 3], S' [n, 2], rmsd_before [n], rmsd_after [n])``.
+    """
+    R = torch.as_tensor(R, dtype=torch.float64)
+    S = torch.as_tensor(S, dtype=torch.float64)
+    D = torch.as_tensor(deformed, dtype=torch.float64)
+    Nn = torch.as_tensor(neutral, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    Rot, t = weighted_kabsch(D, Nn, w)
+    wn = w / w.sum()
+    before = torch.sqrt((wn * ((D - Nn) ** 2).sum(-1)).sum(-1))
+    moved = D @ Rot.transpose(1, 2) + t[:, None]
+    after = torch.sqrt((wn * ((moved - Nn) ** 2).sum(-1)).sum(-1))
+    A_new = R @ Rot.transpose(1, 2)
+    S_new = S + (A_new @ t[:, :, None])[:, :2, 0]
+    return A_new, S_new, before, after
+
+
+def _hetero_poses(cfg, table, mask, R, S, apix, dev, progress):
+    """Poses from a heterogeneity run (``cfg.hetero``): the conformation of each particle,
+    its region (``mask``) brought back onto the neutral model. Returns ``(R, S, figures)``."""
+    from cryogmm.hetero import Run
+
+    run = Run(cfg.hetero, device=dev, star=cfg.star, project_dir=cfg.project_dir)
+    if run.data.n != table.n:
+        raise OptionError("--hetero", f"the run {cfg.hetero} holds {run.data.n} particles but {cfg.star} has "
+                          f"{table.n}: give the particles it was trained on")
+    progress("conformation to orientation", 0, table.n)
+    z = torch.as_tensor(run.encode_all(), dtype=torch.float32)
+    base = run.ref.gaussians.to(dev)
+    m = focus_widths(base, mask, apix)  # width scaled by 1/(0.25 + 0.75 M): recover M at each centre
+    M = ((base.sigmas / m.sigmas) - 0.25) / 0.75
+    w = (M.clamp(0, 1) * base.amplitudes.abs()).detach().cpu()
+    if float(w.sum()) <= 0:
+        raise MapError(cfg.mask, f"covers none of the heterogeneity run's Gaussians ({cfg.hetero})")
+    Rn, Sn, before, after = [], [], [], []
+    with torch.no_grad():
+        for b0 in range(0, table.n, 512):
+            zb = z[b0:b0 + 512].to(dev)
+            d = run.vae.deformer(base, zb).centers.cpu()
+            a, s, rb, ra = conformation_to_orientation(R[b0:b0 + 512], S[b0:b0 + 512], d, base.centers.cpu(), w)
+            Rn.append(a.float()); Sn.append(s.float()); before.append(rb); after.append(ra)
+            progress("conformation to orientation", min(b0 + 512, table.n), table.n)
+    Rn, Sn = torch.cat(Rn), torch.cat(Sn)
+    before, after = torch.cat(before).numpy(), torch.cat(after).numpy()
+    dang = rotmat_angle_deg(Rn.double(), R.double()).numpy()
+    figures = {"run": str(cfg.hetero), "zdim": int(z.shape[1]),
+               "region_rmsd_A": {"before_median": float(np.median(before)), "after_median": float(np.median(after))},
+               "pose_change_deg": {"median": float(np.median(dang)), "p90": float(np.percentile(dang, 90))}}
+    return Rn, Sn, figures
 
 
 def _read_half_maps(paths, box, apix):
@@ -269,7 +355,6 @@ def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label):
     mask; the band's upper bound and the stopping rule follow the FSC inside
     ``mask * sphere``. Returns a dict with the new poses, maps, mixtures and history."""
     from cryogmm.metrics import fsc, resolution_at
-    from cryogmm.rotations import rotmat_angle_deg
 
     box, apix = ctx.box, ctx.apix
     fmask = ctx.sphere if mask is None else ctx.sphere * mask.cpu()
@@ -379,6 +464,8 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     if cfg.map is not None and not cfg.start_res_A:
         raise OptionError("--start-res-A", "a consensus --map needs the resolution it is trusted to (it is low-passed "
                           "there, so the two halves share nothing beyond it)")
+    if cfg.hetero is not None and cfg.mask is None:
+        raise OptionError("--hetero", "conformation to orientation needs --mask, the region to bring into register")
     if cfg.patches and cfg.mask:
         raise OptionError("--patches/--mask", "patches make their own masks; give one or the other")
     ops = symmetry_operators(cfg.sym)
@@ -412,11 +499,16 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     R = torch.as_tensor(table.rotmat, dtype=torch.float32)
     S = torch.as_tensor(table.shift_A, dtype=torch.float32)
     R_in, S_in = R.clone(), S.clone()
+    hetero_figures = None
+    if cfg.hetero is not None:
+        if expanded:
+            raise OptionError("--hetero/--sym", "conformation to orientation runs on unexpanded particles (C1)")
+        R, S, hetero_figures = _hetero_poses(cfg, table, mask, R, S, apix, dev, progress)
     # ---- starting half maps: given, a low-passed consensus map, or reconstructed from the input poses
     if consensus is not None:
         lp = lowpass(consensus, cfg.start_res_A, apix)
         halves = [lp, lp.clone()]
-    elif halves is None:
+    elif halves is None or cfg.hetero is not None:  # new poses: their own starting maps
         h1, h2, _, _ = _reconstruct(ctx, R, S, wiener=False)
         halves = [h1, h2]
     fmask = sphere if mask is None else sphere * mask.cpu()
@@ -502,6 +594,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
             "references": ("half maps" if cfg.half_maps else "model" if cfg.model else
                            "consensus map" if cfg.map else "reconstructed from input poses"),
             "focused": bool(cfg.mask),
+            "conformation_to_orientation": hetero_figures,
             "start_resolution_A": start_res,
             "iterations": run["history"],
             "resolution_A": run["history"][-1]["resolution_A"],

@@ -16,6 +16,12 @@ share nothing beyond it).
 1/(0.25 + 0.75 M) at its centre, so high resolution counts inside the mask only; the band
 then follows the FSC inside the mask.
 
+--hetero RUN --mask M (conformation to orientation): with a trained heterogeneity run on
+the same particles, each particle's conformation (its latent decoded as Gaussians) is
+compared with the neutral model inside the mask; the rigid motion minimising the masked
+RMSD (weighted Kabsch) becomes a change of pose, so the region of every particle projects
+where the neutral region does; focused iterations then refine from these poses.
+
 --patches K (patch-by-patch): after the global iterations the mixture is split into K
 patches by k-means, each patch gets a soft spherical mask and its own focused refinement
 (--patch-iterations), and the maps are combined into composite.mrc, the mask-weighted
@@ -50,6 +56,10 @@ def add_args(p):
     p.add_argument("--model", type=Path, help="atomic model to seed the mixtures (heavy atoms)")
     p.add_argument("--map", type=Path, help="consensus map to start from (low-passed to --start-res-A, which it needs)")
     p.add_argument("--mask", type=Path, help="focus mask (MRC, 0..1, same box and pixel as the particles)")
+    p.add_argument("--hetero", type=Path, metavar="RUN",
+                   help="conformation to orientation: a `cryogmm hetero train` run on these particles; with --mask, "
+                        "each particle's pose is first changed so its own conformation of the masked region lines "
+                        "up with the neutral model, then focused iterations refine from there")
     p.add_argument("--patches", type=int, default=0,
                    help="patch-by-patch: after the global iterations, split the mixture into K patches (k-means), "
                         "refine focused on each patch, and write the mask-weighted composite map (default 0: off)")
@@ -77,7 +87,7 @@ def main(args) -> int:
     from cryogmm.refine import RefineConfig, refine_poses
 
     cfg = RefineConfig(star=args.star, out=args.out, half_maps=tuple(args.half_maps) if args.half_maps else None,
-                       model=args.model, map=args.map, mask=args.mask, patches=args.patches,
+                       model=args.model, map=args.map, mask=args.mask, hetero=args.hetero, patches=args.patches,
                        patch_iterations=args.patch_iterations, sym=args.sym, project_dir=args.project_dir, iterations=args.iterations,
                        low_res_A=args.low_res_A, start_res_A=args.start_res_A, steps=args.steps, lr_deg=args.lr_deg,
                        lr_A=args.lr_A, n_gaussians=args.n_gaussians, max_gaussians=args.max_gaussians,
