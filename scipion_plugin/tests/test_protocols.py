@@ -18,12 +18,14 @@ pytest.importorskip("pwem")
 
 from pyworkflow.tests import BaseTest, setupTestProject  # noqa: E402
 from pwem.objects import FSC, SetOfParticles, Volume  # noqa: E402
-from pwem.protocols import ProtImportParticles, ProtImportVolumes  # noqa: E402
+from pwem.protocols import ProtImportParticles, ProtImportPdb, ProtImportVolumes  # noqa: E402
 
 from cryogmm_scipion import Plugin  # noqa: E402
-from cryogmm_scipion.convert import readReport, readStarRows, relionToMatrix, rotationAngleDeg  # noqa: E402
+from cryogmm_scipion.convert import (matrixToRelion, readReport, readStarRows,  # noqa: E402
+                                     relionToMatrix, rotationAngleDeg)
 from cryogmm_scipion.protocols import (CryoGmmProtReconstruct,  # noqa: E402
-                                       CryoGmmProtRefinePoses)
+                                       CryoGmmProtFitGmm, CryoGmmProtRefinePoses,
+                                       CryoGmmProtSimulate)
 
 N, BOX, APIX = 300, 48, 1.5
 ACTIVATION = os.environ.get("CRYOGMM_ENV_ACTIVATION", "")
@@ -47,7 +49,8 @@ def pose_errors(parts, truth_rows, apix):
                             t.rlnOriginXAngst, t.rlnOriginYAngst, apix)
         M = p.getTransform().getMatrix()
         rot.append(rotationAngleDeg(M, Mt))
-        shift.append(np.linalg.norm((M[:2, 3] - Mt[:2, 3])) * apix)
+        origin = matrixToRelion(M, apix)[1]
+        shift.append(np.hypot(origin[0] - t.rlnOriginXAngst, origin[1] - t.rlnOriginYAngst))
     return np.array(rot), np.array(shift)
 
 
@@ -146,6 +149,15 @@ class TestCryoGmmProtocols(BaseTest):
         self.assertTrue(ref.summary()[0].startswith("%d particles refined" % N))
         self.assertTrue(ref.methods())
 
+        # the viewer draws headless (Agg): FSC curve and convergence
+        from cryogmm_scipion.viewers import CryoGmmRunViewer
+        png = os.path.join(self.data, "refine_view.png")
+        plotter = CryoGmmRunViewer.createPlot(ref)
+        plotter.savefig(png)
+        self.assertGreater(os.path.getsize(png), 10000)
+        axes = plotter.getFigure().axes
+        np.testing.assert_allclose(axes[0].lines[0].get_ydata(), ref.outputFSC.getData()[1])
+
     def test_03_no_alignment_fails_in_validate(self):
         """Particles without angles: refine fails before any step with a clear message."""
         star = os.path.join(self.data, "noalign.star")
@@ -175,13 +187,54 @@ class TestCryoGmmProtocols(BaseTest):
                             for e in errors), errors)
         self._assertFailsBeforeSteps(prot, "sampling rate")
 
+    def test_05_simulate_protocol(self):
+        """Simulated particles made inside Scipion: CTF, alignment, truth, the truth map."""
+        imp = self.newProtocol(ProtImportPdb, inputPdbData=ProtImportPdb.IMPORT_FROM_FILES,
+                               pdbFile=_adk_model(), skipChimera=True)
+        self.launchProtocol(imp)
+        sim = self.newProtocol(CryoGmmProtSimulate, useGpu=False, n=60, box=32, apix=2.5,
+                               snr=0.5, poseNoiseDeg=4.0, shiftNoiseA=1.0, seed=3)
+        sim.inputAtomStruct.set(imp.outputPdb)
+        self.launchProtocol(sim)
+        parts, truth = sim.outputParticles, sim.outputTruthParticles
+        for s in (parts, truth):
+            self.assertEqual(s.getSize(), 60)
+            self.assertAlmostEqual(s.getSamplingRate(), 2.5)
+            self.assertEqual(s.getXDim(), 32)
+            self.assertTrue(s.hasCTF() and s.hasAlignmentProj())
+            self.assertTrue(os.path.exists(s.getFirstItem().getFileName()))
+        self.assertAlmostEqual(parts.getAcquisition().getVoltage(), 300.0)
+        rot = [rotationAngleDeg(p.getTransform().getMatrix(), t.getTransform().getMatrix())
+               for p, t in zip(parts.iterItems(), truth.iterItems())]
+        # ~N(0, 4 deg) per axis perturbation: median angle a few degrees, never zero
+        self.assertGreater(np.median(rot), 2.0)
+        self.assertLess(np.median(rot), 12.0)
+        self.assertEqual(sim.outputVolume.getDim(), (32, 32, 32))
+        self.assertAlmostEqual(sim.outputVolume.getSamplingRate(), 2.5)
+
+        # Gaussians fitted to the simulated noise-free map
+        fit = self.newProtocol(CryoGmmProtFitGmm, useGpu=False, resolution=8.0,
+                               nGaussians=40, iterations=20)
+        fit.inputVolume.set(sim.outputVolume)
+        self.launchProtocol(fit)
+        self.assertTrue(fit.outputGaussians.getPseudoAtoms())
+        with open(fit.outputGaussians.getFileName()) as f:
+            self.assertEqual(sum(line.startswith("HETATM") for line in f), 40)
+        self.assertEqual(fit.outputVolume.getDim(), (32, 32, 32))
+        self.assertAlmostEqual(fit.outputVolume.getSamplingRate(), 2.5)
+        report = readReport(fit._getExtraPath("fit"))
+        print("fit-gmm: FSC(mixture, map) min to 8 A %.3f (k-means alone %.3f)" % (
+            report["fsc_min_to_resolution"], report["kmeans"]["fsc_min_to_resolution"]))
+        self.assertGreaterEqual(report["fsc_min_to_resolution"],
+                                report["kmeans"]["fsc_min_to_resolution"])
+        self.assertIn("40 Gaussians", fit.summary()[0])
+
     def _assertFailsBeforeSteps(self, prot, message):
         self.proj.launchProtocol(prot, wait=True)
-        prot = self.updateProtocol(prot)
         self.assertTrue(prot.isFailed())
         self.assertIn(message, prot.getErrorMessage())
         self.assertFalse(os.path.exists(prot._getExtraPath("particles.star")))
-        self.assertEqual(prot.numberOfSteps.get() or 0, 0)
+        self.assertEqual(len(prot.loadSteps()), 0)
 
 
 def _adk_model():
