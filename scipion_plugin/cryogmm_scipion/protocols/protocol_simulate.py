@@ -1,8 +1,6 @@
 """Simulate particles with known truth: ``cryogmm simulate`` as a Scipion protocol."""
 
 import os
-from enum import Enum
-
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
 from pwem.constants import ALIGN_PROJ
@@ -14,10 +12,10 @@ from ..convert import mapFile, readReport
 from .protocol_base import CryoGmmBase
 
 
-class SimulateOutputs(Enum):
-    outputParticles = SetOfParticles
-    outputTruthParticles = SetOfParticles
-    outputVolume = Volume
+# A dict, not an Enum: two outputs share a class and Enum members with equal values alias.
+OUTPUTS = {"outputParticles": SetOfParticles,
+           "outputTruthParticles": SetOfParticles,
+           "outputVolume": Volume}
 
 
 class CryoGmmProtSimulate(CryoGmmBase, ProtParticles):
@@ -31,7 +29,7 @@ class CryoGmmProtSimulate(CryoGmmBase, ProtParticles):
     """
     _label = "simulate particles"
     _devStatus = BETA
-    _possibleOutputs = SimulateOutputs
+    _possibleOutputs = OUTPUTS
 
     SOURCE_MODEL, SOURCE_MAP = 0, 1
 
@@ -102,9 +100,8 @@ class CryoGmmProtSimulate(CryoGmmBase, ProtParticles):
         vol = Volume()
         vol.setFileName(os.path.join(simDir, "truth_map.mrc"))
         vol.setSamplingRate(parts.getSamplingRate())
-        self._defineOutputs(**{SimulateOutputs.outputParticles.name: parts,
-                               SimulateOutputs.outputTruthParticles.name: truth,
-                               SimulateOutputs.outputVolume.name: vol})
+        self._defineOutputs(outputParticles=parts, outputTruthParticles=truth,
+                            outputVolume=vol)
         src = self.inputAtomStruct if self.source == self.SOURCE_MODEL else self.inputVolume
         for out in (parts, truth, vol):
             self._defineSourceRelation(src, out)
@@ -129,7 +126,7 @@ class CryoGmmProtSimulate(CryoGmmBase, ProtParticles):
         return []
 
     def _summary(self):
-        if not self.hasAttribute(SimulateOutputs.outputParticles.name):
+        if not self.hasAttribute("outputParticles"):
             return ["Output not ready yet."]
         r = readReport(self._getSimDir())
         return ["%s particles, box %s px at %s Å/px, SNR %s, poses perturbed by %s° / %s Å "
@@ -138,7 +135,7 @@ class CryoGmmProtSimulate(CryoGmmBase, ProtParticles):
                                 r.get("shift_noise_A") or 0, r.get("seed"))]
 
     def _methods(self):
-        if not self.hasAttribute(SimulateOutputs.outputParticles.name):
+        if not self.hasAttribute("outputParticles"):
             return []
         return ["%d particles were simulated with cryogmm (Gaussian projections of the "
                 "input structure, RELION's CTF, Gaussian noise at SNR %s)." % (
