@@ -87,6 +87,7 @@ class HeteroConfig:
     bond_weight: float = 1.0
     clash_weight: float = 1.0
     sidechain_weight: float = 1.0
+    elastic_weight: float | None = None
     map: Path | None = None
     project_dir: Path | None = None
     resume: bool = False
@@ -357,13 +358,16 @@ def restraint_pairs(ref: Reference, clash_cut_A: float = 12.0) -> dict:
     # a clash is a pair closer than 3.6 Å (Cα) or than its reference distance, whichever is smaller
     clash_min = torch.clamp(d[clash[:, 0], clash[:, 1]], max=3.6) if len(clash) else torch.zeros(0)
     return {"bonds": torch.as_tensor(bonds, dtype=torch.long), "side": torch.as_tensor(side, dtype=torch.long),
-            "side_max": side_max.float(), "clash": clash.long(), "clash_min": clash_min.float()}
+            "side_max": side_max.float(), "clash": clash.long(), "clash_min": clash_min.float(),
+            "elastic_d0": d[clash[:, 0], clash[:, 1]].float() if len(clash) else torch.zeros(0)}
 
 
 def restraint_terms(centers: torch.Tensor, pairs: dict, bond_A: float = 3.8) -> dict:
     """Restraint energies per model ``[B]`` (Å^2 units) of deformed centres ``[B, N, 3]``:
     ``bond`` harmonic around ``bond_A``; ``sidechain`` squared excess over the maximum
-    backbone-to-side-chain distance; ``clash`` squared overlap below the clash distance."""
+    backbone-to-side-chain distance; ``clash`` squared overlap below the clash distance;
+    ``elastic`` (when ``pairs`` has ``elastic_d0``) harmonic around the reference distance of
+    the neighbour pairs (an elastic network that keeps local geometry while domains move)."""
     out = {}
     b = pairs["bonds"]
     if len(b):
@@ -377,6 +381,8 @@ def restraint_terms(centers: torch.Tensor, pairs: dict, bond_A: float = 3.8) -> 
     if len(c):
         d = torch.linalg.norm(centers[:, c[:, 0]] - centers[:, c[:, 1]] + 1e-9, dim=-1)
         out["clash"] = (torch.relu(pairs["clash_min"] - d) ** 2).sum(1)
+        if "elastic_d0" in pairs:
+            out["elastic"] = ((d - pairs["elastic_d0"]) ** 2).sum(1)
     return out
 
 
@@ -560,6 +566,9 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     fw = _Forward(vae, ref, data, dev)
     pairs = {k: v.to(dev) for k, v in restraint_pairs(ref).items()}
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    # the elastic network holds the displacement decoder's local geometry; segments are rigid already
+    elastic_weight = cfg.elastic_weight if cfg.elastic_weight is not None else (
+        0.1 if cfg.decoder == "displacement" else 0.0)
     history = []
     first = 0
     if state is not None:
@@ -593,7 +602,8 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
             dterm = _data_term(x, p, fw.band, data.noise_var, cfg.loss)
             kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
             terms = restraint_terms(g.centers, pairs)
-            w = {"bond": cfg.bond_weight, "sidechain": cfg.sidechain_weight, "clash": cfg.clash_weight}
+            w = {"bond": cfg.bond_weight, "sidechain": cfg.sidechain_weight, "clash": cfg.clash_weight,
+                 "elastic": elastic_weight}
             rterm = sum(w[k] * v for k, v in terms.items()) if terms else torch.zeros_like(dterm)
             loss = (dterm + beta * kl + rterm).mean()
             opt.zero_grad(set_to_none=True)
@@ -948,6 +958,16 @@ def _truth_report(run, z, pc1, truth_star, truth_models=None) -> dict:
         decoded = np.concatenate([run.decode_atoms(z[i:i + 512])[:, ia] for i in range(0, len(z), 512)])
         kw = {"decoded_ca": decoded, "truth_ca": truth.coords[:, ib], "reference_ca": ref.model.coords[0][ia]}
     fig = truth_figures(z, frames, pc1=pc1, **kw)
+    if kw:
+        # which residues move: decoded (median model of the first vs the last true frame's
+        # particles) against the truth (first vs last frame), per Cα
+        lo, hi = frames.min(), frames.max()
+        ends = run.decode_atoms(np.stack([np.median(z[frames == lo], 0), np.median(z[frames == hi], 0)]))[:, ia]
+        moved = np.linalg.norm(ends[1] - ends[0], axis=1)
+        true_moved = np.linalg.norm(truth.coords[hi][ib] - truth.coords[lo][ib], axis=1)
+        fig["per_residue_motion_pearson"] = float(np.corrcoef(moved, true_moved)[0, 1])
+        fig["end_to_end_ca_rmsd_decoded_A"] = float(np.sqrt((moved**2).mean()))
+        fig["end_to_end_ca_rmsd_true_A"] = float(np.sqrt((true_moved**2).mean()))
     fig["truth_star"] = str(truth_star)
     fig["truth_models"] = str(tm) if kw else None
     return fig
