@@ -15,3 +15,4 @@ CRYOGMM_ENV_DIR = "cryogmm-%s" % CRYOGMM_VERSION
 # Per-particle attributes the protocols add to their output particles.
 ATTR_FRC = "_cryogmm_frc"
 ATTR_HALF = "_rlnRandomSubset"
+ATTR_ORIG_ID = "_cryogmm_inputId"  # symmetry-expanded copies: the input particle's id

@@ -187,6 +187,25 @@ class TestCryoGmmProtocols(BaseTest):
                             for e in errors), errors)
         self._assertFailsBeforeSteps(prot, "sampling rate")
 
+    def test_04b_consensus_map_and_symmetry_checked_in_validate(self):
+        """A volume without half maps needs a starting resolution; symmetry must be Cn/Dn."""
+        truth = os.path.join(self.sim, "truth_map.mrc")
+        imp = self.newProtocol(ProtImportVolumes, filesPath=truth, samplingRate=APIX)
+        self.launchProtocol(imp)
+        parts = self.importParts.outputParticles
+        prot = self.newProtocol(CryoGmmProtRefinePoses, useGpu=False, symmetry="x3")
+        prot.inputParticles.set(parts)
+        prot.inputVolume.set(imp.outputVolume)
+        errors = prot.validate()
+        self.assertTrue(any("no half maps" in e and "Starting high resolution" in e
+                            for e in errors), errors)
+        self.assertTrue(any("Symmetry must be Cn or Dn" in e for e in errors), errors)
+        ok = self.newProtocol(CryoGmmProtRefinePoses, useGpu=False, symmetry="c2",
+                              startResA=10.0)
+        ok.inputParticles.set(parts)
+        ok.inputVolume.set(imp.outputVolume)
+        self.assertEqual(ok.validate(), [])
+
     def test_05_simulate_protocol(self):
         """Simulated particles made inside Scipion: CTF, alignment, truth, the truth map."""
         imp = self.newProtocol(ProtImportPdb, inputPdbData=ProtImportPdb.IMPORT_FROM_FILES,

@@ -94,13 +94,16 @@ class CryoGmmBase:
 
     # ------------------------------------------------------------------ outputs
     @staticmethod
-    def _makeVolume(folder, apix):
-        """The engine's map.mrc with its half1/half2.mrc as a pwem Volume."""
+    def _makeVolume(folder, apix, prefix=""):
+        """The engine's map.mrc with half1/half2.mrc (or PREFIX.mrc with PREFIX_half1/2.mrc)
+        as a pwem Volume."""
+        name = prefix or "map"
+        halves = ["%s_half%d.mrc" % (prefix, i) if prefix else "half%d.mrc" % i
+                  for i in (1, 2)]
         vol = Volume()
-        vol.setFileName(os.path.join(folder, "map.mrc"))
+        vol.setFileName(os.path.join(folder, "%s.mrc" % name))
         vol.setSamplingRate(apix)
-        vol.setHalfMaps([os.path.join(folder, "half1.mrc"),
-                         os.path.join(folder, "half2.mrc")])
+        vol.setHalfMaps([os.path.join(folder, h) for h in halves])
         return vol
 
     @staticmethod

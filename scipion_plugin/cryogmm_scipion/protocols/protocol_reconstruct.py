@@ -1,6 +1,5 @@
 """Reconstruct: ``cryogmm reconstruct`` as a Scipion protocol."""
 
-import os
 from enum import Enum
 
 import pyworkflow.protocol.params as params

@@ -1,7 +1,7 @@
 """Refine orientations: ``cryogmm refine-poses`` as a Scipion protocol."""
 
 import os
-from enum import Enum
+import re
 
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
@@ -9,16 +9,17 @@ from pyworkflow.object import Float, Integer
 from pwem.objects import FSC, SetOfParticles, Transform, Volume
 from pwem.protocols import ProtRefine3D
 
-from ..constants import ATTR_FRC, ATTR_HALF
+from ..constants import ATTR_FRC, ATTR_HALF, ATTR_ORIG_ID
 from ..convert import (fscFromReport, mapFile, readReport, readStarRows, relionToMatrix,
                        writeParticlesStar)
 from .protocol_base import CryoGmmBase
 
 
-class RefineOutputs(Enum):
-    outputParticles = SetOfParticles
-    outputVolume = Volume
-    outputFSC = FSC
+# A dict, not an Enum: two outputs are Volumes, and Enum members with equal values alias.
+OUT_PARTICLES, OUT_VOLUME, OUT_FSC, OUT_COMPOSITE = (
+    "outputParticles", "outputVolume", "outputFSC", "outputCompositeVolume")
+OUTPUTS = {OUT_PARTICLES: SetOfParticles, OUT_VOLUME: Volume, OUT_FSC: FSC,
+           OUT_COMPOSITE: Volume}
 
 
 class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
@@ -34,7 +35,7 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
     """
     _label = "refine orientations"
     _devStatus = BETA
-    _possibleOutputs = RefineOutputs
+    _possibleOutputs = OUTPUTS
 
     # --------------------------- DEFINE param functions ----------------------
     def _defineParams(self, form):
@@ -46,17 +47,36 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
                            "e.g. from a consensus refinement. Half sets are taken from "
                            "rlnRandomSubset when the particles carry it, random otherwise.")
         form.addParam("inputVolume", params.PointerParam, pointerClass="Volume",
-                      allowsNull=True,
-                      label="Reference volume with half maps (optional)",
-                      help="A volume whose half maps start the refinement (gold-standard "
-                           "halves, same box and sampling rate as the particles). Leave "
-                           "empty to reconstruct both halves from the particles' own poses.")
+                      allowsNull=True, label="Reference volume (optional)",
+                      help="Where the refinement starts. A volume carrying half maps "
+                           "(gold-standard halves, e.g. from a RELION or cryoSPARC "
+                           "refinement) starts each half from its own map. A volume "
+                           "without half maps is a consensus map: both halves start from "
+                           "it low-passed to the starting resolution (which must then be "
+                           "set), so they share nothing beyond it. Empty: both halves are "
+                           "reconstructed from the particles' own poses. Same box and "
+                           "sampling rate as the particles.")
         form.addParam("inputMask", params.PointerParam, pointerClass="VolumeMask",
                       allowsNull=True, label="Focus mask (optional)",
                       help="Soft mask (0..1) focusing the alignment: each Gaussian's width "
                            "is scaled by 1/(0.25 + 0.75 M) at its centre, so high resolution "
                            "counts inside the mask only. Same box and sampling rate as the "
                            "particles.")
+        form.addParam("symmetry", params.StringParam, default="c1",
+                      label="Symmetry group",
+                      help="Point group Cn or Dn (RELION's axes: n-fold along z, D's "
+                           "two-fold along x), imposed in every reconstruction. With a focus "
+                           "mask or patches the particles are symmetry-expanded (one output "
+                           "particle per copy, as relion_particle_symmetry_expand).")
+        form.addParam("patches", params.IntParam, default=0,
+                      label="Patches (patch-by-patch refinement)",
+                      help="0: off. K > 0: after the global iterations the mixture is split "
+                           "into K patches (k-means), each refined focused on its own soft "
+                           "mask; the maps are combined into a composite volume (the global "
+                           "map fills what no patch covers).")
+        form.addParam("patchIterations", params.IntParam, default=2,
+                      condition="patches > 0", expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.Positive], label="Iterations per patch")
         form.addParam("inputAtomStruct", params.PointerParam, pointerClass="AtomStruct",
                       allowsNull=True, expertLevel=params.LEVEL_ADVANCED,
                       label="Atomic model to seed the mixtures (optional)",
@@ -75,7 +95,8 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Starting high resolution limit (Å)",
                       help="Upper bound of the first band; 0: the FSC of the starting "
-                           "halves.")
+                           "halves. Required with a consensus reference (a volume without "
+                           "half maps): it is low-passed to this resolution.")
         form.addParam("steps", params.IntParam, default=40,
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
                       label="Optimiser steps per particle",
@@ -137,8 +158,15 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
         if self.nGaussians.get() > 0:
             args += ["--n-gaussians", self.nGaussians.get()]
         vol = self.inputVolume.get()
-        if vol is not None:
+        if vol is not None and vol.hasHalfMaps():
             args += ["--half-maps"] + [f.split(":")[0] for f in vol.getHalfMaps(asList=True)]
+        elif vol is not None:
+            args += ["--map", mapFile(vol)]
+        if self._symmetry() != "C1":
+            args += ["--sym", self._symmetry()]
+        if self.patches.get() > 0:
+            args += ["--patches", self.patches.get(),
+                     "--patch-iterations", self.patchIterations.get()]
         if self.inputMask.get() is not None:
             args += ["--mask", mapFile(self.inputMask.get())]
         if self.inputAtomStruct.get() is not None:
@@ -158,15 +186,16 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
     def createOutputStep(self):
         inputSet = self.inputParticles.get()
         apix = inputSet.getSamplingRate()
-        rows = {int(r.rlnImageId): r for r in
-                readStarRows(os.path.join(self._getRefineDir(), "refined.star"))}
-        missing = [p.getObjId() for p in inputSet.iterItems() if p.getObjId() not in rows]
+        rows = readStarRows(os.path.join(self._getRefineDir(), "refined.star"))
+        byId = {}
+        for r in rows:
+            byId.setdefault(int(r.rlnImageId), []).append(r)
+        missing = [p.getObjId() for p in inputSet.iterItems() if p.getObjId() not in byId]
         if missing:
             raise ValueError("refined.star lacks %d input particles (first id %d)" %
                              (len(missing), missing[0]))
 
-        def updateItem(item, _row=None):
-            row = rows[item.getObjId()]
+        def setAlignment(item, row):
             item.setTransform(Transform(relionToMatrix(
                 row.rlnAngleRot, row.rlnAngleTilt, row.rlnAnglePsi,
                 row.rlnOriginXAngst, row.rlnOriginYAngst, apix)))
@@ -178,18 +207,34 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
         outSet = self._createSetOfParticles()
         outSet.copyInfo(inputSet)
         outSet.setAlignmentProj()
-        outSet.copyItems(inputSet, updateItemCallback=updateItem)
+        if len(rows) == len(byId):
+            outSet.copyItems(inputSet,
+                             updateItemCallback=lambda item, _row=None:
+                             setAlignment(item, byId[item.getObjId()][0]))
+        else:
+            # symmetry expansion: one output particle per copy, each new id, the input id kept
+            for part in inputSet.iterItems():
+                for row in byId[part.getObjId()]:
+                    copy = part.clone()
+                    copy.setObjId(None)
+                    setattr(copy, ATTR_ORIG_ID, Integer(part.getObjId()))
+                    setAlignment(copy, row)
+                    outSet.append(copy)
 
-        vol = self._makeVolume(self._getRefineDir(), apix)
-        fsc = self._makeFsc()
-        self._defineOutputs(**{RefineOutputs.outputParticles.name: outSet,
-                               RefineOutputs.outputVolume.name: vol,
-                               RefineOutputs.outputFSC.name: fsc})
+        outputs = {OUT_PARTICLES: outSet,
+                   OUT_VOLUME: self._makeVolume(self._getRefineDir(),
+                                                                     apix),
+                   OUT_FSC: self._makeFsc()}
+        if os.path.exists(os.path.join(self._getRefineDir(), "composite.mrc")):
+            outputs[OUT_COMPOSITE] = self._makeVolume(
+                self._getRefineDir(), apix, prefix="composite")
+        self._defineOutputs(**outputs)
         self._defineTransformRelation(self.inputParticles, outSet)
-        self._defineSourceRelation(self.inputParticles, vol)
-        self._defineSourceRelation(self.inputParticles, fsc)
-        if self.inputVolume.get() is not None:
-            self._defineSourceRelation(self.inputVolume, vol)
+        for name, obj in outputs.items():
+            if name != OUT_PARTICLES:
+                self._defineSourceRelation(self.inputParticles, obj)
+                if self.inputVolume.get() is not None:
+                    self._defineSourceRelation(self.inputVolume, obj)
 
     # --------------------------- INFO functions ------------------------------
     def _validate(self):
@@ -198,16 +243,21 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
         vol = self.inputVolume.get()
         if vol is not None:
             errors += self._validateMap("The reference volume", vol, parts)
-            if not vol.hasHalfMaps():
-                errors.append("The reference volume has no half maps: refine orientations "
-                              "is gold-standard and needs both halves (or leave the "
-                              "reference empty to reconstruct them from the particles).")
+            if not vol.hasHalfMaps() and self.startResA.get() <= 0:
+                errors.append("The reference volume has no half maps: as a consensus map "
+                              "it is low-passed to the starting resolution, so set "
+                              "'Starting high resolution limit' (e.g. 10 Å), or give a volume "
+                              "with half maps, or none to reconstruct them from the "
+                              "particles.")
+        if not re.fullmatch(r"[CD][1-9][0-9]*", self._symmetry()):
+            errors.append("Symmetry must be Cn or Dn (e.g. C1, C7, D2), got '%s'." %
+                          self.symmetry.get())
         if self.inputMask.get() is not None:
             errors += self._validateMap("The focus mask", self.inputMask.get(), parts)
         return errors
 
     def _summary(self):
-        if not self.hasAttribute(RefineOutputs.outputParticles.name):
+        if not self.hasAttribute(OUT_PARTICLES):
             return ["Output not ready yet."]
         report = readReport(self._getRefineDir())
         its = report.get("iterations", [])
@@ -224,10 +274,15 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
                              self._fmt(last["shift_change_A"]["median"])))
         if report.get("focused"):
             lines.append("Alignment focused by the mask.")
+        if self._symmetry() != "C1":
+            lines.append("Symmetry %s imposed." % self._symmetry())
+        if self.hasAttribute(OUT_COMPOSITE):
+            lines.append("%d patches refined; composite volume in the outputs." %
+                         self.patches.get())
         return lines
 
     def _methods(self):
-        if not self.hasAttribute(RefineOutputs.outputParticles.name):
+        if not self.hasAttribute(OUT_PARTICLES):
             return []
         report = readReport(self._getRefineDir())
         return ["The orientations and origins of %d particles were refined locally against "
@@ -241,6 +296,9 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
         return ["Chen2024"]
 
     # --------------------------- UTILS functions -----------------------------
+    def _symmetry(self):
+        return (self.symmetry.get() or "c1").strip().upper()
+
     def _getRefineDir(self):
         return self._getExtraPath("refine")
 
