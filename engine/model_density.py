@@ -91,7 +91,8 @@ def splat(x: torch.Tensor, amp: torch.Tensor, sigma, shape, apix: float, origin_
     org = torch.as_tensor(np.asarray(origin_A, dtype=np.float64), dtype=dt, device=dev)
     s = torch.as_tensor(sigma, dtype=dt, device=dev)
     smax = float(s.max()) if s.ndim else float(s)
-    r = int(math.ceil(cut * smax / apix))
+    # the stencil reaches at least cut sigma from the atom wherever it sits in its voxel
+    r = int(math.ceil(cut * smax / apix)) + 1
     u = (x - org) / apix  # voxel units, (x, y, z)
     base = torch.floor(u.detach()).long() - r + 1  # [N, 3]
     off = torch.arange(2 * r, device=dev)

@@ -274,7 +274,7 @@ class _Refiner:
             loss.backward()
             opt.step()
             if s is not None and adapt:
-                sv = float(s)
+                sv = float(s.detach())
                 smooth = sv if smooth is None else 0.8 * smooth + 0.2 * sv
                 if prev is not None:
                     self.map_k *= (1 / (1 + alpha)) if smooth > prev else (1 + 2 * alpha)
@@ -283,7 +283,7 @@ class _Refiner:
             if (it + 1) % self.cfg.trajectory_every == 0 or it == steps - 1:
                 self.trajectory.append(x.detach().cpu().numpy().copy())
             if it == steps - 1 or it % 25 == 0:
-                self.log.append(dict(phase=name, step=it, geometry=float(geo), map=None if s is None else float(s),
+                self.log.append(dict(phase=name, step=it, geometry=float(geo.detach()), map=None if s is None else float(s.detach()),
                                      w_geo=float(w_geo), map_k=self.map_k))
             if self.progress is not None:
                 self.progress(name, it + 1, steps)

@@ -1,0 +1,120 @@
+"""Restraint terms: float64 gradcheck of every term (with riding H), analytic values on
+ideal geometry, periodic grid lookup against the source grid, neighbour lists."""
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryogmm.model_density import sample, splat
+from cryogmm.restraints import Restraints, dihedral, grid_value, reference_tables
+from cryogmm.topology import build_topology
+
+ADK = Path(str(resources.files("cryogmm.data").joinpath("adk_closed.pdb")))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Residues 1-6 of adenylate kinase (MRIILG) with riding H."""
+    lines = [l for l in ADK.read_text().splitlines() if l.startswith("ATOM") and int(l[22:26]) <= 6]
+    p = tmp_path_factory.mktemp("pep") / "pep.pdb"
+    p.write_text("\n".join(lines) + "\nEND\n")
+    t = build_topology(p)
+    r = Restraints(t)
+    return t, r
+
+
+def test_dihedral_known_values():
+    p = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.float64)
+    # IUPAC: looking along 1->2, the far atom turned clockwise is positive
+    assert float(torch.rad2deg(dihedral(*p))) == pytest.approx(-90.0)
+    p[3] = torch.tensor([-1.0, 1, 0])
+    assert abs(float(torch.rad2deg(dihedral(*p)))) == pytest.approx(180.0)
+
+
+@pytest.mark.parametrize("term", ["bond", "angle", "chiral", "plane", "omega", "rama", "rotamer", "clash"])
+def test_gradcheck_terms(small, term):
+    t, r = small
+    x0 = torch.as_tensor(t.coords, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x0 = x0 + 0.05 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    r.update_pairs(r.with_h(x0), cutoff=6.0)
+    if term == "clash":
+        # push two non-bonded atoms into contact so the clash term is active
+        assert len(r.pairs) > 0
+        r.clash_start = -2.0
+    # a handful of heavy atoms of residues 2-4 (backbone and side chain) keeps gradcheck quick
+    sel = np.nonzero(~t.is_h & np.isin(t.seq_id, [2, 3, 4]))[0]
+    heavy = torch.as_tensor(sel[:: max(1, len(sel) // 8)])
+    base = x0.detach()
+
+    def f(xh):
+        x = base.index_copy(0, heavy, xh)
+        return r.terms(r.with_h(x))[term]
+
+    xh = base[heavy].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (xh,), eps=1e-6, atol=1e-5, rtol=1e-4)
+    r.clash_start = 0.1
+
+
+def test_ideal_geometry_values(small):
+    t, r = small
+    x = r.with_h(torch.as_tensor(t.coords))
+    # deposited geometry: z-scores of order 1, chirality hand right, planes flat to < 0.1 Å
+    assert float(r.bond_z(x).pow(2).mean().sqrt()) < 3
+    assert float(r.plane_dev(x).abs().max()) < 0.1
+    assert (r.chiral_z(x).abs() < 4).all()
+
+
+def test_bond_z_analytic():
+    # a pure stretch of one bond by 2 sigma gives z = 2 for that bond only
+    t = build_topology(ADK)
+    r = Restraints(t)
+    x = r.with_h(torch.as_tensor(t.coords))
+    z0 = r.bond_z(x)
+    k = int(np.nonzero((t.atom_name[t.bonds[:, 0]] == "CA") & (t.atom_name[t.bonds[:, 1]] == "C"))[0][0])
+    i, j = t.bonds[k]
+    d = x[j] - x[i]
+    x2 = x.clone()
+    # move the whole C-terminal side? simpler: check the formula directly
+    stretched = d * (1 + 2 * t.bond_sigma[k] / float(d.norm()))
+    x2[j] = x[i] + stretched
+    z = r.bond_z(x2)
+    assert float(z[k] - z0[k]) == pytest.approx(2.0, abs=1e-9)
+
+
+def test_grid_lookup_matches_table_at_bin_centres():
+    tab = reference_tables()["rama"]["general"]
+    g = tab["grid"]
+    rng = np.random.default_rng(0)
+    ij = rng.integers(0, 180, size=(50, 2))
+    angles = -180 + 2.0 * ij + 1.0  # bin centres
+    assert np.allclose(grid_value(tab, angles), g[ij[:, 0], ij[:, 1]])
+    # periodic: -181 wraps to 179
+    assert grid_value(tab, np.array([[-181.0, 0.0]]))[0] == pytest.approx(grid_value(tab, np.array([[179.0, 0.0]]))[0])
+
+
+def test_rama_energy_prefers_favoured(small):
+    t, r = small
+    x = r.with_h(torch.as_tensor(t.coords))
+    e = r.rama_energy(x).detach().numpy()
+    pp = r.phi_psi(x).detach().numpy()
+    cls = [["general", "gly", "transpro", "cispro", "prepro", "ileval"][c] for c in t.rama_class]
+    pct = np.array([grid_value(reference_tables()["rama"][c], p[None])[0] for c, p in zip(cls, pp)])
+    # residues in favoured regions have low energy
+    assert (e[pct > 0.02] < 6).all()
+
+
+def test_splat_integral_and_gradcheck():
+    x = torch.tensor([[0.31, -0.23, 0.12], [2.03, 1.07, -1.46]], dtype=torch.float64, requires_grad=True)
+    amp = torch.tensor([6.0, 8.0], dtype=torch.float64)
+    vol = splat(x, amp, 1.2, (24, 24, 24), 0.5, (-6.0, -6.0, -6.0))
+    # the stencil stops at 3 sigma per axis: (erf(3/sqrt 2))^3 = 0.992 of the mass at most
+    assert float(vol.detach().sum() * 0.5**3) == pytest.approx(14.0, rel=1e-2)
+    f = lambda xx: splat(xx, amp, 1.2, (16, 16, 16), 0.6, (-4.5, -4.5, -4.5)).pow(2).sum()  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+    # sampling the splatted map at the atom returns its peak value
+    v = sample(vol, x.detach(), 0.5, (-6.0, -6.0, -6.0))
+    assert v[0] > 0.5 * float(vol.max())
