@@ -125,7 +125,28 @@ def run_ours(sim, ref_pdb, out, decoder, epochs, zdim, frames_true, log):
     }
 
 
-def run_cryodrgn(sim, out, epochs, zdim, frames_true, box, apix, threads, log):
+def cryodrgn_throughput(sim, out, n, dim, threads, log):
+    """images/s of one ``train_vae`` epoch on the first ``n`` particles with ``dim``-wide networks."""
+    cd = [Path(sys.executable).parent / "cryodrgn"]
+    out.mkdir(parents=True, exist_ok=True)
+    ind = out / f"first{n}.pkl"
+    with open(ind, "wb") as f:
+        pickle.dump(np.arange(n), f)
+    secs = out / f"throughput_n{n}_dim{dim}.txt"
+    if not secs.exists():
+        train = out / f"throughput_n{n}_dim{dim}"
+        sh(cd + ["train_vae", sim / "particles.star", "--datadir", sim, "--poses", out / "pose.pkl", "--ctf",
+                 out / "ctf.pkl", "--zdim", 8, "-n", 1, "-o", train, "--no-analysis", "--seed", 0, "--ind", ind,
+                 "--enc-dim", dim, "--dec-dim", dim, "--max-threads", threads], log)
+        import re
+
+        txt = (train / "run.log").read_text()
+        h, m, sec = re.search(r"Epoch: 1 .*Finished in (\d+):(\d+):([\d.]+)", txt).groups()
+        secs.write_text(f"{int(h) * 3600 + int(m) * 60 + float(sec)}\n")
+    return n / float(secs.read_text())
+
+
+def run_cryodrgn(sim, out, epochs, zdim, frames_true, box, apix, threads, log, dim=1024):
     from cryogmm import mapio
     from cryogmm.hetero_truth import spearman
 
@@ -135,15 +156,16 @@ def run_cryodrgn(sim, out, epochs, zdim, frames_true, box, apix, threads, log):
     if not (out / "pose.pkl").exists():
         sh(cd + ["parse_pose_star", star, "-o", out / "pose.pkl", "-D", box, "--Apix", apix], log)
         sh(cd + ["parse_ctf_star", star, "-o", out / "ctf.pkl", "-D", box, "--Apix", apix], log)
-    train = out / "train"
+    train = out / f"train_e{epochs}_dim{dim}"
     z_path = train / "z.pkl"
-    secs = None
     if not z_path.exists():
-        secs = sh(cd + ["train_vae", star, "--datadir", sim, "--poses", out / "pose.pkl", "--ctf", out / "ctf.pkl",
-                        "--zdim", zdim, "-n", epochs, "-o", train, "--no-analysis", "--seed", 0,
-                        "--max-threads", threads], log)
-        (out / "seconds.txt").write_text(f"{secs}\n")
-    secs = float((out / "seconds.txt").read_text())
+        sh(cd + ["train_vae", star, "--datadir", sim, "--poses", out / "pose.pkl", "--ctf", out / "ctf.pkl",
+                 "--zdim", zdim, "-n", epochs, "-o", train, "--no-analysis", "--seed", 0, "--enc-dim", dim,
+                 "--dec-dim", dim, "--max-threads", threads], log)
+    import re
+
+    secs = sum(int(h) * 3600 + int(m) * 60 + float(x) for h, m, x in
+               re.findall(r"Epoch: \d+ .*Finished in (\d+):(\d+):([\d.]+)", (train / "run.log").read_text()))
     with open(z_path, "rb") as f:
         z = pickle.load(f)
     z = np.asarray(z, dtype=np.float64)
@@ -151,22 +173,22 @@ def run_cryodrgn(sim, out, epochs, zdim, frames_true, box, apix, threads, log):
     _, _, vt = np.linalg.svd(zc, full_matrices=False)
     pc1 = zc @ vt[0]
     frame = frames_true["frame"]
-    res = {"epochs": epochs, "seconds_total": secs, "images_per_s": len(z) * epochs / secs,
+    res = {"epochs": epochs, "enc_dec_dim": dim, "seconds_training": secs, "images_per_s": len(z) * epochs / secs,
            "spearman_pc1_vs_frame": spearman(pc1, frame), "abs_spearman_pc1_vs_frame": abs(spearman(pc1, frame)),
            "best_abs_spearman_any_latent_dim": max(abs(spearman(z[:, d], frame)) for d in range(z.shape[1]))}
     # maps at each frame's latent median
     zf = [np.median(z[frame == f], 0) for f in frames_true["eval"]]
-    np.savetxt(out / "z_frames.txt", np.array(zf))
-    vols = out / "vols"
-    if not (vols / f"vol_{len(zf) - 1:03d}.mrc").exists():
-        weights = train / f"weights.{epochs - 1}.pkl"
+    np.savetxt(train / "z_frames.txt", np.array(zf))
+    vols = train / "vols"
+    if not (vols / f"vol_{len(zf):03d}.mrc").exists():  # eval_vol numbers volumes from 1
+        weights = train / f"weights.{epochs}.pkl"
         if not weights.exists():
             weights = train / "weights.pkl"
-        sh(cd + ["eval_vol", weights, "-c", train / "config.yaml", "--zfile", out / "z_frames.txt", "-o", vols], log)
+        sh(cd + ["eval_vol", weights, "-c", train / "config.yaml", "--zfile", train / "z_frames.txt", "-o", vols], log)
     fscs = []
     for i, f in enumerate(frames_true["eval"]):
         truth_map = frames_true["maps"][f]
-        v, _ = mapio.read_map(vols / f"vol_{i:03d}.mrc")
+        v, _ = mapio.read_map(vols / f"vol_{i + 1:03d}.mrc")
         best = max([fsc_summary(v, truth_map, box, apix), fsc_summary(v[::-1].copy(), truth_map, box, apix)],
                    key=lambda t: t[0])
         fscs.append(best)
@@ -188,6 +210,10 @@ def main(argv=None):
     p.add_argument("--zdim", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-cryodrgn", action="store_true")
+    p.add_argument("--cryodrgn-dim", type=int, default=256,
+                   help="cryoDRGN encoder/decoder width (its default 1024 runs ~1 image/s on a 2-core CPU)")
+    p.add_argument("--throughput-n", type=int, default=100,
+                   help="also time one epoch of cryoDRGN's default 1024-wide networks on this many particles")
     p.add_argument("--decoders", nargs="+", default=["segments", "displacement"])
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "hetero_vs_cryodrgn.json")
     a = p.parse_args(argv)
@@ -215,20 +241,29 @@ def main(argv=None):
         present = np.unique(frame)
         evalf = present[np.round(np.linspace(0, len(present) - 1, 5)).astype(int)]
         frames_true = {"maps": maps, "frame": frame, "center": center, "eval": [int(f) for f in evalf]}
-        key = f"snr{snr:g}"
+        key = f"snr{snr:g}_epochs{a.epochs}"
         entry = results["runs"].setdefault(key, {})
+        entry["note"] = ("images/s measured on a shared 2-core CPU with other jobs running: timings are noisy; "
+                         "ours: decoded-model maps; cryoDRGN: eval_vol maps")
         for dec in a.decoders:
             entry[f"cryogmm_{dec}"] = run_ours(sim, ref, a.work / f"ours_{dec}_{key}", dec, a.epochs, a.zdim,
                                                frames_true, log)
             print(key, dec, json.dumps(entry[f"cryogmm_{dec}"]), flush=True)
         if not a.skip_cryodrgn:
-            entry["cryodrgn"] = run_cryodrgn(sim, a.work / f"cryodrgn_{key}", a.epochs, a.zdim, frames_true, a.box,
-                                             a.apix, a.threads, log)
+            cdir = a.work / f"cryodrgn_snr{snr:g}"
+            entry["cryodrgn"] = run_cryodrgn(sim, cdir, a.epochs, a.zdim, frames_true, a.box, a.apix, a.threads, log,
+                                             dim=a.cryodrgn_dim)
+            if a.throughput_n:
+                entry["cryodrgn"]["images_per_s_default_1024_networks"] = cryodrgn_throughput(
+                    sim, cdir, a.throughput_n, 1024, a.threads, log)
             print(key, "cryodrgn", json.dumps(entry["cryodrgn"]), flush=True)
             c = entry["cryodrgn"]
             for dec in a.decoders:
                 o = entry[f"cryogmm_{dec}"]
                 entry[f"ratio_images_per_s_{dec}_vs_cryodrgn"] = o["images_per_s"] / c["images_per_s"]
+                if "images_per_s_default_1024_networks" in c:
+                    entry[f"ratio_images_per_s_{dec}_vs_cryodrgn_default_networks"] = (
+                        o["images_per_s"] / c["images_per_s_default_1024_networks"])
                 print(f"{key} {dec}: |Spearman| {o['abs_spearman_pc1_vs_frame']:.3f} vs cryoDRGN "
                       f"{c['abs_spearman_pc1_vs_frame']:.3f}; mean FSC(40-8 Å) {o['mean_fsc_40_8A_per_frame_map']:.3f}"
                       f" vs {c['mean_fsc_40_8A_per_frame_map']:.3f}; images/s x"

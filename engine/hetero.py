@@ -505,8 +505,13 @@ def _setup(cfg: HeteroConfig, progress=None):
 
 
 def _config_json(cfg) -> dict:
+    """The config with absolute paths, so a run can be analyzed from any folder."""
     d = asdict(cfg)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+    return {k: (str(Path(v).absolute()) if isinstance(v, (Path, str)) and k in _PATHS and v else v)
+            for k, v in d.items()}
+
+
+_PATHS = ("star", "model", "out", "map", "project_dir")
 
 
 def _save_checkpoint(path, vae, opt, epoch, history, cfg, data, ref, rng):
