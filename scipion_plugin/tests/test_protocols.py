@@ -206,7 +206,7 @@ class TestCryoGmmProtocols(BaseTest):
         ok.inputVolume.set(imp.outputVolume)
         self.assertEqual(ok.validate(), [])
 
-    def test_05_simulate_protocol(self):
+    def test_05_simulate_fit_and_patches(self):
         """Simulated particles made inside Scipion: CTF, alignment, truth, the truth map."""
         imp = self.newProtocol(ProtImportPdb, inputPdbData=ProtImportPdb.IMPORT_FROM_FILES,
                                pdbFile=_adk_model(), skipChimera=True)
@@ -247,6 +247,24 @@ class TestCryoGmmProtocols(BaseTest):
         self.assertGreaterEqual(report["fsc_min_to_resolution"],
                                 report["kmeans"]["fsc_min_to_resolution"])
         self.assertIn("40 Gaussians", fit.summary()[0])
+
+        # Patch-by-patch with C2: symmetry-expanded output (one particle per copy, the
+        # input id kept) and a composite volume with its halves.
+        ref = self.newProtocol(CryoGmmProtRefinePoses, useGpu=False, iterations=1,
+                               steps=10, maxGaussians=150, fitIterations=40,
+                               symmetry="c2", patches=2, patchIterations=1)
+        ref.inputParticles.set(parts)
+        self.launchProtocol(ref)
+        out = ref.outputParticles
+        self.assertEqual(out.getSize(), 2 * parts.getSize())
+        ids = [p.getAttributeValue("_cryogmm_inputId") for p in out.iterItems()]
+        self.assertEqual(sorted(set(ids)), sorted(p.getObjId() for p in parts.iterItems()))
+        self.assertTrue(all(ids.count(i) == 2 for i in set(ids)))
+        comp = ref.outputCompositeVolume
+        self.assertEqual(comp.getDim(), (32, 32, 32))
+        self.assertTrue(comp.hasHalfMaps())
+        self.assertTrue(os.path.basename(comp.getFileName()).startswith("composite"))
+        self.assertTrue(any("Symmetry C2" in line for line in ref.summary()))
 
     def _assertFailsBeforeSteps(self, prot, message):
         self.proj.launchProtocol(prot, wait=True)

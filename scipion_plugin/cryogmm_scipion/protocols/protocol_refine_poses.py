@@ -177,6 +177,7 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
         """The FSC curve of the refined halves: from the refinement's report when it holds
         one, else from ``cryogmm reconstruct`` of the refined STAR (same half sets)."""
         if fscFromReport(readReport(self._getRefineDir())) is None:
+            # refined.star keeps the input's image names, relative to the project folder
             self._runEngine("reconstruct", [
                 os.path.join(self._getRefineDir(), "refined.star"),
                 "--out", self._getExtraPath("fsc"),
