@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Scipion (pyworkflow + pwem + scipion-em-relion) and this plugin into their OWN venv,
+# Install Scipion (pyworkflow, pwem, scipion-em-relion, scipion-app) and this plugin into their OWN venv,
 # then run the plugin's tests in real pyworkflow projects against the cryogmm engine.
 # Idempotent; needs only python3 (with venv) and PyPI. Scipion's venv never gets torch.
 #
@@ -18,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install "${PIP[@]}" "scipion-pyworkflow==3.11.7" "scipion-em==3.11.1" \
-  "scipion-em-relion==5.0.2" "pytest>=7"
+  "scipion-em-relion==5.0.2" "scipion-app==3.8.3" "pytest>=7"
 "$VENV/bin/pip" install "${PIP[@]}" --no-deps -e "$HERE"
 if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "ci_install.sh: torch is importable in Scipion's venv ($VENV); it must not be" >&2

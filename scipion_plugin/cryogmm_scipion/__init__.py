@@ -40,8 +40,16 @@ class Plugin(pwem.Plugin):
                                    "build with --index-url).")
 
     @classmethod
+    def _var(cls, name):
+        """A plugin variable, defined on first use (also when the plugin was imported
+        directly rather than discovered by Scipion's Domain)."""
+        if cls.getVar(name) is None:
+            cls._defineVariables()
+        return cls.getVar(name)
+
+    @classmethod
     def getActivationCmd(cls):
-        return (cls.getVar(CRYOGMM_ENV_ACTIVATION) or "").strip()
+        return (cls._var(CRYOGMM_ENV_ACTIVATION) or "").strip()
 
     @classmethod
     def getCommand(cls, command):
@@ -68,8 +76,8 @@ class Plugin(pwem.Plugin):
         flag = "cryogmm_%s_installed" % CRYOGMM_VERSION
         commands = " && ".join([
             "python3 -m venv venv",
-            "venv/bin/pip install -q %s" % cls.getVar(CRYOGMM_TORCH_SPEC),
-            "venv/bin/pip install -q %s" % cls.getVar(CRYOGMM_PIP_SPEC),
+            "venv/bin/pip install -q %s" % cls._var(CRYOGMM_TORCH_SPEC),
+            "venv/bin/pip install -q %s" % cls._var(CRYOGMM_PIP_SPEC),
             "venv/bin/cryogmm --version",
             "touch %s" % flag,
         ])

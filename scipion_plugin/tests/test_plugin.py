@@ -69,3 +69,19 @@ def test_every_protocol_defines_help_summary_methods_citations():
                 if getattr(param, "label", None) is not None and param.__class__.__name__ \
                         not in ("Line", "Group", "LabelParam"):
                     assert param.label.get(), (name, pname)
+
+
+def test_define_binaries_builds_the_venv_the_activation_points_to():
+    """What `scipion installb cryogmm` would run (scipion-app's installer, when present)."""
+    funcs = pytest.importorskip("scipion.install.funcs")
+    env = funcs.Environment()
+    Plugin.defineBinaries(env)
+    target = env.getTarget("cryogmm-0.1.0")
+    cmds = [vars(c).get("_cmd") for c in target._commandList]
+    install = [c for c in cmds if isinstance(c, str) and "python3 -m venv venv" in c]
+    assert len(install) == 1, cmds
+    assert "None" not in install[0]
+    assert "pip install -q %s" % Plugin.getVar("CRYOGMM_PIP_SPEC") in install[0]
+    assert install[0].endswith("touch cryogmm_0.1.0_installed")
+    if "CRYOGMM_ENV_ACTIVATION" not in os.environ:  # the default points into that venv
+        assert Plugin.getActivationCmd().endswith("cryogmm-0.1.0/venv/bin/activate")

@@ -32,6 +32,11 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
     CTF-modulated projection of its half's mixture, reconstructs both halves and computes
     their FSC. The output particles carry the new alignment (and the final per-particle
     FRC), the output volume its two half maps.
+
+    A focus mask makes high resolution count inside it only; patch-by-patch refinement
+    splits the mixture into K patches, refines each focused on its own mask and combines
+    the maps into a composite volume. With Cn/Dn symmetry and focused or patch work the
+    particles are symmetry-expanded (one output particle per copy).
     """
     _label = "refine orientations"
     _devStatus = BETA
@@ -223,8 +228,7 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
                     outSet.append(copy)
 
         outputs = {OUT_PARTICLES: outSet,
-                   OUT_VOLUME: self._makeVolume(self._getRefineDir(),
-                                                                     apix),
+                   OUT_VOLUME: self._makeVolume(self._getRefineDir(), apix),
                    OUT_FSC: self._makeFsc()}
         if os.path.exists(os.path.join(self._getRefineDir(), "composite.mrc")):
             outputs[OUT_COMPOSITE] = self._makeVolume(
