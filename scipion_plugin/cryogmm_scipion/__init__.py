@@ -21,7 +21,7 @@ _logo = ""
 
 
 class Plugin(pwem.Plugin):
-    _url = "https://github.com/cryogmm/cryogmm"
+    _url = ""  # no public home yet
     _supportedVersions = [CRYOGMM_VERSION]
 
     @classmethod

@@ -86,9 +86,11 @@ def readReport(folder):
 def fscFromReport(report):
     """(frequencies 1/Å, masked FSC) from an engine report holding an ``fsc`` curve, else None."""
     curve = report.get("fsc")
-    if not curve:
+    if not isinstance(curve, dict) or "resolution_A" not in curve:
         return None
     res = np.asarray(curve["resolution_A"], dtype=float)
     values = curve.get("masked") or curve.get("fsc") or curve.get("unmasked")
+    if values is None or len(values) != len(res):
+        return None
     freq = np.where(res > 0, 1.0 / res, 0.0)
     return [float(f) for f in freq], [float(v) for v in values]

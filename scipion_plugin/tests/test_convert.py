@@ -60,3 +60,14 @@ def test_rotation_angle_known_cases():
     R2 = tfs.rotation_matrix(np.radians(20.0), [1, 0, 0])
     a = rotationAngleDeg(R, R2)
     assert rotationAngleDeg(np.linalg.inv(R), np.linalg.inv(R2)) == pytest.approx(a, abs=1e-6)
+
+
+def test_fsc_from_report_shapes():
+    from cryogmm_scipion.convert import fscFromReport
+    rep = {"fsc": {"resolution_A": [1e11, 20.0, 10.0], "masked": [1.0, 0.8, 0.1],
+                   "unmasked": [1.0, 0.7, 0.05]}}
+    freq, fsc = fscFromReport(rep)
+    assert freq == pytest.approx([1e-11, 0.05, 0.1])
+    assert fsc == [1.0, 0.8, 0.1]
+    assert fscFromReport({}) is None
+    assert fscFromReport({"fsc": [1.0, 0.9]}) is None  # fit-gmm's list: not a half-map curve
