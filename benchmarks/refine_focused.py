@@ -121,6 +121,7 @@ def domain_figures(run_dir: Path, paths: dict, map_name="map.mrc", halves=("half
     box = h1.shape[0]
     return {
         "masked_resolution_A": resolution_at(curve, box, apix),
+        "masked_resolution_0.5_A": resolution_at(curve, box, apix, 0.5),
         "masked_mean_fsc": float(curve[1: box // 2].mean()),
         "masked_corr_to_truth": float(real_space_correlation(torch.as_tensor(m), truth, mask=mask)),
     }

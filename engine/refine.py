@@ -602,6 +602,10 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
             "patches": patch_info,
             "composite_resolution_A": resolution_at(comp_curve, box, apix) if comp is not None else None,
             "particles_per_s": n_align / max(t_align, 1e-9),
+            # the final half maps' FSC, shaped as `reconstruct` reports it
+            "fsc": {"resolution_A": (box * apix / np.maximum(np.arange(box // 2 + 1), 1e-9)).tolist(),
+                    "unmasked": fsc(h1, h2).numpy(), "masked": fsc(h1, h2, mask=sphere).numpy(),
+                    **({"focus_masked": fsc(h1, h2, mask=sphere * mask.cpu()).numpy()} if mask is not None else {})},
             "device": str(dev),
             "seconds": timer(),
         }

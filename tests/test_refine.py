@@ -87,6 +87,10 @@ def test_refine_poses_job(clean, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     it = rep["iterations"][0]
     assert {"resolution_A", "pose_change_deg", "particles_per_s", "band_A"} <= set(it)
+    assert len(rep["fsc"]["masked"]) == len(rep["fsc"]["resolution_A"]) == BOX // 2 + 1
+    from cryogmm.metrics import resolution_at
+
+    assert resolution_at(torch.tensor(rep["fsc"]["masked"]), BOX, APIX) == pytest.approx(rep["resolution_A"])
     start, truth = read_particles(clean / "particles.star"), read_particles(clean / "truth.star")
     refined = read_particles(out / "refined.star")
     e0, s0 = errors(start, truth)
