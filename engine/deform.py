@@ -74,10 +74,6 @@ class Deformer(nn.Module):
         ``owner [M]`` is the index of the Gaussian each point belongs to. Returns ``[B, M, 3]``."""
         raise NotImplementedError  # pragma: no cover - interface
 
-    def regularizers(self) -> dict:
-        """Terms that depend on the deformer alone (e.g. segment overlap); name -> scalar."""
-        return {}
-
 
 class DisplacementDeformer(Deformer):
     """Per-Gaussian offsets from an MLP: ``c_n(z) = c_n + scale_A * f_n(z)``.

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,7 @@ class HeteroConfig:
     clash_weight: float = 1.0
     sidechain_weight: float = 1.0
     elastic_weight: float | None = None
+    elastic_seq: int = 4
     map: Path | None = None
     project_dir: Path | None = None
     resume: bool = False
@@ -330,7 +331,7 @@ def project_fourier(g: Gaussians, rotmat: torch.Tensor, shift_A: torch.Tensor | 
 
 
 # --------------------------------------------------------------------------- restraints
-def restraint_pairs(ref: Reference, clash_cut_A: float = 12.0) -> dict:
+def restraint_pairs(ref: Reference, clash_cut_A: float = 12.0, elastic_seq: int = 0) -> dict:
     """Index pairs for the restraints: consecutive Cα (or backbone centroids) of a chain,
     side chain to its own backbone (residue2), and non-bonded pairs closer than
     ``clash_cut_A`` in the reference (the clash neighbour list)."""
@@ -357,17 +358,21 @@ def restraint_pairs(ref: Reference, clash_cut_A: float = 12.0) -> dict:
     clash = torch.stack([ii[sel], jj[sel]], 1)
     # a clash is a pair closer than 3.6 Å (Cα) or than its reference distance, whichever is smaller
     clash_min = torch.clamp(d[clash[:, 0], clash[:, 1]], max=3.6) if len(clash) else torch.zeros(0)
+    # elastic network: neighbour pairs, only those within `elastic_seq` residues along the
+    # chain when given (local geometry kept, hinges free)
+    el = near & ((r_j - r_i).abs() <= elastic_seq) if elastic_seq > 0 else near
+    elastic = torch.stack([ii[el], jj[el]], 1)
     return {"bonds": torch.as_tensor(bonds, dtype=torch.long), "side": torch.as_tensor(side, dtype=torch.long),
             "side_max": side_max.float(), "clash": clash.long(), "clash_min": clash_min.float(),
-            "elastic_d0": d[clash[:, 0], clash[:, 1]].float() if len(clash) else torch.zeros(0)}
+            "elastic": elastic.long(), "elastic_d0": d[elastic[:, 0], elastic[:, 1]].float()}
 
 
 def restraint_terms(centers: torch.Tensor, pairs: dict, bond_A: float = 3.8) -> dict:
     """Restraint energies per model ``[B]`` (Å^2 units) of deformed centres ``[B, N, 3]``:
     ``bond`` harmonic around ``bond_A``; ``sidechain`` squared excess over the maximum
     backbone-to-side-chain distance; ``clash`` squared overlap below the clash distance;
-    ``elastic`` (when ``pairs`` has ``elastic_d0``) harmonic around the reference distance of
-    the neighbour pairs (an elastic network that keeps local geometry while domains move)."""
+    ``elastic`` (when ``pairs`` has ``elastic``) harmonic around the reference distance
+    ``elastic_d0`` of neighbour pairs (an elastic network that keeps local geometry)."""
     out = {}
     b = pairs["bonds"]
     if len(b):
@@ -381,8 +386,10 @@ def restraint_terms(centers: torch.Tensor, pairs: dict, bond_A: float = 3.8) -> 
     if len(c):
         d = torch.linalg.norm(centers[:, c[:, 0]] - centers[:, c[:, 1]] + 1e-9, dim=-1)
         out["clash"] = (torch.relu(pairs["clash_min"] - d) ** 2).sum(1)
-        if "elastic_d0" in pairs:
-            out["elastic"] = ((d - pairs["elastic_d0"]) ** 2).sum(1)
+    e = pairs.get("elastic")
+    if e is not None and len(e):
+        d = torch.linalg.norm(centers[:, e[:, 0]] - centers[:, e[:, 1]], dim=-1)
+        out["elastic"] = ((d - pairs["elastic_d0"]) ** 2).sum(1)
     return out
 
 
@@ -569,7 +576,7 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     data, ref = _setup(cfg, progress)
     vae = _build(cfg, ref, data).to(dev)
     fw = _Forward(vae, ref, data, dev)
-    pairs = {k: v.to(dev) for k, v in restraint_pairs(ref).items()}
+    pairs = {k: v.to(dev) for k, v in restraint_pairs(ref, elastic_seq=cfg.elastic_seq).items()}
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     # the elastic network holds the displacement decoder's local geometry; segments are rigid already
     elastic_weight = cfg.elastic_weight if cfg.elastic_weight is not None else (
@@ -780,7 +787,6 @@ class AnalyzeConfig:
     project_dir: Path | None = None
     seed: int = 0
     device: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _pca(z: np.ndarray, k: int):

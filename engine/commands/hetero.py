@@ -10,7 +10,8 @@ Decoders (--decoder):
                  (cryoSPHERE); the segment table comes out of `analyze`
   displacement   an offset per residue Gaussian, held together by 3.8 Å Cα bonds, a
                  side-chain distance limit and a clash term (atomic VAE, Zhong et al.),
-                 plus a weak elastic network on neighbour pairs (--elastic-weight)
+                 plus a weak elastic network on neighbour pairs close along the chain
+                 (--elastic-weight, --elastic-seq)
 
 The STAR must hold poses (a consensus refinement) and CTF. The model must overlay the
 particles: its electron-weighted centre is put at the box centre, or give --map (the
@@ -69,6 +70,9 @@ def add_args(p):
     t.add_argument("--sidechain-weight", type=float, default=1.0, help="weight of the side-chain distance restraint")
     t.add_argument("--elastic-weight", type=float,
                    help="weight of the elastic network on neighbour pairs (default 0.1 displacement, 0 segments)")
+    t.add_argument("--elastic-seq", type=int, default=4,
+                   help="elastic pairs at most this many residues apart along the chain (0: all neighbours; "
+                        "default 4: local geometry held, hinges free)")
     t.add_argument("--project-dir", type=Path, help="folder that image paths in STAR are relative to")
     t.add_argument("--max-particles", type=int, help="use only the first N particles")
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt up to --epochs")
@@ -107,7 +111,7 @@ def main(args) -> int:
             lowpass_A=args.lowpass_A, gaussians=args.gaussians, loss=args.loss, kl_warmup=args.kl_warmup,
             beta=args.beta, lr=args.lr, hidden=args.hidden, temperature=args.temperature,
             bond_weight=args.bond_weight, clash_weight=args.clash_weight, sidechain_weight=args.sidechain_weight,
-            elastic_weight=args.elastic_weight,
+            elastic_weight=args.elastic_weight, elastic_seq=args.elastic_seq,
             project_dir=args.project_dir, max_particles=args.max_particles, resume=args.resume, seed=args.seed,
             device=args.device,
         )
