@@ -1,0 +1,178 @@
+"""ChimeraX objects <-> cryogmm engine inputs: structures to PDB files, volumes to MRC files,
+engine coordinates back onto ChimeraX atoms. Only public ChimeraX API (atoms, residues,
+``scene_position``, ``GridData``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from chimerax.core.errors import UserError
+
+ENGINE_INSTALL = (
+    "Install it into ChimeraX's own Python: `chimerax -m pip install torch==2.13.0` (the CPU build; on a "
+    "GPU machine your CUDA build of torch), then `chimerax -m pip install /path/to/cryogmm` from the cryogmm "
+    "repository (see the bundle's README for ChimeraX builds that need numpy < 2)")
+
+
+def engine():
+    """Import the engine (``cryogmm`` and torch) or raise a UserError saying how to install it."""
+    try:
+        import torch  # noqa: F401
+
+        import cryogmm  # noqa: F401
+        import cryogmm.model_refine  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"cryogmm: the cryogmm engine cannot be imported in ChimeraX's Python ({e}). "
+                        + ENGINE_INSTALL) from None
+    return cryogmm
+
+
+def engine_error(e) -> UserError:
+    """An engine CryoGMMError (one clear line) as a ChimeraX UserError."""
+    return UserError(f"cryogmm: {e}")
+
+
+# ----------------------------------------------------------------------------- frames
+
+def to_frame(points, src_position, dst_position):
+    """Points from ``src`` model coordinates to ``dst`` model coordinates (both scene_positions)."""
+    return (dst_position.inverse() * src_position).transform_points(np.asarray(points, dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------- structures
+
+def atom_keys(atoms):
+    """(chain, residue number, insertion code, atom name) per ChimeraX atom."""
+    res = atoms.residues
+    return list(zip(res.chain_ids, (int(n) for n in res.numbers), (str(i).strip() for i in res.insertion_codes),
+                    atoms.names))
+
+
+def write_structure_pdb(structure, path, frame_position=None):
+    """Write ``structure`` (its current coordinates, optionally in another model's frame) as PDB
+    via gemmi; returns the ChimeraX atoms written, in file order."""
+    import gemmi
+
+    atoms = structure.atoms
+    if len(atoms) == 0:
+        raise UserError(f"cryogmm: {structure} has no atoms")
+    xyz = atoms.coords if frame_position is None else to_frame(atoms.coords, structure.scene_position, frame_position)
+    st = gemmi.Structure()
+    st.name = structure.name
+    model = gemmi.Model("1")
+    chains = {}
+    order = []
+    idx = {a: i for i, a in enumerate(atoms)}
+    for r in structure.residues:
+        cid = r.chain_id or "A"
+        if cid not in chains:
+            model.add_chain(gemmi.Chain(cid))
+            chains[cid] = len(chains)
+        gr = gemmi.Residue()
+        gr.name = r.name
+        icode = (r.insertion_code or " ")[:1]
+        gr.seqid = gemmi.SeqId(int(r.number), icode)
+        gr.het_flag = "A" if r.polymer_type != 0 else "H"
+        for a in r.atoms:
+            i = idx[a]
+            ga = gemmi.Atom()
+            ga.name = a.name
+            ga.element = gemmi.Element(a.element.name)
+            ga.pos = gemmi.Position(*map(float, xyz[i]))
+            ga.occ = float(a.occupancy)
+            ga.b_iso = float(a.bfactor)
+            gr.add_atom(ga)
+            order.append(i)
+        model[chains[cid]].add_residue(gr)
+    st.add_model(model)
+    st.setup_entities()
+    st.write_pdb(str(path))
+    return atoms[np.asarray(order, dtype=np.int64)]
+
+
+def topology_index(topo, atoms):
+    """Indices ``(topo_i, atom_i)`` pairing engine topology atoms with ChimeraX ``atoms`` by
+    chain, residue number, insertion code and atom name."""
+    lut = {k: i for i, k in enumerate(atom_keys(atoms))}
+    ti, ai = [], []
+    for d in topo.residues:
+        for i in d["atoms"]:
+            k = (d["chain"], int(d["seq"]), str(d["icode"]).strip(), str(topo.atom_name[i]))
+            j = lut.get(k)
+            if j is not None:
+                ti.append(i)
+                ai.append(j)
+    return np.asarray(ti, dtype=np.int64), np.asarray(ai, dtype=np.int64)
+
+
+def residue_lookup(structure):
+    """``"A/LYS12"`` style labels (as the engine's ``Topology.res_label``) -> ChimeraX residue."""
+    out = {}
+    for r in structure.residues:
+        out[f"{r.chain_id or 'A'}/{r.name}{int(r.number)}{(r.insertion_code or '').strip()}"] = r
+    return out
+
+
+def read_pdb_coords(path):
+    """``{(chain, num, icode, name): xyz}`` of the first model of a PDB/mmCIF file."""
+    import gemmi
+
+    st = gemmi.read_structure(str(path))
+    out = {}
+    for ch in st[0]:
+        for r in ch:
+            for a in r:
+                out[(ch.name, int(r.seqid.num), r.seqid.icode.strip(), a.name)] = (a.pos.x, a.pos.y, a.pos.z)
+    return out
+
+
+# ----------------------------------------------------------------------------- volumes
+
+def volume_grid(v):
+    """(data [z, y, x] float32, voxel size Å, origin xyz Å) of a ChimeraX volume's full grid,
+    in the volume's own model frame. Raises UserError for grids the engine cannot take."""
+    d = v.data
+    step = np.asarray(d.step, dtype=np.float64)
+    if not np.allclose(step, step[0], rtol=1e-4):
+        raise UserError(f"cryogmm: map {v} has unequal voxel sizes {tuple(step)}; resample it first "
+                        "(e.g. `volume resample #N spacing S`)")
+    rot = np.asarray(d.rotation, dtype=np.float64)
+    if not np.allclose(rot, np.eye(3), atol=1e-6) or tuple(d.cell_angles) != (90, 90, 90):
+        raise UserError(f"cryogmm: map {v} has a skewed or rotated grid; resample it on an orthogonal grid first")
+    m = np.asarray(d.matrix(), dtype=np.float32)
+    if m.ndim != 3 or min(m.shape) < 4:
+        raise UserError(f"cryogmm: map {v} is not a 3D grid (shape {m.shape})")
+    return m, float(step[0]), np.asarray(d.origin, dtype=np.float64)
+
+
+def write_volume_mrc(v, path, cubic=False):
+    """Write the full grid of ``v`` as MRC (origin header = the grid origin in the volume's frame).
+    ``cubic`` pads to N x N x N (some engine jobs need cubic boxes)."""
+    from cryogmm import mapio
+
+    m, apix, origin = volume_grid(v)
+    if cubic and not (m.shape[0] == m.shape[1] == m.shape[2]):
+        n = max(m.shape)
+        n += n % 2
+        pad = np.zeros((n, n, n), dtype=np.float32)
+        pad[:m.shape[0], :m.shape[1], :m.shape[2]] = m
+        m = pad
+    mapio.write_map(path, m, apix, origin_A=origin)
+    return apix, origin, m.shape
+
+
+def check_overlap(structure, v, min_fraction=0.5):
+    """UserError when fewer than ``min_fraction`` of the model's atoms lie inside the map's box."""
+    m, apix, origin = volume_grid(v)
+    xyz = to_frame(structure.atoms.scene_coords, _identity(), v.scene_position)
+    hi = origin + (np.array(m.shape[::-1]) - 1) * apix
+    inside = float(np.all((xyz >= origin) & (xyz <= hi), axis=1).mean())
+    if inside < min_fraction:
+        raise UserError(f"cryogmm: map {v} does not overlap model {structure}: only {100 * inside:.0f}% of its atoms lie "
+                        f"inside the map box (x,y,z {np.round(origin, 1).tolist()} to {np.round(hi, 1).tolist()} Å)")
+    return inside
+
+
+def _identity():
+    from chimerax.geometry import Place
+
+    return Place()
