@@ -285,7 +285,7 @@ def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float 
     src.close()
     ft = torch.cat(fts)
     if var_n == 0:
-        raise OptionError("--radius", "no pixels outside the particle radius to measure the noise")
+        raise StarError(star, f"images of {box} px leave no pixels outside {rad:g} Å to measure the noise")
     noise_var = var_sum / var_n
     if not np.isfinite(noise_var) or noise_var <= 0:
         raise StarError(star, "images have no variance outside the particle (blank or masked images?)")
