@@ -57,6 +57,8 @@ fi
 # The bundle: built with ChimeraX's own bundle builder (shipped in the wheel), installed as a wheel.
 rm -rf "$HERE/dist" "$HERE/build"
 ( cd "$HERE" && "$VENV/bin/pip" wheel "${PIP[@]}" --no-build-isolation --no-deps -w dist . )
+# the build leaves an egg-info here, which would shadow the installed bundle for Pythons started here
+rm -rf "$HERE"/*.egg-info "$HERE/build"
 "$VENV/bin/pip" install "${PIP[@]}" --no-deps --force-reinstall "$HERE"/dist/*.whl
 
 if [ "${CRYOGMM_CX_NO_TESTS:-0}" != 1 ]; then

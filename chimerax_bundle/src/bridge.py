@@ -176,3 +176,54 @@ def _identity():
     from chimerax.geometry import Place
 
     return Place()
+
+
+# ----------------------------------------------------------------------------- STAR jobs
+
+def star_in_process() -> bool:
+    """True when the engine's STAR/.cs bridge (``cryogmm.bridge.io``) imports in this Python.
+    It uses numpy 2 string arrays (``np.dtypes.StringDType``), so it does not under ChimeraX
+    builds that ship numpy 1.x; jobs reading or writing particle files then run through the
+    engine's own command line in an environment of its own (:func:`run_engine_cli`)."""
+    try:
+        import cryogmm.bridge.io  # noqa: F401
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def engine_cli():
+    """The ``cryogmm`` program of a separate engine environment: ``$CRYOGMM_CLI``, else a
+    ``cryogmm`` on PATH outside ChimeraX's own Python prefix; None when there is none."""
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    exe = os.environ.get("CRYOGMM_CLI")
+    if exe:
+        return exe
+    found = shutil.which("cryogmm")
+    if found and not Path(found).resolve().is_relative_to(Path(sys.prefix).resolve()):
+        return found
+    return None
+
+
+def run_engine_cli(args, what):
+    """Run ``cryogmm ARGS`` in the separate engine environment; UserError (with the engine's
+    one-line error) when it fails or when there is none."""
+    import subprocess
+
+    exe = engine_cli()
+    if exe is None:
+        raise UserError(
+            f"{what}: particle (STAR/.cs) files go through cryogmm.bridge, which needs numpy >= 2, and this "
+            f"ChimeraX's Python has numpy {np.__version__}. Set the environment variable CRYOGMM_CLI to the "
+            "`cryogmm` program of an engine environment (e.g. the cryogmm repository's .venv/bin/cryogmm) so "
+            "ChimeraX runs that step there")
+    p = subprocess.run([str(exe)] + [str(a) for a in args], capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout).strip().splitlines()
+        raise UserError(f"{what}: `cryogmm {' '.join(map(str, args[:2]))} ...` failed (exit {p.returncode}): "
+                        f"{tail[-1] if tail else 'no message'}")
+    return p.stdout

@@ -102,17 +102,25 @@ def simulate_map(session, structure, resolution=4.0, spacing=None, noise=0.1, se
     session.logger.info(f"cryogmm simulate: map {v.id_string} of {structure} at {resolution:g} Å, {nbox}^3 voxels of "
                         f"{apix:g} Å, noise {noise:g} x SD (seed {seed})")
     if particles:
-        from cryogmm.simulate import SimulateConfig, simulate
-
         if out is None:
             raise UserError("cryogmm simulate: give `out DIR` for the particle set")
         tmp = Path(tempfile.mkdtemp(prefix="cryogmm_sim_"))
         bridge.write_structure_pdb(structure, tmp / "model.pdb")
-        try:
-            rep = simulate(SimulateConfig(out=Path(out), model=tmp / "model.pdb", n=int(particles), snr=float(snr),
-                                          seed=int(seed), resolution_A=float(resolution)))
-        except CryoGMMError as e:
-            raise bridge.engine_error(e) from None
+        if bridge.star_in_process():
+            from cryogmm.simulate import SimulateConfig, simulate
+
+            try:
+                rep = simulate(SimulateConfig(out=Path(out), model=tmp / "model.pdb", n=int(particles), snr=float(snr),
+                                              seed=int(seed), resolution_A=float(resolution)))
+            except CryoGMMError as e:
+                raise bridge.engine_error(e) from None
+        else:
+            import json
+
+            bridge.run_engine_cli(["simulate", "--model", tmp / "model.pdb", "--out", out, "--n", int(particles),
+                                   "--snr", float(snr), "--seed", int(seed), "--resolution", float(resolution)],
+                                  "cryogmm simulate")
+            rep = json.loads((Path(out) / "report.json").read_text())
         session.logger.info(f"cryogmm simulate: {particles} particles (SNR {snr:g}) in {out}: particles.star, "
                             f"truth.star, truth_map.mrc, report.json")
         return v, rep

@@ -86,7 +86,7 @@ def _trajectories(run: Path):
     return found
 
 
-def open_run(session, run, pcs=None):
+def open_run(session, run, pcs=None, frames=10):
     """Open ``RUN``'s ``pcN_trajectory.pdb`` files (a ``cryogmm hetero analyze`` output folder, or a
     training run with its ``analyze/`` folder) as structures with coordinate sets. A training run
     that was never analysed is analysed first (into a temporary folder: the run is not modified)."""
@@ -100,16 +100,21 @@ def open_run(session, run, pcs=None):
         if not (run / "checkpoint.pt").is_file():
             raise UserError(f"cryogmm open: {run} is neither a cryogmm hetero run (no checkpoint.pt) nor an analysis "
                             "folder (no pc*_trajectory.pdb)")
-        bridge.engine()
-        from cryogmm.errors import CryoGMMError
-        from cryogmm.hetero import AnalyzeConfig, analyze_hetero
-
         tmp = Path(tempfile.mkdtemp(prefix="cryogmm_analyze_"))
-        try:
-            analyze_hetero(AnalyzeConfig(run=run, out=tmp, pcs=max(pcs) if pcs else 2, frames=10, backproject=False,
-                                         device="cpu"))
-        except CryoGMMError as e:
-            raise bridge.engine_error(e) from None
+        k = max(pcs) if pcs else 2
+        if bridge.star_in_process():
+            bridge.engine()
+            from cryogmm.errors import CryoGMMError
+            from cryogmm.hetero import AnalyzeConfig, analyze_hetero
+
+            try:
+                analyze_hetero(AnalyzeConfig(run=run, out=tmp, pcs=k, frames=frames, backproject=False, device="cpu"))
+            except CryoGMMError as e:
+                raise bridge.engine_error(e) from None
+        else:
+            bridge.run_engine_cli(["hetero", "analyze", run, "--out", tmp / "analyze", "--pcs", k, "--frames", frames,
+                                   "--no-backproject", "--device", "cpu"], "cryogmm open")
+            tmp = tmp / "analyze"
         session.logger.info(f"cryogmm open: analysed {run} into {tmp}")
         trajs = _trajectories(tmp)
     if pcs:
