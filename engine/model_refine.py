@@ -254,6 +254,8 @@ class _Refiner:
     def run_phase(self, name, params, fn, steps, lr, mapterm, w_geo=None, adapt=True):
         """Adam on ``params``; ``fn(params) -> x_move``. Returns the final geometry weight."""
         opt = torch.optim.Adam(params, lr=lr)
+        # cosine decay to 10 %: large early moves, then settling without Adam's ±lr jitter
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
         if mapterm is not None and w_geo is None:
             w_geo = self.auto_weight(params, fn, lr, mapterm)
         w_geo = 1.0 if w_geo is None else w_geo
@@ -273,6 +275,7 @@ class _Refiner:
                 loss = loss - self.map_k * s
             loss.backward()
             opt.step()
+            sched.step()
             if s is not None and adapt:
                 sv = float(s.detach())
                 smooth = sv if smooth is None else 0.8 * smooth + 0.2 * sv
@@ -290,6 +293,44 @@ class _Refiner:
         with torch.no_grad():
             self.x_all = self.assemble(fn(params)).detach()
         return w_geo
+
+    def lbfgs_phase(self, name, mapterm, w_geo, iters):
+        """Full-atom L-BFGS (strong Wolfe line search) on map + weighted geometry: converges
+        the stereochemistry far faster than Adam once the model is in place."""
+        x0 = self.x_all[self.move_t].detach().clone()
+        delta = torch.zeros_like(x0, requires_grad=True)
+        opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=max(1, iters // 2), history_size=20,
+                                line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-9, tolerance_change=1e-12)
+        state = {"n": 0}
+
+        def closure():
+            opt.zero_grad()
+            if state["n"] % 20 == 0:
+                with torch.no_grad():
+                    xx = self.assemble(x0 + delta)
+                    self.rs.optimise_rotors(xx)
+                    self.rs.update_pairs(self.rs.with_h(xx))
+            x = self.assemble(x0 + delta)
+            loss = w_geo * self.geometry(x)
+            if mapterm is not None:
+                loss = loss - mapterm.score(x[self.heavy_t])
+            loss.backward()
+            state["n"] += 1
+            if self.progress is not None:
+                self.progress(name, min(state["n"], iters), iters)
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+            with torch.no_grad():
+                xx = self.assemble(x0 + delta)
+            self.trajectory.append(xx.detach().cpu().numpy().copy())
+        with torch.no_grad():
+            self.x_all = self.assemble(x0 + delta).detach()
+            geo = float(self.geometry(self.x_all))
+            s = None if mapterm is None else float(mapterm.score(self.x_all[self.heavy_t]))
+        self.log.append(dict(phase=name, evaluations=state["n"], geometry=geo, map=s, w_geo=float(w_geo)))
 
     def auto_weight(self, params, fn, lr, mapterm):
         """Chen's rule: map gain / geometry loss over two map-only iterations (params restored)."""
@@ -320,11 +361,14 @@ class _Refiner:
         x0 = self.x_all[self.move_t].detach()
         cnt = torch.bincount(lab, minlength=k).to(self.dt)[:, None]
         cen = torch.zeros(k, 3, dtype=self.dt, device=self.dev).index_add(0, lab, x0) / cnt
+        # rotations are parameterised in Å at the patch's RMS radius, so one step size fits both
+        rad = torch.sqrt(torch.zeros(k, dtype=self.dt, device=self.dev).index_add(
+            0, lab, ((x0 - cen[lab]) ** 2).sum(-1)) / cnt[:, 0]).clamp(min=1.0)[:, None]
         rv = torch.zeros(k, 3, dtype=self.dt, device=self.dev, requires_grad=True)
         tr = torch.zeros(k, 3, dtype=self.dt, device=self.dev, requires_grad=True)
 
         def fn(ps):
-            R = _rotvec_to_rotmat(ps[0])[lab]
+            R = _rotvec_to_rotmat(ps[0] / rad)[lab]
             return torch.einsum("nij,nj->ni", R, x0 - cen[lab]) + cen[lab] + ps[1][lab]
 
         opt_params = [rv, tr]
@@ -425,13 +469,12 @@ def refine_model(cfg: RefineModelConfig, progress=None) -> dict:
             _rebuild_rotamers(rf, mt)
         elif st == "full":
             if grid is None:
-                rf.full_atom("geometry", 2 * n, None, lr=0.01, w_geo=1.0)
+                rf.lbfgs_phase("geometry", None, 1.0, max(2 * n, 100))
             else:
                 mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, dtype=rf.dt, device=rf.dev)
                 rf.map_k = 1.0
                 w = rf.full_atom("full", n, mt, lr=0.02)
-                rf.map_k = 1.0
-                rf.full_atom("polish", n, mt, lr=0.01, w_geo=w * 10.0)
+                rf.lbfgs_phase("polish", mt, w * cfg.extra.get("polish_factor", 3.0), max(2 * n, 100))
         stage_times[st] = time.time() - ts
     final = rf.x_all.detach().cpu().numpy()
     after = validate_coords(topo, final, ref)

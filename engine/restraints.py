@@ -156,7 +156,7 @@ class Restraints:
     ``weights``: per-term multipliers (keys bond, angle, chiral, plane, omega, rama, rotamer,
     clash)."""
 
-    DEFAULT_WEIGHTS = dict(bond=1.0, angle=1.0, chiral=1.0, plane=1.0, omega=1.0, rama=1.0, rotamer=1.0, clash=1.0)
+    DEFAULT_WEIGHTS = dict(bond=1.0, angle=1.0, chiral=1.0, plane=1.0, omega=1.0, rama=2.0, rotamer=5.0, clash=1.0)
 
     def __init__(self, topo: Topology, dtype=torch.float64, device="cpu", weights: dict | None = None,
                  rama_floor: float = 1e-4, clash_start: float = 0.1, heavy_only_stats: bool = True):
@@ -166,15 +166,22 @@ class Restraints:
         t = lambda a, dt=torch.long: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
         f = lambda a: t(a, dtype)  # noqa: E731
         self.h_index, self.h_frame, self.h_coef = t(topo.h_index), t(topo.h_frame), f(topo.h_coef)
-        self.bonds, self.bond_ideal, self.bond_sigma = t(topo.bonds), f(topo.bond_ideal), f(topo.bond_sigma)
-        self.angles, self.angle_ideal = t(topo.angles), f(np.radians(topo.angle_ideal))
-        self.angle_sigma = f(np.radians(topo.angle_sigma))
+        # restraints on riding H are implied by their frames: only heavy-atom terms are scored
+        heavy = ~topo.is_h
+        kb = heavy[topo.bonds].all(1) if len(topo.bonds) else np.zeros(0, bool)
+        ka = heavy[topo.angles].all(1) if len(topo.angles) else np.zeros(0, bool)
+        self.bonds, self.bond_ideal, self.bond_sigma = t(topo.bonds[kb]), f(topo.bond_ideal[kb]), f(topo.bond_sigma[kb])
+        self.angles, self.angle_ideal = t(topo.angles[ka]), f(np.radians(topo.angle_ideal[ka]))
+        self.angle_sigma = f(np.radians(topo.angle_sigma[ka]))
         self.chirals, self.chiral_ideal = t(topo.chirals), f(topo.chiral_ideal)
         self.chiral_both, self.chiral_sigma = t(topo.chiral_both, torch.bool), f(topo.chiral_sigma)
         pl = topo.planes
-        self.plane_mask = f(pl >= 0)
-        self.planes = t(np.where(pl >= 0, pl, 0))
-        self.plane_sigma = f(topo.plane_sigma)
+        pmask = (pl >= 0) & heavy[np.maximum(pl, 0)]
+        kp = pmask.sum(1) >= 4  # three points are always coplanar
+        pl, pmask = pl[kp], pmask[kp]
+        self.plane_mask = f(pmask)
+        self.planes = t(np.where(pmask, pl, 0))
+        self.plane_sigma = f(topo.plane_sigma[kp])
         self.omegas, self.omega_ideal, self.omega_sigma = t(topo.omegas), f(topo.omega_ideal), f(topo.omega_sigma)
         self.rama, self.rama_class = t(topo.rama), topo.rama_class
         tabs = reference_tables()
@@ -195,9 +202,6 @@ class Restraints:
         self.polar_h, self.acceptor = t(topo.polar_h, torch.bool), t(topo.acceptor, torch.bool)
         self.donor = t(topo.donor, torch.bool)
         self.pairs = torch.zeros((0, 2), dtype=torch.long, device=device)
-        heavy = ~topo.is_h
-        self.bond_heavy = t(heavy[topo.bonds].all(1) if len(topo.bonds) else np.zeros(0, bool), torch.bool)
-        self.angle_heavy = t(heavy[topo.angles].all(1) if len(topo.angles) else np.zeros(0, bool), torch.bool)
 
     # ----- individual terms (per-restraint values)
     def with_h(self, x):

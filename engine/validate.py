@@ -107,17 +107,17 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
     x = torch.as_tensor(np.asarray(coords), dtype=r.dtype, device=r.device)
     with torch.no_grad():
         x = r.with_h(x)
-        bz = r.bond_z(x)[r.bond_heavy].cpu().numpy()
-        az = r.angle_z(x)[r.angle_heavy].cpu().numpy()
+        bz = r.bond_z(x).cpu().numpy()
+        az = r.angle_z(x).cpu().numpy()
         cz = r.chiral_z(x).cpu().numpy() if len(topo.chirals) else np.zeros(0)
         vol = r.chiral_volume(x).cpu().numpy() if len(topo.chirals) else np.zeros(0)
-        pd = r.plane_dev(x).cpu().numpy() if len(topo.planes) else np.zeros((0, 1))
+        pd = r.plane_dev(x).cpu().numpy() if len(r.planes) else np.zeros((0, 1))
         om = r.omega_z(x).cpu().numpy() * topo.omega_sigma if len(topo.omegas) else np.zeros(0)
     # planarity: heavy atoms only
-    if len(topo.planes):
-        heavy_mask = (topo.planes >= 0) & ~topo.is_h[np.maximum(topo.planes, 0)]
+    if len(r.planes):
+        heavy_mask = r.plane_mask.cpu().numpy() > 0
         dev = pd[heavy_mask]
-        pz = (pd / topo.plane_sigma[:, None])[heavy_mask]
+        pz = (pd / r.plane_sigma.cpu().numpy()[:, None])[heavy_mask]
     else:
         dev, pz = np.zeros(0), np.zeros(0)
     wrong_hand = (~topo.chiral_both) & (np.sign(vol) != np.sign(topo.chiral_ideal)) if len(vol) else np.zeros(0, bool)
