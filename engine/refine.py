@@ -401,8 +401,9 @@ def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label):
 
 def patch_masks(g, k: int, box: int, apix: float, *, edge_px: float = 4.0, seed: int = 0):
     """Split a mixture into ``k`` patches by amplitude-weighted k-means of its centres and
-    make a soft spherical mask per patch (centre: the patch's weighted centroid; radius: the
-    90th percentile of its Gaussians' distances plus two widths). Returns
+    make a soft spherical mask per patch (centre: the patch's amplitude-weighted centroid;
+    radius: 1.25 times the weighted RMS distance of its Gaussians plus two widths, so weak
+    Gaussians fitted to noise far out do not inflate it). Returns
     ``(masks [k, N, N, N], info)`` with ``info`` a list of dicts (centre_A, radius_A, n)."""
     from cryogmm.fitmap import weighted_kmeans
 
@@ -419,8 +420,8 @@ def patch_masks(g, k: int, box: int, apix: float, *, edge_px: float = 4.0, seed:
     for j in range(k):
         sel = labels == j
         cj = (c[sel] * w[sel, None]).sum(0) / w[sel].sum()
-        d = torch.linalg.norm(c[sel] - cj, dim=1)
-        radius = float(torch.quantile(d, 0.9)) + 2 * sig
+        d2 = ((c[sel] - cj) ** 2).sum(1)
+        radius = 1.25 * float(torch.sqrt((d2 * w[sel]).sum() / w[sel].sum())) + 2 * sig
         r = torch.sqrt((X - cj[0]) ** 2 + (Y - cj[1]) ** 2 + (Z - cj[2]) ** 2) / apix
         edge = edge_px
         m = torch.clamp((radius / apix + edge - r) / edge, 0, 1)
