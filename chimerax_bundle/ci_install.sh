@@ -8,6 +8,8 @@
 #                        the PyPI wheel ships no *.dist-info for its bundles, so without it no
 #                        ChimeraX command is registered and the tests skip with that reason
 #   CRYOGMM_CX_NO_TESTS  set to 1 to install only
+#   CRYOGMM_CLI          the `cryogmm` of a numpy>=2 engine environment for STAR jobs (default:
+#                        <repo>/.venv/bin/cryogmm when it exists; the hetero-run test skips without one)
 #   extra arguments are passed to pytest
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -62,6 +64,10 @@ rm -rf "$HERE"/*.egg-info "$HERE/build"
 "$VENV/bin/pip" install "${PIP[@]}" --no-deps --force-reinstall "$HERE"/dist/*.whl
 
 if [ "${CRYOGMM_CX_NO_TESTS:-0}" != 1 ]; then
+  # STAR jobs need numpy >= 2 (cryogmm.bridge): the bundle runs them through the engine's own CLI
+  if [ -z "${CRYOGMM_CLI:-}" ] && [ -x "$REPO/.venv/bin/cryogmm" ]; then
+    export CRYOGMM_CLI="$REPO/.venv/bin/cryogmm"
+  fi
   cd "$HERE"
   "$PY" -m pytest -q -p no:cacheprovider "$@" tests
 fi

@@ -221,7 +221,8 @@ def run_engine_cli(args, what):
             f"ChimeraX's Python has numpy {np.__version__}. Set the environment variable CRYOGMM_CLI to the "
             "`cryogmm` program of an engine environment (e.g. the cryogmm repository's .venv/bin/cryogmm) so "
             "ChimeraX runs that step there")
-    p = subprocess.run([str(exe)] + [str(a) for a in args], capture_output=True, text=True)
+    p = subprocess.run([str(exe)] + [str(a) for a in args], capture_output=True, text=True, encoding="utf-8",
+                       errors="replace")
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()
         raise UserError(f"{what}: `cryogmm {' '.join(map(str, args[:2]))} ...` failed (exit {p.returncode}): "
