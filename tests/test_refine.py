@@ -244,21 +244,27 @@ def test_conformation_to_orientation_matches_projections():
         torch.testing.assert_close(img_neutral, img_particle, atol=1e-9, rtol=1e-7)
 
 
-@pytest.mark.slow
-def test_focused_refinement_registers_the_moving_domain(tmp_path):
-    """Two domains, domain B swung 2-20° in half the particles: refinement focused on B (mask)
-    brings B into register better than global refinement from the same start, and B's
-    masked FSC rises (benchmarks/refine_focused.py runs the full-size case)."""
+@pytest.fixture(scope="module")
+def two_domain(tmp_path_factory):
+    """The two-domain particle of benchmarks/refine_focused.py, small: 300 particles, SNR 1."""
     import importlib.util
     from pathlib import Path
-
-    from cryogmm.refine import RefineConfig, refine_poses
 
     spec = importlib.util.spec_from_file_location(
         "refine_focused", Path(__file__).resolve().parents[1] / "benchmarks" / "refine_focused.py")
     rf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rf)
-    paths = rf.two_domain_dataset(tmp_path / "data", n=300, snr=1.0, seed=1)
+    return rf, rf.two_domain_dataset(tmp_path_factory.mktemp("two_domain"), n=300, snr=1.0, seed=1)
+
+
+@pytest.mark.slow
+def test_focused_refinement_registers_the_moving_domain(two_domain, tmp_path):
+    """Two domains, domain B swung 2-20° in half the particles: refinement focused on B (mask)
+    brings B into register better than global refinement from the same start, and B's
+    masked FSC rises (benchmarks/refine_focused.py runs the full-size case)."""
+    from cryogmm.refine import RefineConfig, refine_poses
+
+    rf, paths = two_domain
     common = dict(star=paths["star"], iterations=1, steps=30, fit_iterations=100, max_gaussians=600, seed=1)
     refine_poses(RefineConfig(out=tmp_path / "global", **common))
     refine_poses(RefineConfig(out=tmp_path / "focused", mask=paths["mask"], **common))
@@ -266,3 +272,24 @@ def test_focused_refinement_registers_the_moving_domain(tmp_path):
     f = {**rf.domain_figures(tmp_path / "focused", paths), **rf.register_error(tmp_path / "focused" / "refined.star", paths)}
     assert f["register_error_deg_median_displaced"] < 0.8 * g["register_error_deg_median_displaced"], (g, f)
     assert f["masked_mean_fsc"] > g["masked_mean_fsc"], (g, f)
+
+
+@pytest.mark.slow
+def test_conformation_to_orientation_job(two_domain, tmp_path):
+    """--hetero RUN --mask: a short heterogeneity run on the two-domain set, then its
+    conformations of domain B turned into pose changes; the displaced half moves towards
+    domain B's register (benchmarks/refine_conformation.py runs the full-size case)."""
+    from cryogmm.hetero import HeteroConfig, train_hetero
+    from cryogmm.refine import RefineConfig, refine_poses
+
+    rf, paths = two_domain
+    train_hetero(HeteroConfig(star=paths["star"], model=paths["model"], out=tmp_path / "hetero", decoder="segments",
+                              segments=4, per_chain=True, zdim=2, epochs=6, seed=1, device="cpu"))
+    rep = refine_poses(RefineConfig(star=paths["star"], out=tmp_path / "conf", mask=paths["mask"],
+                                    hetero=tmp_path / "hetero", iterations=1, steps=30, fit_iterations=100,
+                                    max_gaussians=600, seed=1))
+    c = rep["conformation_to_orientation"]
+    assert c["zdim"] == 2 and c["region_rmsd_A"]["after_median"] < c["region_rmsd_A"]["before_median"]
+    start = rf.register_error(paths["star"], paths)
+    after = rf.register_error(tmp_path / "conf" / "refined.star", paths)
+    assert after["register_error_deg_median_displaced"] < 0.7 * start["register_error_deg_median_displaced"], (start, after)
