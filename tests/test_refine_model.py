@@ -73,6 +73,7 @@ def test_map_refinement_recovers_truth(fragment, tmp_path):
     assert (~t_in.is_h).sum() == (~t_out.is_h).sum()
 
 
+@pytest.mark.slow
 def test_geometry_only_improves_and_stays(fragment, tmp_path):
     # the deposited fragment: every figure improves (or stays at its best) while atoms move < 0.3 Å
     rep = refine_model(RefineModelConfig(model=fragment / "truth.pdb", out=tmp_path / "geo", geometry_only=True,
