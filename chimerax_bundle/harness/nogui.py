@@ -22,15 +22,23 @@ class NoGuiLog(PlainTextLog):
 
     def log(self, level, msg):
         tag = self._LEVELS.get(level, str(level))
-        sys.stdout.write(f"{tag}: {msg}" + ("" if msg.endswith("\n") else "\n"))
-        sys.stdout.flush()
+        _write(f"{tag}: {msg}" + ("" if msg.endswith("\n") else "\n"))
         return True
 
     def status(self, msg, color, secondary):
         if msg and not secondary:
-            sys.stdout.write(f"STATUS: {msg}\n")
-            sys.stdout.flush()
+            _write(f"STATUS: {msg}\n")
         return True
+
+
+def _write(text):
+    """stdout, whatever its encoding (an ASCII locale must not turn 'Å' into a crash)."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        enc = getattr(sys.stdout, "encoding", None) or "ascii"
+        sys.stdout.write(text.encode(enc, errors="replace").decode(enc))
+    sys.stdout.flush()
 
 
 class UI:

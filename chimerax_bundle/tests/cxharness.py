@@ -71,6 +71,7 @@ def start_session(offscreen: bool = False):
 def chimerax_env(offscreen: bool = False) -> dict:
     """Environment for a ``python -m chimerax.core`` child (OSMesa for ``--offscreen``)."""
     env = dict(os.environ)
+    env["PYTHONIOENCODING"] = "utf-8"  # the log has Å and ° whatever the locale
     if offscreen:
         lib = osmesa_dir()
         if lib is not None:

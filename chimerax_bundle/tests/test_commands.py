@@ -129,11 +129,11 @@ def test_fit_moves_atoms_raises_correlation_keeps_geometry(session, displaced, o
                    **{f"{k}_{w}": d[k] for w, d in (("before", b), ("after", a))
                       for k in ("map_cc_mask", "bond_rmsz", "angle_rmsz", "rama_outlier_pct", "rotamer_outlier_pct",
                                 "clashscore")})
-    (out_dir / "fit_figures.json").write_text(json.dumps(figures, indent=1))
+    (out_dir / "fit_figures.json").write_text(json.dumps(figures, indent=1), encoding="utf-8")
     # atoms moved, on screen, more than once while it ran
     assert moved > 1.0 and job.updates >= 3, figures
     # toward the truth and into the map (ChimeraX's own correlation and the engine's)
-    assert r1 < 0.5 * r0, figures
+    assert r1 < 0.6 * r0, figures
     assert cc1 > cc0 + 0.05 and a["map_cc_mask"] > b["map_cc_mask"] + 0.05, figures
     # the geometry ends sane (the 0.3 Å noise start has bond RMSZ ~37, ~28% Ramachandran outliers)
     assert a["bond_rmsz"] < 1.5 and a["angle_rmsz"] < 1.5, figures
@@ -316,6 +316,20 @@ def test_open_hetero_run_as_coordsets(session, hetero_run):
     np.testing.assert_allclose(xyz[0], ref.coords[0], atol=1e-3)
 
 
+@pytest.mark.slow
+def test_open_unanalysed_run_analyses_it_first(session, hetero_run, tmp_path):
+    """A training run without its analyze/ folder: analysed into a temporary folder (the run
+    folder is left as it was), then PC1 opened with the default 10 frames."""
+    import shutil
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(hetero_run, run_copy, ignore=shutil.ignore_patterns("analyze"))
+    before = sorted(p.name for p in run_copy.iterdir())
+    models = run(session, f"cryogmm open {run_copy} pcs 1")
+    assert len(models) == 1 and models[0].num_coordsets == 10
+    assert sorted(p.name for p in run_copy.iterdir()) == before
+
+
 # --------------------------------------------------------------------------- errors
 
 def test_bad_arguments_raise_user_errors(session, adk_paths, monkeypatch, tmp_path):
@@ -366,7 +380,7 @@ def test_cli_launch_fits_and_renders_png(adk_paths, out_dir, tmp_path):
             "cryogmm fit #1 #2 resolution 4 stages rigid,full steps 15",
             "save " + str(tmp_path / "refined.pdb") + " models #1 relModel #2"]
     if offscreen:
-        cmds += ["volume #2 style mesh level 1.5 color #6a8fd8", "hide #1 atoms; show #1 cartoons", "view",
+        cmds += ["volume #2 style mesh sdLevel 2.5 color #6a8fd8", "hide #1 atoms; show #1 cartoons", "view",
                  f"save {png} width 900 height 700 supersample 3"]
     env = cxharness.chimerax_env(offscreen=offscreen)
     args = [sys.executable, "-m", "chimerax.core", "--nogui", "--exit", "--cmd", "; ".join(cmds)]
@@ -374,7 +388,7 @@ def test_cli_launch_fits_and_renders_png(adk_paths, out_dir, tmp_path):
         args.insert(4, "--offscreen")
     p = subprocess.run(args, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
     log = p.stdout + p.stderr
-    (out_dir / "cli_launch.log").write_text(log)
+    (out_dir / "cli_launch.log").write_text(log, encoding="utf-8")
     assert p.returncode == 0, log[-3000:]
     assert "cryogmm fit of" in log and "ERROR" not in log, log[-3000:]
     # the refined model, written by ChimeraX in the map's frame, sits back on the truth
