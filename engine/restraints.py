@@ -336,27 +336,31 @@ class Restraints:
         return turned
 
     # ----- total
-    def terms(self, x):
-        """Energy per term (sums), for ``x`` with H already placed."""
+    def terms(self, x, only=None):
+        """Energy per term (sums), for ``x`` with H already placed; ``only``: a list of term
+        names to compute (default all)."""
         def flat(z):
             excess = torch.relu(z.abs() - 4.5)
             return (0.5 * z**2 + 5.0 * excess**2).sum()
 
-        e = {
-            "bond": flat(self.bond_z(x)),
-            "angle": flat(self.angle_z(x)),
-            "chiral": flat(self.chiral_z(x)) if len(self.chirals) else x.new_zeros(()),
-            "plane": 0.5 * ((self.plane_dev(x) / self.plane_sigma[:, None]) ** 2).sum() if len(self.planes) else x.new_zeros(()),
-            "omega": flat(self.omega_z(x)) if len(self.omegas) else x.new_zeros(()),
-            "rama": self.rama_energy(x).sum() if len(self.rama) else x.new_zeros(()),
-            "rotamer": self.rotamer_energy(x).sum(),
+        def clash():
+            if not len(self.pairs):
+                return x.new_zeros(())
+            return ((torch.relu(self.overlaps(x) - self.clash_start) / 0.1) ** 2).sum()
+
+        zero = lambda: x.new_zeros(())  # noqa: E731
+        fns = {
+            "bond": lambda: flat(self.bond_z(x)) if len(self.bonds) else zero(),
+            "angle": lambda: flat(self.angle_z(x)) if len(self.angles) else zero(),
+            "chiral": lambda: flat(self.chiral_z(x)) if len(self.chirals) else zero(),
+            "plane": lambda: (0.5 * ((self.plane_dev(x) / self.plane_sigma[:, None]) ** 2).sum()
+                              if len(self.planes) else zero()),
+            "omega": lambda: flat(self.omega_z(x)) if len(self.omegas) else zero(),
+            "rama": lambda: self.rama_energy(x).sum() if len(self.rama) else zero(),
+            "rotamer": lambda: self.rotamer_energy(x).sum(),
+            "clash": clash,
         }
-        if len(self.pairs):
-            ov = self.overlaps(x)
-            e["clash"] = ((torch.relu(ov - self.clash_start) / 0.1) ** 2).sum()
-        else:
-            e["clash"] = x.new_zeros(())
-        return e
+        return {k: f() for k, f in fns.items() if only is None or k in only}
 
     def energy(self, x, place_h: bool = True):
         """Weighted geometry energy of coordinates ``x [M, 3]`` (riding H rebuilt first)."""
