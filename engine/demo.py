@@ -13,9 +13,11 @@ def example_model(name: str = "open") -> Path:
     return Path(str(resources.files("cryogmm.data") / f"adk_{name}.pdb"))
 
 
-def run_demo(out, n=1500, seed=0, device=None, refine=True, progress=None) -> dict:
+def run_demo(out, n=1500, seed=0, device=None, refine=True, hetero=True, model=True, progress=None) -> dict:
     """Simulate particles with perturbed poses, reconstruct them, refine their poses against
-    Gaussian mixtures, and measure each step against the known truth."""
+    Gaussian mixtures, and measure each step against the known truth; then a short
+    heterogeneity run (open-to-closed motion, segments decoder) and a short model refinement
+    with its validation table."""
     import numpy as np
     import torch
 
@@ -66,6 +68,16 @@ def run_demo(out, n=1500, seed=0, device=None, refine=True, progress=None) -> di
                             "particles_per_s": ref["iterations"][-1]["particles_per_s"],
                             **vs_truth(out / "refine" / "map.mrc", read_particles(out / "refine" / "refined.star"))}
         report["map_vs_truth_correlation"] = report["refine"]["map_vs_truth_correlation"]
+    if hetero:
+        from cryogmm.hetero import demo_hetero
+
+        t = Timer()
+        report["hetero"] = {**demo_hetero(out / "hetero", seed=seed, progress=progress), "seconds": t()}
+    if model:
+        from cryogmm.model_refine import demo_model
+
+        t = Timer()
+        report["model"] = {**demo_model(out / "model", seed=seed, progress=progress), "seconds": t()}
     report["seconds"] = timer()
     write_report(out / "report.json", report)
     return report
