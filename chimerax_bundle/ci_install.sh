@@ -4,6 +4,7 @@
 # Idempotent; needs python3 (with venv), PyPI, and apt for the optional offscreen renderer.
 #
 #   CHIMERAX_VENV        where the venv goes (default: chimerax_bundle/.venv-chimerax)
+#   CHIMERAX_PYTHON      a CPython 3.11 to build it with (default: python3.11 or python3 when 3.11)
 #   CRYOGMM_CX_DISTINFO  core-bundle metadata folder (default: ../shared/reference/chimerax/distinfo);
 #                        the PyPI wheel ships no *.dist-info for its bundles, so without it no
 #                        ChimeraX command is registered and the tests skip with that reason
@@ -20,7 +21,20 @@ PIP=(-q --disable-pip-version-check --no-cache-dir)
 PY="$VENV/bin/python"
 
 if [ ! -x "$PY" ]; then
-  python3 -m venv "$VENV"
+  # the chimerax==0.1.71 wheel is built for CPython 3.11 only
+  PYBIN="${CHIMERAX_PYTHON:-}"
+  if [ -z "$PYBIN" ]; then
+    for c in python3.11 python3; do
+      if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+        PYBIN="$c"; break
+      fi
+    done
+  fi
+  if [ -z "$PYBIN" ]; then
+    echo "ci_install.sh: ChimeraX 1.7.1's PyPI wheel needs CPython 3.11; none found (set CHIMERAX_PYTHON)" >&2
+    exit 1
+  fi
+  "$PYBIN" -m venv "$VENV"
 fi
 # ChimeraX core without its (unsatisfiable) pinned dependencies, then its runtime deps by hand.
 "$VENV/bin/pip" install "${PIP[@]}" --no-deps "chimerax==0.1.71"

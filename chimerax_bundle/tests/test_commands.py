@@ -380,7 +380,7 @@ def test_cli_launch_fits_and_renders_png(adk_paths, out_dir, tmp_path):
             "cryogmm fit #1 #2 resolution 4 stages rigid,full steps 15",
             "save " + str(tmp_path / "refined.pdb") + " models #1 relModel #2"]
     if offscreen:
-        cmds += ["volume #2 style mesh sdLevel 2.5 color #6a8fd8", "hide #1 atoms; show #1 cartoons", "view",
+        cmds += ["volume #2 sdLevel 2.5 color #6a8fd8", "volume #2 style mesh", "hide #1 atoms; show #1 cartoons", "view",
                  f"save {png} width 900 height 700 supersample 3"]
     env = cxharness.chimerax_env(offscreen=offscreen)
     args = [sys.executable, "-m", "chimerax.core", "--nogui", "--exit", "--cmd", "; ".join(cmds)]
