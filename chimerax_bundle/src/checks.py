@@ -68,6 +68,9 @@ def validate_structure(session, structure, volume=None, resolution=None, color=T
         session.selection.clear()
         for r in outliers:
             r.atoms.selected = True
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     session.logger.info(table_html(rep, structure, flagged), is_html=True)
     session.logger.info(f"cryogmm validate: {len(flagged['rama_outlier'])} Ramachandran outliers (red), "
                         f"{len(flagged['rotamer_outlier'])} rotamer outliers (orange), {len(flagged['clash'])} "

@@ -171,6 +171,9 @@ class FitJob:
         if self.finished:
             return
         self.finished = True
+        import shutil
+
+        shutil.rmtree(self.model_path.parent, ignore_errors=True)  # the inputs written for the engine
         if self._handler is not None and not from_trigger:
             self.session.triggers.remove_handler(self._handler)
         self._handler = None
