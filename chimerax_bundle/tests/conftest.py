@@ -13,6 +13,8 @@ import cxharness  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer tests (still run by ci_install.sh)")
+    # ChimeraX 1.7 imports pkg_resources (its toolshed and bundle builder): not our warning
+    config.addinivalue_line("filterwarnings", "ignore:pkg_resources is deprecated:UserWarning")
 
 
 @pytest.fixture(scope="session")
