@@ -268,13 +268,13 @@ class _Refiner:
             tot = tot + 0.5 * ((d / self.anchor) ** 2).sum()
         return tot / self.n_geo
 
-    def run_phase(self, name, params, fn, steps, lr, mapterm, w_geo=None, adapt=False):
+    def run_phase(self, name, params, fn, steps, lr, mapterm, w_geo=None, adapt=False, floor=0.05):
         """Adam on ``params``; ``fn(params) -> x_move``. Returns the final geometry weight."""
         opt = torch.optim.Adam(params, lr=lr)
         # cosine decay to 10 %: large early moves, then settling without Adam's ±lr jitter
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
         if mapterm is not None and w_geo is None:
-            w_geo = self.auto_weight(params, fn, lr, mapterm)
+            w_geo = self.auto_weight(params, fn, lr, mapterm, floor=floor)
         w_geo = 1.0 if w_geo is None else w_geo
         smooth, prev = None, None
         alpha = 0.05
@@ -355,7 +355,7 @@ class _Refiner:
             row["ca_rmsd_to_reference_A"] = self.ref_rmsd(self.x_all)
         self.log.append(row)
 
-    def auto_weight(self, params, fn, lr, mapterm):
+    def auto_weight(self, params, fn, lr, mapterm, floor=0.05):
         """Chen's rule: map gain / geometry loss over two map-only iterations (params restored)."""
         saved = [p.detach().clone() for p in params]
         opt = torch.optim.Adam(params, lr=lr)
@@ -375,10 +375,10 @@ class _Refiner:
         gain, loss = s2 - s0, g2 - g0
         w = gain / loss if (gain > 0 and loss > 1e-12) else 1.0
         # floor: the map may stretch geometry between patches but not tear it
-        return float(np.clip(w, 0.05, 1e4)) * self.cfg.geometry_weight
+        return float(np.clip(w, floor, 1e4)) * self.cfg.geometry_weight
 
     # ---- stages
-    def rigid_bodies(self, labels, name, steps, mapterm, lr_rot=0.01, lr_t=0.2):
+    def rigid_bodies(self, labels, name, steps, mapterm, lr_t=0.2, floor=0.05):
         """Move groups of moving atoms (``labels`` per moving atom) as rigid bodies."""
         lab = torch.as_tensor(labels, device=self.dev)
         k = int(labels.max()) + 1
@@ -397,7 +397,7 @@ class _Refiner:
 
         opt_params = [rv, tr]
         # rotation and translation live on different scales: scale rv so one lr fits both
-        self.run_phase(name, opt_params, fn, steps, lr_t, mapterm)
+        self.run_phase(name, opt_params, fn, steps, lr_t, mapterm, floor=floor)
         return self
 
     def residue_labels(self):
@@ -481,7 +481,9 @@ def refine_model(cfg: RefineModelConfig, progress=None) -> dict:
             for k, blur in cfg.extra.get("rigid_levels", ((1, 8.0), (8, 5.0), (cfg.n_patches, 3.0))):
                 mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, blur_A=blur, dtype=rf.dt, device=rf.dev)
                 rf.map_k = 1.0
-                rf.rigid_bodies(rf.patch_labels(k), f"rigid{k}_blur{blur:g}", n, mt)
+                # patches may stretch the bonds between them (repaired by later stages)
+                rf.rigid_bodies(rf.patch_labels(k), f"rigid{k}_blur{blur:g}", n, mt,
+                                lr_t=cfg.extra.get("rigid_lr", 0.5), floor=cfg.extra.get("rigid_min_weight", 1e-3))
         elif st == "residue":
             for blur in (1.5,):
                 mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, blur_A=blur, dtype=rf.dt, device=rf.dev)
