@@ -103,3 +103,15 @@ def test_bad_input(fragment, tmp_path):
     assert not (tmp_path / "a" / "refined.pdb").exists()
     assert main(["refine-model", str(fragment / "start.pdb"), "--map", str(fragment / "map.mrc"), "--resolution",
                  "4", "--stages", "warp", "--out", str(tmp_path / "b")]) == 2
+
+
+@pytest.mark.slow
+def test_demo_model(tmp_path):
+    from cryogmm.model_refine import demo_model
+
+    r = demo_model(tmp_path / "demo", seed=0)
+    b, a = r["before"], r["after"]
+    assert a["ca_rmsd_to_reference_A"] < 0.6 < b["ca_rmsd_to_reference_A"]
+    assert a["rama_outlier_pct"] == 0 and a["clashscore"] <= 2
+    assert a["bond_rmsz"] < 1 and a["angle_rmsz"] < 1
+    assert (Path(r["out"]) / "refined.pdb").exists()
