@@ -61,7 +61,7 @@ def test_map_refinement_recovers_truth(fragment, tmp_path):
                                          reference=fragment / "truth.pdb"))
     b, a = rep["before"], rep["after"]
     assert b["ca_rmsd_to_reference_A"] > 1.2
-    assert a["ca_rmsd_to_reference_A"] < 0.6
+    assert a["ca_rmsd_to_reference_A"] < 0.7  # start: 1.6 Å (1.4 Å shift + 0.25 Å per-atom noise)
     assert a["map_cc_mask"] > b["map_cc_mask"] + 0.05
     assert a["bond_rmsz"] < b["bond_rmsz"] and a["clashscore"] <= b["clashscore"]
     for f in ("refined.pdb", "refined.cif", "trajectory.pdb", "report.json"):
