@@ -18,9 +18,12 @@ Map similarities (``similarity``): ``relative-entropy``, ``cross-correlation``,
 sqrt(ln 4))), ``fsc`` (mean FSC of volumes up to the resolution, Chen) and ``frc`` (mean FRC
 of projections at 24 fixed orientations up to the resolution, Chen). The geometry weight
 ``w`` is set at the start of each stage by Chen's rule: the ratio of the map-score gain to
-the geometry loss over two unconstrained iterations; during the run, Blau & Lindahl's
-adaptive scaling divides the map force constant by 1+alpha when the smoothed similarity
-rises and multiplies it by 1+2 alpha when it falls.
+the geometry loss over two unconstrained iterations (floored at 1e-3 in the rigid and
+residue stages, where bonds between bodies may stretch, and 0.05 in the full-atom stage).
+Blau & Lindahl's adaptive scaling (the map force constant divided by 1+alpha when the
+smoothed similarity rises, multiplied by 1+2 alpha when it falls) is available for the
+full-atom stage (``extra={"adaptive_scaling": True}``) and off by default: on the
+adenylate kinase benchmark it drove the map force to its floor and stalled the stage.
 
 Riding hydrogens are rebuilt from the heavy atoms at every step for the clash term.
 Residues outside the monomer library (ligands, waters) stay fixed and are reported.
@@ -419,7 +422,8 @@ class _Refiner:
     def full_atom(self, name, steps, mapterm, lr=0.02, w_geo=None):
         x0 = self.x_all[self.move_t].detach().clone()
         delta = torch.zeros_like(x0, requires_grad=True)
-        return self.run_phase(name, [delta], lambda ps: x0 + ps[0], steps, lr, mapterm, w_geo=w_geo, adapt=True)
+        return self.run_phase(name, [delta], lambda ps: x0 + ps[0], steps, lr, mapterm, w_geo=w_geo,
+                              adapt=self.cfg.extra.get("adaptive_scaling", False))
 
 
 def _check_overlap(topo, grid, path):
@@ -488,7 +492,8 @@ def refine_model(cfg: RefineModelConfig, progress=None) -> dict:
             for blur in (1.5,):
                 mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, blur_A=blur, dtype=rf.dt, device=rf.dev)
                 rf.map_k = 1.0
-                rf.rigid_bodies(rf.residue_labels(), f"residue_blur{blur:g}", n, mt, lr_t=0.05)
+                rf.rigid_bodies(rf.residue_labels(), f"residue_blur{blur:g}", n, mt, lr_t=cfg.extra.get("residue_lr", 0.2),
+                                floor=cfg.extra.get("rigid_min_weight", 1e-3))
         elif st == "rotamers":
             mt = None if grid is None else MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, dtype=rf.dt,
                                                    device=rf.dev)
