@@ -216,10 +216,11 @@ class MapTerm:
 # ----------------------------------------------------------------------------- the refinement
 
 class _Refiner:
-    def __init__(self, topo: Topology, cfg: RefineModelConfig, grid=None, progress=None):
+    def __init__(self, topo: Topology, cfg: RefineModelConfig, grid=None, progress=None, on_coords=None):
         from cryogmm.gmm import ELECTRONS
 
         self.topo, self.cfg, self.grid, self.progress = topo, cfg, grid, progress
+        self.on_coords = on_coords
         self.dt = torch.float64
         self.dev = torch.device(cfg.device if cfg.device not in ("auto",) else "cpu")
         self.rs = Restraints(topo, dtype=self.dt, device=self.dev)
@@ -305,6 +306,8 @@ class _Refiner:
                 prev = smooth
             if (it + 1) % self.cfg.trajectory_every == 0 or it == steps - 1:
                 self.trajectory.append(x.detach().cpu().numpy().copy())
+                if self.on_coords is not None:
+                    self.on_coords(self.trajectory[-1])
             if it == steps - 1 or it % 25 == 0:
                 row = dict(phase=name, step=it, geometry=float(geo.detach()), map=None if s is None else float(s.detach()),
                            w_geo=float(w_geo), map_k=self.map_k)
@@ -349,6 +352,8 @@ class _Refiner:
             with torch.no_grad():
                 xx = self.assemble(x0 + delta)
             self.trajectory.append(xx.detach().cpu().numpy().copy())
+            if self.on_coords is not None:
+                self.on_coords(self.trajectory[-1])
         with torch.no_grad():
             self.x_all = self.assemble(x0 + delta).detach()
             geo = float(self.geometry(self.x_all))
@@ -432,9 +437,12 @@ def _check_overlap(topo, grid, path):
     chk(topo, grid, path)
 
 
-def refine_model(cfg: RefineModelConfig, progress=None) -> dict:
+def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
     """Refine ``cfg.model`` (into ``cfg.map`` unless ``geometry_only``); writes refined.pdb,
-    refined.cif, trajectory.pdb and report.json into ``cfg.out``. Returns the report."""
+    refined.cif, trajectory.pdb and report.json into ``cfg.out``. Returns the report.
+
+    ``on_coords(xyz)``, if given, receives every trajectory frame as it is made (all atoms in
+    topology order, riding H included, ``[M, 3]`` Å): how ChimeraX moves atoms on screen."""
     from cryogmm.bridge.fileio import OutputDir  # noqa: F401
     from cryogmm.jobs import write_report
     from cryogmm.model_density import read_map_grid
@@ -471,7 +479,7 @@ def refine_model(cfg: RefineModelConfig, progress=None) -> dict:
                        if k != "qscore_per_residue"})
     if cfg.reference is not None:
         before["ca_rmsd_to_reference_A"] = ca_rmsd(topo, topo.coords, cfg.reference)
-    rf = _Refiner(topo, cfg, grid, progress)
+    rf = _Refiner(topo, cfg, grid, progress, on_coords)
     stages = list(cfg.stages)
     if cfg.rebuild_rotamers and "rotamers" not in stages:
         stages.insert(stages.index("full") if "full" in stages else len(stages), "rotamers")
@@ -599,6 +607,8 @@ def _rebuild_rotamers(rf: _Refiner, mapterm):
                 x = best
                 n_rebuilt += 1
     rf.x_all = rs.with_h(x)
+    if rf.on_coords is not None:
+        rf.on_coords(rf.x_all.detach().cpu().numpy().copy())
     rf.log.append(dict(phase="rotamers", rebuilt=n_rebuilt))
 
 
