@@ -30,6 +30,11 @@ SUMMARY_KEYS = (("map CC (mask)", "map_cc_mask", "{:.3f}"), ("map-model FSC 0.5 
                 ("rotamer outliers %", "rotamer_outlier_pct", "{:.2f}"), ("clashscore", "clashscore", "{:.2f}"))
 
 
+# An interactive fit starts from a model already placed in its map: small, careful steps with
+# the geometry weight kept up (the engine's defaults take the large steps a domain motion needs).
+LOCAL_FIT = {"rigid_lr": 0.2, "residue_lr": 0.05, "rigid_min_weight": 0.05, "adaptive_scaling": True}
+
+
 class _Stopped(Exception):
     """Raised inside the engine's progress callback to end the run (``cryogmm stop``)."""
 
@@ -82,7 +87,8 @@ class FitJob:
         self.cfg = mr.RefineModelConfig(model=self.model_path, map=self.map_path, out=self.out,
                                         resolution_A=float(resolution), similarity=similarity, stages=stages,
                                         steps=int(steps), trajectory_every=max(1, int(update_every)), seed=int(seed),
-                                        threads=int(threads), geometry_weight=float(geometry_weight))
+                                        threads=int(threads), geometry_weight=float(geometry_weight),
+                                        extra=dict(LOCAL_FIT))
         self._refine = mr.refine_model
         self._engine_streams = "on_coords" in inspect.signature(mr.refine_model).parameters
         self._lock = threading.Lock()
