@@ -22,6 +22,7 @@ import torch
 from cryogmm.errors import ModelError
 
 __all__ = [
+    "write_models",
     "Gaussians",
     "Model",
     "read_model",
@@ -159,6 +160,32 @@ def read_model(path, others=()) -> Model:
         seq_id=np.array([k[1] for k in keys]),
         path=str(path),
     )
+
+
+def write_models(path, model, frames_coords, bfactors=None) -> None:
+    """Every frame ``[F, M, 3]`` (Å, file frame) as a MODEL of one PDB file, atomically.
+    ``bfactors [M]`` fills the B-factor column (default 0)."""
+    from cryogmm.bridge.fileio import atomic_output
+
+    b = np.zeros(len(model.element)) if bfactors is None else np.asarray(bfactors, dtype=np.float64)
+    frames_coords = np.asarray(frames_coords, dtype=np.float64)
+    if frames_coords.ndim == 2:
+        frames_coords = frames_coords[None]
+    lines = []
+    for k, coords in enumerate(frames_coords):
+        lines.append(f"MODEL     {k + 1:4d}")
+        for i, (x, y, z) in enumerate(coords):
+            name = model.atom_name[i]
+            name = f" {name:<3s}" if len(name) < 4 else name
+            lines.append(
+                f"ATOM  {(i + 1) % 100000:5d} {name:4s} {model.res_name[i]:>3s} {model.chain[i][:1]:1s}"
+                f"{int(model.seq_id[i]):4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00{min(b[i], 999.99):6.2f}"
+                f"          {model.element[i]:>2s}"
+            )
+        lines.append("ENDMDL")
+    lines.append("END")
+    with atomic_output(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 def coarse_grain(model: Model, mode: str):

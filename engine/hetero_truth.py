@@ -1,6 +1,6 @@
 """Ground truth for heterogeneity: model files, superposition, and figures against a simulation.
 
-- :func:`write_models`: frames of a :class:`cryogmm.gmm.Model` as a multi-model PDB
+- :func:`write_models` (from :mod:`cryogmm.gmm`): frames of a :class:`cryogmm.gmm.Model` as a multi-model PDB
   (optional per-atom B-factors, e.g. a segment number for colouring).
 - :func:`superpose_file`: move one conformation onto another by the Cα atoms of chosen
   residues (Kabsch), so that two endpoints differ by their internal motion only (the
@@ -16,37 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cryogmm.gmm import write_models  # noqa: F401  (one writer, in gmm beside Model; re-exported)
+
 __all__ = ["write_models", "kabsch", "superpose_file", "spearman", "atom_keys", "match_atoms", "truth_figures",
            "ADK_CORE"]
 
 # adenylate kinase CORE domain (E. coli numbering): NMP is 30-59, LID 122-159
 ADK_CORE = tuple(range(1, 30)) + tuple(range(60, 122)) + tuple(range(160, 215))
-
-
-def write_models(path, model, frames_coords, bfactors=None) -> None:
-    """Every frame ``[F, M, 3]`` (Å, file frame) as a MODEL of one PDB file, atomically.
-    ``bfactors [M]`` fills the B-factor column (default 0)."""
-    from cryogmm.bridge.fileio import atomic_output
-
-    b = np.zeros(len(model.element)) if bfactors is None else np.asarray(bfactors, dtype=np.float64)
-    frames_coords = np.asarray(frames_coords, dtype=np.float64)
-    if frames_coords.ndim == 2:
-        frames_coords = frames_coords[None]
-    lines = []
-    for k, coords in enumerate(frames_coords):
-        lines.append(f"MODEL     {k + 1:4d}")
-        for i, (x, y, z) in enumerate(coords):
-            name = model.atom_name[i]
-            name = f" {name:<3s}" if len(name) < 4 else name
-            lines.append(
-                f"ATOM  {(i + 1) % 100000:5d} {name:4s} {model.res_name[i]:>3s} {model.chain[i][:1]:1s}"
-                f"{int(model.seq_id[i]):4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00{min(b[i], 999.99):6.2f}"
-                f"          {model.element[i]:>2s}"
-            )
-        lines.append("ENDMDL")
-    lines.append("END")
-    with atomic_output(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
 
 
 def kabsch(P: np.ndarray, Q: np.ndarray):

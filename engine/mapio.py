@@ -13,16 +13,13 @@ import numpy as np
 from cryogmm.bridge.fileio import atomic_output
 from cryogmm.errors import MapError
 
-__all__ = ["read_map", "write_map", "write_stack"]
+__all__ = ["read_map", "read_mrc", "write_map", "write_stack"]
 
 
-def read_map(path, *, require_cubic: bool = True, expect_apix: float | None = None):
-    """Read a 3D map. Returns ``(data [z, y, x] float32, apix)``.
-
-    Raises :class:`MapError` naming the file for: a missing or unreadable file, a map that is
-    not 3D or not cubic (when required), NaN or infinite values, or a pixel size different
-    from ``expect_apix`` (1e-3 relative) when the header has one.
-    """
+def read_mrc(path):
+    """Open an MRC file leniently: ``(data float32 copy, apix from the header (0 if unset),
+    header)``. Raises :class:`MapError` naming the file when it is missing or unreadable;
+    the callers check shape, values and pixel size."""
     import mrcfile
 
     path = Path(path)
@@ -34,12 +31,21 @@ def read_map(path, *, require_cubic: bool = True, expect_apix: float | None = No
             with mrcfile.open(path, mode="r", permissive=True) as m:
                 if m.data is None:
                     raise MapError(path, "is not a readable MRC file (no data block)")
-                data = np.asarray(m.data, dtype=np.float32).copy()
-                apix = float(m.voxel_size.x)
+                return np.asarray(m.data, dtype=np.float32).copy(), float(m.voxel_size.x), m.header.copy()
     except MapError:
         raise
     except Exception as e:
         raise MapError(path, f"is not a readable MRC file ({e})") from None
+
+
+def read_map(path, *, require_cubic: bool = True, expect_apix: float | None = None):
+    """Read a 3D map. Returns ``(data [z, y, x] float32, apix)``.
+
+    Raises :class:`MapError` naming the file for: a missing or unreadable file, a map that is
+    not 3D or not cubic (when required), NaN or infinite values, or a pixel size different
+    from ``expect_apix`` (1e-3 relative) when the header has one.
+    """
+    data, apix, _ = read_mrc(path)
     if data.ndim != 3:
         raise MapError(path, f"is not a 3D map (shape {data.shape})")
     if require_cubic and not (data.shape[0] == data.shape[1] == data.shape[2]):

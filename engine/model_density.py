@@ -48,28 +48,13 @@ class MapGrid:
 
 def read_map_grid(path) -> MapGrid:
     """Read an MRC map with its frame (origin header, or n*start x pixel size)."""
-    import mrcfile
+    from cryogmm.mapio import read_mrc
 
     path = Path(path)
-    if not path.is_file():
-        raise MapError(path, "no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with mrcfile.open(path, mode="r", permissive=True) as m:
-                if m.data is None:
-                    raise MapError(path, "is not a readable MRC file (no data block)")
-                data = np.asarray(m.data, dtype=np.float32).copy()
-                vs = m.voxel_size
-                apix = float(vs.x)
-                h = m.header
-                org = np.array([float(h.origin.x), float(h.origin.y), float(h.origin.z)])
-                start = np.array([int(h.nxstart), int(h.nystart), int(h.nzstart)], dtype=np.float64)
-                axes = (int(h.mapc), int(h.mapr), int(h.maps))
-    except MapError:
-        raise
-    except Exception as e:
-        raise MapError(path, f"is not a readable MRC file ({e})") from None
+    data, apix, h = read_mrc(path)
+    org = np.array([float(h.origin.x), float(h.origin.y), float(h.origin.z)])
+    start = np.array([int(h.nxstart), int(h.nystart), int(h.nzstart)], dtype=np.float64)
+    axes = (int(h.mapc), int(h.mapr), int(h.maps))
     if data.ndim != 3:
         raise MapError(path, f"is not a 3D map (shape {data.shape})")
     if not np.all(np.isfinite(data)):

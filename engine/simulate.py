@@ -80,7 +80,7 @@ def simulate(cfg: SimulateConfig, progress=None) -> dict:
     from cryogmm.bridge.io import read_particles, write_particles
     from cryogmm.bridge.table import ParticleTable
     from cryogmm.ctf import CtfParams, apply_ctf, ctf_rfft2
-    from cryogmm.gmm import gaussians_from_coords, gaussians_to_map, read_model
+    from cryogmm.gmm import gaussians_from_coords, gaussians_to_map, read_model, write_models
     from cryogmm.jobs import Timer, pick_device, write_report
     from cryogmm.project import project, project_map
 
@@ -246,7 +246,7 @@ def simulate(cfg: SimulateConfig, progress=None) -> dict:
             origin = center - (box // 2) * apix
         mapio.write_map(od.path("truth_map.mrc"), truth_map.numpy(), apix, origin_A=origin)
         if hetero:
-            _write_models(od.path("truth_models.pdb"), model, frames_coords)
+            write_models(od.path("truth_models.pdb"), model, frames_coords)
 
         report = {
             "job": "simulate",
@@ -277,22 +277,3 @@ def simulate(cfg: SimulateConfig, progress=None) -> dict:
         write_report(od.path("report.json"), report)
     return report
 
-
-def _write_models(path, model, frames_coords):
-    """Every frame as a MODEL of one PDB file (heavy atoms, the source's names)."""
-    from cryogmm.bridge.fileio import atomic_output
-
-    lines = []
-    for k, coords in enumerate(frames_coords):
-        lines.append(f"MODEL     {k + 1:4d}")
-        for i, (x, y, z) in enumerate(coords):
-            name = model.atom_name[i]
-            name = f" {name:<3s}" if len(name) < 4 else name
-            lines.append(
-                f"ATOM  {(i + 1) % 100000:5d} {name:4s} {model.res_name[i]:>3s} {model.chain[i][:1]:1s}"
-                f"{int(model.seq_id[i]):4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00          {model.element[i]:>2s}"
-            )
-        lines.append("ENDMDL")
-    lines.append("END")
-    with atomic_output(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
