@@ -120,15 +120,18 @@ def place_hydrogens(x: torch.Tensor, h_index, h_frame, h_coef) -> torch.Tensor:
     return x.index_copy(0, h_index, h)
 
 
-def _gmm_neglog(ang_deg: torch.Tensor, w, mu, cov, period, floor: float) -> torch.Tensor:
+def _gmm_constants(w, cov):
+    """Inverse covariances and log normalisers of a mixture (computed once per table)."""
+    d = cov.shape[-1]
+    return torch.linalg.inv(cov), torch.log(w) - 0.5 * torch.logdet(cov) - 0.5 * d * math.log(2 * math.pi)
+
+
+def _gmm_neglog(ang_deg: torch.Tensor, w, mu, cov, period, floor: float, pre=None) -> torch.Tensor:
     """-log(sum_k w_k N(wrap(x - mu_k); cov_k) + floor) for ``ang_deg [n, d]``, densities in
-    deg^-d scaled so the global maximum over the means is ~1."""
-    d = ang_deg.shape[-1]
+    deg^-d scaled so the global maximum over the means is ~1. ``pre``: ``_gmm_constants(w, cov)``."""
     diff = _wrap_deg(ang_deg[:, None, :] - mu[None], period)  # [n, K, d]
-    inv = torch.linalg.inv(cov)
+    inv, logc = pre if pre is not None else _gmm_constants(w, cov)
     q = torch.einsum("nki,kij,nkj->nk", diff, inv, diff)
-    logdet = torch.logdet(cov)
-    logc = torch.log(w) - 0.5 * logdet - 0.5 * d * math.log(2 * math.pi)
     lp = torch.logsumexp(logc[None] - 0.5 * q, dim=1)
     # normalise to the largest component peak so the floor is relative
     lp = lp - logc.max()
@@ -186,17 +189,20 @@ class Restraints:
         self.rama, self.rama_class = t(topo.rama), topo.rama_class
         tabs = reference_tables()
         self.rama_gmm = {}
+        self._gmm_pre = {}
         for ci, cname in enumerate(RAMA_CLASSES):
             sel = np.nonzero(topo.rama_class == ci)[0]
             if len(sel):
                 tb = tabs["rama"][cname]
                 self.rama_gmm[cname] = (t(sel), f(tb["w"]), f(tb["mu"]), f(tb["cov"]),
                                         f(tb["hi"] - tb["lo"]))
+                self._gmm_pre[("rama", cname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]))
         self.chi_gmm = {}
         for tname, (quads, res) in topo.chis.items():
             tb = tabs["rotamer"][tname]
             self.chi_gmm[tname] = (t(quads), f(tb["w"]), f(tb["mu"]), f(tb["cov"]), f(tb["hi"] - tb["lo"]),
                                    f(tb["lo"]))
+            self._gmm_pre[("rotamer", tname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]))
         self.rama_floor, self.clash_start = rama_floor, clash_start
         self.vdw = f(topo.vdw)
         self.polar_h, self.acceptor = t(topo.polar_h, torch.bool), t(topo.acceptor, torch.bool)
@@ -256,7 +262,8 @@ class Restraints:
         pp = self.phi_psi(x)
         out = torch.zeros(pp.shape[0], dtype=x.dtype, device=x.device)
         for cname, (sel, w, mu, cov, period) in self.rama_gmm.items():
-            out = out.index_copy(0, sel, _gmm_neglog(pp[sel], w, mu, cov, period, self.rama_floor))
+            out = out.index_copy(0, sel, _gmm_neglog(pp[sel], w, mu, cov, period, self.rama_floor,
+                                                            self._gmm_pre[("rama", cname)]))
         return out
 
     def chis_deg(self, x, tname):
@@ -270,7 +277,7 @@ class Restraints:
             chi = self.chis_deg(x, tname)
             # symmetric side chains (table range 180°) fold χ into the table's period
             chi = torch.remainder(chi - lo, period) + lo
-            parts.append(_gmm_neglog(chi, w, mu, cov, period, self.rama_floor))
+            parts.append(_gmm_neglog(chi, w, mu, cov, period, self.rama_floor, self._gmm_pre[("rotamer", tname)]))
         return torch.cat(parts) if parts else x.new_zeros(0)
 
     def update_pairs(self, x, cutoff: float = 4.0):
