@@ -20,6 +20,7 @@ COMMANDS = {
     "fit-gmm": "cryogmm.commands.fit_gmm",
     "validate": "cryogmm.commands.validate",
     "refine-model": "cryogmm.commands.refine_model",
+    "refine-series": "cryogmm.commands.refine_series",
     "hetero": "cryogmm.commands.hetero",
     "convert": "cryogmm.bridge.commands.convert",
     "subset": "cryogmm.bridge.commands.subset",
