@@ -16,3 +16,5 @@ CRYOGMM_ENV_DIR = "cryogmm-%s" % CRYOGMM_VERSION
 ATTR_FRC = "_cryogmm_frc"
 ATTR_HALF = "_rlnRandomSubset"
 ATTR_ORIG_ID = "_cryogmm_inputId"  # symmetry-expanded copies: the input particle's id
+ATTR_CLUSTER = "_cryogmmCluster"  # heterogeneity: the particle's k-means cluster in z
+FLEX_PROGRAM = "cryogmm"  # FlexInfo program name of the heterogeneity outputs

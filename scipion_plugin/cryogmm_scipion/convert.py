@@ -94,3 +94,45 @@ def fscFromReport(report):
         return None
     freq = np.where(res > 0, 1.0 / res, 0.0)
     return [float(f) for f in freq], [float(v) for v in values]
+
+
+def splitModels(pdbFile, outDir):
+    """Write each MODEL of a multi-model PDB as its own file ``outDir/frame_XX.pdb``
+    (plain text: the records between MODEL and ENDMDL); returns the paths in order."""
+    os.makedirs(outDir, exist_ok=True)
+    frames, current = [], None
+    with open(pdbFile) as f:
+        for line in f:
+            rec = line[:6].strip()
+            if rec == "MODEL":
+                current = []
+            elif rec == "ENDMDL":
+                if current is not None:
+                    frames.append(current)
+                current = None
+            elif current is not None:
+                current.append(line)
+    if not frames:
+        raise ValueError("%s holds no MODEL/ENDMDL records" % pdbFile)
+    paths = []
+    for i, lines in enumerate(frames):
+        path = os.path.join(outDir, "frame_%02d.pdb" % i)
+        with open(path, "w") as f:
+            f.writelines(lines)
+            f.write("END\n")
+        paths.append(path)
+    return paths
+
+
+def volumeOriginFromMrc(path):
+    """Scipion's origin (a Transform, shifts in Å) of an MRC file: its header origin, the
+    position of voxel (0, 0, 0), as Scipion stores it (default: -box/2 * sampling)."""
+    import mrcfile
+
+    from pwem.objects import Transform
+
+    with mrcfile.open(path, header_only=True, permissive=True) as m:
+        o = m.header.origin
+        t = Transform()
+        t.setShifts(float(o.x), float(o.y), float(o.z))
+    return t

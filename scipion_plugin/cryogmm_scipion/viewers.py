@@ -1,7 +1,11 @@
-"""Viewers: the FSC curve of a cryogmm run and, for refinements, how it converged.
+"""Viewers: the FSC curve of a cryogmm run and, for refinements, how it converged; the
+latent space of a heterogeneity run; the validation table (before/after) of a model
+refinement.
 
-Scipion's own FSC viewer already opens the protocols' ``outputFSC``; this one shows the
-engine's figures from report.json side by side (headless: ``createPlot(prot).savefig``).
+Scipion's own FSC viewer already opens the protocols' ``outputFSC``; these show the
+engine's figures from report.json. Each has a headless entry point the tests use:
+``CryoGmmRunViewer.createPlot(prot)``, ``CryoGmmLatentViewer.createPlot(prot)`` (EmPlotter,
+``.savefig``) and ``CryoGmmValidationViewer.createTable(prot)`` (header, rows).
 """
 
 import numpy as np
@@ -9,8 +13,12 @@ import numpy as np
 from pwem.viewers.plotter import EmPlotter
 from pyworkflow.viewer import DESKTOP_TKINTER, Viewer
 
+
+from .constants import ATTR_CLUSTER
 from .convert import readReport
-from .protocols import CryoGmmProtReconstruct, CryoGmmProtRefinePoses
+from .protocols import (CryoGmmProtHetero, CryoGmmProtReconstruct, CryoGmmProtRefineModel,
+                        CryoGmmProtRefinePoses)
+from .protocols.protocol_refine_model import figureRows
 
 
 class CryoGmmRunViewer(Viewer):
@@ -49,4 +57,83 @@ class CryoGmmRunViewer(Viewer):
         return plotter
 
 
-__all__ = ["CryoGmmRunViewer"]
+class CryoGmmLatentViewer(Viewer):
+    """The latent space of a heterogeneity run: every particle on the first two principal
+    components of z (one component: against the particle index), coloured by its k-means
+    cluster, with the trajectory frames marked along PC1."""
+    _label = "cryogmm latent space"
+    _targets = [CryoGmmProtHetero]
+    _environments = [DESKTOP_TKINTER]
+
+    def _visualize(self, obj, **kwargs):
+        return [self.createPlot(obj)]
+
+    @staticmethod
+    def latentData(prot):
+        """(zRed [n, k], cluster labels [n]) of the output particles."""
+        zred, labels = [], []
+        for p in prot.outputParticles.iterItems():
+            zred.append(p.getZRed())
+            labels.append(int(p.getAttributeValue(ATTR_CLUSTER, -1)))
+        return np.array(zred), np.array(labels)
+
+    @classmethod
+    def createPlot(cls, prot):
+        zred, labels = cls.latentData(prot)
+        report = readReport(prot._getAnalyzeDir())
+        ev = report.get("pca_explained_variance", [])
+        plotter = EmPlotter(x=1, y=1, windowTitle="cryogmm latent space", figsize=(6, 5))
+        pc = lambda i: "PC%d%s" % (i + 1, " (%.0f %%)" % (100 * ev[i]) if i < len(ev) else "")
+        if zred.shape[1] >= 2:
+            ax = plotter.createSubPlot("Latent space (%d particles)" % len(zred),
+                                       pc(0), pc(1))
+            x, y = zred[:, 0], zred[:, 1]
+        else:
+            ax = plotter.createSubPlot("Latent space (%d particles)" % len(zred),
+                                       "particle", pc(0))
+            x, y = np.arange(len(zred)), zred[:, 0]
+        for c in sorted(set(labels)):
+            sel = labels == c
+            ax.scatter(x[sel], y[sel], s=6, alpha=0.7, label="cluster %d (%d)" % (c, sel.sum()))
+        if zred.shape[1] >= 2:
+            t = report.get("trajectories", {}).get("pc1", {}).get("t")
+            if t:
+                ax.plot(t, np.zeros(len(t)), "k^-", ms=6, label="PC1 frames")
+        ax.legend(loc="best", fontsize=8)
+        return plotter
+
+
+class CryoGmmValidationViewer(Viewer):
+    """The validation figures of a model refinement, before and after, as a table."""
+    _label = "cryogmm validation table"
+    _targets = [CryoGmmProtRefineModel]
+    _environments = [DESKTOP_TKINTER]
+
+    HEADER = ("figure", "before", "after")
+
+    def _visualize(self, obj, **kwargs):
+        from pyworkflow.gui.text import showTextFileViewer
+
+        path = obj._getExtraPath("validation.txt")
+        with open(path, "w") as f:
+            f.write(self.formatTable(obj))
+        showTextFileViewer("cryogmm validation", [path], self.getParent())
+        return []
+
+    @staticmethod
+    def createTable(prot):
+        """(header, rows): one row per figure, values formatted as strings."""
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+        rows = [(label, fmt(b, f), fmt(a, f)) for label, b, a, f in figureRows(prot.getReport())]
+        return CryoGmmValidationViewer.HEADER, rows
+
+    @classmethod
+    def formatTable(cls, prot):
+        header, rows = cls.createTable(prot)
+        w = max(len(r[0]) for r in rows + [header])
+        lines = ["%-*s %10s %10s" % (w, *header)]
+        lines += ["%-*s %10s %10s" % (w, *r) for r in rows]
+        return "\n".join(lines) + "\n"
+
+
+__all__ = ["CryoGmmRunViewer", "CryoGmmLatentViewer", "CryoGmmValidationViewer"]

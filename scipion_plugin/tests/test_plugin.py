@@ -15,7 +15,8 @@ import cryogmm_scipion  # noqa: E402
 from cryogmm_scipion import Plugin  # noqa: E402
 
 PROTOCOLS = ["CryoGmmProtRefinePoses", "CryoGmmProtReconstruct", "CryoGmmProtSimulate",
-             "CryoGmmProtFitGmm"]
+             "CryoGmmProtFitGmm", "CryoGmmProtHetero", "CryoGmmProtRefineModel",
+             "CryoGmmProtModelSeries"]
 
 
 def test_plugin_and_protocols_are_discovered():

@@ -43,8 +43,9 @@ class CryoGmmBase:
         return ["--device", "auto" if self.getAttributeValue(USE_GPU, False) else "cpu"]
 
     def _runEngine(self, job, args):
-        """``cryogmm JOB ARGS`` in the engine's environment (args: list of str, quoted)."""
-        args = [job] + [str(a) for a in args] + self._deviceArgs()
+        """``cryogmm JOB ARGS`` in the engine's environment (args: list of str, quoted;
+        ``job`` may hold a subcommand, e.g. "hetero train")."""
+        args = job.split() + [str(a) for a in args] + self._deviceArgs()
         self.runJob(Plugin.getProgram(), args, env=self._engineEnviron(),
                     numberOfMpi=1, numberOfThreads=1)
 

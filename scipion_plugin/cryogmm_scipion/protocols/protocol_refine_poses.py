@@ -67,6 +67,15 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
                            "is scaled by 1/(0.25 + 0.75 M) at its centre, so high resolution "
                            "counts inside the mask only. Same box and sampling rate as the "
                            "particles.")
+        form.addParam("inputHetero", params.PointerParam,
+                      pointerClass="CryoGmmProtHetero", allowsNull=True,
+                      label="Heterogeneity run (optional)",
+                      help="Conformation to orientation: a finished 'cryogmm - heterogeneity' "
+                           "run on these particles. With a focus mask, each particle's "
+                           "decoded conformation of the masked region is aligned onto the "
+                           "neutral model (weighted Kabsch) and the rigid motion becomes a "
+                           "change of its pose; focused iterations then refine from there. "
+                           "Needs the focus mask.")
         form.addParam("symmetry", params.StringParam, default="c1",
                       label="Symmetry group",
                       help="Point group Cn or Dn (RELION's axes: n-fold along z, D's "
@@ -176,6 +185,8 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
             args += ["--mask", mapFile(self.inputMask.get())]
         if self.inputAtomStruct.get() is not None:
             args += ["--model", self.inputAtomStruct.get().getFileName()]
+        if self.inputHetero.get() is not None:
+            args += ["--hetero", self.inputHetero.get().getRunDir()]
         self._runEngine("refine-poses", args)
 
     def fscStep(self):
@@ -259,6 +270,27 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
                           self.symmetry.get())
         if self.inputMask.get() is not None:
             errors += self._validateMap("The focus mask", self.inputMask.get(), parts)
+        hetero = self.inputHetero.get()
+        if hetero is not None:
+            if self.inputMask.get() is None:
+                errors.append("Conformation to orientation (a heterogeneity run) needs a "
+                              "focus mask: the region whose conformation becomes a pose "
+                              "change.")
+            if not hetero.isFinished() or not os.path.exists(
+                    os.path.join(hetero.getRunDir(), "checkpoint.pt")):
+                errors.append("The heterogeneity run %s has not finished (no trained "
+                              "network in %s)." % (hetero.getRunName(), hetero.getRunDir()))
+            elif parts is not None and hetero.inputParticles.get() is not None:
+                trained = {p.getObjId() for p in hetero.inputParticles.get().iterItems()}
+                mine = {p.getObjId() for p in parts.iterItems()}
+                if mine != trained:
+                    errors.append("The heterogeneity run was trained on %d particles, %d of "
+                                  "them among the %d input particles: conformation to "
+                                  "orientation needs the same particle set." % (
+                                      len(trained), len(mine & trained), len(mine)))
+            if self._symmetry() != "C1":
+                errors.append("Conformation to orientation runs on unexpanded particles: "
+                              "use symmetry C1 with a heterogeneity run.")
         return errors
 
     def _summary(self):
@@ -279,6 +311,9 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
                              self._fmt(last["shift_change_A"]["median"])))
         if report.get("focused"):
             lines.append("Alignment focused by the mask.")
+        if self.inputHetero.get() is not None:
+            lines.append("Poses started from each particle's conformation (heterogeneity "
+                         "run %s)." % self.inputHetero.get().getRunName())
         if self._symmetry() != "C1":
             lines.append("Symmetry %s imposed." % self._symmetry())
         if self.hasAttribute(OUT_COMPOSITE):
