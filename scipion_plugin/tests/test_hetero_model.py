@@ -198,8 +198,12 @@ class TestCryoGmmHeteroModel(BaseTest):
         self.assertEqual(ref.outputParticles.getSize(), N)
         c2o = readReport(ref._getRefineDir()).get("conformation_to_orientation")
         self.assertIsInstance(c2o, dict)
-        print("conformation to orientation: %s" % {k: v for k, v in c2o.items()
-                                                   if isinstance(v, (int, float))})
+        rmsd = c2o["region_rmsd_A"]
+        print("conformation to orientation: LID region RMSD to the neutral model, median "
+              "%.2f -> %.2f Å; pose change median %.1f°" % (
+                  rmsd["before_median"], rmsd["after_median"], c2o["pose_change_deg"]["median"]))
+        # each particle's own LID, moved by its new pose, lies where the neutral LID does
+        self.assertLess(rmsd["after_median"], 0.5 * rmsd["before_median"])
         self.assertTrue(any("heterogeneity run" in line for line in ref.summary()))
 
     def test_02_hetero_bad_inputs_fail_in_validate(self):
@@ -315,6 +319,12 @@ class TestCryoGmmHeteroModel(BaseTest):
         self.assertEqual(atMaps.getSize(), 3)
         for st in atMaps.iterItems():
             self.assertGreater(st._cryogmm_mapCC.get(), 0.0)
+        # the frame at the first map's latent moved from the start (the closed end) towards
+        # that map's truth (the open end)
+        frame1 = atMaps.getFirstItem().getFileName()
+        s0, s1 = ca_rmsd(start.getFileName(), truth[0]), ca_rmsd(frame1, truth[0])
+        print("series: map 1 frame Cα RMSD to its truth %.2f -> %.2f Å" % (s0, s1))
+        self.assertLess(s1, 0.8 * s0)
         self.assertTrue(any(line.startswith("Map 1: map CC") for line in prot.summary()))
 
         # a resolution finer than twice the sampling: refused before any step
