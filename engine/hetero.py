@@ -21,6 +21,22 @@ variance measured outside the particle) or cryoSPHERE's correlation, over the fr
 up to ``lowpass_A``; the KL term is ramped in over ``kl_warmup`` epochs. A checkpoint is
 written after every epoch; ``resume`` continues from it.
 
+Several processes or GPUs (``torch.distributed``; gloo on CPUs, NCCL on GPUs)::
+
+    torchrun --nproc_per_node 2 -m cryogmm.cli hetero train particles.star --model ref.pdb --out run
+
+The training step is wrapped in ``DistributedDataParallel``. Each epoch's permutation and
+each batch's latent noise are drawn identically on every rank (same seeds); every global
+batch of ``batch`` particles is split among the ranks by stride (``idx[rank::world]``, the
+split ``DistributedSampler`` makes), each rank's loss is its share of the global batch mean,
+and DDP averages the gradients: the optimiser sees the gradient of the one-process batch,
+so training follows the one-process run up to float reduction order. Rank 0 alone writes the
+checkpoint (every epoch), ``config.json``, ``loss.png`` and ``report.json``; ``resume`` works
+with any number of processes. Each rank holds the Fourier-cropped particles in memory.
+
+Precision: ``matmul_precision`` ``tf32`` lets the encoder's and the projection's float32
+matrix products use TF32 tensor cores on GPUs; the loss sums and the Adam state stay float32.
+
 Analysis (:func:`analyze_hetero`): latent means per particle, PCA trajectories as
 multi-model PDB files, maps along them from the deformed models and by back-projecting the
 particles nearest each trajectory point, k-means clusters as STAR and .cs subsets, plots
@@ -95,6 +111,7 @@ class HeteroConfig:
     seed: int = 0
     device: str | None = None
     max_particles: int | None = None
+    matmul_precision: str = "highest"
 
 
 # --------------------------------------------------------------------------- reference
@@ -480,6 +497,31 @@ def _data_term(x, p, band, noise_var, loss: str):
     return (xx.detach() / (2.0 * noise_var)) * (1.0 - corr)
 
 
+class _TrainStep(nn.Module):
+    """One training batch as a module (so ``DistributedDataParallel`` can wrap it): per-image
+    loss, data, KL and restraint terms for particles ``idx`` with latent noise ``eps``."""
+
+    def __init__(self, vae: HeteroVAE, fw: "_Forward", pairs: dict, cfg: HeteroConfig, elastic_weight: float):
+        super().__init__()
+        self.vae = vae
+        self._fw, self._pairs, self._cfg = fw, pairs, cfg
+        self._w = {"bond": cfg.bond_weight, "sidechain": cfg.sidechain_weight, "clash": cfg.clash_weight,
+                   "elastic": elastic_weight}
+
+    def forward(self, idx, eps, beta: float):
+        fw, cfg = self._fw, self._cfg
+        x, R, sh, ctf, enc = fw.batch(idx)
+        mu, logvar = fw.encode(enc)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        g = self.vae.deformer(fw.base, z)
+        p = fw.predict(g, R, sh, ctf)
+        dterm = _data_term(x, p, fw.band, fw.data.noise_var, cfg.loss)
+        kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
+        terms = restraint_terms(g.centers, self._pairs)
+        rterm = sum(self._w[k] * v for k, v in terms.items()) if terms else torch.zeros_like(dterm)
+        return dterm + beta * kl + rterm, dterm, kl, terms
+
+
 def _build(cfg: HeteroConfig, ref: Reference, data: ParticleData) -> HeteroVAE:
     deformer = make_deformer(cfg.decoder, n=ref.gaussians.n, zdim=cfg.zdim, residue_of=ref.residue_of,
                              chain_of_residue=ref.chain_of_residue, segments=cfg.segments, hidden=cfg.hidden,
@@ -552,8 +594,9 @@ def _load_checkpoint(path):
 def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     """Train; write ``checkpoint.pt`` (every epoch), ``config.json``, ``loss.png`` and
     ``report.json`` into ``cfg.out``. Returns the report."""
+    from cryogmm import distributed
     from cryogmm.bridge.fileio import atomic_output
-    from cryogmm.jobs import Timer, pick_device, write_report
+    from cryogmm.jobs import Timer, pick_device, set_matmul_precision, write_report
 
     timer = Timer()
     progress = progress or (lambda *a: None)
@@ -571,6 +614,8 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     elif ckpt_path.exists():
         raise OptionError("--out", f"{out} already holds a training run ({CHECKPOINT}); use --resume or a new --out")
     dev = pick_device(cfg.device)
+    set_matmul_precision(dev, cfg.matmul_precision)
+    dev = distributed.setup(dev)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     data, ref = _setup(cfg, progress)
@@ -593,9 +638,13 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     else:
         with torch.no_grad():
             vae.log_scale.fill_(math.log(fw.ref_scale))
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out / CONFIG) as tmp:
-        tmp.write_text(json.dumps(_config_json(cfg), indent=2) + "\n")
+    step = distributed.ddp(_TrainStep(vae, fw, pairs, cfg, elastic_weight), dev)
+    r, w = distributed.rank(), distributed.world()
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out / CONFIG) as tmp:
+            tmp.write_text(json.dumps(_config_json(cfg), indent=2) + "\n")
     n = data.n
     seconds_train = sum(h["seconds"] for h in history)
     for epoch in range(first, cfg.epochs):
@@ -605,36 +654,36 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
         order = rng.permutation(n)
         sums = {"loss": 0.0, "data": 0.0, "kl": 0.0}
         for b0 in range(0, n, cfg.batch):
-            idx = np.sort(order[b0:b0 + cfg.batch])
-            x, R, sh, ctf, enc = fw.batch(idx)
-            mu, logvar = fw.encode(enc)
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-            g = vae.deformer(fw.base, z)
-            p = fw.predict(g, R, sh, ctf)
-            dterm = _data_term(x, p, fw.band, data.noise_var, cfg.loss)
-            kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
-            terms = restraint_terms(g.centers, pairs)
-            w = {"bond": cfg.bond_weight, "sidechain": cfg.sidechain_weight, "clash": cfg.clash_weight,
-                 "elastic": elastic_weight}
-            rterm = sum(w[k] * v for k, v in terms.items()) if terms else torch.zeros_like(dterm)
-            loss = (dterm + beta * kl + rterm).mean()
+            idx_all = np.sort(order[b0:b0 + cfg.batch])
+            # the batch's latent noise, drawn whole on every rank (the one-process stream), then split
+            eps_all = torch.randn(len(idx_all), cfg.zdim, device=dev)
+            idx, eps, weight = idx_all[r::w], eps_all[r::w], 1.0
+            if len(idx) == 0:  # fewer particles than ranks: a zero-weight stand-in keeps DDP in step
+                idx, eps, weight = idx_all[:1], eps_all[:1], 0.0
+            per, dterm, kl, terms = step(idx, eps, beta)
+            # each rank's share of the global batch mean; DDP divides the summed gradients by w
+            loss = per.mean() if w == 1 else per.sum() * (weight * w / len(idx_all))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            k = len(idx)
-            sums["loss"] += float(loss.detach()) * k
+            k = len(idx) if weight else 0
+            sums["loss"] += float(per.detach().mean()) * k
             sums["data"] += float(dterm.detach().mean()) * k
             sums["kl"] += float(kl.detach().mean()) * k
             for name, v in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(v.detach().mean()) * k
-            progress(f"epoch {epoch + 1}/{cfg.epochs}", b0 + k, n)
+            progress(f"epoch {epoch + 1}/{cfg.epochs}", b0 + len(idx_all), n)
+        if w > 1:
+            keys = sorted(sums)
+            tot = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+            sums = dict(zip(keys, tot.tolist()))
         sec = time.perf_counter() - t0
         seconds_train += sec
         rec = {"epoch": epoch + 1, "beta": beta, "seconds": sec, "images_per_s": n / sec}
         rec.update({k: v / n for k, v in sums.items()})
         history.append(rec)
-        _save_checkpoint(ckpt_path, vae, opt, epoch, history, cfg, data, ref, rng)
-    _loss_plot(out / "loss.png", history)
+        if main:
+            _save_checkpoint(ckpt_path, vae, opt, epoch, history, cfg, data, ref, rng)
     report = {
         "job": "hetero train",
         "decoder": cfg.decoder,
@@ -656,7 +705,12 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
         "config": _config_json(cfg),
         "outputs": [CHECKPOINT, CONFIG, "loss.png", "report.json"],
     }
-    write_report(out / "report.json", report)
+    if w > 1:
+        report["processes"] = w
+    if main:
+        _loss_plot(out / "loss.png", history)
+        write_report(out / "report.json", report)
+    distributed.barrier()
     return report
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from cryogmm.bridge.fileio import atomic_output
 
-__all__ = ["write_report", "Progress", "pick_device", "Timer"]
+__all__ = ["write_report", "Progress", "pick_device", "Timer", "set_matmul_precision", "autocast", "MATMUL_PRECISIONS"]
 
 
 def _jsonable(x):
@@ -72,13 +72,24 @@ class Progress:
 
 
 def pick_device(name: str | None = None):
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``."""
+    """``auto``, ``cpu``, ``cuda``, ``cuda:1``.
+
+    ``auto``: under ``torchrun`` with CUDA, every process takes its own GPU (``cuda:LOCAL_RANK``,
+    so all visible GPUs are used); otherwise ``cuda:0`` when CUDA is available, else the CPU.
+    (``cuda`` under ``torchrun`` also becomes ``cuda:LOCAL_RANK``: see :func:`cryogmm.distributed.setup`.)
+    """
+    import os
+
     import torch
 
     from cryogmm.errors import OptionError
 
     if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        return torch.device("cuda")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -86,6 +97,41 @@ def pick_device(name: str | None = None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("--device", f"{name} asked for but no CUDA device is available")
     return dev
+
+
+MATMUL_PRECISIONS = ("highest", "tf32", "bf16")
+
+
+def set_matmul_precision(dev, mode: str = "highest"):
+    """Precision of the projection matrix products on GPUs: ``highest`` (float32, the default),
+    ``tf32`` (TF32 tensor cores for float32 matrix products and convolutions: 10-bit mantissa
+    inputs, float32 accumulation) or ``bf16`` (TF32 as above, and the separable projection's
+    batched products under bf16 autocast where the caller asks for it, :func:`autocast`).
+    FSC, Fourier reconstruction and their accumulators always stay float32/float64: this
+    only changes matrix products. On the CPU the setting is recorded but changes nothing.
+    Returns the mode."""
+    import torch
+
+    from cryogmm.errors import OptionError
+
+    if mode not in MATMUL_PRECISIONS:
+        raise OptionError("--matmul-precision", f"{mode!r}; expected one of {', '.join(MATMUL_PRECISIONS)}")
+    if getattr(dev, "type", str(dev)) == "cuda":
+        fast = mode != "highest"
+        torch.backends.cuda.matmul.allow_tf32 = fast
+        torch.backends.cudnn.allow_tf32 = fast
+    return mode
+
+
+def autocast(dev, mode: str = "highest"):
+    """A context: bf16 autocast on CUDA when ``mode == 'bf16'``, else nothing."""
+    import contextlib
+
+    import torch
+
+    if mode == "bf16" and getattr(dev, "type", str(dev)) == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class Timer:

@@ -9,7 +9,15 @@ fraction of the shell's mean weight for half maps (CTF^2-weighted inversion) and
 ``mean_shell(W) / SNR(k)`` from the half-map FSC for the final map (a Wiener filter).
 
 Memory stays bounded: images are inserted batch by batch as they are read, and only the
-grids (``(2N)^3 x 3`` floats per half) are kept.
+grids (``(2N)^3 x 3`` floats per half) are kept; :meth:`FourierAccumulator.batch_for_memory`
+sizes the batch for a host-memory budget.
+
+Precision: the grids accumulate in float32 by default (each voxel sums O(n / N^2) terms
+of similar size), or in float64 (``grid_dtype``; the default of jobs run under ``torchrun``)
+so that the sums do not depend on how the particles were split among processes; across
+processes they are summed in float64 (:meth:`FourierAccumulator.all_reduce`), and the map
+inversion works in float32 on the sums rounded to float32. No TF32 or bf16 enters here
+whatever the matrix-product precision of the job.
 """
 
 from __future__ import annotations
@@ -69,7 +77,8 @@ class FourierAccumulator:
     #: torch's parallel grain (32768 elements), so that the helper threads run them serially
     chunk = 24576
 
-    def __init__(self, box: int, apix: float, n_sets: int = 2, pad: int = 2, device=None, dtype=torch.float32):
+    def __init__(self, box: int, apix: float, n_sets: int = 2, pad: int = 2, device=None, dtype=torch.float32,
+                 grid_dtype=None):
         self.box, self.apix, self.pad, self.n_sets = int(box), float(apix), int(pad), int(n_sets)
         self.P = self.pad * self.box
         self.H = self.P // 2 + 1
@@ -78,7 +87,10 @@ class FourierAccumulator:
         # for the 8 corners of a point inside the Nyquist sphere): [Pc, Pc, Hc, 3]
         self.C = self.P // 2
         self.Pc, self.Hc = self.P + 2, self.H + 1
-        self.grid = torch.zeros(3, n_sets * self.Pc * self.Pc * self.Hc, device=device, dtype=dtype)
+        # the sums: ``dtype`` by default; float64 (``grid_dtype``) makes them independent of the order the
+        # particles come in (up to 1e-16), so that maps from sharded runs round to the same float32 values
+        self.grid_dtype = dtype if grid_dtype is None else grid_dtype
+        self.grid = torch.zeros(3, n_sets * self.Pc * self.Pc * self.Hc, device=device, dtype=self.grid_dtype)
         # grid addresses in int32 (half the memory traffic of int64) while they fit: box <= 640 for two sets
         self._index_dtype = torch.int32 if self.grid.shape[1] < 2**31 else torch.int64
         o = torch.arange(2, device=device)
@@ -94,6 +106,32 @@ class FourierAccumulator:
         # the kx = 0 column holds each Friedel pair twice: half weight there
         self._half = torch.where(self._kx == 0, 0.5, 1.0).to(dtype)
         self._map_tables = None  # per-voxel tables of reconstruct(), made on first use
+
+    #: bytes of working memory per particle of a batch, in units of box^2 (measured: images, their
+    #: transforms, the slice points and their sort keys; with the prefetch queue's batches)
+    bytes_per_particle_px = 96
+
+    def grid_bytes(self) -> int:
+        """Bytes of the accumulator grid, the map tables and a reconstruction's temporaries."""
+        grid = self.grid.numel() * self.grid.element_size()
+        vox = self.P * self.P * self.H
+        return int(2 * grid + vox * (8 + 8 + 4 + 4 + 8 * 2) + 3 * self.box**3 * 4)
+
+    @staticmethod
+    def batch_for_memory(box: int, max_bytes: float, fixed_bytes: float = 0.0, prefetch: int = 1) -> int:
+        """The largest batch whose working memory (``(prefetch + 1)`` batches of images read ahead
+        plus one batch's transforms and slice points) fits ``max_bytes - fixed_bytes``; 0 if none."""
+        per = FourierAccumulator.bytes_per_particle_px * box * box + prefetch * 4 * box * box
+        return max(0, int((max_bytes - fixed_bytes) // per))
+
+    def all_reduce(self) -> "FourierAccumulator":
+        """Sum the grids and counts of every process (``torch.distributed``; float64 sums); a
+        no-op on one process."""
+        from cryogmm import distributed
+
+        distributed.all_reduce_sum(self.grid, dtype=torch.float64)
+        distributed.all_reduce_sum(self.count, dtype=None)
+        return self
 
     def insert(self, images: torch.Tensor, rotmat: torch.Tensor, shift_A: torch.Tensor | None = None,
                ctf: CtfParams | torch.Tensor | None = None, sets: torch.Tensor | None = None) -> None:
@@ -196,7 +234,10 @@ class FourierAccumulator:
                             w *= (f if dx else g)[0, a:b]
                             k = key[lo + a:lo + b]
                             for ch in range(3):
-                                self.grid[ch, offsets[c]:].index_add_(0, k, w * vals[ch, a:b])
+                                v = w * vals[ch, a:b]
+                                if v.dtype != self.grid_dtype:
+                                    v = v.to(self.grid_dtype)
+                                self.grid[ch, offsets[c]:].index_add_(0, k, v)
 
         parts = min(torch.get_num_threads(), n_chunks) if on_cpu else 1
         cut = [p * n_chunks // parts for p in range(parts + 1)]
@@ -249,6 +290,8 @@ class FourierAccumulator:
         tab = self._tables()
         g = self.grid.view(3, self.n_sets, self.Pc, self.Pc, self.Hc)
         g = sum((g[:, i] for i in sets[1:]), g[:, sets[0]])  # a view for one set
+        if g.dtype != self.dtype:  # float64 sums: the map is computed in float32 from their rounded values
+            g = g.to(self.dtype)
         # centred half grid [3, P, P, H]: index u along z and y is frequency u - P/2; the entries
         # beyond (only reached from the Nyquist edge) are dropped
         g = g[:, :P, :P, :H]

@@ -16,6 +16,23 @@ fitted to its own half map. One iteration:
 
 Focused refinement: a mask ``M`` (0..1) scales each Gaussian's width by ``1/(0.25 + 0.75 M)``
 at its centre, so the alignment follows high resolution inside the mask and low outside.
+
+Several processes or GPUs (``torch.distributed``; gloo on CPUs, NCCL on GPUs)::
+
+    torchrun --nproc_per_node 2 -m cryogmm.cli refine-poses particles.star --out ref
+
+Each rank aligns its contiguous shard of the particles; the mixtures are fitted on rank 0 and
+broadcast; the refined poses are gathered (each row has one owner) and the reconstructions
+between iterations summed across ranks (:mod:`cryogmm.distributed`), so every rank holds the
+same poses and maps; rank 0 writes the STAR, maps and report. Results equal one process's up
+to the order of float sums (each particle's alignment is independent of its batch). The
+mixture fits (k-means seeding) react to changes of the maps at the float32 rounding level,
+so under ``torchrun`` the Fourier sums are float64 (``accumulate="auto"``) and the maps do
+not depend on the sharding; ``accumulate="float64"`` on one process gives the same run.
+
+Precision (``matmul_precision``): the projection's matrix products may use TF32 (``tf32``)
+or bf16 autocast (``bf16``) on GPUs; the FRC score, the poses, the reconstruction and the
+FSC stay float32 (accumulators float64 across processes). Default ``highest``: float32.
 """
 
 from __future__ import annotations
@@ -60,6 +77,9 @@ class RefineConfig:
     batch: int = 128
     seed: int = 0
     device: str | None = None
+    matmul_precision: str = "highest"
+    prefetch: int = 1
+    accumulate: str = "auto"
 
 
 class BandFrc:
@@ -120,12 +140,14 @@ def focus_widths(g, mask: torch.Tensor, apix: float):
 
 
 def refine_batch(g, band: BandFrc, x: torch.Tensor, ctf: torch.Tensor, A0: torch.Tensor, s0: torch.Tensor, *,
-                 steps: int, lr_rad: float, lr_A: float):
+                 steps: int, lr_rad: float, lr_A: float, precision: str = "highest"):
     """Local refinement of one batch of particles against one mixture.
 
     ``x [B, K]`` particle band values, ``ctf [B, K]`` their CTF on the band, ``A0 [B, 3, 3]``
-    and ``s0 [B, 2]`` (Å) starting poses. Returns ``(A, shift_A, frc_mean)``.
+    and ``s0 [B, 2]`` (Å) starting poses. Returns ``(A, shift_A, frc_mean)``. ``precision``
+    ``bf16``: the projection runs under bf16 autocast on CUDA (the image comes back float32).
     """
+    from cryogmm.jobs import autocast
     from cryogmm.project import project
     from cryogmm.rotations import rotvec_to_rotmat
 
@@ -139,8 +161,9 @@ def refine_batch(g, band: BandFrc, x: torch.Tensor, ctf: torch.Tensor, A0: torch
     g = g.detach()
     for step in range(steps + 1):
         A = rotvec_to_rotmat(delta) @ A0
-        img = project(g, A, shift, band.crop, band.apix_crop)
-        p = torch.fft.rfft2(torch.fft.ifftshift(img, dim=(-2, -1)))
+        with autocast(A0.device, precision):
+            img = project(g, A, shift, band.crop, band.apix_crop)
+        p = torch.fft.rfft2(torch.fft.ifftshift(img.float(), dim=(-2, -1)))
         p = band.band(p) * ctf
         score = band.frc(x, p, x_power).mean(1)
         if step == steps:  # the last pass only scores the final poses
@@ -288,10 +311,22 @@ def _reconstruct(ctx: _Ctx, R, S, wiener=True):
     if len(ctx.recon_ops) > 1:
         table = expand_table(table, ctx.recon_ops)
         source = ImageSource.from_table(table)
-    return reconstruct_table(table, source, device=ctx.dev, wiener=wiener)
+    return reconstruct_table(table, source, device=ctx.dev, wiener=wiener, prefetch=ctx.cfg.prefetch,
+                             accumulate=ctx.cfg.accumulate)
 
 
 def _fit_mixtures(ctx: _Ctx, gmms, halves, res, it):
+    """The two halves' mixtures, fitted on rank 0 and broadcast to the other ranks."""
+    from cryogmm import distributed
+
+    out = _fit_mixtures_here(ctx, gmms, halves, res, it) if distributed.is_main() else None
+    if distributed.world() > 1:
+        out = distributed.broadcast_object(None if out is None else [g.to("cpu") for g in out])
+        out = [g.to(ctx.dev) for g in out]
+    return out
+
+
+def _fit_mixtures_here(ctx: _Ctx, gmms, halves, res, it):
     from cryogmm.fitmap import auto_n, auto_threshold, fit_gaussians_frc, gaussians_from_map, map_origin_A
     from cryogmm.gmm import gaussians_from_coords
     from cryogmm.metrics import lowpass
@@ -329,11 +364,15 @@ def _align_all(ctx: _Ctx, refs, band: BandFrc, R, S, label):
     """Refine every particle's pose against its half's mixture; returns new ``R, S, frc``."""
     from cryogmm.ctf import CtfParams, ctf_rfft2
 
+    from cryogmm import distributed
+
     cfg, dev = ctx.cfg, ctx.dev
     R_new, S_new = R.clone(), S.clone()
     frc = torch.zeros(ctx.table.n)
+    mine = distributed.shard(ctx.table.n) if distributed.world() > 1 else None
+    total = ctx.table.n if mine is None else len(mine)
     done = 0
-    for idx, imgs in ctx.source.chunks(cfg.batch):
+    for idx, imgs in ctx.source.chunks(cfg.batch, indices=mine, prefetch=cfg.prefetch):
         idx = np.asarray(idx)
         x = band.crop_ft(torch.as_tensor(imgs, device=dev))
         c = band.band(ctf_rfft2(CtfParams.from_table(ctx.table, idx), band.crop, band.apix_crop, device=dev))
@@ -342,11 +381,14 @@ def _align_all(ctx: _Ctx, refs, band: BandFrc, R, S, label):
             if len(sel) == 0:
                 continue
             A, sh, score = refine_batch(refs[h], band, x[sel], c[sel], R[idx[sel]].to(dev), S[idx[sel]].to(dev),
-                                        steps=cfg.steps, lr_rad=math.radians(cfg.lr_deg), lr_A=cfg.lr_A)
+                                        steps=cfg.steps, lr_rad=math.radians(cfg.lr_deg), lr_A=cfg.lr_A,
+                                        precision=cfg.matmul_precision)
             R_new[idx[sel]], S_new[idx[sel]] = A.cpu(), sh.cpu()
             frc[idx[sel]] = score.cpu()
         done += len(idx)
-        ctx.progress(label, done, ctx.table.n)
+        ctx.progress(label, done, total)
+    if mine is not None:  # every rank gets every particle's new pose
+        R_new, S_new, frc = (distributed.gather_rows(t, mine) for t in (R_new, S_new, frc))
     return R_new, S_new, frc
 
 
@@ -444,13 +486,13 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     """Run the refinement; write ``refined.star``, ``half1.mrc``, ``half2.mrc``, ``map.mrc``,
     ``fsc.png`` (every iteration), ``report.json`` (and with patches ``composite*.mrc`` and
     ``patches/``) into ``cfg.out``. Returns the report."""
-    from cryogmm import mapio
+    from cryogmm import distributed, mapio
     from cryogmm.bridge.conventions import rotmat_to_euler_zyz_deg
     from cryogmm.bridge.fileio import OutputDir
     from cryogmm.bridge.images import ImageSource
     from cryogmm.bridge.io import read_particles, write_particles
     from cryogmm.gmm import read_model
-    from cryogmm.jobs import pick_device, write_report
+    from cryogmm.jobs import pick_device, set_matmul_precision, write_report
     from cryogmm.metrics import fsc, fsc_plot, lowpass, resolution_at, soft_sphere_mask
     from cryogmm.symmetry import expand_table, symmetrize_map, symmetry_operators
 
@@ -469,8 +511,12 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
         raise OptionError("--hetero", "conformation to orientation needs --mask, the region to bring into register")
     if cfg.patches and cfg.mask:
         raise OptionError("--patches/--mask", "patches make their own masks; give one or the other")
+    if cfg.prefetch < 0:
+        raise OptionError("--prefetch", f"{cfg.prefetch}; expected 0 (off) or a number of batches")
     ops = symmetry_operators(cfg.sym)
     dev = pick_device(cfg.device)
+    set_matmul_precision(dev, cfg.matmul_precision)
+    dev = distributed.setup(dev)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
@@ -549,6 +595,11 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     elif expanded:  # focused on a symmetric particle: put the sharp region back on its mates
         final = symmetrize_map(final, ops, weight=mask.cpu())
 
+    if not distributed.is_main():  # rank 0 writes; the others return the figures they share
+        distributed.barrier()
+        return {"job": "refine-poses", "rank": distributed.rank(), "processes": distributed.world(),
+                "n_particles": int(n_input), "iterations": run["history"],
+                "resolution_A": run["history"][-1]["resolution_A"], "device": str(dev), "seconds": timer()}
     with OutputDir(cfg.out) as od:
         eul_in = rotmat_to_euler_zyz_deg(R_in.double().numpy())
         extra = {
@@ -608,7 +659,10 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
                     "unmasked": fsc(h1, h2).numpy(), "masked": fsc(h1, h2, mask=sphere).numpy(),
                     **({"focus_masked": fsc(h1, h2, mask=sphere * mask.cpu()).numpy()} if mask is not None else {})},
             "device": str(dev),
+            "matmul_precision": cfg.matmul_precision,
+            **({"processes": distributed.world()} if distributed.world() > 1 else {}),
             "seconds": timer(),
         }
         write_report(od.path("report.json"), report)
+    distributed.barrier()
     return report

@@ -1,13 +1,23 @@
 """Lazy access to particle images in MRC stacks (``.mrcs``, ``.mrc``), by table row.
 
 ``ImageSource.from_table(table)`` checks every stack once (exists, holds enough images,
-has the table's box size and, where its header sets one, pixel size) by reading headers only; images are then read on demand through
-memory maps (``mrcfile.mmap``, read-only, permissive), a bounded number kept open.
+has the table's box size and, where its header sets one, pixel size) by reading headers only; images are then read on demand with
+positioned reads (``os.preadv``) straight into the batch's buffer, one read per run of
+consecutive images, a bounded number of files kept open. Nothing is memory-mapped, so the
+pages of a stack read once do not stay in the process's resident set: a 3 GB stack streamed
+batch by batch costs a few batches of memory, not 3 GB.
+
+``chunks(batch, indices=..., prefetch=True)`` reads the next batch in a background thread
+while the caller works on the current one (reads release the GIL); at most ``prefetch``
+batches wait, so memory stays bounded by ``(prefetch + 1)`` batches.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import queue
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -68,7 +78,8 @@ class ImageSource:
         self._index = np.asarray(index_in_stack, dtype=np.int64)  # [n] -> image in stack
         self.box = int(box)
         self.source = source
-        self._open: collections.OrderedDict = collections.OrderedDict()
+        self._open: collections.OrderedDict = collections.OrderedDict()  # stack -> (fd, dtype, offset, nz)
+        self._lock = threading.Lock()
 
     @classmethod
     def from_table(cls, table) -> "ImageSource":
@@ -128,27 +139,60 @@ class ImageSource:
     def __len__(self) -> int:
         return self.n
 
-    def _data(self, s: int) -> np.ndarray:
+    def _layout(self, s: int):
+        """``(fd, dtype, data offset, n images)`` of stack ``s`` (opened on first use, a bounded number kept)."""
+        with self._lock:
+            lay = self._open.get(s)
+            if lay is not None:
+                self._open.move_to_end(s)
+                return lay
         import mrcfile
+        from mrcfile.utils import data_dtype_from_header
 
-        m = self._open.get(s)
-        if m is None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # permissive: old headers without MAP ID
-                    m = mrcfile.mmap(self._stacks[s], mode="r", permissive=True)
-            except Exception as e:
-                raise StackError(self._stacks[s], f"cannot be opened ({e})") from None
-            if m.data is None:
-                raise StackError(self._stacks[s], "holds no readable image data")
-            self._open[s] = m
+        path = self._stacks[s]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # permissive: old headers without MAP ID
+                with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
+                    h = m.header
+                    dtype = data_dtype_from_header(h)
+            nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+            offset = 1024 + int(h.nsymbt)
+            fd = os.open(path, os.O_RDONLY)
+        except Exception as e:
+            raise StackError(path, f"cannot be opened ({e})") from None
+        if os.fstat(fd).st_size < offset + nx * ny * nz * dtype.itemsize:
+            os.close(fd)
+            raise StackError(path, "holds no readable image data (file shorter than its header says)")
+        lay = (fd, dtype, offset, nz)
+        with self._lock:
+            if s in self._open:  # another thread opened it meanwhile
+                os.close(fd)
+                return self._open[s]
+            self._open[s] = lay
             if len(self._open) > _MAX_OPEN:
                 _, old = self._open.popitem(last=False)
-                old.close()
-        else:
-            self._open.move_to_end(s)
-        d = m.data
-        return d[None] if d.ndim == 2 else d
+                os.close(old[0])
+        return lay
+
+    def _read_sorted(self, s: int, within: np.ndarray) -> np.ndarray:
+        """Images ``within`` (ascending) of stack ``s`` as float32 ``[k, box, box]``: one positioned
+        read per run of consecutive images."""
+        fd, dtype, offset, nz = self._layout(s)
+        if within.size and within[-1] >= nz:
+            raise StackError(self._stacks[s], f"holds {nz} image(s); image {int(within[-1]) + 1} was asked for")
+        npx = self.box * self.box
+        raw = np.empty((within.size, self.box, self.box), dtype=dtype)
+        breaks = np.flatnonzero(np.diff(within) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [within.size]])
+        flat = raw.reshape(-1).view(np.uint8)
+        step = npx * dtype.itemsize
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            _pread_into(fd, memoryview(flat[a * step: b * step]), offset + int(within[a]) * step, self._stacks[s])
+        if raw.dtype == np.float32:
+            return raw
+        return raw.astype(np.float32)
 
     def images(self, indices) -> np.ndarray:
         """float32 [k, box, box]: the images of table rows ``indices``, in the order asked."""
@@ -162,22 +206,34 @@ class ImageSource:
         for grp in np.split(order, bounds):
             if grp.size == 0:
                 continue
-            data = self._data(int(st[grp[0]]))
             within = self._index[idx[grp]]
             srt = np.argsort(within, kind="stable")
-            out[grp[srt]] = data[within[srt]]  # sorted reads: sequential on disk
+            out[grp[srt]] = self._read_sorted(int(st[grp[0]]), within[srt])  # sorted reads: sequential on disk
         return out
 
-    def chunks(self, batch_size) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(indices, images)`` over all particles, in table order, ``batch_size`` at a time."""
-        for start in range(0, self.n, int(batch_size)):
-            idx = np.arange(start, min(start + int(batch_size), self.n))
-            yield idx, self.images(idx)
+    def chunks(self, batch_size, indices=None, prefetch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(indices, images)`` over ``indices`` (default all particles, in table order),
+        ``batch_size`` at a time. ``prefetch > 0``: a background thread reads up to that many
+        batches ahead while the caller works on the current one (same batches, same order)."""
+        idx_all = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        bs = int(batch_size)
+        if bs < 1:
+            raise ValueError(f"batch size {batch_size}; expected >= 1")
+        parts = [idx_all[a:a + bs] for a in range(0, idx_all.size, bs)]
+        if prefetch <= 0 or len(parts) <= 1:
+            for idx in parts:
+                yield idx, self.images(idx)
+            return
+        yield from _prefetched(self, parts, int(prefetch))
 
     def close(self) -> None:
-        while self._open:
-            _, m = self._open.popitem()
-            m.close()
+        with self._lock:
+            while self._open:
+                _, lay = self._open.popitem()
+                try:
+                    os.close(lay[0])
+                except OSError:
+                    pass
 
     def __enter__(self):
         return self
@@ -191,3 +247,54 @@ class ImageSource:
             self.close()
         except Exception:
             pass
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int, path) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (looping over short reads)."""
+    done, total = 0, len(buf)
+    while done < total:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            raise StackError(path, f"ended early: {total - done} bytes missing at offset {offset + done}")
+        done += got
+
+
+_DONE = object()
+
+
+def _prefetched(source: ImageSource, parts, depth: int):
+    """Yield ``(idx, source.images(idx))`` for ``parts`` while a worker thread reads ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for idx in parts:
+                if stop.is_set() or not put((idx, source.images(idx))):
+                    return
+            put(_DONE)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    t = threading.Thread(target=work, name="cryogmm-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()

@@ -28,6 +28,13 @@ segments.pdb (B-factor = segment), report.json; with --truth (a simulation's tru
 also the Spearman correlation of PC1 with the true frame and the Cα RMSD of every
 particle's decoded model to its true frame.
 
+Several processes or GPUs (torch.distributed; gloo on CPUs, NCCL on GPUs): the training step
+is wrapped in DistributedDataParallel, every batch is split among the ranks, gradients are
+averaged, and rank 0 writes checkpoints and reports (--resume works with any number):
+  torchrun --nproc_per_node 2 -m cryogmm.cli hetero train particles.star --model ref.pdb --out run
+(--device auto gives each rank its own GPU, cuda:LOCAL_RANK, when CUDA is there;
+--matmul-precision tf32 lets the float32 matrix products use TF32 tensor cores on GPUs.)
+
 Examples:
   cryogmm hetero train particles.star --model ref.pdb --map consensus.mrc --out run --epochs 30
   cryogmm hetero train particles.star --model ref.pdb --decoder displacement --out run2
@@ -77,7 +84,10 @@ def add_args(p):
     t.add_argument("--max-particles", type=int, help="use only the first N particles")
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt up to --epochs")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    t.add_argument("--matmul-precision", choices=("highest", "tf32"), default="highest",
+                   help="float32 matrix products on GPUs: float32 (highest, default) or TF32 tensor cores")
+    t.add_argument("--device", default="auto",
+                   help="auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)")
 
     a = sub.add_parser("analyze", help="latents, trajectories, maps, clusters, segments")
     a.add_argument("run", type=Path, help="run folder of `hetero train`")
@@ -113,9 +123,13 @@ def main(args) -> int:
             bond_weight=args.bond_weight, clash_weight=args.clash_weight, sidechain_weight=args.sidechain_weight,
             elastic_weight=args.elastic_weight, elastic_seq=args.elastic_seq,
             project_dir=args.project_dir, max_particles=args.max_particles, resume=args.resume, seed=args.seed,
-            device=args.device,
+            device=args.device, matmul_precision=args.matmul_precision,
         )
-        rep = hetero.train_hetero(cfg, progress=Progress(bar=True))
+        from cryogmm import distributed
+
+        rep = hetero.train_hetero(cfg, progress=Progress(bar=distributed.is_main()))
+        if not distributed.is_main():
+            return 0
         last = rep["history"][-1]
         print(f"trained {rep['epochs']} epochs on {rep['n_particles']} particles ({rep['images_per_s']:.0f} images/s); "
               f"data term {last['data']:.1f}, KL {last['kl']:.2f}; run in {args.out}")

@@ -3,7 +3,15 @@
 Gold-standard halves from rlnRandomSubset (assigned at random, seeded, when absent), FSC
 between them (unmasked and with a soft spherical mask), and the final map from all
 particles, Wiener-filtered by the SNR the FSC implies. Images are read lazily batch by
-batch, so memory stays bounded whatever the number of particles.
+batch (the next batch in a background thread, --prefetch), so memory stays bounded whatever
+the number of particles; --max-memory-gb lowers the batch until the host memory estimate fits.
+
+Several processes or GPUs (torch.distributed; gloo on CPUs, NCCL on GPUs): each rank
+reconstructs its shard of the particles, the Fourier sums are added across ranks (float64)
+and rank 0 writes the outputs:
+  torchrun --nproc_per_node 2 -m cryogmm.cli reconstruct sim/particles.star --out rec
+(python -m torch.distributed.run is the same launcher; --device auto gives each rank its
+own GPU, cuda:LOCAL_RANK, when CUDA is there.)
 
 Outputs in --out: map.mrc, half1.mrc, half2.mrc, fsc.png, report.json (resolution_A is
 the masked FSC = 0.143 resolution).
@@ -28,17 +36,29 @@ def add_args(p):
     p.add_argument("--mask-radius-A", type=float, help="radius of the soft spherical FSC mask (default: box/2 - 4 px)")
     p.add_argument("--batch", type=int, default=256, help="particles per batch (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed for half-set assignment when the STAR has none")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--max-memory-gb", type=float,
+                   help="host memory budget in GB: the batch is lowered until the job's estimate fits")
+    p.add_argument("--accumulate", choices=("auto", "float32", "float64"), default="auto",
+                   help="precision of the Fourier sums: auto = float64 under torchrun (maps independent of the "
+                        "sharding), float32 on one process")
+    p.add_argument("--prefetch", type=int, default=1, help="batches read ahead in a background thread (0: off; default 1)")
+    p.add_argument("--device", default="auto",
+                   help="auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)")
 
 
 def main(args) -> int:
+    from cryogmm import distributed
     from cryogmm.jobs import Progress
     from cryogmm.reconstruct import ReconstructConfig, reconstruct
 
     cfg = ReconstructConfig(star=args.star, out=args.out, project_dir=args.project_dir, batch=args.batch,
                             reg=args.reg, wiener=not args.no_wiener, ctf=not args.no_ctf,
-                            mask_radius_A=args.mask_radius_A, seed=args.seed, device=args.device)
-    rep = reconstruct(cfg, progress=Progress(bar=True))
+                            mask_radius_A=args.mask_radius_A, seed=args.seed, device=args.device,
+                            max_memory_gb=args.max_memory_gb, prefetch=args.prefetch,
+                            accumulate=args.accumulate)
+    rep = reconstruct(cfg, progress=Progress(bar=distributed.is_main()))
+    if not distributed.is_main():
+        return 0
     print(f"{rep['n_particles']} particles -> {args.out}/map.mrc; FSC 0.143: {rep['resolution_A']:.2f} Å "
           f"(0.5: {rep['resolution_0.5_A']:.2f} Å)")
     return 0

@@ -39,6 +39,15 @@ Outputs in --out:
   resolution, median and 90th-percentile pose change, timing, particles/s)
   composite.mrc, composite_half1/2.mrc, patches/patch_NN/ (refined.star, mask, maps) with --patches
 
+Several processes or GPUs (torch.distributed; gloo on CPUs, NCCL on GPUs): each rank aligns
+its shard of the particles, the mixtures are fitted on rank 0 and broadcast, poses are
+gathered and the reconstructions summed across ranks; rank 0 writes the outputs:
+  torchrun --nproc_per_node 2 -m cryogmm.cli refine-poses sim/particles.star --out refined
+(--device auto gives each rank its own GPU, cuda:LOCAL_RANK, when CUDA is there.)
+
+Precision: --matmul-precision tf32|bf16 lets the projection's matrix products use tensor
+cores on GPUs (TF32, or bf16 autocast); FRC, FSC and reconstruction stay float32/float64.
+
 Example:
   cryogmm refine-poses sim/particles.star --iterations 3 --out refined
 """
@@ -79,10 +88,18 @@ def add_args(p):
     p.add_argument("--fit-iterations", type=int, default=300, help="Adam steps fitting each mixture (default 300)")
     p.add_argument("--batch", type=int, default=128, help="particles per batch; memory scales with it (default 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--matmul-precision", choices=("highest", "tf32", "bf16"), default="highest",
+                   help="projection matrix products on GPUs: float32 (highest, default), TF32 or bf16 autocast")
+    p.add_argument("--accumulate", choices=("auto", "float32", "float64"), default="auto",
+                   help="precision of the reconstructions' Fourier sums: auto = float64 under torchrun (results "
+                        "independent of the sharding), float32 on one process")
+    p.add_argument("--prefetch", type=int, default=1, help="batches read ahead in a background thread (0: off; default 1)")
+    p.add_argument("--device", default="auto",
+                   help="auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)")
 
 
 def main(args) -> int:
+    from cryogmm import distributed
     from cryogmm.jobs import Progress
     from cryogmm.refine import RefineConfig, refine_poses
 
@@ -91,8 +108,12 @@ def main(args) -> int:
                        patch_iterations=args.patch_iterations, sym=args.sym, project_dir=args.project_dir, iterations=args.iterations,
                        low_res_A=args.low_res_A, start_res_A=args.start_res_A, steps=args.steps, lr_deg=args.lr_deg,
                        lr_A=args.lr_A, n_gaussians=args.n_gaussians, max_gaussians=args.max_gaussians,
-                       fit_iterations=args.fit_iterations, batch=args.batch, seed=args.seed, device=args.device)
-    rep = refine_poses(cfg, progress=Progress(bar=True))
+                       fit_iterations=args.fit_iterations, batch=args.batch, seed=args.seed, device=args.device,
+                       matmul_precision=args.matmul_precision, prefetch=args.prefetch,
+                       accumulate=args.accumulate)
+    rep = refine_poses(cfg, progress=Progress(bar=distributed.is_main()))
+    if not distributed.is_main():
+        return 0
     it = rep["iterations"][-1]
     print(f"{rep['n_particles']} particles, {len(rep['iterations'])} iterations -> {args.out}/refined.star; "
           f"FSC 0.143: {rep['resolution_A']:.2f} Å; last pose change median {it['pose_change_deg']['median']:.2f}°")
