@@ -8,6 +8,8 @@ engine's figures from report.json. Each has a headless entry point the tests use
 ``.savefig``) and ``CryoGmmValidationViewer.createTable(prot)`` (header, rows).
 """
 
+import os
+
 import numpy as np
 
 from pwem.viewers.plotter import EmPlotter
@@ -70,35 +72,36 @@ class CryoGmmLatentViewer(Viewer):
 
     @staticmethod
     def latentData(prot):
-        """(zRed [n, k], cluster labels [n]) of the output particles."""
-        zred, labels = [], []
+        """(z [n, d], cluster labels [n]) of the output particles."""
+        z, labels = [], []
         for p in prot.outputParticles.iterItems():
-            zred.append(p.getZRed())
+            z.append(p.getZFlex())
             labels.append(int(p.getAttributeValue(ATTR_CLUSTER, -1)))
-        return np.array(zred), np.array(labels)
+        return np.array(z), np.array(labels)
 
     @classmethod
     def createPlot(cls, prot):
-        zred, labels = cls.latentData(prot)
-        report = readReport(prot._getAnalyzeDir())
-        ev = report.get("pca_explained_variance", [])
+        from .protocols.protocol_hetero import latentPca
+
+        z, labels = cls.latentData(prot)
+        frames = os.path.join(prot._getAnalyzeDir(), "pc1_z.txt")
+        traj = np.loadtxt(frames, ndmin=2) if os.path.exists(frames) else z[:0]
+        k = min(2, z.shape[1])
+        proj, tproj = latentPca(z, k, traj)
         plotter = EmPlotter(x=1, y=1, windowTitle="cryogmm latent space", figsize=(6, 5))
-        pc = lambda i: "PC%d%s" % (i + 1, " (%.0f %%)" % (100 * ev[i]) if i < len(ev) else "")
-        if zred.shape[1] >= 2:
-            ax = plotter.createSubPlot("Latent space (%d particles)" % len(zred),
-                                       pc(0), pc(1))
-            x, y = zred[:, 0], zred[:, 1]
+        title = "Latent space (%d particles, z in %d dimensions)" % z.shape
+        if k == 2:
+            ax = plotter.createSubPlot(title, "PC1 of z", "PC2 of z")
+            x, y, tx, ty = proj[:, 0], proj[:, 1], tproj[:, 0], tproj[:, 1]
         else:
-            ax = plotter.createSubPlot("Latent space (%d particles)" % len(zred),
-                                       "particle", pc(0))
-            x, y = np.arange(len(zred)), zred[:, 0]
+            ax = plotter.createSubPlot(title, "particle", "z")
+            x, y = np.arange(len(z)), proj[:, 0]
+            tx, ty = np.full(len(tproj), -0.03 * len(z)), tproj[:, 0]
         for c in sorted(set(labels)):
             sel = labels == c
             ax.scatter(x[sel], y[sel], s=6, alpha=0.7, label="cluster %d (%d)" % (c, sel.sum()))
-        if zred.shape[1] >= 2:
-            t = report.get("trajectories", {}).get("pc1", {}).get("t")
-            if t:
-                ax.plot(t, np.zeros(len(t)), "k^-", ms=6, label="PC1 frames")
+        if len(traj):
+            ax.plot(tx, ty, "k^-", ms=6, label="PC1 trajectory frames")
         ax.legend(loc="best", fontsize=8)
         return plotter
 

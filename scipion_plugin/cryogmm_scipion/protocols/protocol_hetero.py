@@ -344,14 +344,17 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
         return self._getExtraPath("analyze")
 
 
-def latentPca(z, k):
+def latentPca(z, k, extra=None):
     """Coordinates of ``z`` [n, d] on its first ``k`` principal components (centred; SVD,
-    sign fixed so each component's largest loading is positive)."""
-    zc = z - z.mean(0)
-    _, _, vt = np.linalg.svd(zc, full_matrices=False)
+    sign fixed so each component's largest loading is positive). With ``extra`` [m, d]
+    (e.g. trajectory points), returns their coordinates on the same axes as well."""
+    mean = z.mean(0)
+    _, _, vt = np.linalg.svd(z - mean, full_matrices=False)
     vt = vt[:k]
     vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])[:, None]
-    return zc @ vt.T
+    if extra is None:
+        return (z - mean) @ vt.T
+    return (z - mean) @ vt.T, (np.asarray(extra) - mean) @ vt.T
 
 
 def _keepOnly(members, label):
