@@ -6,7 +6,11 @@ The model's heavy atoms are moved by a chain of optional stages, each minimising
 
 - ``rigid``: k-means patches of whole residues (``n_patches``, 64 by default) moved as rigid
   bodies, coarse to fine (one body, then 8, then ``n_patches``), with the map and the model
-  map both blurred by extra Gaussian widths (8, 5, 3 Å) for capture range;
+  map both blurred by extra Gaussian widths (8, 5, 3 Å) for capture range. The patches'
+  motions are then clustered into motion domains (DynDom's idea: patches whose rigid
+  motions differ by less than 1.5 Å RMS belong together) and, when there are several, the
+  fit is redone from the start with the domains as the coarse bodies; the result that fits
+  the map better is kept (``motion="local"`` skips this);
 - ``residue``: every residue a rigid body;
 - ``rotamers`` (``--rebuild-rotamers``): side chains whose rotamer is an outlier are set to
   each mode of their rotamer mixture; the best map fit without new clashes is kept;
@@ -43,7 +47,7 @@ from cryogmm.errors import MapError, OptionError
 from cryogmm.restraints import Restraints
 from cryogmm.topology import Topology, build_topology, write_model
 
-__all__ = ["RefineModelConfig", "refine_model", "demo_model", "SIMILARITIES", "STAGES", "ca_rmsd"]
+__all__ = ["RefineModelConfig", "refine_model", "demo_model", "SIMILARITIES", "STAGES", "ca_rmsd", "motion_domains"]
 
 SIMILARITIES = ("relative-entropy", "cross-correlation", "inner-product", "fsc", "frc")
 STAGES = ("rigid", "residue", "rotamers", "full")
@@ -69,7 +73,19 @@ class RefineModelConfig:
     device: str = "cpu"
     threads: int = 2
     quiet: bool = True
+    motion: str = "domains"  # or "local": see MOTION_PRESETS
     extra: dict = field(default_factory=dict)
+
+
+# Step sizes and options by the kind of motion expected (``extra`` overrides any of them):
+# "domains" lets patches swing far (large rigid steps, weak geometry between patches) and
+# regroups them into motion domains; "local" is for a model already placed in its map
+# (smaller steps, geometry kept firmer, adaptive map force, no domain regrouping).
+MOTION_PRESETS = {
+    "domains": {},
+    "local": {"rigid_lr": 0.2, "residue_lr": 0.05, "rigid_min_weight": 0.05, "adaptive_scaling": True,
+              "motion_domains": False},
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -128,6 +144,53 @@ def ca_rmsd(topo: Topology, coords: np.ndarray, ref_path) -> float:
     if not d:
         raise OptionError("--reference", f"{ref_path} shares no Cα atoms with the model")
     return float(np.sqrt(np.mean(d)))
+
+
+def motion_domains(x0: np.ndarray, x1: np.ndarray, labels: np.ndarray, res_of_atom: np.ndarray,
+                   threshold_A: float = 1.5, min_residues: int = 12):
+    """Group patches that moved together into domains (DynDom's idea, on patch motions).
+
+    ``x0``/``x1 [N, 3]``: atoms before/after a patch-wise rigid fit; ``labels [N]`` the patch of
+    each atom; ``res_of_atom [N]`` its residue. Each patch's rigid motion ``T_k`` is its Kabsch
+    fit from ``x0`` to ``x1``; the distance between two patches is the RMS, over both patches'
+    atoms, of ``|T_k x - T_l x|`` (Å): how differently they moved. Average-linkage clustering
+    cut at ``threshold_A``; domains under ``min_residues`` residues join the domain whose motion
+    is closest. Returns domain labels per atom (``0..D-1``) and the pairwise distances."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    k = int(labels.max()) + 1
+    Rs, ts = [], []
+    for j in range(k):
+        p, q = x0[labels == j], x1[labels == j]
+        pc, qc = p.mean(0), q.mean(0)
+        u, _, vt = np.linalg.svd((p - pc).T @ (q - qc))
+        d = np.sign(np.linalg.det(vt.T @ u.T))
+        R = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+        Rs.append(R); ts.append(qc - R @ pc)
+    dist = np.zeros((k, k))
+    for a in range(k):
+        for b in range(a + 1, k):
+            pts = x0[(labels == a) | (labels == b)]
+            diff = pts @ (Rs[a] - Rs[b]).T + (ts[a] - ts[b])
+            dist[a, b] = dist[b, a] = float(np.sqrt((diff ** 2).sum(1).mean()))
+    if k == 1:
+        return np.zeros(len(labels), dtype=np.int64), dist
+    iu = np.triu_indices(k, 1)
+    dom = fcluster(linkage(dist[iu], method="average"), t=threshold_A, criterion="distance") - 1
+    nres = lambda d: len(np.unique(res_of_atom[np.isin(labels, np.nonzero(dom == d)[0])]))  # noqa: E731
+    while True:
+        sizes = {int(d): nres(d) for d in np.unique(dom)}
+        small = [d for d, n in sizes.items() if n < min_residues]
+        if not small or len(sizes) == 1:
+            break
+        d = min(small, key=lambda q: sizes[q])
+        members = np.nonzero(dom == d)[0]
+        others = [o for o in sizes if o != d]
+        # the domain whose patches moved most like this one's
+        best = min(others, key=lambda o: dist[np.ix_(members, np.nonzero(dom == o)[0])].mean())
+        dom[members] = best
+    _, dom = np.unique(dom, return_inverse=True)
+    return dom[labels].astype(np.int64), dist
 
 
 class MapTerm:
@@ -431,6 +494,56 @@ class _Refiner:
                               adapt=self.cfg.extra.get("adaptive_scaling", False))
 
 
+def _rigid_stage(rf: "_Refiner", cfg: RefineModelConfig, grid):
+    """Rigid bodies coarse to fine; then, when the patches moved as a few domains, again from
+    the start with those motion domains as the coarse bodies (kept if the map agrees better)."""
+    n = cfg.steps
+    lr, floor = cfg.extra.get("rigid_lr", 0.5), cfg.extra.get("rigid_min_weight", 1e-3)
+    terms = {}
+
+    def term(blur):
+        if blur not in terms:
+            terms[blur] = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, blur_A=blur, dtype=rf.dt, device=rf.dev)
+        return terms[blur]
+
+    def run(levels, tag=""):
+        for labels, name, blur in levels:
+            rf.map_k = 1.0
+            # patches may stretch the bonds between them (repaired by later stages)
+            rf.rigid_bodies(labels, f"{tag}{name}_blur{blur:g}", n, term(blur), lr_t=lr, floor=floor)
+
+    fine = rf.patch_labels(cfg.n_patches)
+    run([(rf.patch_labels(k) if k != cfg.n_patches else fine, f"rigid{k}", blur)
+         for k, blur in cfg.extra.get("rigid_levels", ((1, 8.0), (8, 5.0), (cfg.n_patches, 3.0)))])
+    if not cfg.extra.get("motion_domains", True) or cfg.n_patches < 4:
+        return
+    x0 = rf.start[rf.move_t].cpu().numpy()
+    x1 = rf.x_all[rf.move_t].cpu().numpy()
+    dom, _ = motion_domains(x0, x1, fine, rf.topo.res_index[rf.move],
+                            threshold_A=cfg.extra.get("domain_threshold_A", 1.5),
+                            min_residues=cfg.extra.get("domain_min_residues", 12))
+    n_dom = int(dom.max()) + 1
+    first = np.unique(rf.topo.res_index[rf.move], return_index=True)[1]
+    sizes = np.bincount(dom[first], minlength=n_dom)
+    rf.log.append(dict(phase="motion_domains", n_domains=n_dom, residues_per_domain=sizes.tolist()))
+    if n_dom < 2:
+        return
+    with torch.no_grad():
+        final_term = term(3.0)
+        s_patches = float(final_term.score(rf.x_all[rf.heavy_t]))
+    kept = rf.x_all.clone()
+    traj_len = len(rf.trajectory)
+    rf.x_all = rf.start.clone()
+    run([(dom, f"domains{n_dom}", 5.0), (dom, f"domains{n_dom}", 3.0), (fine, f"rigid{cfg.n_patches}", 3.0)], tag="d_")
+    with torch.no_grad():
+        s_domains = float(final_term.score(rf.x_all[rf.heavy_t]))
+    rf.log.append(dict(phase="motion_domains_choice", map_patches=s_patches, map_domains=s_domains,
+                       kept="domains" if s_domains >= s_patches else "patches"))
+    if s_domains < s_patches:
+        rf.x_all = kept
+        del rf.trajectory[traj_len:]
+
+
 def _check_overlap(topo, grid, path):
     from cryogmm.validate import _check_overlap as chk
 
@@ -464,6 +577,11 @@ def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
             raise OptionError("--resolution", f"must be a positive resolution in Å with --map, got {cfg.resolution_A}")
     if cfg.steps < 1:
         raise OptionError("--steps", f"must be >= 1, got {cfg.steps}")
+    if cfg.motion not in MOTION_PRESETS:
+        raise OptionError("--motion", f"unknown {cfg.motion!r}; expected one of {', '.join(MOTION_PRESETS)}")
+    from dataclasses import replace
+
+    cfg = replace(cfg, extra={**MOTION_PRESETS[cfg.motion], **cfg.extra})
     topo = build_topology(cfg.model)
     grid = None
     if not cfg.geometry_only:
@@ -490,12 +608,7 @@ def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
         if cfg.geometry_only and st in ("rigid", "residue"):
             continue
         if st == "rigid":
-            for k, blur in cfg.extra.get("rigid_levels", ((1, 8.0), (8, 5.0), (cfg.n_patches, 3.0))):
-                mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, blur_A=blur, dtype=rf.dt, device=rf.dev)
-                rf.map_k = 1.0
-                # patches may stretch the bonds between them (repaired by later stages)
-                rf.rigid_bodies(rf.patch_labels(k), f"rigid{k}_blur{blur:g}", n, mt,
-                                lr_t=cfg.extra.get("rigid_lr", 0.5), floor=cfg.extra.get("rigid_min_weight", 1e-3))
+            _rigid_stage(rf, cfg, grid)
         elif st == "residue":
             for blur in (1.5,):
                 mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, blur_A=blur, dtype=rf.dt, device=rf.dev)
@@ -535,7 +648,7 @@ def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
     rep = {
         "model": str(cfg.model), "map": None if cfg.map is None else str(cfg.map), "resolution_A": cfg.resolution_A,
         "similarity": None if cfg.geometry_only else cfg.similarity, "stages": stages,
-        "geometry_only": cfg.geometry_only, "steps_per_phase": n, "n_patches": cfg.n_patches,
+        "geometry_only": cfg.geometry_only, "steps_per_phase": n, "n_patches": cfg.n_patches, "motion": cfg.motion,
         "before": before, "after": after, "rms_moved_A": rms_move, "fixed_residues": topo.fixed_residues,
         "missing_atoms": topo.missing_atoms, "warnings": topo.warnings, "log": rf.log,
         "trajectory_frames": len(rf.trajectory), "stage_seconds": stage_times, "seconds": time.time() - t0,

@@ -115,3 +115,28 @@ def test_demo_model(tmp_path):
     assert a["rama_outlier_pct"] == 0 and a["clashscore"] <= 2
     assert a["bond_rmsz"] < 1 and a["angle_rmsz"] < 1
     assert (Path(r["out"]) / "refined.pdb").exists()
+
+
+def test_motion_domains_finds_a_hinge():
+    """Two blocks of patches, one turned 20° about its centre and shifted: two domains, each
+    block whole; a small third block that moved with the second joins it."""
+    from cryogmm.model_refine import motion_domains
+
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(440, 3)) * 5
+    x0[200:, 0] += 25
+    lab = np.repeat(np.arange(22), 20)
+    res = np.arange(440) // 4
+    th = np.radians(20)
+    R = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+    x1 = x0.copy()
+    c = x0[200:].mean(0)
+    x1[200:] = (x0[200:] - c) @ R.T + c + np.array([1.0, 2.0, 0.0])
+    x1 += rng.normal(size=x1.shape) * 0.2
+    dom, dist = motion_domains(x0, x1, lab, res, threshold_A=1.5, min_residues=12)
+    assert len(np.unique(dom[:200])) == 1 and len(np.unique(dom[200:])) == 1
+    assert dom[0] != dom[-1]
+    assert dist.shape == (22, 22) and dist[0, 1] < 1.0 < dist[0, 15]
+    # nothing moved: one domain
+    dom1, _ = motion_domains(x0, x0 + 0.01, lab, res)
+    assert len(np.unique(dom1)) == 1

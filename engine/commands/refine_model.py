@@ -2,7 +2,10 @@
 
 Stages (--stages, in order; each optional):
   rigid     k-means patches of whole residues (--patches, default 64) moved as rigid
-            bodies, coarse to fine (1, 8, then all patches) on blurred maps
+            bodies, coarse to fine (1, 8, then all patches) on blurred maps; patches that
+            moved together are then grouped into motion domains (as DynDom does) and the
+            fit is redone from the start with those domains (kept if the map agrees better;
+            --motion local skips this and takes smaller steps)
   residue   every residue a rigid body
   rotamers  outlier side chains tried at every rotamer mode; best map fit without new
             clashes kept (also added by --rebuild-rotamers)
@@ -11,8 +14,9 @@ Stages (--stages, in order; each optional):
 Map similarity (--similarity): relative-entropy (default), cross-correlation, inner-product
 (Blau & Lindahl, Gaussian spreading res/(2 sqrt(ln 4))), fsc (mean FSC of volumes up to the
 resolution) or frc (mean FRC of projections), as Chen. The geometry weight is set
-automatically per stage (map gain / geometry loss over two unconstrained iterations) and
-the map force is adapted as the similarity rises or falls.
+automatically per stage (map gain / geometry loss over two unconstrained iterations);
+with --motion local the map force is also adapted as the similarity rises or falls
+(Blau & Lindahl's adaptive scaling).
 
 --geometry-only regularises the model without a map (a 0.15 Å harmonic tether keeps it
 in place).
@@ -42,6 +46,9 @@ def add_args(p):
     p.add_argument("--rebuild-rotamers", action="store_true", help="add the rotamer rebuild stage before full")
     p.add_argument("--geometry-only", action="store_true", help="no map: regularise the geometry only")
     p.add_argument("--patches", type=int, default=64, help="rigid patches (default 64)")
+    p.add_argument("--motion", choices=["domains", "local"], default="domains",
+                   help="domains (default): large moves, patches regrouped into motion domains; "
+                        "local: a model already placed in its map (smaller steps, firmer geometry)")
     p.add_argument("--steps", type=int, default=150, help="optimiser steps per phase (default 150)")
     p.add_argument("--geometry-weight", type=float, default=1.0,
                    help="multiplies the automatic geometry weight (default 1)")
@@ -59,7 +66,7 @@ def main(args) -> int:
                             similarity=args.similarity, stages=tuple(args.stages), geometry_only=args.geometry_only,
                             rebuild_rotamers=args.rebuild_rotamers, n_patches=args.patches, steps=args.steps,
                             geometry_weight=args.geometry_weight, reference=args.reference, seed=args.seed,
-                            device=args.device)
+                            device=args.device, motion=args.motion)
     rep = refine_model(cfg, progress=Progress(bar=True))
     print("before:")
     print(summary_table(rep["before"]))
