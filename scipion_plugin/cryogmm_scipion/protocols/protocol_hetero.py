@@ -2,13 +2,12 @@
 protocol."""
 
 import os
-import re
 
 import numpy as np
 
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import BETA
-from pyworkflow.object import Float, Integer, String
+from pyworkflow.object import Float, Integer
 from pwem.objects import (AtomStruct, SetOfAtomStructs, SetOfParticles, SetOfVolumes,
                           Volume)
 from pwem.objects.data_flexhub import ParticleFlex, SetOfParticlesFlex

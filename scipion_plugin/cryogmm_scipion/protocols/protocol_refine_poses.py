@@ -312,8 +312,15 @@ class CryoGmmProtRefinePoses(CryoGmmBase, ProtRefine3D):
         if report.get("focused"):
             lines.append("Alignment focused by the mask.")
         if self.inputHetero.get() is not None:
+            c2o = report.get("conformation_to_orientation") or {}
+            rmsd = c2o.get("region_rmsd_A", {})
             lines.append("Poses started from each particle's conformation (heterogeneity "
-                         "run %s)." % self.inputHetero.get().getRunName())
+                         "run %s): masked-region RMSD to the neutral model, median %s -> %s "
+                         "Å; pose change median %s°." % (
+                             self.inputHetero.get().getRunName(),
+                             self._fmt(rmsd.get("before_median")),
+                             self._fmt(rmsd.get("after_median")),
+                             self._fmt(c2o.get("pose_change_deg", {}).get("median"), ".1f")))
         if self._symmetry() != "C1":
             lines.append("Symmetry %s imposed." % self._symmetry())
         if self.hasAttribute(OUT_COMPOSITE):
