@@ -158,6 +158,14 @@ class TestCryoGmmHeteroModel(BaseTest):
                 self.assertAlmostEqual(v.getSamplingRate(), APIX)
                 self.assertEqual(v.getDim(), (BOX, BOX, BOX))
 
+        # the maps chain into the model-series protocol with their PC1 coordinates as latents
+        series = self.newProtocol(CryoGmmProtModelSeries, useGpu=False, resolution=5.0)
+        series.inputVolumes.set(het.outputVolumesPC1)
+        series.inputAtomStruct.set(self.openModel)
+        self.assertEqual(series.validate(), [])
+        t = readReport(het._getAnalyzeDir())["trajectories"]["pc1"]["t"]
+        np.testing.assert_allclose(series._latents(series._volumes())[:, 0], t)
+
         # one particle subset per cluster, disjoint, covering the set
         subsets = [het.outputParticlesCluster0, het.outputParticlesCluster1]
         seen = set()
