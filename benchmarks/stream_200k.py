@@ -13,6 +13,8 @@ Usage: python benchmarks/stream_200k.py [--n 200000] [--workdir /tmp/scale/strea
    the resolution and the map's correlation with the simulation's truth map.
 
 Goal (issue #9): peak RSS under 2 GB. The stack is deleted afterwards unless ``--keep``.
+Timings on a shared 2-core machine are noisy: ``--no-prefetch-run --repeat 2`` alternates
+runs with and without the background reader.
 """
 
 from __future__ import annotations
@@ -111,16 +113,18 @@ def main():
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scale/stream"))
     ap.add_argument("--max-memory-gb", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-prefetch-run", action="store_true", help="also run once with --prefetch 0")
+    ap.add_argument("--no-prefetch-run", action="store_true", help="also run with --prefetch 0 (alternating)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each setting (default 1)")
     ap.add_argument("--keep", action="store_true", help="keep the stack")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "stream_200k.json")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     made = write_stack(a.workdir, a.n)
     print(f"wrote {made['n']} images ({made['stack_GB']:.2f} GB) in {made['seconds_write']:.0f} s", flush=True)
-    runs = [run_reconstruct(a.workdir, a.max_memory_gb, 1, a.threads)]
-    if a.no_prefetch_run:
-        runs.append(run_reconstruct(a.workdir, a.max_memory_gb, 0, a.threads))
+    runs = []
+    for _ in range(a.repeat):
+        for pf in ((1, 0) if a.no_prefetch_run else (1,)):
+            runs.append(run_reconstruct(a.workdir, a.max_memory_gb, pf, a.threads))
     for r in runs:
         print(f"prefetch {r['prefetch']}: {r['seconds_wall']:.1f} s wall ({r['particles_per_s']:.0f} particles/s), "
               f"peak RSS {r['peak_rss_GB']:.2f} GB (goal < 2), FSC 0.143 {r['resolution_A']:.2f} Å, "
