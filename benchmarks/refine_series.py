@@ -39,21 +39,25 @@ def main():
     ap.add_argument("--similarity", default="relative-entropy")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--patches", type=int, default=24)
+    ap.add_argument("--capture-steps", type=int, default=30)
+    ap.add_argument("--no-capture", action="store_true")
     ap.add_argument("--polish-iters", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/series/bench"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "refine_series.json")
     a = ap.parse_args()
 
     from cryogmm.model_series import GOALS, RefineSeriesConfig, refine_series, series_example
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     t0 = time.time()
     ex = series_example(a.work / "data", n_maps=a.maps, resolution_A=a.res, apix=a.apix, noise=a.noise,
                         residues=None if a.residues is None else tuple(a.residues), seed=a.seed, start=a.start)
     cfg = RefineSeriesConfig(model=ex["start"], maps=tuple(ex["maps"]), out=a.work / "out", resolution_A=a.res,
                              frames=a.frames, similarity=a.similarity, steps=a.steps, n_patches=a.patches,
-                             polish_iters=a.polish_iters, references=tuple(ex["truths"]), seed=a.seed)
+                             polish_iters=a.polish_iters, references=tuple(ex["truths"]), seed=a.seed, threads=a.threads,
+                             capture=not a.no_capture, capture_steps=a.capture_steps)
     rep = refine_series(cfg)
     frames = rep["per_frame"]
     maps = rep["per_map"]
@@ -80,7 +84,7 @@ def main():
         "t": ex["t"], "box": ex["box"], "apix": ex["apix"], "goals": GOALS, "summary": summary,
         "per_frame": frames,
         "per_map": [{k: v for k, v in m.items()} for m in maps],
-        "seconds": rep["seconds"], "wall_s": time.time() - t0, "log": rep["log"],
+        "capture": rep["capture"], "seconds": rep["seconds"], "wall_s": time.time() - t0, "log": rep["log"],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -92,6 +96,9 @@ def main():
               f"frame {m['ca_rmsd_to_reference_A']:.2f} Å; CC {m['start']['map_cc_mask']:.3f} -> "
               f"{m['frame']['map_cc_mask']:.3f}")
     print(f"ratio frame/start Cα RMSD (maps > 0.5 Å from the start): {summary['mean_ca_rmsd_ratio_frame_over_start']:.2f}")
+    for c in rep["capture"] or []:
+        print(f"capture map {c['map'] + 1:2d} (from map {'start' if c['from_map'] is None else c['from_map'] + 1}): "
+              f"Cα RMSD {c.get('ca_rmsd_to_reference_A', float('nan')):.2f} Å, {c['seconds']:.0f} s")
     print(f"wall {result['wall_s']:.0f} s -> {a.out}")
 
 

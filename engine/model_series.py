@@ -20,10 +20,16 @@ translation in Å), blended per residue with Gaussian weights on the distance of
 the patch centres (so patch boundaries bend instead of tearing), plus per-atom residual
 displacements that are switched on in the later phases.
 
-Capture range: the phases use blurred maps first (6 Å, then 3 Å extra Gaussian width, as
-``refine-model``'s rigid stage), and the first phase is a curriculum along the latent path:
-the map that the starting model fits best comes first, then its neighbours outward, each new
-map starting from the network's output at its latent, i.e. from its neighbour's model.
+Capture range (``capture``, on by default): a curriculum along the latent path with free
+coordinates first. The map that the starting model fits best comes first, then its
+neighbours outward; each map is fitted by :func:`cryogmm.model_refine.refine_model` (its
+whole pipeline: coarse-to-fine rigid patches on blurred maps, motion domains, residues, full
+atom), warm-started from the model of its nearest map already done. The network is then
+fitted to these models (``prefit``: mean squared distance at the maps' latents) and trained
+on the maps as above (residuals on, full-resolution maps). Without ``capture`` the network
+alone is trained in phases on blurred maps (6 Å, then 3 Å extra Gaussian width, map-only
+with the patch motions) and the first phase is the same curriculum in the latent: each new
+map starts from the network's output at its latent, i.e. from its neighbour's model.
 
 Finally every output frame (``frames`` evenly along the latent path through the maps, by arc
 length, and one frame at each map's latent) gets a geometry polish: L-BFGS on the geometry
@@ -72,11 +78,13 @@ class RefineSeriesConfig:
     geometry_weight: float = 1.0  # multiplies the automatic weight
     lr: float = 3e-3
     polish_iters: int = 40
+    capture: bool = True  # per-map refine-model curriculum before the network (see module doc)
+    capture_steps: int = 30  # refine-model steps per phase in the capture
     polish_anchor_A: float = 0.3
     references: tuple | None = None  # one model per map: Cα RMSD of each map's frame (benchmarks)
     seed: int = 0
     device: str = "cpu"
-    threads: int = 2
+    threads: int = 1  # many small tensors: one thread is fastest on a shared CPU
     extra: dict = field(default_factory=dict)
 
 
@@ -145,11 +153,19 @@ def random_path_points(z: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
 # ----------------------------------------------------------------------------- the network
 
 class SeriesNet(torch.nn.Module):
-    """``z [B, d] -> (patch motions [B, K, 6], residuals [B, N, 3])``, both zero at start."""
+    """``z [B, d] -> (patch motions [B, K, 6], residuals [B, N, 3])``, both zero at start.
 
-    def __init__(self, d: int, n_patches: int, n_atoms: int, hidden: int = 64):
+    The latent enters as itself plus ``n_fourier`` random Fourier features ``sin/cos(B z)``
+    (``B ~ N(0, fourier_scale^2)``, fixed by the seed), so that maps a short latent distance
+    apart can get different motions from the first steps."""
+
+    def __init__(self, d: int, n_patches: int, n_atoms: int, hidden: int = 64, n_fourier: int = 16,
+                 fourier_scale: float = 4.0, seed: int = 0):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.SiLU(),
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freq", torch.randn(d, n_fourier, generator=g) * fourier_scale)
+        width = d + 2 * n_fourier
+        self.body = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.SiLU(),
                                         torch.nn.Linear(hidden, hidden), torch.nn.SiLU())
         self.patch = torch.nn.Linear(hidden, n_patches * 6)
         self.resid = torch.nn.Linear(hidden, n_atoms * 3)
@@ -158,8 +174,13 @@ class SeriesNet(torch.nn.Module):
             torch.nn.init.zeros_(head.bias)
         self.k, self.n = n_patches, n_atoms
 
+    def features(self, z):
+        u = 2.0 * z - 1.0
+        a = u @ self.freq.to(z.dtype)
+        return torch.cat([u, torch.sin(a), torch.cos(a)], -1)
+
     def forward(self, z):
-        h = self.body(2.0 * z - 1.0)
+        h = self.body(self.features(z))
         return self.patch(h).view(-1, self.k, 6), self.resid(h).view(-1, self.n, 3)
 
 
@@ -193,7 +214,9 @@ class SeriesModel:
         self.x0, self.cen, self.rad = t(x0), t(cen), t(rad)[:, None]
         self.w = t(w[inv])  # [N, K]
         self.n_patches = k
-        self.net = SeriesNet(d, k, len(move), cfg.hidden).to(device=device, dtype=dtype)
+        self.net = SeriesNet(d, k, len(move), cfg.hidden, n_fourier=int(cfg.extra.get("n_fourier", 16)),
+                             fourier_scale=float(cfg.extra.get("fourier_scale", 4.0)), seed=cfg.seed).to(
+            device=device, dtype=dtype)
         self.motion_scale = float(cfg.extra.get("motion_scale_A", 5.0))
         self.resid_scale = float(cfg.extra.get("residual_scale_A", 1.0))
         self.use_resid = False
@@ -324,8 +347,10 @@ class _SeriesFit:
         w_geo = 0.0 if map_only else self.auto_weight(
             include[: cfg.batch_maps] if newest is None else np.unique(np.r_[newest, include[: cfg.batch_maps - 1]]),
             mts, floor)
-        params = [p for p in self.model.net.parameters()]
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+        net = self.model.net
+        heads = list(net.patch.parameters()) + list(net.resid.parameters())
+        opt = torch.optim.Adam([{"params": list(net.body.parameters()), "lr": cfg.lr},
+                                {"params": heads, "lr": cfg.lr * float(cfg.extra.get("head_lr_factor", 1.0))}])
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
         for it in range(steps):
@@ -349,28 +374,94 @@ class _SeriesFit:
                 self.progress(name, it + 1, steps)
         return w_geo
 
-    def train(self):
-        cfg = self.cfg
-        n = cfg.steps
-        m = len(self.grids)
-        phases = cfg.extra.get("phases", ((6.0, False), (3.0, False), (0.0, True)))
-        # curriculum order: the map the start fits best, then outward along the latent
-        mts = self.mapterms(phases[0][0])
+    def order_maps(self):
+        """Curriculum order: the map the start fits best (3 Å blur), then outward along the latent."""
+        mts = self.mapterms(3.0)
         with torch.no_grad():
             x0 = self.x_all[self.heavy_t]
             s_start = [float(mt.score(x0)) for mt in mts]
         first = int(np.argmax(s_start))
-        order = np.argsort(np.linalg.norm(self.z - self.z[first], axis=1), kind="stable")
-        self.order = order
+        self.order = np.argsort(np.linalg.norm(self.z - self.z[first], axis=1), kind="stable")
         self.start_scores = s_start
+        return self.order
+
+    def capture(self, work: Path):
+        """The curriculum with free coordinates: ``refine_model`` into each map in curriculum
+        order, the first from the start, every later one from its nearest (in latent) map
+        already done. Returns the models ``[M][atoms, 3]`` (this topology's order)."""
+        from cryogmm.model_refine import RefineModelConfig, ca_rmsd, refine_model
+        from cryogmm.topology import build_topology, write_model
+
+        cfg = self.cfg
+        done = {}
+        self.capture_log = []
+        start_pdb = work / "start.pdb"
+        write_model(self.topo, self.topo.coords, start_pdb)
+        for rank, i in enumerate(self.order):
+            i = int(i)
+            if done:
+                src_i = min(done, key=lambda k: float(np.linalg.norm(self.z[k] - self.z[i])))
+                src = work / f"capture_{src_i:03d}" / "refined.pdb"
+            else:
+                src_i, src = None, start_pdb
+            # refine-model's whole pipeline (coarse-to-fine rigid patches on blurred maps, motion
+            # domains, residues, full atom): a neighbour's model is a warm start, not a guarantee
+            extra = dict(polish_iters=2 * cfg.capture_steps)
+            extra.update(cfg.extra.get("capture_extra", {}))
+            t0 = time.time()
+            rep = refine_model(RefineModelConfig(
+                model=src, map=Path(cfg.maps[i]), resolution_A=cfg.resolution_A, out=work / f"capture_{i:03d}",
+                similarity=cfg.similarity, n_patches=cfg.n_patches, steps=cfg.capture_steps, seed=cfg.seed,
+                device=cfg.device, threads=cfg.threads, extra=extra))
+            xt = build_topology(work / f"capture_{i:03d}" / "refined.pdb").coords
+            if xt.shape != self.topo.coords.shape:
+                raise RuntimeError(f"capture of map {i}: atom count changed ({xt.shape} vs {self.topo.coords.shape})")
+            done[i] = xt
+            row = dict(map=i, rank=rank, from_map=src_i, seconds=time.time() - t0,
+                       map_cc=rep["after"].get("map_cc_mask"))
+            if cfg.references is not None:
+                row["ca_rmsd_to_reference_A"] = ca_rmsd(self.topo, xt, cfg.references[i])
+            self.capture_log.append(row)
+            if self.progress is not None:
+                self.progress("capture", rank + 1, len(self.order))
+        return [done[i] for i in range(len(self.grids))]
+
+    def prefit(self, targets, steps: int = 300):
+        """Fit the network to the captured models (mean squared distance of the moving atoms
+        at the maps' latents), patches and residuals together."""
+        tgt = torch.stack([torch.as_tensor(t, dtype=self.dt, device=self.dev)[self.move_t] for t in targets])
+        self.model.use_resid = True
+        opt = torch.optim.Adam(self.model.net.parameters(), lr=self.cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+        for it in range(steps):
+            opt.zero_grad()
+            d2 = ((self.model.coords(self.zt) - tgt) ** 2).sum(-1).mean()
+            d2.backward()
+            opt.step()
+            sched.step()
+            if it % 50 == 0 or it == steps - 1:
+                self.log.append(dict(phase="prefit", step=it, rms_to_captured_A=float(d2.detach().sqrt())))
+            if self.progress is not None:
+                self.progress("prefit", it + 1, steps)
+
+    def train(self, work: Path | None = None):
+        cfg = self.cfg
+        n = cfg.steps
+        m = len(self.grids)
+        order = self.order_maps()
+        if cfg.capture:
+            self.prefit(self.capture(work), steps=int(cfg.extra.get("prefit_steps", 300)))
+            phases = cfg.extra.get("phases", ((0.0, True),))
+        else:
+            phases = cfg.extra.get("phases", ((6.0, False), (3.0, False), (0.0, True)))
         for pi, (blur, resid) in enumerate(phases):
             self.model.use_resid = bool(resid)
-            if pi > 0:
-                mts = self.mapterms(blur)
+            mts = self.mapterms(blur)
             # patch phases are map-only (each residue moves nearly rigidly, as refine-model's
             # rigid stage, where Chen's weight sits at its floor); the geometry enters with the residuals
             map_only = not resid
-            if pi == 0 and m > 1:
+            if pi == 0 and m > 1 and not cfg.capture:
                 for j in range(m):
                     self.phase(f"curriculum{j + 1}_blur{blur:g}", mts, max(5, n // 3), order[: j + 1], 0.05,
                                newest=order[j], map_only=map_only)
@@ -511,7 +602,10 @@ def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
 
     fit = _SeriesFit(topo, cfg, grids, z, progress)
     t_train = time.time()
-    fit.train()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cryogmm-series-") as work:
+        fit.train(Path(work))
     t_train = time.time() - t_train
 
     val = Restraints(topo)
@@ -570,7 +664,7 @@ def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
             "goals": GOALS, "curriculum_order": [int(i) for i in fit.order],
             "all_frames_pass_goals": all(r["passes_goals"] for r in per_frame),
             "all_map_frames_pass_goals": all(r["frame_geometry"]["passes_goals"] for r in per_map),
-            "per_map": per_map, "per_frame": per_frame, "rms_step_between_frames_A": steps_between,
+            "capture": getattr(fit, "capture_log", None), "per_map": per_map, "per_frame": per_frame, "rms_step_between_frames_A": steps_between,
             "fixed_residues": topo.fixed_residues, "warnings": topo.warnings, "log": fit.log,
             "seconds": {"train": t_train, "polish": t_pol, "validate": t_val, "total": time.time() - t0},
             "seed": cfg.seed,

@@ -16,6 +16,15 @@ from cryogmm.model_series import (GOALS, RefineSeriesConfig, SeriesModel, latent
 from cryogmm.topology import build_topology
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many small tensors: one thread is far faster than two on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Residues 1-14 of adenylate kinase, 3 maps (2 Å/px): fast inputs for the error paths."""
@@ -150,7 +159,7 @@ def test_small_series_outputs(tiny, tmp_path):
     """A short run end to end: outputs, frame count, report fields, network reload."""
     out = tmp_path / "out"
     rep = refine_series(RefineSeriesConfig(model=tiny["start"], maps=tuple(tiny["maps"]), out=out, resolution_A=5.0,
-                                           frames=4, steps=4, n_patches=3, polish_iters=10,
+                                           frames=4, steps=4, n_patches=3, polish_iters=10, capture_steps=3,
                                            references=tuple(tiny["truths"])))
     txt = (out / "series.pdb").read_text()
     assert txt.count("\nMODEL ") + txt.startswith("MODEL ") == 4 and txt.count("ENDMDL") == 4
@@ -162,6 +171,7 @@ def test_small_series_outputs(tiny, tmp_path):
     assert f0["between_maps"] == [0, 1] and len(f0["map_cc_neighbours"]) == 2
     assert set(GOALS) <= set(f0)
     assert "ca_rmsd_to_reference_A" in rj["per_map"][0]
+    assert [c["map"] for c in rj["capture"]][0] == 2  # the start is the last map's truth: captured first
     ck = torch.load(out / "network.pt", weights_only=False)
     assert ck["latent"].shape == (3, 1)
     assert not list(out.glob(".partial-*"))

@@ -4,9 +4,11 @@ A small network maps a latent coordinate to the model's coordinates (rigid motio
 k-means patches blended per residue, plus per-atom residuals). It is trained on all maps at
 once: for each map, -similarity(model(z_i + noise), map_i) + w * geometry (the restraints of
 refine-model, Chen's automatic weight), plus geometry-only rounds at random latent points so
-frames between the maps stay clean. Capture range: blurred maps first, and a curriculum
-along the latent (the map the starting model fits best first, then outward). Every output
-frame gets a short geometry polish tethered to the network's frame.
+frames between the maps stay clean. Capture range: a curriculum along the latent first (the
+map the starting model fits best, then outward, each map fitted by refine-model warm-started
+from its neighbour's model; --capture-steps), to which the network is fitted before its map
+training (--no-capture: the network alone, on blurred maps first). Every output frame gets a
+short geometry polish tethered to the network's frame.
 
 Latent (--latent): one row per map, any width (e.g. cryogmm hetero analyze's z of each
 map's particles). Default: the maps' order spread over [0, 1]. Frames are placed evenly by
@@ -42,6 +44,10 @@ def add_args(p):
                    choices=["relative-entropy", "cross-correlation", "inner-product", "fsc", "frc"],
                    help="map similarity (default relative-entropy)")
     p.add_argument("--steps", type=int, default=60, help="optimiser steps per phase (default 60)")
+    p.add_argument("--capture-steps", type=int, default=30,
+                   help="refine-model steps per phase in the per-map capture curriculum (default 30)")
+    p.add_argument("--no-capture", action="store_true",
+                   help="skip the per-map capture: the network alone, blurred maps and a latent curriculum")
     p.add_argument("--patches", type=int, default=24, help="k-means patches of the coarse motion (default 24)")
     p.add_argument("--geometry-weight", type=float, default=1.0,
                    help="multiplies the automatic geometry weight (default 1)")
@@ -60,7 +66,8 @@ def main(args) -> int:
     cfg = RefineSeriesConfig(model=args.model, maps=tuple(args.maps), out=args.out, resolution_A=args.resolution,
                              frames=args.frames, latent=args.latent, similarity=args.similarity, steps=args.steps,
                              n_patches=args.patches, geometry_weight=args.geometry_weight,
-                             polish_iters=args.polish_iters,
+                             polish_iters=args.polish_iters, capture=not args.no_capture,
+                             capture_steps=args.capture_steps,
                              references=None if args.references is None else tuple(args.references),
                              seed=args.seed, device=args.device)
     rep = refine_series(cfg, progress=Progress(bar=True))
