@@ -121,8 +121,8 @@ def _shift_inputs(model: Path, map_path: Path, work: Path, margin_A: float = 10.
     st.remove_ligands_and_waters()
     st.remove_hydrogens()
     st.remove_empty_chains()
-    for mdl in list(st)[1:]:
-        st.remove_model(mdl.num) if hasattr(st, "remove_model") else None
+    while len(st) > 1:  # first model only
+        del st[len(st) - 1]
     st[0].transform_pos_and_adp(gemmi.Transform(gemmi.Mat33(), gemmi.Vec3(*map(float, shift))))
     st.write_pdb(str(work / "start_shift.pdb"))
     box_nm = float((np.array(data.shape[::-1]) * vs).max() + 2 * margin_A) / 10.0
@@ -204,36 +204,64 @@ def gmx_to_pdb(gro_pdb: Path, template: Path, shift, out: Path) -> dict:
     return {"matched_atoms": n, "extra_gromacs_atoms": sorted(f"{k[0]}/{k[1]}" for k in pos)}
 
 
+def _log_wall(log: Path) -> float:
+    """mdrun's own wall time (s) from its log."""
+    lines = log.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "Core t (s)" in line and "Wall t (s)" in line:
+            return float(lines[i + 1].split()[2])
+    import datetime
+
+    stamps = [datetime.datetime.strptime(ln.split(" rank 0 ")[1].strip(), "%a %b %d %H:%M:%S %Y")
+              for ln in lines if ln.startswith(("Started mdrun on rank 0", "Finished mdrun on rank 0"))]
+    if len(stamps) == 2:
+        return (stamps[1] - stamps[0]).total_seconds()
+    gro, tpr = log.with_suffix(".gro"), log.with_suffix(".tpr")
+    if gro.exists() and tpr.exists():  # minimisation logs carry no timing: its input and output file times
+        return gro.stat().st_mtime - tpr.stat().st_mtime
+    raise RuntimeError(f"{log}: no timing (mdrun did not finish)")
+
+
 def run_gromacs(model: Path, map_path: Path, res_A: float, work: Path, ps: float, k: float, nst: int,
-                threads: int, seed: int = 1) -> dict:
+                threads: int, seed: int = 1, reuse: bool = False) -> dict:
     """Closed model into the map by GROMACS density-guided MD; returns paths, timings and the
-    Cα trajectory file. ``work`` is emptied first."""
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    Cα trajectory file. ``work`` is emptied first, unless ``reuse`` and a finished run (dg.gro)
+    with the same settings is there: then only the analysis is redone and the wall time is
+    mdrun's own (minimisation + density-guided MD, from their logs)."""
+    mdp = _mdp_density(res_A, k, nst, ps, seed)
+    reused = reuse and (work / "dg.gro").exists() and (work / "dg.mdp").read_text() == mdp
+    if not reused:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
     shift, box_nm = _shift_inputs(model, map_path, work)
     nt = ["-nt", str(threads), "-ntmpi", "1", "-pin", "off"]
     t0 = time.time()
-    _gmx(["pdb2gmx", "-f", "start_shift.pdb", "-o", "conf.gro", "-p", "topol.top", "-i", "posre.itp",
-          "-ff", "charmm27", "-water", "none", "-ignh"], work)
-    _gmx(["editconf", "-f", "conf.gro", "-o", "box.gro", "-box", f"{box_nm:.3f}", "-noc"], work)
-    (work / "em.mdp").write_text(_mdp_common() + "integrator = steep\nnsteps = 500\nemtol = 500\n")
-    _gmx(["grompp", "-f", "em.mdp", "-c", "box.gro", "-p", "topol.top", "-o", "em.tpr", "-maxwarn", "1"], work)
-    _gmx(["mdrun", "-deffnm", "em"] + nt, work)
-    (work / "dg.mdp").write_text(_mdp_density(res_A, k, nst, ps, seed))
-    _gmx(["grompp", "-f", "dg.mdp", "-c", "em.gro", "-p", "topol.top", "-o", "dg.tpr", "-maxwarn", "1"], work)
-    t_md = time.time()
-    _gmx(["mdrun", "-deffnm", "dg"] + nt, work)
-    t1 = time.time()
+    if not reused:
+        _gmx(["pdb2gmx", "-f", "start_shift.pdb", "-o", "conf.gro", "-p", "topol.top", "-i", "posre.itp",
+              "-ff", "charmm27", "-water", "none", "-ignh"], work)
+        _gmx(["editconf", "-f", "conf.gro", "-o", "box.gro", "-box", f"{box_nm:.3f}", "-noc"], work)
+        (work / "em.mdp").write_text(_mdp_common() + "integrator = steep\nnsteps = 500\nemtol = 500\n")
+        _gmx(["grompp", "-f", "em.mdp", "-c", "box.gro", "-p", "topol.top", "-o", "em.tpr", "-maxwarn", "1"], work)
+        _gmx(["mdrun", "-deffnm", "em"] + nt, work)
+        (work / "dg.mdp").write_text(mdp)
+        _gmx(["grompp", "-f", "dg.mdp", "-c", "em.gro", "-p", "topol.top", "-o", "dg.tpr", "-maxwarn", "1"], work)
+        _gmx(["mdrun", "-deffnm", "dg"] + nt, work)
+    wall = time.time() - t0
+    mdrun_s = _log_wall(work / "dg.log")
+    if reused:
+        wall = _log_wall(work / "em.log") + mdrun_s
     _gmx(["trjconv", "-f", "dg.gro", "-s", "dg.tpr", "-o", "final_charmm.pdb"], work, stdin="Protein-H\n")
     mapping = gmx_to_pdb(work / "final_charmm.pdb", model, shift, work / "final.pdb")
-    _gmx(["trjconv", "-f", "dg.xtc", "-s", "dg.tpr", "-o", "traj.pdb"], work, stdin="Protein-H\n")
+    # the trajectory holds the density group (Protein-H) only: its own reference structure
+    _gmx(["trjconv", "-f", "dg.xtc", "-s", "final_charmm.pdb", "-o", "traj.pdb"], work, stdin="0\n")
     perf = None
     for line in (work / "dg.log").read_text().splitlines():
         if line.startswith("Performance:"):
             perf = float(line.split()[1])
-    return {"final": work / "final.pdb", "traj": work / "traj.pdb", "shift": shift, "wall_s": t1 - t0,
-            "mdrun_s": t1 - t_md, "ns_per_day": perf, "mapping": mapping}
+    return {"final": work / "final.pdb", "traj": work / "traj.pdb", "shift": shift, "wall_s": wall,
+            "mdrun_s": mdrun_s, "ns_per_day": perf, "mapping": mapping,
+            "wall_source": "mdrun logs (em + density-guided MD), analysis redone" if reused else "pdb2gmx to end of mdrun"}
 
 
 def _traj_ca_rmsd(traj: Path, shift, open_pdb: Path, every_ps: float):
@@ -300,13 +328,14 @@ def compare(results: dict) -> list[str]:
                     row[f"{k}_ours_molprobity"] = om.get(k)
                     row[f"{k}_gromacs_molprobity"] = gm.get(k)
             results.setdefault("comparison", []).append(row)
+            judged = bool(om and gm)
+            sfx = "_molprobity" if judged else ""
+            geo = "; ".join(f"{k} {row[k + '_ours' + sfx]:.2f} vs {row[k + '_gromacs' + sfx]:.2f}"
+                            for k in ("bond_rmsz", "angle_rmsz", "rama_outlier_pct", "rotamer_outlier_pct", "clashscore"))
             lines.append(f"{c['resolution_A']:g} Å {c['similarity']}: wall GROMACS/ours = {row['wall_gromacs_over_ours']:.1f}x; "
                          f"Cα RMSD ours {row['ca_rmsd_ours_A']:.2f} vs GROMACS {row['ca_rmsd_gromacs_A']:.2f} Å; "
                          f"map CC {row['map_cc_ours']:.3f} vs {row['map_cc_gromacs']:.3f}; "
-                         + "; ".join(f"{k} {row.get(k + '_ours_molprobity', row[k + '_ours']):.2f} vs "
-                                     f"{row.get(k + '_gromacs_molprobity', row[k + '_gromacs']):.2f}"
-                                     for k in ("bond_rmsz", "angle_rmsz", "rama_outlier_pct", "rotamer_outlier_pct",
-                                               "clashscore")) + " (MolProbity where run)")
+                         f"{geo} ({'MolProbity' if judged else 'cryogmm validate'}; ours vs GROMACS)")
     return lines
 
 
@@ -323,6 +352,8 @@ def main(argv=None):
     ap.add_argument("--gmx-ps", type=float, default=50.0, help="density-guided MD length (ps)")
     ap.add_argument("--gmx-k", type=float, default=1e7, help="initial density force constant (kJ/mol)")
     ap.add_argument("--gmx-nst", type=int, default=10, help="density forces every N MD steps")
+    ap.add_argument("--gmx-reuse", action="store_true",
+                    help="reuse a finished GROMACS run in --work with the same settings (analysis only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench/adk"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "refine_model_gromacs.json")
@@ -360,8 +391,9 @@ def main(argv=None):
                 results.setdefault("gromacs", {})[f"{res:g}A"] = "not run: gmx not on PATH (apt-get install gromacs)"
             else:
                 g = run_gromacs(closed_pdb, mp, res, a.work / f"gromacs_{res:g}A", a.gmx_ps, a.gmx_k, a.gmx_nst,
-                                a.threads)
+                                a.threads, reuse=a.gmx_reuse)
                 rec = {"wall_s": g["wall_s"], "mdrun_s": g["mdrun_s"], "ns_per_day": g["ns_per_day"],
+                       "wall_source": g["wall_source"],
                        "settings": {"force_field": "charmm27", "solvent": "vacuum, reaction field eps_rf=inf",
                                     "similarity": "relative-entropy", "adaptive_force_scaling": True,
                                     "tau_ps": 4, "ps": a.gmx_ps, "k0": a.gmx_k, "nst": a.gmx_nst,

@@ -17,7 +17,7 @@ sys.path.insert(0, str(BENCH))
 import geometry_only  # noqa: E402
 import refine_model_helix as helix  # noqa: E402
 
-TEST_STEPS = 60
+TEST_STEPS = 40  # measured: seeds 0, 1, 2 -> 0.95, 1.06, 0.92 Å (benchmarks/results/refine_model_helix.json)
 ADK = Path(str(resources.files("cryogmm.data").joinpath("adk_closed.pdb")))
 
 
@@ -129,7 +129,7 @@ def test_geometry_only_fragment(tmp_path):
     row = geometry_only.run(truth, tmp_path / "out", steps=50, molp=None, threads=1)
     assert row["rms_moved_A"] < geometry_only.MAX_RMS_MOVE_A
     bad = {k: (row["ours_before"][k], row["ours_after"][k]) for k, v in row["ours_verdict"].items()
-           if v not in ("improves", "stays 0", "stays 100")}
+           if v not in geometry_only.OK}
     assert not bad, bad
     assert row["ours_after"]["bond_rmsz"] < 0.8 * row["ours_before"]["bond_rmsz"]
 
