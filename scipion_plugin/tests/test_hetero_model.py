@@ -308,7 +308,8 @@ class TestCryoGmmHeteroModel(BaseTest):
         self.assertEqual(maps.getSize(), 3)
         start = self.importPdb(os.path.join(d, "start.pdb"))
         prot = self.newProtocol(CryoGmmProtModelSeries, useGpu=False, numberOfThreads=2,
-                                resolution=5.0, frames=4, steps=10, patches=4, polishIters=5)
+                                resolution=5.0, frames=4, steps=10, patches=4, polishIters=5,
+                                captureSteps=10)
         prot.inputVolumes.set(maps)
         prot.inputAtomStruct.set(start)
         self.launchProtocol(prot)

@@ -74,6 +74,16 @@ class CryoGmmProtModelSeries(CryoGmmBase, EMProtocol):
                       label="Map similarity")
         form.addParam("steps", params.IntParam, default=60, validators=[params.Positive],
                       expertLevel=params.LEVEL_ADVANCED, label="Steps per phase")
+        form.addParam("capture", params.BooleanParam, default=True,
+                      expertLevel=params.LEVEL_ADVANCED, label="Per-map capture first?",
+                      help="Fit each map with the model refinement first, along a "
+                           "curriculum from the map the starting model fits best outwards "
+                           "(each warm-started from its neighbour's model), and fit the "
+                           "network to these models before its map training. No: the "
+                           "network alone, on blurred maps first.")
+        form.addParam("captureSteps", params.IntParam, default=30, condition="capture",
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Capture steps per phase")
         form.addParam("patches", params.IntParam, default=24, validators=[params.Positive],
                       expertLevel=params.LEVEL_ADVANCED, label="Patches of the coarse motion")
         form.addParam("polishIters", params.IntParam, default=40,
@@ -100,6 +110,10 @@ class CryoGmmProtModelSeries(CryoGmmBase, EMProtocol):
                 "--steps", self.steps.get(), "--patches", self.patches.get(),
                 "--polish-iters", self.polishIters.get(),
                 "--geometry-weight", self.geometryWeight.get(), "--seed", self.seed.get()]
+        if self.capture:
+            args += ["--capture-steps", self.captureSteps.get()]
+        else:
+            args.append("--no-capture")
         latent = self._latents(vols)
         if latent is not None:
             path = self._getExtraPath("latent.txt")
