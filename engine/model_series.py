@@ -339,7 +339,7 @@ class _SeriesFit:
         return float(sum(self.geometry(self.assemble(xs[b]), key=int(idx[b]), refresh=True)
                          for b in range(len(idx))) / len(idx))
 
-    def phase(self, name, mts, steps, include, floor, newest=None, map_only=False):
+    def phase(self, name, mts, steps, include, floor, newest=None, map_only=False, lr_factor=1.0):
         """Adam steps over maps ``include`` (a batch of ``batch_maps`` per step; ``newest``
         always in the batch)."""
         cfg = self.cfg
@@ -349,8 +349,9 @@ class _SeriesFit:
             mts, floor)
         net = self.model.net
         heads = list(net.patch.parameters()) + list(net.resid.parameters())
-        opt = torch.optim.Adam([{"params": list(net.body.parameters()), "lr": cfg.lr},
-                                {"params": heads, "lr": cfg.lr * float(cfg.extra.get("head_lr_factor", 1.0))}])
+        lr = cfg.lr * lr_factor
+        opt = torch.optim.Adam([{"params": list(net.body.parameters()), "lr": lr},
+                                {"params": heads, "lr": lr * float(cfg.extra.get("head_lr_factor", 1.0))}])
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, steps) / steps)))
         for it in range(steps):
@@ -418,7 +419,7 @@ class _SeriesFit:
                 raise RuntimeError(f"capture of map {i}: atom count changed ({xt.shape} vs {self.topo.coords.shape})")
             done[i] = xt
             row = dict(map=i, rank=rank, from_map=src_i, seconds=time.time() - t0,
-                       map_cc=rep["after"].get("map_cc_mask"))
+                       map_cc=rep["after"].get("map_cc_mask"), geometry=_geometry_summary(rep["after"]))
             if cfg.references is not None:
                 row["ca_rmsd_to_reference_A"] = ca_rmsd(self.topo, xt, cfg.references[i])
             self.capture_log.append(row)
@@ -465,8 +466,14 @@ class _SeriesFit:
                 for j in range(m):
                     self.phase(f"curriculum{j + 1}_blur{blur:g}", mts, max(5, n // 3), order[: j + 1], 0.05,
                                newest=order[j], map_only=map_only)
-            self.phase(f"phase{pi + 1}_blur{blur:g}" + ("_residual" if resid else ""), mts, n, order, 0.05,
-                       map_only=map_only)
+            if cfg.capture:
+                # after the prefit the network already holds refined models: small steps, and the
+                # geometry weighted at least as the map (at Chen's floor the shared weights tear it)
+                self.phase(f"finetune{pi + 1}_blur{blur:g}", mts, n, order, float(cfg.extra.get("finetune_min_weight", 1.0)),
+                           lr_factor=float(cfg.extra.get("finetune_lr_factor", 0.1)))
+            else:
+                self.phase(f"phase{pi + 1}_blur{blur:g}" + ("_residual" if resid else ""), mts, n, order, 0.05,
+                           map_only=map_only)
 
     @torch.no_grad()
     def frame(self, zrow) -> np.ndarray:

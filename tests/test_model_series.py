@@ -180,16 +180,17 @@ def test_small_series_outputs(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_series_recovers_known_motion(tmp_path):
-    """Adenylate kinase residues 1-60 (core and the NMP lid) from closed to open: 4 maps along
-    the linear path; the network's frames at the maps' latents approach the truth models."""
-    ex = series_example(tmp_path / "data", n_maps=4, residues=(1, 60), apix=1.5, resolution_A=4.0, noise=0.2)
+    """Adenylate kinase residues 1-60 (core and the NMP lid) from closed to open: 3 maps along
+    the linear path, the start being the closed end; the frames at the maps' latents approach
+    the truth models, and every frame meets the geometry goals."""
+    ex = series_example(tmp_path / "data", n_maps=3, residues=(1, 60), apix=2.0, resolution_A=4.5, noise=0.2)
     rep = refine_series(RefineSeriesConfig(model=ex["start"], maps=tuple(ex["maps"]), out=tmp_path / "out",
-                                           resolution_A=4.0, frames=6, steps=20, n_patches=8,
-                                           references=tuple(ex["truths"])))
-    for m in rep["per_map"]:
-        if m["start_ca_rmsd_to_reference_A"] > 1.0:
-            assert m["ca_rmsd_to_reference_A"] < 0.7 * m["start_ca_rmsd_to_reference_A"], m
-            assert m["frame"]["map_cc_mask"] > m["start"]["map_cc_mask"]
+                                           resolution_A=4.5, frames=4, steps=10, capture_steps=30, polish_iters=40,
+                                           n_patches=8, references=tuple(ex["truths"])))
+    moved = [m for m in rep["per_map"] if m["start_ca_rmsd_to_reference_A"] > 1.0]
+    assert len(moved) == 2
+    for m in moved:  # measured 3.70 -> 0.83 and 1.85 -> 0.64 Å
+        assert m["ca_rmsd_to_reference_A"] < 0.5 * m["start_ca_rmsd_to_reference_A"], m
+        assert m["frame"]["map_cc_mask"] > m["start"]["map_cc_mask"] + 0.1
     for f in rep["per_frame"]:
-        assert f["bond_rmsz"] <= 1.0 and f["angle_rmsz"] <= 1.0, f
-        assert f["clashscore"] <= 2.0 and f["rotamer_outlier_pct"] <= 1.0 and f["rama_outlier_pct"] == 0.0, f
+        assert f["passes_goals"], f
