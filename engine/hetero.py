@@ -522,6 +522,22 @@ class _TrainStep(nn.Module):
         return dterm + beta * kl + rterm, dterm, kl, terms
 
 
+def _rank_share(idx_all, eps_all, r: int, w: int):
+    """Rank ``r``'s share of a global batch (particles ``idx_all``, latent noise ``eps_all``): every
+    ``w``-th row from row ``r`` (the split ``DistributedSampler`` makes). Returns ``(idx, eps, weight)``;
+    a rank left without particles gets a zero-weight stand-in, so that DDP's collectives stay in step."""
+    idx, eps = idx_all[r::w], eps_all[r::w]
+    if len(idx) == 0:
+        return idx_all[:1], eps_all[:1], 0.0
+    return idx, eps, 1.0
+
+
+def _rank_loss(per: torch.Tensor, weight: float, n_all: int, w: int) -> torch.Tensor:
+    """The loss whose gradient, averaged by DDP over ``w`` ranks, is the gradient of the mean of
+    ``per`` over the whole global batch of ``n_all`` particles (one process: that mean)."""
+    return per.mean() if w == 1 else per.sum() * (weight * w / n_all)
+
+
 def _build(cfg: HeteroConfig, ref: Reference, data: ParticleData) -> HeteroVAE:
     deformer = make_deformer(cfg.decoder, n=ref.gaussians.n, zdim=cfg.zdim, residue_of=ref.residue_of,
                              chain_of_residue=ref.chain_of_residue, segments=cfg.segments, hidden=cfg.hidden,
@@ -657,12 +673,9 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
             idx_all = np.sort(order[b0:b0 + cfg.batch])
             # the batch's latent noise, drawn whole on every rank (the one-process stream), then split
             eps_all = torch.randn(len(idx_all), cfg.zdim, device=dev)
-            idx, eps, weight = idx_all[r::w], eps_all[r::w], 1.0
-            if len(idx) == 0:  # fewer particles than ranks: a zero-weight stand-in keeps DDP in step
-                idx, eps, weight = idx_all[:1], eps_all[:1], 0.0
+            idx, eps, weight = _rank_share(idx_all, eps_all, r, w)
             per, dterm, kl, terms = step(idx, eps, beta)
-            # each rank's share of the global batch mean; DDP divides the summed gradients by w
-            loss = per.mean() if w == 1 else per.sum() * (weight * w / len(idx_all))
+            loss = _rank_loss(per, weight, len(idx_all), w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
