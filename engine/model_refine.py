@@ -285,7 +285,9 @@ class _Refiner:
         self.topo, self.cfg, self.grid, self.progress = topo, cfg, grid, progress
         self.on_coords = on_coords
         self.dt = torch.float64
-        self.dev = torch.device(cfg.device if cfg.device not in ("auto",) else "cpu")
+        from cryogmm.jobs import pick_device
+
+        self.dev = pick_device(cfg.device)
         self.rs = Restraints(topo, dtype=self.dt, device=self.dev)
         self.x_all = torch.as_tensor(topo.coords, dtype=self.dt, device=self.dev)
         self.move = np.nonzero(topo.movable & ~topo.is_h)[0]
