@@ -126,16 +126,23 @@ def _gmm_constants(w, cov):
     return torch.linalg.inv(cov), torch.log(w) - 0.5 * torch.logdet(cov) - 0.5 * d * math.log(2 * math.pi)
 
 
-def _gmm_neglog(ang_deg: torch.Tensor, w, mu, cov, period, floor: float, pre=None) -> torch.Tensor:
-    """-log(sum_k w_k N(wrap(x - mu_k); cov_k) + floor) for ``ang_deg [n, d]``, densities in
-    deg^-d scaled so the global maximum over the means is ~1. ``pre``: ``_gmm_constants(w, cov)``."""
+def _gmm_neglog(ang_deg: torch.Tensor, w, mu, cov, period, floor: float, pre=None, tail=None) -> torch.Tensor:
+    """-log(sum_k w_k N(wrap(x - mu_k); cov_k) + floor * tail(x)) for ``ang_deg [n, d]``,
+    densities in deg^-d scaled so the global maximum over the means is ~1. ``pre``:
+    ``_gmm_constants(w, cov)``. ``tail``: the constants of the same mixture with widened
+    covariances; the floor is then shaped by it (peak 1), so an outlier stays an outlier
+    (energy at least -log(floor)) but still feels a slope towards the allowed regions."""
     diff = _wrap_deg(ang_deg[:, None, :] - mu[None], period)  # [n, K, d]
     inv, logc = pre if pre is not None else _gmm_constants(w, cov)
     q = torch.einsum("nki,kij,nkj->nk", diff, inv, diff)
     lp = torch.logsumexp(logc[None] - 0.5 * q, dim=1)
     # normalise to the largest component peak so the floor is relative
     lp = lp - logc.max()
-    return -torch.logaddexp(lp, torch.full_like(lp, math.log(floor)))
+    if tail is None:
+        return -torch.logaddexp(lp, torch.full_like(lp, math.log(floor)))
+    tinv, tlogc = tail
+    lt = torch.logsumexp(tlogc[None] - 0.5 * torch.einsum("nki,kij,nkj->nk", diff, tinv, diff), dim=1) - tlogc.max()
+    return -torch.logaddexp(lp, math.log(floor) + lt.clamp(max=0.0))
 
 
 def neighbour_pairs(x: np.ndarray, topo: Topology, cutoff: float = 4.0) -> np.ndarray:
@@ -162,7 +169,8 @@ class Restraints:
     DEFAULT_WEIGHTS = dict(bond=1.0, angle=1.0, chiral=1.0, plane=1.0, omega=1.0, rama=2.0, rotamer=5.0, clash=1.0)
 
     def __init__(self, topo: Topology, dtype=torch.float64, device="cpu", weights: dict | None = None,
-                 rama_floor: float = 1e-4, clash_start: float = 0.1, heavy_only_stats: bool = True):
+                 rama_floor: float = 1e-4, clash_start: float = 0.1, heavy_only_stats: bool = True,
+                 tail_widening: float | None = 4.0):
         self.topo = topo
         self.dtype, self.device = dtype, device
         self.weights = dict(self.DEFAULT_WEIGHTS, **(weights or {}))
@@ -189,7 +197,7 @@ class Restraints:
         self.rama, self.rama_class = t(topo.rama), topo.rama_class
         tabs = reference_tables()
         self.rama_gmm = {}
-        self._gmm_pre = {}
+        self._gmm_pre, self._gmm_tail = {}, {}
         for ci, cname in enumerate(RAMA_CLASSES):
             sel = np.nonzero(topo.rama_class == ci)[0]
             if len(sel):
@@ -197,12 +205,16 @@ class Restraints:
                 self.rama_gmm[cname] = (t(sel), f(tb["w"]), f(tb["mu"]), f(tb["cov"]),
                                         f(tb["hi"] - tb["lo"]))
                 self._gmm_pre[("rama", cname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]))
+                if tail_widening:
+                    self._gmm_tail[("rama", cname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]) * tail_widening**2)
         self.chi_gmm = {}
         for tname, (quads, res) in topo.chis.items():
             tb = tabs["rotamer"][tname]
             self.chi_gmm[tname] = (t(quads), f(tb["w"]), f(tb["mu"]), f(tb["cov"]), f(tb["hi"] - tb["lo"]),
                                    f(tb["lo"]))
             self._gmm_pre[("rotamer", tname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]))
+            if tail_widening:
+                self._gmm_tail[("rotamer", tname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]) * tail_widening**2)
         self.rama_floor, self.clash_start = rama_floor, clash_start
         self.vdw = f(topo.vdw)
         self.polar_h, self.acceptor = t(topo.polar_h, torch.bool), t(topo.acceptor, torch.bool)
@@ -263,7 +275,8 @@ class Restraints:
         out = torch.zeros(pp.shape[0], dtype=x.dtype, device=x.device)
         for cname, (sel, w, mu, cov, period) in self.rama_gmm.items():
             out = out.index_copy(0, sel, _gmm_neglog(pp[sel], w, mu, cov, period, self.rama_floor,
-                                                            self._gmm_pre[("rama", cname)]))
+                                                            self._gmm_pre[("rama", cname)],
+                                                            self._gmm_tail.get(("rama", cname))))
         return out
 
     def chis_deg(self, x, tname):
@@ -277,7 +290,8 @@ class Restraints:
             chi = self.chis_deg(x, tname)
             # symmetric side chains (table range 180°) fold χ into the table's period
             chi = torch.remainder(chi - lo, period) + lo
-            parts.append(_gmm_neglog(chi, w, mu, cov, period, self.rama_floor, self._gmm_pre[("rotamer", tname)]))
+            parts.append(_gmm_neglog(chi, w, mu, cov, period, self.rama_floor, self._gmm_pre[("rotamer", tname)],
+                                     self._gmm_tail.get(("rotamer", tname))))
         return torch.cat(parts) if parts else x.new_zeros(0)
 
     def update_pairs(self, x, cutoff: float = 4.0):

@@ -30,9 +30,18 @@ SUMMARY_KEYS = (("map CC (mask)", "map_cc_mask", "{:.3f}"), ("map-model FSC 0.5 
                 ("rotamer outliers %", "rotamer_outlier_pct", "{:.2f}"), ("clashscore", "clashscore", "{:.2f}"))
 
 
-# An interactive fit starts from a model already placed in its map: small, careful steps with
-# the geometry weight kept up (the engine's defaults take the large steps a domain motion needs).
-LOCAL_FIT = {"rigid_lr": 0.2, "residue_lr": 0.05, "rigid_min_weight": 0.05, "adaptive_scaling": True}
+# An interactive fit starts from a model already placed in its map: the engine's "local" motion
+# preset (small, careful steps with the geometry weight kept up, no motion-domain regrouping).
+# Engines before the preset existed get the same settings as extra options.
+LOCAL_FIT = {"rigid_lr": 0.2, "residue_lr": 0.05, "rigid_min_weight": 0.05, "adaptive_scaling": True,
+             "motion_domains": False}
+
+
+def _local_motion(mr):
+    """The engine's local-fit preset, by name when it has one."""
+    if "local" in getattr(mr, "MOTION_PRESETS", {}):
+        return {"motion": "local"}
+    return {"extra": dict(LOCAL_FIT)}
 
 
 class _Stopped(Exception):
@@ -88,7 +97,7 @@ class FitJob:
                                         resolution_A=float(resolution), similarity=similarity, stages=stages,
                                         steps=int(steps), trajectory_every=max(1, int(update_every)), seed=int(seed),
                                         threads=int(threads), geometry_weight=float(geometry_weight),
-                                        extra=dict(LOCAL_FIT))
+                                        **_local_motion(mr))
         self._refine = mr.refine_model
         self._engine_streams = "on_coords" in inspect.signature(mr.refine_model).parameters
         self._lock = threading.Lock()

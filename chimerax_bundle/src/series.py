@@ -4,7 +4,7 @@ Both play with ChimeraX's ``coordset`` command and slider."""
 
 from __future__ import annotations
 
-from .fit import LOCAL_FIT
+from .fit import _local_motion
 
 import re
 import tempfile
@@ -53,7 +53,7 @@ def refine_series(session, structure, volumes, resolution, stages=None, steps=60
             all_atoms.coords = saved
         bridge.write_volume_mrc(v, d / "map.mrc")
         cfg = mr.RefineModelConfig(model=d / "start.pdb", map=d / "map.mrc", out=d, resolution_A=float(resolution),
-                                   stages=stages, steps=int(steps), seed=int(seed), extra=dict(LOCAL_FIT))
+                                   stages=stages, steps=int(steps), seed=int(seed), **_local_motion(mr))
         try:
             rep = mr.refine_model(cfg)
         except CryoGMMError as e:
