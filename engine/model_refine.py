@@ -47,7 +47,7 @@ from cryogmm.errors import MapError, OptionError
 from cryogmm.restraints import Restraints
 from cryogmm.topology import Topology, build_topology, write_model
 
-__all__ = ["RefineModelConfig", "refine_model", "demo_model", "SIMILARITIES", "STAGES", "ca_rmsd", "motion_domains"]
+__all__ = ["RefineModelConfig", "refine_model", "demo_model", "SIMILARITIES", "STAGES", "ca_rmsd", "motion_domains", "lbfgs_relax"]
 
 SIMILARITIES = ("relative-entropy", "cross-correlation", "inner-product", "fsc", "frc")
 STAGES = ("rigid", "residue", "rotamers", "full")
@@ -158,15 +158,14 @@ def motion_domains(x0: np.ndarray, x1: np.ndarray, labels: np.ndarray, res_of_at
     is closest. Returns domain labels per atom (``0..D-1``) and the pairwise distances."""
     from scipy.cluster.hierarchy import fcluster, linkage
 
+    from cryogmm.refine import weighted_kabsch
+
     k = int(labels.max()) + 1
     Rs, ts = [], []
     for j in range(k):
-        p, q = x0[labels == j], x1[labels == j]
-        pc, qc = p.mean(0), q.mean(0)
-        u, _, vt = np.linalg.svd((p - pc).T @ (q - qc))
-        d = np.sign(np.linalg.det(vt.T @ u.T))
-        R = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
-        Rs.append(R); ts.append(qc - R @ pc)
+        p, q = torch.as_tensor(x0[labels == j]), torch.as_tensor(x1[labels == j])
+        R, t = weighted_kabsch(p[None], q, torch.ones(len(p), dtype=p.dtype))
+        Rs.append(R[0].numpy()); ts.append(t[0].numpy())
     dist = np.zeros((k, k))
     for a in range(k):
         for b in range(a + 1, k):
@@ -191,6 +190,42 @@ def motion_domains(x0: np.ndarray, x1: np.ndarray, labels: np.ndarray, res_of_at
         dom[members] = best
     _, dom = np.unique(dom, return_inverse=True)
     return dom[labels].astype(np.int64), dist
+
+
+def lbfgs_relax(rs: Restraints, assemble, x0: torch.Tensor, loss_fn, iters: int, progress=None, after_round=None):
+    """Two rounds of L-BFGS (strong Wolfe line search) on a displacement ``delta`` of the moving
+    heavy atoms ``x0 [N, 3]``, minimising ``loss_fn(x_full, delta)`` where ``x_full =
+    assemble(x0 + delta)`` (all atoms, riding H placed). Every 20 evaluations the rotatable polar
+    H are turned to their best contacts and the contact pairs refreshed. ``progress(n)`` is
+    called after each evaluation, ``after_round(x_full)`` (detached) after each round.
+    Returns the final ``x_full`` (detached) and the number of evaluations."""
+    delta = torch.zeros_like(x0, requires_grad=True)
+    opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=max(1, iters // 2), history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    state = {"n": 0}
+
+    def closure():
+        opt.zero_grad()
+        if state["n"] % 20 == 0:
+            with torch.no_grad():
+                xx = assemble(x0 + delta)
+                rs.optimise_rotors(xx)
+                rs.update_pairs(rs.with_h(xx))
+        x = assemble(x0 + delta)
+        loss = loss_fn(x, delta)
+        loss.backward()
+        state["n"] += 1
+        if progress is not None:
+            progress(state["n"])
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+        if after_round is not None:
+            with torch.no_grad():
+                after_round(assemble(x0 + delta).detach())
+    with torch.no_grad():
+        return assemble(x0 + delta).detach(), state["n"]
 
 
 class MapTerm:
@@ -330,8 +365,7 @@ class _Refiner:
         return self.rs.with_h(x)
 
     def geometry(self, x_full):
-        e = self.rs.terms(x_full)
-        tot = sum(self.rs.weights[k] * v for k, v in e.items())
+        tot = self.rs.energy(x_full, place_h=False)
         if self.anchor:
             d = x_full[self.move_t] - self.start[self.move_t]
             tot = tot + 0.5 * ((d / self.anchor) ** 2).sum()
@@ -388,42 +422,25 @@ class _Refiner:
     def lbfgs_phase(self, name, mapterm, w_geo, iters):
         """Full-atom L-BFGS (strong Wolfe line search) on map + weighted geometry: converges
         the stereochemistry far faster than Adam once the model is in place."""
-        x0 = self.x_all[self.move_t].detach().clone()
-        delta = torch.zeros_like(x0, requires_grad=True)
-        opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=max(1, iters // 2), history_size=20,
-                                line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-9, tolerance_change=1e-12)
-        state = {"n": 0}
 
-        def closure():
-            opt.zero_grad()
-            if state["n"] % 20 == 0:
-                with torch.no_grad():
-                    xx = self.assemble(x0 + delta)
-                    self.rs.optimise_rotors(xx)
-                    self.rs.update_pairs(self.rs.with_h(xx))
-            x = self.assemble(x0 + delta)
+        def loss_fn(x, delta):
             loss = w_geo * self.geometry(x)
             if mapterm is not None:
                 loss = loss - mapterm.score(x[self.heavy_t])
-            loss.backward()
-            state["n"] += 1
-            if self.progress is not None:
-                self.progress(name, min(state["n"], iters), iters)
             return loss
 
-        for _ in range(2):
-            opt.step(closure)
-            with torch.no_grad():
-                xx = self.assemble(x0 + delta)
-            self.trajectory.append(xx.detach().cpu().numpy().copy())
+        def after_round(xx):
+            self.trajectory.append(xx.cpu().numpy().copy())
             if self.on_coords is not None:
                 self.on_coords(self.trajectory[-1])
+
+        progress = None if self.progress is None else (lambda k: self.progress(name, min(k, iters), iters))
+        self.x_all, n_eval = lbfgs_relax(self.rs, self.assemble, self.x_all[self.move_t].detach().clone(), loss_fn,
+                                         iters, progress=progress, after_round=after_round)
         with torch.no_grad():
-            self.x_all = self.assemble(x0 + delta).detach()
             geo = float(self.geometry(self.x_all))
             s = None if mapterm is None else float(mapterm.score(self.x_all[self.heavy_t]))
-        row = dict(phase=name, evaluations=state["n"], geometry=geo, map=s, w_geo=float(w_geo))
+        row = dict(phase=name, evaluations=n_eval, geometry=geo, map=s, w_geo=float(w_geo))
         if self.ref_ca is not None:
             row["ca_rmsd_to_reference_A"] = self.ref_rmsd(self.x_all)
         self.log.append(row)

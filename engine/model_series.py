@@ -276,8 +276,7 @@ class _SeriesFit:
                 self.pairs[key] = self.rs.pairs
         else:
             self.rs.pairs = self.pairs[key]
-        e = self.rs.terms(x_full)
-        return sum(self.rs.weights[k] * v for k, v in e.items()) / self.n_geo
+        return self.rs.energy(x_full, place_h=False) / self.n_geo
 
     def mapterms(self, blur):
         from cryogmm.model_refine import MapTerm
@@ -486,32 +485,14 @@ class _SeriesFit:
         cfg = self.cfg
         if cfg.polish_iters <= 0:
             return x_full
-        x0 = x_full[self.move_t].clone()
-        delta = torch.zeros_like(x0, requires_grad=True)
-        opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=max(1, cfg.polish_iters // 2), history_size=20,
-                                line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
-        state = {"n": 0}
+        from cryogmm.model_refine import lbfgs_relax
+
         a = cfg.polish_anchor_A
 
-        def closure():
-            opt.zero_grad()
-            if state["n"] % 20 == 0:
-                with torch.no_grad():
-                    xx = self.assemble(x0 + delta)
-                    self.rs.optimise_rotors(xx)
-                    self.rs.update_pairs(self.rs.with_h(xx))
-            x = self.assemble(x0 + delta)
-            e = self.rs.terms(x)
-            loss = sum(self.rs.weights[k] * v for k, v in e.items())
-            loss = (loss + 0.5 * ((delta / a) ** 2).sum()) / self.n_geo
-            loss.backward()
-            state["n"] += 1
-            return loss
+        def loss_fn(x, delta):
+            return (self.rs.energy(x, place_h=False) + 0.5 * ((delta / a) ** 2).sum()) / self.n_geo
 
-        for _ in range(2):
-            opt.step(closure)
-        with torch.no_grad():
-            return self.assemble(x0 + delta).detach()
+        return lbfgs_relax(self.rs, self.assemble, x_full[self.move_t].clone(), loss_fn, cfg.polish_iters)[0]
 
 
 # ----------------------------------------------------------------------------- the job
