@@ -47,6 +47,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryogmm.commands import TORCHRUN_DEVICE_HELP
+
 
 def add_args(p):
     sub = p.add_subparsers(dest="action", metavar="<train|analyze|decode>", required=True)
@@ -86,8 +88,7 @@ def add_args(p):
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--matmul-precision", choices=("highest", "tf32"), default="highest",
                    help="float32 matrix products on GPUs: float32 (highest, default) or TF32 tensor cores")
-    t.add_argument("--device", default="auto",
-                   help="auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)")
+    t.add_argument("--device", default="auto", help=TORCHRUN_DEVICE_HELP)
 
     a = sub.add_parser("analyze", help="latents, trajectories, maps, clusters, segments")
     a.add_argument("run", type=Path, help="run folder of `hetero train`")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 
 def add_args(p):
+    from cryogmm.commands import add_stream_args
+
     p.add_argument("star", type=Path, help="particles STAR (RELION 3.0/3.1+) or cryoSPARC .cs")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--project-dir", type=Path, help="folder the image paths are relative to (default: the STAR's)")
@@ -38,12 +40,7 @@ def add_args(p):
     p.add_argument("--seed", type=int, default=0, help="seed for half-set assignment when the STAR has none")
     p.add_argument("--max-memory-gb", type=float,
                    help="host memory budget in GB: the batch is lowered until the job's estimate fits")
-    p.add_argument("--accumulate", choices=("auto", "float32", "float64"), default="auto",
-                   help="precision of the Fourier sums: auto = float64 under torchrun (maps independent of the "
-                        "sharding), float32 on one process")
-    p.add_argument("--prefetch", type=int, default=1, help="batches read ahead in a background thread (0: off; default 1)")
-    p.add_argument("--device", default="auto",
-                   help="auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)")
+    add_stream_args(p)
 
 
 def main(args) -> int:

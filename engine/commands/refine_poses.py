@@ -58,6 +58,8 @@ from pathlib import Path
 
 
 def add_args(p):
+    from cryogmm.commands import add_stream_args
+
     p.add_argument("star", type=Path, help="particles with starting poses and CTF (STAR or cryoSPARC .cs)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--half-maps", type=Path, nargs=2, metavar=("HALF1", "HALF2"),
@@ -90,12 +92,7 @@ def add_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-precision", choices=("highest", "tf32", "bf16"), default="highest",
                    help="projection matrix products on GPUs: float32 (highest, default), TF32 or bf16 autocast")
-    p.add_argument("--accumulate", choices=("auto", "float32", "float64"), default="auto",
-                   help="precision of the reconstructions' Fourier sums: auto = float64 under torchrun (results "
-                        "independent of the sharding), float32 on one process")
-    p.add_argument("--prefetch", type=int, default=1, help="batches read ahead in a background thread (0: off; default 1)")
-    p.add_argument("--device", default="auto",
-                   help="auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)")
+    add_stream_args(p)
 
 
 def main(args) -> int:
