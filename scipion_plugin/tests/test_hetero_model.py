@@ -21,7 +21,7 @@ pytest.importorskip("pwem")
 from pyworkflow.tests import BaseTest, setupTestProject  # noqa: E402
 from pwem.objects import AtomStruct, SetOfAtomStructs, SetOfParticles, SetOfVolumes, Volume  # noqa: E402,E501
 from pwem.objects.data_flexhub import SetOfParticlesFlex  # noqa: E402
-from pwem.protocols import (ProtImportParticles, ProtImportPdb, ProtImportVolumes,  # noqa: E402
+from pwem.protocols import (ProtImportPdb, ProtImportVolumes,  # noqa: E402
                             ProtImportMask)
 
 from cryogmm_scipion import Plugin  # noqa: E402
@@ -29,7 +29,7 @@ from cryogmm_scipion.convert import readReport, readStarRows  # noqa: E402
 from cryogmm_scipion.protocols import (CryoGmmProtHetero, CryoGmmProtModelSeries,  # noqa: E402
                                        CryoGmmProtRefineModel, CryoGmmProtRefinePoses)
 
-from test_protocols import _skip_without_engine, _strip_columns  # noqa: E402
+from test_protocols import _skip_without_engine, _strip_columns, import_relion_star  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N, BOX, APIX = 300, 40, 2.5
@@ -77,12 +77,7 @@ class TestCryoGmmHeteroModel(BaseTest):
 
     @classmethod
     def importStar(cls, star, label):
-        prot = cls.newProtocol(ProtImportParticles, objLabel="import %s" % label,
-                               importFrom=ProtImportParticles.IMPORT_FROM_RELION,
-                               starFile=star, samplingRate=APIX, magnification=10000,
-                               voltage=300, sphericalAberration=2.7, amplitudeContrast=0.1)
-        cls.launchProtocol(prot)
-        return prot
+        return import_relion_star(cls, star, label, APIX)
 
     @classmethod
     def importVolume(cls, path, apix):

@@ -54,6 +54,16 @@ def pose_errors(parts, truth_rows, apix):
     return np.array(rot), np.array(shift)
 
 
+def import_relion_star(case, star, label, apix):
+    """Import a STAR through Scipion's RELION importer in ``case``'s project (a BaseTest class)."""
+    prot = case.newProtocol(ProtImportParticles, objLabel="import %s" % label,
+                            importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+                            starFile=star, samplingRate=apix, magnification=10000,
+                            voltage=300, sphericalAberration=2.7, amplitudeContrast=0.1)
+    case.launchProtocol(prot)
+    return prot
+
+
 def _skip_without_engine():
     if not ACTIVATION and shutil.which("cryogmm") is None:
         pytest.skip("the cryogmm engine is not reachable: set CRYOGMM_ENV_ACTIVATION "
@@ -75,12 +85,7 @@ class TestCryoGmmProtocols(BaseTest):
 
     @classmethod
     def importStar(cls, star, label):
-        prot = cls.newProtocol(ProtImportParticles, objLabel="import %s" % label,
-                               importFrom=ProtImportParticles.IMPORT_FROM_RELION,
-                               starFile=star, samplingRate=APIX, magnification=10000,
-                               voltage=300, sphericalAberration=2.7, amplitudeContrast=0.1)
-        cls.launchProtocol(prot)
-        return prot
+        return import_relion_star(cls, star, label, APIX)
 
     def test_01_import(self):
         parts = self.importParts.outputParticles
