@@ -1,7 +1,17 @@
-"""Rotamer rebuild for ``cryogmm refine-model --rebuild-rotamers``.
+"""Rotamer rebuild for ``cryogmm refine-model`` (the ``rotamers`` stage).
 
-Side chains whose rotamer is an outlier are set to each mode of their residue's rotamer
-mixture (the shipped Top8000 fit); the best map fit that adds no clash is kept.
+Into a map (:func:`fit_side_chains`): every side chain is tried at each mode of its
+residue's rotamer mixture (the shipped Top8000 fit), with chi1 and chi2 also turned by +-15
+degrees (offsets that leave the allowed region are dropped), and scored by the map's density
+at its atoms beyond CB (electron-weighted, cubic-spline interpolation), as in real-space
+rotamer fitting (Coot's auto-fit rotamer). The best candidate that adds no clash is kept
+when it beats the current conformation; a rotamer outlier always takes the best one. A local score
+is what separates the candidates: a global map similarity barely changes when one side
+chain moves (on adenylate kinase at 4 Å, a global relative-entropy search changed 103 side
+chains but raised the map CC only from 0.807 to 0.810).
+
+Without a map (:func:`rebuild_rotamers`): only outlier side chains are set to their modes,
+the first that adds no clash kept.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["rebuild_rotamers", "set_torsion"]
+__all__ = ["rebuild_rotamers", "fit_side_chains", "set_torsion"]
 
 
 def rebuild_rotamers(rf, mapterm):
@@ -55,20 +65,146 @@ def rebuild_rotamers(rf, mapterm):
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None:
         rf.on_coords(rf.x_all.detach().cpu().numpy().copy())
-    rf.log.append(dict(phase="rotamers", rebuilt=n_rebuilt))
+    rf.log.append(dict(phase="rotamers", changed=n_rebuilt, scoring="first mode without new clashes (no map)"))
 
 
-def set_torsion(x, quad, delta_deg, nbr, topo):
-    """Rotate the atoms beyond bond quad[1]-quad[2] (same residue side) by ``delta_deg``."""
+def _side_chain_atoms(topo, r):
+    names = topo.atom_name
+    return np.nonzero((topo.res_index == r) & ~topo.is_h & topo.movable
+                      & ~np.isin(names, ["N", "CA", "C", "O", "CB", "OXT"]))[0]
+
+
+def _moving_atoms(quad, nbr, topo):
+    """Atoms turned by the torsion ``quad``: those beyond bond quad[1]-quad[2] in the same
+    residue, backbone excluded."""
     b, c = int(quad[1]), int(quad[2])
     res = topo.res_index[c]
-    seen, stack = {b, c}, [c]
-    moving = []
+    seen, stack, moving = {b, c}, [c], []
     while stack:
         a = stack.pop()
         for n in nbr[a]:
             if n not in seen and topo.res_index[n] == res and topo.atom_name[n] not in ("N", "C", "CA", "O"):
                 seen.add(n); moving.append(n); stack.append(n)
+    return moving
+
+
+def _dihedral_np(p0, p1, p2, p3):
+    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
+    b1n = b1 / np.linalg.norm(b1)
+    v = b0 - (b0 @ b1n) * b1n
+    w = b2 - (b2 @ b1n) * b1n
+    return math.degrees(math.atan2(np.cross(b1n, v) @ w, v @ w))
+
+
+def _turn(pos, moving, b, c, deg):
+    axis = pos[c] - pos[b]
+    axis = axis / np.linalg.norm(axis)
+    t = math.radians(deg)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    R = np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+    pos[moving] = (pos[moving] - pos[c]) @ R.T + pos[c]
+
+
+def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: bool = False) -> dict:
+    """Real-space rotamer fit of every side chain (see the module docstring). Candidates: each
+    rotamer mode with chi1 and chi2 each turned by ``chi_offsets``. ``rf`` is the refiner (its
+    ``x_all`` is updated); ``grid`` the map. Returns counts for the log."""
+    import itertools
+
+    from scipy.ndimage import map_coordinates, spline_filter
+
+    from cryogmm.gmm import ELECTRONS
+    from cryogmm.restraints import ROTAMER_OUTLIER, grid_value, reference_tables
+    from cryogmm.validate import clashes
+
+    topo, rs = rf.topo, rf.rs
+    tabs = reference_tables()["rotamer"]
+    coef = spline_filter(np.asarray(grid.data, dtype=np.float64), order=3, mode="constant")
+    origin, apix = np.asarray(grid.origin_A, dtype=np.float64), float(grid.apix)
+    zw = np.array([ELECTRONS.get(e, 6) for e in topo.element], dtype=np.float64)
+
+    def density(xyz):
+        u = (xyz - origin) / apix
+        return map_coordinates(coef, [u[:, 2], u[:, 1], u[:, 0]], order=3, mode="constant", prefilter=False)
+
+    nbr = [[] for _ in range(topo.n_atoms)]
+    for i, j in topo.bonds:
+        nbr[i].append(j); nbr[j].append(i)
+    x = rs.with_h(rf.x_all.detach().clone())
+    xn = x.detach().cpu().numpy().copy()
+    n_res = n_changed = n_rejected = 0
+    base = None
+    for tname, (quads, res) in topo.chis.items():
+        tb = tabs[tname]
+        per = tb["hi"] - tb["lo"]
+        for k in range(len(res)):
+            q = quads[k]
+            if not topo.movable[int(q[0, 2])]:
+                continue
+            chi = np.array([_dihedral_np(*xn[q[c]]) for c in range(q.shape[0])])
+            is_outlier = grid_value(tb, np.mod(chi - tb["lo"], per)[None] + tb["lo"])[0] < ROTAMER_OUTLIER
+            if outliers_only and not is_outlier:
+                continue
+            sc = _side_chain_atoms(topo, topo.res_index[int(q[0, 2])])
+            if not len(sc):
+                continue
+            n_res += 1
+            movers = [np.asarray(_moving_atoms(q[c], nbr, topo), dtype=np.int64) for c in range(q.shape[0])]
+            local = np.unique(np.concatenate([movers[0], q.ravel()]))
+            lut = {int(a): i for i, a in enumerate(local)}
+            lq = np.array([[lut[int(a)] for a in q[c]] for c in range(q.shape[0])])
+            lmov = [np.array([lut[int(a)] for a in m], dtype=np.int64) for m in movers]
+            lsc = np.array([lut[int(a)] for a in sc], dtype=np.int64)
+            w = zw[sc]
+            p0 = xn[local]
+
+            def build(target):
+                pos = p0.copy()
+                for c in range(min(len(target), q.shape[0])):
+                    cur = _dihedral_np(*pos[lq[c]])
+                    _turn(pos, lmov[c], lq[c, 1], lq[c, 2], target[c] - cur)
+                return pos
+
+            current = float((w * density(p0[lsc])).sum())
+            cands = []
+            n_off = min(2, q.shape[0])
+            for mu in tb["mu"]:
+                for off in itertools.product(chi_offsets, repeat=n_off):
+                    tgt = np.asarray(mu, dtype=np.float64).copy()
+                    tgt[:n_off] += off
+                    if grid_value(tb, np.mod(tgt - tb["lo"], per)[None] + tb["lo"])[0] < ROTAMER_OUTLIER:
+                        continue  # an offset that leaves the rotamer's allowed region
+                    pos = build(tgt)
+                    cands.append((float((w * density(pos[lsc])).sum()), pos))
+            cands.sort(key=lambda c: -c[0])
+            for score, pos in cands:
+                if not is_outlier and score <= current + 1e-9 * abs(current):
+                    break  # an outlier leaves its conformation for the best allowed one
+                y = x.clone()
+                y[torch.as_tensor(local, device=y.device)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
+                y = rs.with_h(y)
+                if base is None:
+                    base = len(clashes(rs, x))
+                nc = len(clashes(rs, y))
+                if nc <= base:
+                    x, base = y, nc
+                    xn = x.detach().cpu().numpy().copy()
+                    n_changed += 1
+                    break
+                n_rejected += 1
+    rf.x_all = rs.with_h(x)
+    if rf.on_coords is not None:
+        rf.on_coords(rf.x_all.detach().cpu().numpy().copy())
+    row = dict(phase="rotamers", side_chains=n_res, changed=n_changed, rejected_for_clashes=n_rejected,
+               scoring="density at side-chain atoms")
+    rf.log.append(row)
+    return row
+
+
+def set_torsion(x, quad, delta_deg, nbr, topo):
+    """Rotate the atoms beyond bond quad[1]-quad[2] (same residue side) by ``delta_deg``."""
+    b, c = int(quad[1]), int(quad[2])
+    moving = _moving_atoms(quad, nbr, topo)
     if not moving:
         return x
     axis = x[c] - x[b]

@@ -407,11 +407,16 @@ class _SeriesFit:
                 src_i, src = None, start_pdb
             # refine-model's whole pipeline (coarse-to-fine rigid patches on blurred maps, motion
             # domains, residues, full atom): a neighbour's model is a warm start, not a guarantee
-            extra = dict(polish_iters=2 * cfg.capture_steps)
+            # captures keep refine-model's firm polish (one round at the full covalent weight)
+            # and one full-atom round: the network learns from them, and interpolated frames
+            # inherit their geometry (with the relaxed default polish, an in-between frame of
+            # the 1-60 test series left the geometry goals)
+            extra = dict(polish_iters=2 * cfg.capture_steps, polish_schedule=(1.0,))
             extra.update(cfg.extra.get("capture_extra", {}))
             t0 = time.time()
             rep = refine_model(RefineModelConfig(
                 model=src, map=Path(cfg.maps[i]), resolution_A=cfg.resolution_A, out=work / f"capture_{i:03d}",
+                stages=cfg.extra.get("capture_stages", ("rigid", "residue", "full")),
                 similarity=cfg.similarity, n_patches=cfg.n_patches, steps=cfg.capture_steps, seed=cfg.seed,
                 device=cfg.device, threads=cfg.threads, extra=extra))
             xt = build_topology(work / f"capture_{i:03d}" / "refined.pdb").coords

@@ -111,7 +111,7 @@ def test_rotamer_rebuild_recovers_truth(tmp_path):
 
     rep = refine_model(RefineModelConfig(model=tmp_path / "start.pdb", map=tmp_path / "map.mrc", resolution_A=3.0,
                                          out=tmp_path / "out", stages=("rotamers",), rebuild_rotamers=True, threads=1))
-    assert [r["rebuilt"] for r in rep["log"] if r.get("phase") == "rotamers"][0] >= 2
+    assert [r["changed"] for r in rep["log"] if r.get("phase") == "rotamers"][0] >= 2
     tr = build_topology(tmp_path / "out" / "refined.pdb")
     after = chis(tr)
     for lab in targets:

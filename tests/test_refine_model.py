@@ -64,6 +64,11 @@ def test_map_refinement_recovers_truth(fragment, tmp_path):
     assert a["ca_rmsd_to_reference_A"] < 0.7  # start: 1.6 Å (1.4 Å shift + 0.25 Å per-atom noise)
     assert a["map_cc_mask"] > b["map_cc_mask"] + 0.05
     assert a["bond_rmsz"] < b["bond_rmsz"] and a["clashscore"] <= b["clashscore"]
+    # the polish kept the weakest covalent weight whose model met the RMSZ target (0.7)
+    sched = [r for r in rep["log"] if r.get("phase") == "polish_schedule"][0]
+    met = [r for r in sched["rounds"] if r["met_target"]]
+    assert met and sched["kept_w_covalent"] == [met[-1]["w_covalent"]]
+    assert a["bond_rmsz"] <= 0.7 + 1e-6 and a["angle_rmsz"] <= 0.7 + 1e-6
     for f in ("refined.pdb", "refined.cif", "trajectory.pdb", "report.json"):
         assert (out / f).stat().st_size > 0
     traj = (out / "trajectory.pdb").read_text()
