@@ -53,7 +53,8 @@ def refine_series(session, structure, volumes, resolution, stages=None, steps=60
             all_atoms.coords = saved
         bridge.write_volume_mrc(v, d / "map.mrc")
         cfg = mr.RefineModelConfig(model=d / "start.pdb", map=d / "map.mrc", out=d, resolution_A=float(resolution),
-                                   stages=stages, steps=int(steps), seed=int(seed), **_local_motion(mr))
+                                   similarity="relative-entropy", stages=stages, steps=int(steps), seed=int(seed),
+                                   **_local_motion(mr))
         try:
             rep = mr.refine_model(cfg)
         except CryoGMMError as e:
