@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -40,15 +39,12 @@ CARBONYL_ANGLES = {("CA", "C", "O"), ("O", "C", "N"), ("CA", "C", "N")}
 
 def _class(kind, names):
     names = tuple(names)
-    if kind == "bond":
-        key = names if names in CARBONYL_BONDS else names[::-1]
-        return "carbonyl" if key in CARBONYL_BONDS else "other"
-    key = names if names in CARBONYL_ANGLES else names[::-1]
-    return "carbonyl" if key in CARBONYL_ANGLES else "other"
+    group = CARBONYL_BONDS if kind == "bond" else CARBONYL_ANGLES
+    return "carbonyl" if names in group or names[::-1] in group else "other"
 
 
 def ours(path: Path) -> dict:
-    """Our restraints of ``path``: {(kind, frozenset((resseq, name)...)): (target, sigma, model)}."""
+    """Our restraints of ``path``: {(kind, ((resseq, name), ...)): (target, sigma, z)}."""
     from cryogmm.restraints import Restraints
     from cryogmm.topology import build_topology
 

@@ -24,28 +24,39 @@ import torch
 __all__ = ["rebuild_rotamers", "fit_side_chains", "set_torsion"]
 
 
-def rebuild_rotamers(rf, mapterm):
-    """Outlier side chains tried at every mode of their rotamer mixture; best map fit kept
-    unless it adds clashes."""
-    from cryogmm.restraints import ROTAMER_OUTLIER, dihedral, grid_value, reference_tables
+def _bond_graph(topo):
+    """Bonded neighbours of every atom (for the atoms each chi turns)."""
+    nbr = [[] for _ in range(topo.n_atoms)]
+    for i, j in topo.bonds:
+        nbr[i].append(j); nbr[j].append(i)
+    return nbr
+
+
+def _is_outlier(tb, chi_deg) -> bool:
+    """Whether chi angles ``chi_deg`` lie outside the allowed region of rotamer table ``tb``."""
+    from cryogmm.restraints import ROTAMER_OUTLIER, grid_value
+
+    per = tb["hi"] - tb["lo"]
+    return bool(grid_value(tb, np.mod(np.asarray(chi_deg) - tb["lo"], per)[None] + tb["lo"])[0] < ROTAMER_OUTLIER)
+
+
+def rebuild_rotamers(rf):
+    """Without a map: each outlier side chain is set to the first mode of its rotamer mixture
+    that adds no clash."""
+    from cryogmm.restraints import dihedral, reference_tables
     from cryogmm.validate import clashes
 
     topo, rs = rf.topo, rf.rs
     tabs = reference_tables()["rotamer"]
     x = rf.x_all.detach().clone()
     n_rebuilt = 0
-    # bond graph for the atoms moved by each chi
-    nbr = [[] for _ in range(topo.n_atoms)]
-    for i, j in topo.bonds:
-        nbr[i].append(j); nbr[j].append(i)
+    nbr = _bond_graph(topo)
     for tname, (quads, res) in topo.chis.items():
         tb = tabs[tname]
         for k in range(len(res)):
             chi = torch.rad2deg(dihedral(*(x[torch.as_tensor(quads[k, :, m])] for m in range(4)))).numpy()
-            per = tb["hi"] - tb["lo"]
-            if grid_value(tb, np.mod(chi - tb["lo"], per)[None] + tb["lo"])[0] >= ROTAMER_OUTLIER:
+            if not _is_outlier(tb, chi):
                 continue
-            best, best_score = None, None
             base_clash = len(clashes(rs, x))
             for mu in tb["mu"]:
                 y = x.clone()
@@ -54,14 +65,10 @@ def rebuild_rotamers(rf, mapterm):
                     cur = float(torch.rad2deg(dihedral(*(y[int(q[m])] for m in range(4)))))
                     target = float(mu[c]) if c < len(mu) else cur
                     y = set_torsion(y, q, target - cur, nbr, topo)
-                sc = float(mapterm.score(y[rf.heavy_t])) if mapterm is not None else 0.0
-                if len(clashes(rs, y)) > base_clash:
-                    continue
-                if best_score is None or sc > best_score:
-                    best, best_score = y, sc
-            if best is not None:
-                x = best
-                n_rebuilt += 1
+                if len(clashes(rs, y)) <= base_clash:
+                    x = y
+                    n_rebuilt += 1
+                    break
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None:
         rf.on_coords(rf.x_all.detach().cpu().numpy().copy())
@@ -114,7 +121,7 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
     from scipy.ndimage import map_coordinates, spline_filter
 
     from cryogmm.gmm import ELECTRONS
-    from cryogmm.restraints import ROTAMER_OUTLIER, grid_value, reference_tables
+    from cryogmm.restraints import reference_tables
     from cryogmm.validate import clashes
 
     topo, rs = rf.topo, rf.rs
@@ -127,22 +134,19 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
         u = (xyz - origin) / apix
         return map_coordinates(coef, [u[:, 2], u[:, 1], u[:, 0]], order=3, mode="constant", prefilter=False)
 
-    nbr = [[] for _ in range(topo.n_atoms)]
-    for i, j in topo.bonds:
-        nbr[i].append(j); nbr[j].append(i)
+    nbr = _bond_graph(topo)
     x = rs.with_h(rf.x_all.detach().clone())
     xn = x.detach().cpu().numpy().copy()
     n_res = n_changed = n_rejected = 0
     base = None
     for tname, (quads, res) in topo.chis.items():
         tb = tabs[tname]
-        per = tb["hi"] - tb["lo"]
         for k in range(len(res)):
             q = quads[k]
             if not topo.movable[int(q[0, 2])]:
                 continue
             chi = np.array([_dihedral_np(*xn[q[c]]) for c in range(q.shape[0])])
-            is_outlier = grid_value(tb, np.mod(chi - tb["lo"], per)[None] + tb["lo"])[0] < ROTAMER_OUTLIER
+            is_outlier = _is_outlier(tb, chi)
             if outliers_only and not is_outlier:
                 continue
             sc = _side_chain_atoms(topo, topo.res_index[int(q[0, 2])])
@@ -172,7 +176,7 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
                 for off in itertools.product(chi_offsets, repeat=n_off):
                     tgt = np.asarray(mu, dtype=np.float64).copy()
                     tgt[:n_off] += off
-                    if grid_value(tb, np.mod(tgt - tb["lo"], per)[None] + tb["lo"])[0] < ROTAMER_OUTLIER:
+                    if _is_outlier(tb, tgt):
                         continue  # an offset that leaves the rotamer's allowed region
                     pos = build(tgt)
                     cands.append((float((w * density(pos[lsc])).sum()), pos))

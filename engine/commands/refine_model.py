@@ -19,8 +19,8 @@ Stages (--stages, in order; each optional):
 Map similarity (--similarity): fsc (default; mean FSC of volumes up to the resolution) or
 frc (mean FRC of projections), as Chen; relative-entropy, cross-correlation, inner-product
 (Blau & Lindahl, Gaussian spreading res/(2 sqrt(ln 4))). On adenylate kinase (closed into
-the open form's 4 Å map) fsc reached Cα 0.35 Å and map CC 0.894 (the open model: 0.910);
-relative-entropy 0.73 Å and 0.824 (benchmarks/results/refine_model_gromacs.json). The geometry weight is set
+the open form's 4 Å map) fsc reached Cα 0.39 Å and map CC 0.892 (the open model: 0.910);
+relative-entropy 0.64 Å and 0.850 (benchmarks/results/refine_model_gromacs.json). The geometry weight is set
 automatically per stage (map gain / geometry loss over two unconstrained iterations);
 with --motion local the map force is also adapted as the similarity rises or falls
 (Blau & Lindahl's adaptive scaling).
