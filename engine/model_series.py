@@ -411,7 +411,7 @@ class _SeriesFit:
             # and one full-atom round: the network learns from them, and interpolated frames
             # inherit their geometry (with the relaxed default polish, an in-between frame of
             # the 1-60 test series left the geometry goals)
-            extra = dict(polish_iters=2 * cfg.capture_steps, polish_schedule=(1.0,))
+            extra = dict(polish_iters=2 * cfg.capture_steps, polish_order="relax", polish_schedule=(1.0,))
             extra.update(cfg.extra.get("capture_extra", {}))
             t0 = time.time()
             rep = refine_model(RefineModelConfig(

@@ -153,11 +153,22 @@ def neighbour_pairs(x: np.ndarray, topo: Topology, cutoff: float = 4.0) -> np.nd
     pairs = cKDTree(x).query_pairs(cutoff, output_type="ndarray")
     if len(pairs) == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.sort(pairs, axis=1)
-    excl = topo.excluded
-    keep = np.fromiter(((int(i), int(j)) not in excl for i, j in pairs), dtype=bool, count=len(pairs))
+    pairs = np.sort(pairs, axis=1).astype(np.int64)
+    keep = ~np.isin(pairs[:, 0] * len(topo.element) + pairs[:, 1], excluded_codes(topo), assume_unique=False)
     keep &= topo.movable[pairs[:, 0]] | topo.movable[pairs[:, 1]]
-    return pairs[keep].astype(np.int64)
+    return pairs[keep]
+
+
+def excluded_codes(topo: Topology) -> np.ndarray:
+    """The topology's excluded pairs (i < j) as sorted codes ``i * n_atoms + j`` (cached on
+    the topology): a vectorised membership test for neighbour lists."""
+    codes = getattr(topo, "_excluded_codes", None)
+    if codes is None:
+        n = len(topo.element)
+        e = np.array(sorted(topo.excluded), dtype=np.int64).reshape(-1, 2)
+        codes = np.sort(e[:, 0] * n + e[:, 1])
+        object.__setattr__(topo, "_excluded_codes", codes)
+    return codes
 
 
 class Restraints:
