@@ -29,7 +29,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["rebuild_rotamers", "fit_side_chains", "fit_peptides", "set_torsion"]
+__all__ = ["rebuild_rotamers", "fit_side_chains", "fit_peptides", "flip_for_rama", "set_torsion"]
 
 
 def _bond_graph(topo):
@@ -257,6 +257,78 @@ def _peptides(topo):
     return np.array(rows, dtype=np.int64).reshape(-1, 7)
 
 
+def _amide_h(topo) -> dict:
+    """Riding H by parent atom (the amide H turns with its peptide plane)."""
+    h_of = {}
+    for k, h in enumerate(topo.h_index):
+        h_of.setdefault(int(topo.h_frame[k, 0]), []).append(int(h))
+    return h_of
+
+
+def _plane_turns(xn, row, h_of, angles):
+    """The peptide plane of ``row`` (C, O, N and the amide H) turned about its CA-CA axis by
+    each of ``angles`` (degrees): yields (plane atom indices, new positions)."""
+    ca0, c, o, n, ca1 = (int(v) for v in row[:5])
+    plane = np.array([c, o, n] + h_of.get(n, []), dtype=np.int64)
+    axis = xn[ca1] - xn[ca0]
+    axis = axis / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    for deg in angles:
+        t = math.radians(deg)
+        R = np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+        yield plane, (xn[plane] - xn[ca0]) @ R.T + xn[ca0]
+
+
+def flip_for_rama(rs, x, residues, angles=tuple(range(140, 230, 10))):
+    """Without a map: each trans peptide next to a Ramachandran outlier in ``residues``
+    (residue indices) is turned about its CA-CA axis (``angles``) when that leaves fewer
+    outliers among its two residues and adds no clash; the turn with the fewest outliers,
+    then the most favourable Ramachandran percentiles, is kept. Returns ``(x with H,
+    peptides turned)``. Used on a model series' frames, whose outliers are mostly peptides
+    the network turned the wrong way (phi near 160 degrees)."""
+    from cryogmm.validate import rama_table
+
+    topo = rs.topo
+    want = {int(r) for r in residues}
+    rama_res = {int(r): k for k, r in enumerate(topo.rama_res)}
+    h_of = _amide_h(topo)
+    x = rs.with_h(x.detach().clone())
+    xn = x.cpu().numpy().copy()
+
+    def n_out(xx, rr):
+        """(outliers, -summed Rama percentile) of residues ``rr``: fewer outliers first, then
+        the more favourable."""
+        _, _, pct, v = rama_table(rs, xx)
+        ks = [rama_res[r] for r in rr if r in rama_res]
+        return (sum(v[k] == "outlier" for k in ks), -float(sum(pct[k] for k in ks)))
+
+    turned = 0
+    for row in _peptides(topo):
+        rr = (int(row[5]), int(row[6]))
+        if not want.intersection(rr):
+            continue
+        cur = n_out(x, rr)
+        if cur[0] == 0:
+            continue
+        best, base = None, None
+        for plane, pos in _plane_turns(xn, row, h_of, angles):
+            y = x.clone()
+            y[torch.as_tensor(plane)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
+            y = rs.with_h(y)
+            k = n_out(y, rr)
+            if k[0] >= cur[0] or (best is not None and k >= best[0]):
+                continue
+            yn = y.cpu().numpy()
+            if base is None:
+                base = _local_clashes(rs, xn, plane)
+            if _local_clashes(rs, yn, plane) <= base:
+                best = (k, y, yn)
+        if best is not None:
+            x, xn = best[1], best[2].copy()
+            turned += 1
+    return x, turned
+
+
 def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 0.25) -> dict:
     """Peptide-flip scan (as Coot's pepflip, done for every peptide): the C, O, N (and amide
     H) of each trans peptide are turned about the CA(i)-CA(i+1) axis by ``angles`` (140 to
@@ -286,10 +358,7 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
         return map_coordinates(coef, [u[:, 2], u[:, 1], u[:, 0]], order=3, mode="constant", prefilter=False)
 
     zw = np.array([ELECTRONS.get(e, 6) for e in topo.element], dtype=np.float64)
-    # the amide H rides on N: it turns with the plane
-    h_of = {}
-    for k, h in enumerate(topo.h_index):
-        h_of.setdefault(int(topo.h_frame[k, 0]), []).append(int(h))
+    h_of = _amide_h(topo)
     x = rs.with_h(rf.x_all.detach().clone())
     xn = x.detach().cpu().numpy().copy()
     rama_res = {int(r): k for k, r in enumerate(topo.rama_res)} if len(topo.rama) else {}
@@ -300,40 +369,33 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
 
     n_flipped = n_tested = 0
     flipped = []
-    for ca0, c, o, n, ca1, r0, r1 in pep:
-        plane = np.array([c, o, n] + h_of.get(int(n), []), dtype=np.int64)
+    for row in pep:
+        c, o, n, r0, r1 = (int(v) for v in row[[1, 2, 3, 5, 6]])
         heavy = np.array([c, o, n], dtype=np.int64)
         w = zw[heavy]
         current = float((w * density(xn[heavy])).sum())
-        axis = xn[ca1] - xn[ca0]
-        axis /= np.linalg.norm(axis)
         cands = []
-        for deg in angles:
-            t = math.radians(deg)
-            k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-            R = np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
-            pos = (xn[plane] - xn[ca0]) @ R.T + xn[ca0]
+        for plane, pos in _plane_turns(xn, row, h_of, angles):
             score = float((w * density(pos[:3])).sum())
             if score - current > min_gain * sd * w.sum():
-                cands.append((score, pos))
+                cands.append((score, plane, pos))
         n_tested += 1
         cands.sort(key=lambda c: -c[0])
-        S = np.unique(np.concatenate([plane, np.asarray(h_of.get(int(n), []), dtype=np.int64)]))
         base = None
-        for score, pos in cands:
+        for score, plane, pos in cands:
             y = x.clone()
             y[torch.as_tensor(plane)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
             y = rs.with_h(y)
             yn = y.detach().cpu().numpy()
             if base is None:
-                base = _local_clashes(rs, xn, S)
-            if _local_clashes(rs, yn, S) <= base and rama_ok(y, (int(r0), int(r1))):
+                base = _local_clashes(rs, xn, plane)
+            if _local_clashes(rs, yn, plane) <= base and rama_ok(y, (r0, r1)):
                 break
         else:
             continue
         x, xn = y, yn.copy()
         n_flipped += 1
-        flipped.append(topo.res_label(int(r0)) if hasattr(topo, "res_label") else int(r0))
+        flipped.append(topo.res_label(r0))
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None and n_flipped:
         rf.on_coords(rf.x_all.detach().cpu().numpy().copy())

@@ -192,3 +192,32 @@ def test_peptide_flip_scan_restores_flipped_peptides(tmp_path):
     assert row["flipped"] == 2
     back = rf.x_all.numpy()[o_idx]
     assert np.linalg.norm(back - t.coords[o_idx], axis=1).max() < 0.1
+
+
+def test_flip_for_rama_turns_back_a_flipped_peptide(tmp_path):
+    """Without a map: a peptide of 1AKE 1-40 turned by 180 deg leaves Ramachandran outliers;
+    flip_for_rama turns it back (the series' frame repair)."""
+    from cryogmm.model_rotamers import _peptides, flip_for_rama
+    from cryogmm.restraints import Restraints
+    from cryogmm.validate import rama_table
+
+    lines = [l for l in ADK.read_text().splitlines() if l.startswith("ATOM") and int(l[22:26]) <= 40]
+    p = tmp_path / "truth.pdb"
+    p.write_text("\n".join(lines) + "\nEND\n")
+    t = build_topology(p)
+    rs = Restraints(t)
+    truth = rs.with_h(torch.as_tensor(t.coords))
+    n_true = sum(v == "outlier" for v in rama_table(rs, truth)[3])
+    ca0, c, o, n, ca1, r0, r1 = [r for r in _peptides(t) if int(r[5]) == 24][0]
+    x = t.coords.copy()
+    axis = (x[ca1] - x[ca0]) / np.linalg.norm(x[ca1] - x[ca0])
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    x[[c, o, n]] = (x[[c, o, n]] - x[ca0]) @ (np.eye(3) + 2 * (k @ k)).T + x[ca0]
+    xs = rs.with_h(torch.as_tensor(x))
+    verdict = rama_table(rs, xs)[3]
+    out = [int(t.rama_res[i]) for i, v in enumerate(verdict) if v == "outlier"]
+    assert len(out) > n_true
+    y, turned = flip_for_rama(rs, xs, out)
+    assert turned == 1
+    assert sum(v == "outlier" for v in rama_table(rs, y)[3]) == n_true
+    assert float(np.linalg.norm(y.numpy()[o] - t.coords[o])) < 1.0
