@@ -709,6 +709,41 @@ def _polish_relax(rf, cfg, mt, W, target, iters, saved):
                        kept_w_covalent=[r["w_covalent"] for r in rounds if r["met_target"]][-1:] or [W]))
 
 
+def rama_repair(rs: Restraints, assemble, x_full: torch.Tensor, move_t: torch.Tensor, n_geo: int, anchor_A: float,
+                iters: int = 100, rounds: int = 3, window: int = 2, rama_factor: float = 10.0) -> torch.Tensor:
+    """Geometry-only repair of the Ramachandran outliers of ``x_full`` (all atoms, H placed):
+    a peptide turn that removes an outlier (``model_rotamers.flip_for_rama``), then L-BFGS on
+    the geometry with a harmonic tether (``anchor_A``) to the current atoms, released on the
+    outliers and ``window`` residues either side, and the Rama weight x ``rama_factor``; up
+    to ``rounds`` times or until none is left. ``assemble(x_move)`` gives all atoms from the
+    moving ones (``move_t``). Used after geometry-only refinement (4AKE's Gly42 left the
+    outlier region) and on a model series' frames."""
+    from cryogmm.model_rotamers import flip_for_rama
+    from cryogmm.validate import rama_table
+
+    topo = rs.topo
+    res_move = topo.res_index[move_t.cpu().numpy()]
+    for _ in range(rounds):
+        verdict = rama_table(rs, x_full)[3]
+        out = [int(topo.rama_res[k]) for k, v in enumerate(verdict) if v == "outlier"]
+        if not out:
+            break
+        x_full, _ = flip_for_rama(rs, x_full, out)
+        near = np.isin(res_move, [r + d for r in out for d in range(-window, window + 1)])
+        tether = torch.as_tensor(np.where(near, 0.0, 1.0), dtype=x_full.dtype, device=x_full.device)[:, None]
+        saved = rs.weights["rama"]
+        rs.weights["rama"] = saved * rama_factor
+
+        def loss_fn(x, delta, tether=tether):
+            return (rs.energy(x, place_h=False) + 0.5 * (tether * (delta / anchor_A) ** 2).sum()) / n_geo
+
+        try:
+            x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), loss_fn, iters)[0]
+        finally:
+            rs.weights["rama"] = saved
+    return x_full
+
+
 def _check_overlap(topo, grid, path):
     from cryogmm.validate import _check_overlap as chk
 
@@ -796,6 +831,12 @@ def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
         elif st == "full":
             if grid is None:
                 rf.lbfgs_phase("geometry", None, 1.0, max(2 * n, 100))
+                if "full" not in stages[si + 1:] and cfg.extra.get("rama_repair", True):
+                    x_prev = rf.x_all
+                    rf.x_all = rama_repair(rf.rs, rf.assemble, rf.x_all, rf.move_t, rf.n_geo,
+                                           anchor_A=rf.anchor or 0.15, iters=max(2 * n, 100))
+                    rf.log.append(dict(phase="rama_repair", rms_moved_A=float(
+                        (rf.x_all - x_prev)[rf.move_t].norm(dim=1).pow(2).mean().sqrt())))
             else:
                 mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, dtype=rf.dt, device=rf.dev)
                 rf.map_k = 1.0

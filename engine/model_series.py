@@ -513,38 +513,16 @@ class _SeriesFit:
         released on them and ``window`` residues either side and the Rama weight x
         ``rama_factor``; up to ``rounds`` times. On the stored frames of the adenylate kinase
         series (10 maps, 20 frames) the tethered polish alone left 3-7 outliers per frame."""
-        from cryogmm.model_refine import lbfgs_relax
-        from cryogmm.model_rotamers import flip_for_rama
-        from cryogmm.validate import rama_table
+        from cryogmm.model_refine import rama_repair
 
-        topo, cfg = self.topo, self.cfg
-        res_move = topo.res_index[self.move]
-        for _ in range(rounds):
-            verdict = rama_table(self.rs, x_full)[3]
-            out = [int(topo.rama_res[k]) for k, v in enumerate(verdict) if v == "outlier"]
-            if not out:
-                break
-            x_full, _ = flip_for_rama(self.rs, x_full, out)
-            near = np.isin(res_move, [r + d for r in out for d in range(-window, window + 1)])
-            tether = torch.as_tensor(np.where(near, 0.0, 1.0), dtype=self.dt, device=self.dev)[:, None]
-            a = cfg.polish_anchor_A
-            saved = self.rs.weights["rama"]
-            self.rs.weights["rama"] = saved * rama_factor
-
-            def loss_fn(x, delta, tether=tether):
-                return (self.rs.energy(x, place_h=False) + 0.5 * (tether * (delta / a) ** 2).sum()) / self.n_geo
-
-            try:
-                x_full = lbfgs_relax(self.rs, self.assemble, x_full[self.move_t].clone(), loss_fn,
-                                     max(cfg.polish_iters, 100))[0]
-            finally:
-                self.rs.weights["rama"] = saved
+        x_full = rama_repair(self.rs, self.assemble, x_full, self.move_t, self.n_geo, self.cfg.polish_anchor_A,
+                             iters=max(self.cfg.polish_iters, 100), rounds=rounds, window=window, rama_factor=rama_factor)
         if rotamers:
             from types import SimpleNamespace
 
             from cryogmm.model_rotamers import rebuild_rotamers
 
-            rf = SimpleNamespace(topo=topo, rs=self.rs, x_all=x_full, on_coords=None, log=[])
+            rf = SimpleNamespace(topo=self.topo, rs=self.rs, x_all=x_full, on_coords=None, log=[])
             rebuild_rotamers(rf)
             x_full = rf.x_all
         return x_full

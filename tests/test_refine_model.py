@@ -221,3 +221,30 @@ def test_flip_for_rama_turns_back_a_flipped_peptide(tmp_path):
     assert turned == 1
     assert sum(v == "outlier" for v in rama_table(rs, y)[3]) == n_true
     assert float(np.linalg.norm(y.numpy()[o] - t.coords[o])) < 1.0
+
+
+@pytest.mark.slow
+def test_geometry_only_repairs_a_ramachandran_outlier(tmp_path):
+    """Geometry-only refinement of 1AKE 1-40 with one peptide turned the wrong way round: the
+    Ramachandran repair leaves no outlier, and the atoms away from it move < 0.3 Å RMS."""
+    from cryogmm.model_rotamers import _peptides
+
+    lines = [l for l in ADK.read_text().splitlines() if l.startswith("ATOM") and int(l[22:26]) <= 40]
+    p = tmp_path / "truth.pdb"
+    p.write_text("\n".join(lines) + "\nEND\n")
+    t = build_topology(p)
+    ca0, c, o, n, ca1, r0, r1 = [r for r in _peptides(t) if int(r[5]) == 24][0]
+    x = t.coords.copy()
+    axis = (x[ca1] - x[ca0]) / np.linalg.norm(x[ca1] - x[ca0])
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    x[[c, o, n]] = (x[[c, o, n]] - x[ca0]) @ (np.eye(3) + 2 * (k @ k)).T + x[ca0]
+    write_model(t, x, tmp_path / "flipped.pdb")
+    rep = refine_model(RefineModelConfig(model=tmp_path / "flipped.pdb", geometry_only=True, out=tmp_path / "geo",
+                                         steps=40))
+    assert rep["before"]["rama_outlier_pct"] > 0
+    assert rep["after"]["rama_outlier_pct"] == 0
+    assert any(r.get("phase") == "rama_repair" for r in rep["log"])
+    y = build_topology(tmp_path / "geo" / "refined.pdb").coords
+    far = np.abs(t.res_index - 24) > 3
+    heavy = ~t.is_h
+    assert float(np.sqrt((((y - x)[far & heavy]) ** 2).sum(1).mean())) < 0.3  # the geometry-only goal
