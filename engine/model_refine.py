@@ -280,6 +280,16 @@ class MapTerm:
         self._proj = None
         if similarity == "frc":
             self._setup_frc(dtype, device)
+        self._ip_scale = 1.0
+        if similarity == "inner-product":
+            # GROMACS's inner product of normalised densities is ~1/(voxels under the molecule)
+            # (2e-3 on adenylate kinase): scaled so the map scores 1 against itself. The
+            # gradient's direction is unchanged and Chen's weight rule scales with it, but the
+            # rigid stages' weight floor (1e-3) did not: unscaled, the geometry held the
+            # patches together and the closed model stayed at 9.1 Å from the open one.
+            from cryogmm import metrics
+
+            self._ip_scale = float(metrics.inner_product(self.ref, self.ref)) or 1.0
 
     def _setup_frc(self, dtype, device):
         from cryogmm.project import project_map
@@ -322,7 +332,7 @@ class MapTerm:
         if s == "cross-correlation":
             return metrics.cross_correlation(sim, self.ref)
         if s == "inner-product":
-            return metrics.inner_product(sim, self.ref) * sim.numel()
+            return metrics.inner_product(sim, self.ref) / self._ip_scale
         if s == "fsc":
             curve = metrics.fsc(sim, self.ref)
             return curve[1:self.kmax + 1].mean()
@@ -715,14 +725,17 @@ def rama_repair(rs: Restraints, assemble, x_full: torch.Tensor, move_t: torch.Te
     a peptide turn that removes an outlier (``model_rotamers.flip_for_rama``), then L-BFGS on
     the geometry with a harmonic tether (``anchor_A``) to the current atoms, released on the
     outliers and ``window`` residues either side, and the Rama weight x ``rama_factor``; up
-    to ``rounds`` times or until none is left. ``assemble(x_move)`` gives all atoms from the
-    moving ones (``move_t``). Used after geometry-only refinement (4AKE's Gly42 left the
+    to ``rounds`` times or until none is left; then, if anything was repaired, one settling
+    L-BFGS at the usual weights with every atom tethered where it is (the Rama-heavy rounds
+    left a Cβ deviation on 4AKE). ``assemble(x_move)`` gives all atoms from the moving ones
+    (``move_t``). Used after geometry-only refinement (4AKE's Gly42 left the
     outlier region) and on a model series' frames."""
     from cryogmm.model_rotamers import flip_for_rama
     from cryogmm.validate import rama_table
 
     topo = rs.topo
     res_move = topo.res_index[move_t.cpu().numpy()]
+    repaired = False
     for _ in range(rounds):
         verdict = rama_table(rs, x_full)[3]
         out = [int(topo.rama_res[k]) for k, v in enumerate(verdict) if v == "outlier"]
@@ -741,6 +754,13 @@ def rama_repair(rs: Restraints, assemble, x_full: torch.Tensor, move_t: torch.Te
             x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), loss_fn, iters)[0]
         finally:
             rs.weights["rama"] = saved
+        repaired = True
+    if repaired:  # settle at the usual weights, every atom tethered where it now is
+
+        def settle(x, delta):
+            return (rs.energy(x, place_h=False) + 0.5 * ((delta / anchor_A) ** 2).sum()) / n_geo
+
+        x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), settle, iters)[0]
     return x_full
 
 

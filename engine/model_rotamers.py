@@ -18,8 +18,8 @@ candidate.
 Peptide flips (:func:`fit_peptides`, run before the side chains at 3.5 Å or better): each
 trans peptide turned about its CA-CA axis, kept when its C, O and N gain density.
 
-Without a map (:func:`rebuild_rotamers`): only outlier side chains are set to their modes,
-the first that adds no clash kept.
+Without a map (:func:`rebuild_rotamers`): only outlier side chains move, to the nearest
+allowed conformation (modes with chi1/chi2 offsets) that adds no clash.
 """
 
 from __future__ import annotations
@@ -48,39 +48,69 @@ def _is_outlier(tb, chi_deg) -> bool:
     return bool(grid_value(tb, np.mod(np.asarray(chi_deg) - tb["lo"], per)[None] + tb["lo"])[0] < ROTAMER_OUTLIER)
 
 
-def rebuild_rotamers(rf):
-    """Without a map: each outlier side chain is set to the first mode of its rotamer mixture
-    that adds no clash."""
-    from cryogmm.restraints import dihedral, reference_tables
-    from cryogmm.validate import clashes
+def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
+    """Without a map: each outlier side chain goes to the allowed conformation nearest to it
+    (each rotamer mode with chi1 and chi2 turned by ``chi_offsets``; candidates ordered by
+    the side-chain atoms' RMS displacement) that adds no clash; it stays when every candidate
+    clashes. Nearest, because without a map the side chain's place is the only evidence
+    (a model series' frame, a deposited model)."""
+    import itertools
+
+    from cryogmm.restraints import reference_tables
 
     topo, rs = rf.topo, rf.rs
     tabs = reference_tables()["rotamer"]
-    x = rf.x_all.detach().clone()
-    n_rebuilt = 0
     nbr = _bond_graph(topo)
+    x = rs.with_h(rf.x_all.detach().clone())
+    xn = x.detach().cpu().numpy().copy()
+    n_rebuilt = n_left = 0
     for tname, (quads, res) in topo.chis.items():
         tb = tabs[tname]
         for k in range(len(res)):
-            chi = torch.rad2deg(dihedral(*(x[torch.as_tensor(quads[k, :, m])] for m in range(4)))).numpy()
+            q = quads[k]
+            if not topo.movable[int(q[0, 2])]:
+                continue
+            chi = np.array([_dihedral_np(*xn[q[c]]) for c in range(q.shape[0])])
             if not _is_outlier(tb, chi):
                 continue
-            base_clash = len(clashes(rs, x))
+            movers = [np.asarray(_moving_atoms(q[c], nbr, topo), dtype=np.int64) for c in range(q.shape[0])]
+            local = np.unique(np.concatenate([movers[0], q.ravel()]))
+            lut = {int(a): i for i, a in enumerate(local)}
+            lq = np.array([[lut[int(a)] for a in q[c]] for c in range(q.shape[0])])
+            lmov = [np.array([lut[int(a)] for a in m], dtype=np.int64) for m in movers]
+            heavy = ~topo.is_h[local]
+            p0 = xn[local]
+            cands = []
+            n_off = min(2, q.shape[0])
             for mu in tb["mu"]:
+                for off in itertools.product(chi_offsets, repeat=n_off):
+                    tgt = np.asarray(mu, dtype=np.float64).copy()
+                    tgt[:n_off] += off
+                    if _is_outlier(tb, tgt):
+                        continue
+                    pos = p0.copy()
+                    for c in range(min(len(tgt), q.shape[0])):
+                        _turn(pos, lmov[c], lq[c, 1], lq[c, 2], tgt[c] - _dihedral_np(*pos[lq[c]]))
+                    cands.append((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos))
+            cands.sort(key=lambda c: c[0])
+            S = movers[0]
+            base = _local_clashes(rs, xn, S)
+            for _, pos in cands:
                 y = x.clone()
-                for c in range(quads.shape[1]):
-                    q = quads[k, c]
-                    cur = float(torch.rad2deg(dihedral(*(y[int(q[m])] for m in range(4)))))
-                    target = float(mu[c]) if c < len(mu) else cur
-                    y = set_torsion(y, q, target - cur, nbr, topo)
-                if len(clashes(rs, y)) <= base_clash:
-                    x = y
+                y[torch.as_tensor(local)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
+                y = rs.with_h(y)
+                yn = y.detach().cpu().numpy()
+                if _local_clashes(rs, yn, S) <= base:
+                    x, xn = y, yn.copy()
                     n_rebuilt += 1
                     break
+            else:
+                n_left += 1
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None:
         rf.on_coords(rf.x_all.detach().cpu().numpy().copy())
-    rf.log.append(dict(phase="rotamers", changed=n_rebuilt, scoring="first mode without new clashes (no map)"))
+    rf.log.append(dict(phase="rotamers", changed=n_rebuilt, left=n_left,
+                       scoring="nearest allowed conformation without new clashes (no map)"))
 
 
 def _side_chain_atoms(topo, r):

@@ -8,7 +8,8 @@ frames between the maps stay clean. Capture range: a curriculum along the latent
 map the starting model fits best, then outward, each map fitted by refine-model warm-started
 from its neighbour's model; --capture-steps), to which the network is fitted before its map
 training (--no-capture: the network alone, on blurred maps first). Every output frame gets a
-short geometry polish tethered to the network's frame.
+short geometry polish tethered to the network's frame, then a Ramachandran repair (peptide
+turns, the tether released around residues still outliers) and rotamer outliers rebuilt.
 
 Latent (--latent): one row per map, any width (e.g. cryogmm hetero analyze's z of each
 map's particles). Default: the maps' order spread over [0, 1]. Frames are placed evenly by
