@@ -31,7 +31,7 @@ resolution, Chen; a non-cubic map is padded to a cube), ``frc`` (mean FRC of pro
 24 fixed orientations up to the resolution, Chen), ``relative-entropy``,
 ``cross-correlation``, ``inner-product`` (Blau & Lindahl / GROMACS, model map spread with
 sigma = res / (2 sqrt(ln 4))). The Blau & Lindahl spreading is wide (1.7 Å at 4 Å): on
-adenylate kinase (4 Å) relative entropy placed the Cα to 0.64 Å, fsc to 0.39 Å. The geometry weight
+adenylate kinase (4 Å) relative entropy placed the Cα to 0.62 Å, fsc to 0.32 Å. The geometry weight
 ``w`` is set at the start of each stage by Chen's rule: the ratio of the map-score gain to
 the geometry loss over two unconstrained iterations (floored at 1e-3 in the rigid and
 residue stages, where bonds between bodies may stretch, and 0.05 in the full-atom stage).
@@ -640,7 +640,8 @@ def _polish(rf: "_Refiner", cfg: RefineModelConfig, mt, w: float, n: int):
     relaxed, round after round from the firm end) pulled Cα from 0.25 to 0.32 Å and the 3 Å
     map CC to 0.871-0.879: log-density Ramachandran and rotamer terms at full weight drag
     every residue toward its mode centre. Starting each round from the Adam model with
-    all terms scaled gives Cα 0.21 Å and CC 0.899 at 3 Å, 0.315 Å and 0.903 at 4 Å.
+    all terms scaled (and the peptide-flip scan at 3 Å) gives Cα 0.18 Å and CC 0.900 at 3 Å,
+    0.32 Å and 0.902 at 4 Å (benchmarks/results/refine_model_gromacs.json).
     ``polish_order="relax"`` keeps the earlier schedule (``polish_schedule``), which the model
     series' captures use."""
     from cryogmm.validate import ROTAMER_OUTLIER, _rmsz, clashes, rama_table, rotamer_table
