@@ -649,40 +649,35 @@ def _polish(rf: "_Refiner", cfg: RefineModelConfig, mt, w: float, n: int):
     W = max(w * cfg.extra.get("polish_torsion_factor", 3.0), cfg.extra.get("polish_min_weight", 1.0))
     target = cfg.extra.get("polish_rmsz_target", 0.7)
     iters = cfg.extra.get("polish_iters", max(2 * n, 100))
-    saved = dict(rf.rs.weights)
     if cfg.extra.get("polish_order", "tighten") == "relax":
-        return _polish_relax(rf, cfg, mt, W, target, iters, saved)
+        return _polish_relax(rf, cfg, mt, W, target, iters)
     schedule = cfg.extra.get("polish_tighten_schedule", (0.1, 0.15, 0.2, 0.3, 0.5, 1.0))
     max_clash = cfg.extra.get("polish_max_clashscore", 1.0)
     x0, n0 = rf.x_all.clone(), len(rf.trajectory)
     rounds = []
-    try:
-        for f in schedule:
-            rf.x_all = x0.clone()
-            del rf.trajectory[n0:]  # frames of a round that missed the targets
-            rf.lbfgs_phase("polish", mt, W * f, iters)
-            with torch.no_grad():
-                xh = rf.rs.with_h(rf.x_all)
-                bond = _rmsz(rf.rs.bond_z(xh).cpu().numpy())
-                angle = _rmsz(rf.rs.angle_z(xh).cpu().numpy())
-                n_rama = sum(v == "outlier" for v in rama_table(rf.rs, xh)[3])
-                rot = rotamer_table(rf.rs, xh)
-                n_rot = sum(p < ROTAMER_OUTLIER for *_, p in rot)
-                n_clash = len(clashes(rf.rs, xh))
-            ok = (bond <= target and angle <= target and n_rama == 0
-                  and n_rot <= 0.01 * len(rot) and 1000.0 * n_clash / rf.topo.n_atoms <= max_clash)
-            rounds.append(dict(w_geometry=W * f, bond_rmsz=bond, angle_rmsz=angle, rama_outliers=n_rama,
-                               rotamer_outliers=n_rot, clashes=n_clash, map=rf.log[-1]["map"], met_target=ok))
-            if ok:
-                break
-    finally:
-        rf.rs.weights.clear()
-        rf.rs.weights.update(saved)
+    for f in schedule:
+        rf.x_all = x0.clone()
+        del rf.trajectory[n0:]  # frames of a round that missed the targets
+        rf.lbfgs_phase("polish", mt, W * f, iters)
+        with torch.no_grad():
+            xh = rf.rs.with_h(rf.x_all)
+            bond = _rmsz(rf.rs.bond_z(xh).cpu().numpy())
+            angle = _rmsz(rf.rs.angle_z(xh).cpu().numpy())
+            n_rama = sum(v == "outlier" for v in rama_table(rf.rs, xh)[3])
+            rot = rotamer_table(rf.rs, xh)
+            n_rot = sum(p < ROTAMER_OUTLIER for *_, p in rot)
+            n_clash = len(clashes(rf.rs, xh))
+        ok = (bond <= target and angle <= target and n_rama == 0
+              and n_rot <= 0.01 * len(rot) and 1000.0 * n_clash / rf.topo.n_atoms <= max_clash)
+        rounds.append(dict(w_geometry=W * f, bond_rmsz=bond, angle_rmsz=angle, rama_outliers=n_rama,
+                           rotamer_outliers=n_rot, clashes=n_clash, map=rf.log[-1]["map"], met_target=ok))
+        if ok:
+            break
     rf.log.append(dict(phase="polish_schedule", order="tighten", rmsz_target=target,
                        rounds=rounds, kept_w_geometry=rounds[-1]["w_geometry"]))
 
 
-def _polish_relax(rf, cfg, mt, W, target, iters, saved):
+def _polish_relax(rf, cfg, mt, W, target, iters):
     """The earlier polish: torsion and contact terms (Rama, rotamers, clashes) held at ``W``;
     the covalent terms start at ``W`` and step down (``polish_schedule``: 1, 0.5, 0.3, 0.2,
     0.15, 0.1 x W), each round from the last, while bond and angle RMSZ stay <= ``target``;
@@ -690,6 +685,7 @@ def _polish_relax(rf, cfg, mt, W, target, iters, saved):
     from cryogmm.validate import _rmsz
 
     schedule = cfg.extra.get("polish_schedule", (1.0, 0.5, 0.3, 0.2, 0.15, 0.1))
+    saved = dict(rf.rs.weights)
     kept, rounds = None, []
     try:
         for i, f in enumerate(schedule):
@@ -731,6 +727,10 @@ def rama_repair(rs: Restraints, assemble, x_full: torch.Tensor, move_t: torch.Te
 
     topo = rs.topo
     res_move = topo.res_index[move_t.cpu().numpy()]
+
+    def tethered(tether):
+        return lambda x, delta: (rs.energy(x, place_h=False) + 0.5 * (tether * (delta / anchor_A) ** 2).sum()) / n_geo
+
     repaired = False
     for _ in range(rounds):
         verdict = rama_table(rs, x_full)[3]
@@ -742,21 +742,13 @@ def rama_repair(rs: Restraints, assemble, x_full: torch.Tensor, move_t: torch.Te
         tether = torch.as_tensor(np.where(near, 0.0, 1.0), dtype=x_full.dtype, device=x_full.device)[:, None]
         saved = rs.weights["rama"]
         rs.weights["rama"] = saved * rama_factor
-
-        def loss_fn(x, delta, tether=tether):
-            return (rs.energy(x, place_h=False) + 0.5 * (tether * (delta / anchor_A) ** 2).sum()) / n_geo
-
         try:
-            x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), loss_fn, iters)[0]
+            x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), tethered(tether), iters)[0]
         finally:
             rs.weights["rama"] = saved
         repaired = True
     if repaired:  # settle at the usual weights, every atom tethered where it now is
-
-        def settle(x, delta):
-            return (rs.energy(x, place_h=False) + 0.5 * ((delta / anchor_A) ** 2).sum()) / n_geo
-
-        x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), settle, iters)[0]
+        x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), tethered(1.0), iters)[0]
     return x_full
 
 

@@ -54,8 +54,6 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
     the side-chain atoms' RMS displacement) that adds no clash; it stays when every candidate
     clashes. Nearest, because without a map the side chain's place is the only evidence
     (a model series' frame, a deposited model)."""
-    import itertools
-
     from cryogmm.restraints import reference_tables
 
     topo, rs = rf.topo, rf.rs
@@ -73,27 +71,11 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
             chi = np.array([_dihedral_np(*xn[q[c]]) for c in range(q.shape[0])])
             if not _is_outlier(tb, chi):
                 continue
-            movers = [np.asarray(_moving_atoms(q[c], nbr, topo), dtype=np.int64) for c in range(q.shape[0])]
-            local = np.unique(np.concatenate([movers[0], q.ravel()]))
-            lut = {int(a): i for i, a in enumerate(local)}
-            lq = np.array([[lut[int(a)] for a in q[c]] for c in range(q.shape[0])])
-            lmov = [np.array([lut[int(a)] for a in m], dtype=np.int64) for m in movers]
+            local, _, S, built = _chi_candidates(xn, q, nbr, topo, tb, chi_offsets)
             heavy = ~topo.is_h[local]
             p0 = xn[local]
-            cands = []
-            n_off = min(2, q.shape[0])
-            for mu in tb["mu"]:
-                for off in itertools.product(chi_offsets, repeat=n_off):
-                    tgt = np.asarray(mu, dtype=np.float64).copy()
-                    tgt[:n_off] += off
-                    if _is_outlier(tb, tgt):
-                        continue
-                    pos = p0.copy()
-                    for c in range(min(len(tgt), q.shape[0])):
-                        _turn(pos, lmov[c], lq[c, 1], lq[c, 2], tgt[c] - _dihedral_np(*pos[lq[c]]))
-                    cands.append((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos))
-            cands.sort(key=lambda c: c[0])
-            S = movers[0]
+            cands = sorted(((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos) for pos in built),
+                           key=lambda c: c[0])
             base = _local_clashes(rs, xn, S)
             for _, pos in cands:
                 y = x.clone()
@@ -141,13 +123,60 @@ def _dihedral_np(p0, p1, p2, p3):
     return math.degrees(math.atan2(np.cross(b1n, v) @ w, v @ w))
 
 
-def _turn(pos, moving, b, c, deg):
-    axis = pos[c] - pos[b]
-    axis = axis / np.linalg.norm(axis)
+def _axis_rotation(axis, deg):
+    """Rotation matrix about the unit vector ``axis`` by ``deg`` degrees (Rodrigues)."""
     t = math.radians(deg)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    R = np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+
+
+def _turn(pos, moving, b, c, deg):
+    axis = pos[c] - pos[b]
+    R = _axis_rotation(axis / np.linalg.norm(axis), deg)
     pos[moving] = (pos[moving] - pos[c]) @ R.T + pos[c]
+
+
+def _chi_candidates(xn, q, nbr, topo, tb, chi_offsets):
+    """The allowed side-chain conformations of one residue: each rotamer mode of table ``tb``
+    with chi1 and chi2 turned by ``chi_offsets`` (offsets that leave the allowed region are
+    dropped), built from the atoms at ``xn`` by turning the chis of quads ``q``. Returns
+    ``(local atom indices, {atom: row in local}, atoms chi1 moves, [positions of the local
+    atoms per candidate])``."""
+    import itertools
+
+    movers = [np.asarray(_moving_atoms(q[c], nbr, topo), dtype=np.int64) for c in range(q.shape[0])]
+    local = np.unique(np.concatenate([movers[0], q.ravel()]))
+    lut = {int(a): i for i, a in enumerate(local)}
+    lq = np.array([[lut[int(a)] for a in q[c]] for c in range(q.shape[0])])
+    lmov = [np.array([lut[int(a)] for a in m], dtype=np.int64) for m in movers]
+    p0 = xn[local]
+    cands = []
+    n_off = min(2, q.shape[0])
+    for mu in tb["mu"]:
+        for off in itertools.product(chi_offsets, repeat=n_off):
+            tgt = np.asarray(mu, dtype=np.float64).copy()
+            tgt[:n_off] += off
+            if _is_outlier(tb, tgt):
+                continue  # an offset that leaves the rotamer's allowed region
+            pos = p0.copy()
+            for c in range(min(len(tgt), q.shape[0])):
+                _turn(pos, lmov[c], lq[c, 1], lq[c, 2], tgt[c] - _dihedral_np(*pos[lq[c]]))
+            cands.append(pos)
+    return local, lut, movers[0], cands
+
+
+def _density_sampler(grid):
+    """The map's density at points ``[N, 3]`` (Å): cubic-spline interpolation, 0 outside."""
+    from scipy.ndimage import map_coordinates, spline_filter
+
+    coef = spline_filter(np.asarray(grid.data, dtype=np.float64), order=3, mode="constant")
+    origin, apix = np.asarray(grid.origin_A, dtype=np.float64), float(grid.apix)
+
+    def density(xyz):
+        u = (xyz - origin) / apix
+        return map_coordinates(coef, [u[:, 2], u[:, 1], u[:, 0]], order=3, mode="constant", prefilter=False)
+
+    return density
 
 
 def _local_clashes(rs, xn: np.ndarray, S: np.ndarray) -> int:
@@ -164,7 +193,7 @@ def _local_clashes(rs, xn: np.ndarray, S: np.ndarray) -> int:
     keep = (i != j) & (~np.isin(j, S) | (i < j))  # a pair inside S once
     i, j, dd = i[keep], j[keep], dd[keep]
     a, b = np.minimum(i, j), np.maximum(i, j)
-    keep = ~np.isin(a * len(topo.element) + b, excluded_codes(topo)) & (topo.movable[a] | topo.movable[b])
+    keep = ~np.isin(a * topo.n_atoms + b, excluded_codes(topo)) & (topo.movable[a] | topo.movable[b])
     a, b, dd = a[keep], b[keep], dd[keep]
     if not len(a):
         return 0
@@ -178,23 +207,13 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
     """Real-space rotamer fit of every side chain (see the module docstring). Candidates: each
     rotamer mode with chi1 and chi2 each turned by ``chi_offsets``. ``rf`` is the refiner (its
     ``x_all`` is updated); ``grid`` the map. Returns counts for the log."""
-    import itertools
-
-    from scipy.ndimage import map_coordinates, spline_filter
-
     from cryogmm.gmm import ELECTRONS
     from cryogmm.restraints import reference_tables
 
     topo, rs = rf.topo, rf.rs
     tabs = reference_tables()["rotamer"]
-    coef = spline_filter(np.asarray(grid.data, dtype=np.float64), order=3, mode="constant")
-    origin, apix = np.asarray(grid.origin_A, dtype=np.float64), float(grid.apix)
+    density = _density_sampler(grid)
     zw = np.array([ELECTRONS.get(e, 6) for e in topo.element], dtype=np.float64)
-
-    def density(xyz):
-        u = (xyz - origin) / apix
-        return map_coordinates(coef, [u[:, 2], u[:, 1], u[:, 0]], order=3, mode="constant", prefilter=False)
-
     nbr = _bond_graph(topo)
     x = rs.with_h(rf.x_all.detach().clone())
     rs.optimise_rotors(x)  # polar H turned to the start's contacts once; candidates keep them
@@ -215,34 +234,11 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
             if not len(sc):
                 continue
             n_res += 1
-            movers = [np.asarray(_moving_atoms(q[c], nbr, topo), dtype=np.int64) for c in range(q.shape[0])]
-            local = np.unique(np.concatenate([movers[0], q.ravel()]))
-            lut = {int(a): i for i, a in enumerate(local)}
-            lq = np.array([[lut[int(a)] for a in q[c]] for c in range(q.shape[0])])
-            lmov = [np.array([lut[int(a)] for a in m], dtype=np.int64) for m in movers]
+            local, lut, S, built = _chi_candidates(xn, q, nbr, topo, tb, chi_offsets)
             lsc = np.array([lut[int(a)] for a in sc], dtype=np.int64)
             w = zw[sc]
-            p0 = xn[local]
-
-            def build(target):
-                pos = p0.copy()
-                for c in range(min(len(target), q.shape[0])):
-                    cur = _dihedral_np(*pos[lq[c]])
-                    _turn(pos, lmov[c], lq[c, 1], lq[c, 2], target[c] - cur)
-                return pos
-
-            S = np.asarray(movers[0], dtype=np.int64)
-            current = float((w * density(p0[lsc])).sum())
-            cands = []
-            n_off = min(2, q.shape[0])
-            for mu in tb["mu"]:
-                for off in itertools.product(chi_offsets, repeat=n_off):
-                    tgt = np.asarray(mu, dtype=np.float64).copy()
-                    tgt[:n_off] += off
-                    if _is_outlier(tb, tgt):
-                        continue  # an offset that leaves the rotamer's allowed region
-                    pos = build(tgt)
-                    cands.append((float((w * density(pos[lsc])).sum()), pos))
+            current = float((w * density(xn[local][lsc])).sum())
+            cands = [(float((w * density(pos[lsc])).sum()), pos) for pos in built]
             cands.sort(key=lambda c: -c[0])
             base = None
             for score, pos in cands:
@@ -302,10 +298,8 @@ def _plane_turns(xn, row, h_of, angles):
     plane = np.array([c, o, n] + h_of.get(n, []), dtype=np.int64)
     axis = xn[ca1] - xn[ca0]
     axis = axis / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     for deg in angles:
-        t = math.radians(deg)
-        R = np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+        R = _axis_rotation(axis, deg)
         yield plane, (xn[plane] - xn[ca0]) @ R.T + xn[ca0]
 
 
@@ -371,21 +365,13 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
     map) peptide 45-46 stays flipped otherwise. ``refine_model`` runs it at 3.5 Å or better:
     in the open model's own 4 Å map it turned two correct peptides (Thr31, Leu45), in the
     3 Å map none."""
-    from scipy.ndimage import map_coordinates, spline_filter
-
     from cryogmm.gmm import ELECTRONS
     from cryogmm.validate import rama_table
 
     topo, rs = rf.topo, rf.rs
     pep = _peptides(topo)
-    data = np.asarray(grid.data, dtype=np.float64)
-    coef = spline_filter(data, order=3, mode="constant")
-    origin, apix = np.asarray(grid.origin_A, dtype=np.float64), float(grid.apix)
-    sd = float(data.std()) or 1.0
-
-    def density(xyz):
-        u = (xyz - origin) / apix
-        return map_coordinates(coef, [u[:, 2], u[:, 1], u[:, 0]], order=3, mode="constant", prefilter=False)
+    density = _density_sampler(grid)
+    sd = float(np.asarray(grid.data, dtype=np.float64).std()) or 1.0
 
     zw = np.array([ELECTRONS.get(e, 6) for e in topo.element], dtype=np.float64)
     h_of = _amide_h(topo)

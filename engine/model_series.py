@@ -511,8 +511,10 @@ class _SeriesFit:
         """Residues the tethered polish leaves as Ramachandran outliers: a peptide turn that
         removes the outlier (``model_rotamers.flip_for_rama``), then L-BFGS with the tether
         released on them and ``window`` residues either side and the Rama weight x
-        ``rama_factor``; up to ``rounds`` times. On the stored frames of the adenylate kinase
-        series (10 maps, 20 frames) the tethered polish alone left 3-7 outliers per frame."""
+        ``rama_factor``; up to ``rounds`` times (``model_refine.rama_repair``). Then, with
+        ``rotamers``, rotamer outliers go to the nearest allowed conformation without new
+        clashes (``rebuild_rotamers``). On the stored frames of the adenylate kinase series
+        (10 maps, 20 frames) the tethered polish alone left 1-7 Rama outliers per frame."""
         from cryogmm.model_refine import rama_repair
 
         x_full = rama_repair(self.rs, self.assemble, x_full, self.move_t, self.n_geo, self.cfg.polish_anchor_A,

@@ -154,7 +154,7 @@ def neighbour_pairs(x: np.ndarray, topo: Topology, cutoff: float = 4.0) -> np.nd
     if len(pairs) == 0:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = np.sort(pairs, axis=1).astype(np.int64)
-    keep = ~np.isin(pairs[:, 0] * len(topo.element) + pairs[:, 1], excluded_codes(topo), assume_unique=False)
+    keep = ~np.isin(pairs[:, 0] * topo.n_atoms + pairs[:, 1], excluded_codes(topo))
     keep &= topo.movable[pairs[:, 0]] | topo.movable[pairs[:, 1]]
     return pairs[keep]
 
@@ -164,9 +164,8 @@ def excluded_codes(topo: Topology) -> np.ndarray:
     the topology): a vectorised membership test for neighbour lists."""
     codes = getattr(topo, "_excluded_codes", None)
     if codes is None:
-        n = len(topo.element)
         e = np.array(sorted(topo.excluded), dtype=np.int64).reshape(-1, 2)
-        codes = np.sort(e[:, 0] * n + e[:, 1])
+        codes = np.sort(e[:, 0] * topo.n_atoms + e[:, 1])
         object.__setattr__(topo, "_excluded_codes", codes)
     return codes
 
