@@ -130,39 +130,65 @@ def _axis_rotation(axis, deg):
     return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
 
 
-def _turn(pos, moving, b, c, deg):
-    axis = pos[c] - pos[b]
-    R = _axis_rotation(axis / np.linalg.norm(axis), deg)
-    pos[moving] = (pos[moving] - pos[c]) @ R.T + pos[c]
+_TARGETS: dict = {}
+
+
+def _allowed_targets(tb, chi_offsets, n_off: int) -> np.ndarray:
+    """Chi targets ``[C, d]`` of table ``tb``: each rotamer mode with its first ``n_off`` chis
+    turned by ``chi_offsets`` (every combination), those that leave the allowed region
+    dropped; the same for every residue of a type, so computed once per table."""
+    import itertools
+
+    from cryogmm.restraints import ROTAMER_OUTLIER, grid_value
+
+    key = (id(tb), tuple(chi_offsets), n_off)
+    if key not in _TARGETS:
+        mu = np.asarray(tb["mu"], dtype=np.float64)
+        offs = np.array(list(itertools.product(chi_offsets, repeat=n_off)), dtype=np.float64).reshape(-1, n_off)
+        tgt = np.repeat(mu, len(offs), axis=0)
+        tgt[:, :n_off] += np.tile(offs, (len(mu), 1))
+        per = tb["hi"] - tb["lo"]
+        ok = grid_value(tb, np.mod(tgt - tb["lo"], per) + tb["lo"]) >= ROTAMER_OUTLIER
+        _TARGETS[key] = (tb, tgt[ok])  # tb kept alive so its id stays its own
+    return _TARGETS[key][1]
+
+
+def _dihedral_batch(p0, p1, p2, p3):
+    """Dihedral angles (degrees) of point rows ``[C, 3]`` (as :func:`_dihedral_np`)."""
+    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
+    b1n = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
+    v = b0 - (b0 * b1n).sum(-1, keepdims=True) * b1n
+    w = b2 - (b2 * b1n).sum(-1, keepdims=True) * b1n
+    return np.degrees(np.arctan2((np.cross(b1n, v) * w).sum(-1), (v * w).sum(-1)))
 
 
 def _chi_candidates(xn, q, nbr, topo, tb, chi_offsets):
     """The allowed side-chain conformations of one residue: each rotamer mode of table ``tb``
     with chi1 and chi2 turned by ``chi_offsets`` (offsets that leave the allowed region are
-    dropped), built from the atoms at ``xn`` by turning the chis of quads ``q``. Returns
-    ``(local atom indices, {atom: row in local}, atoms chi1 moves, [positions of the local
-    atoms per candidate])``."""
-    import itertools
-
+    dropped), built from the atoms at ``xn`` by turning the chis of quads ``q`` (all
+    candidates at once). Returns ``(local atom indices, {atom: row in local}, atoms chi1
+    moves, positions of the local atoms per candidate [C, L, 3])``."""
     movers = [np.asarray(_moving_atoms(q[c], nbr, topo), dtype=np.int64) for c in range(q.shape[0])]
     local = np.unique(np.concatenate([movers[0], q.ravel()]))
     lut = {int(a): i for i, a in enumerate(local)}
     lq = np.array([[lut[int(a)] for a in q[c]] for c in range(q.shape[0])])
     lmov = [np.array([lut[int(a)] for a in m], dtype=np.int64) for m in movers]
-    p0 = xn[local]
-    cands = []
-    n_off = min(2, q.shape[0])
-    for mu in tb["mu"]:
-        for off in itertools.product(chi_offsets, repeat=n_off):
-            tgt = np.asarray(mu, dtype=np.float64).copy()
-            tgt[:n_off] += off
-            if _is_outlier(tb, tgt):
-                continue  # an offset that leaves the rotamer's allowed region
-            pos = p0.copy()
-            for c in range(min(len(tgt), q.shape[0])):
-                _turn(pos, lmov[c], lq[c, 1], lq[c, 2], tgt[c] - _dihedral_np(*pos[lq[c]]))
-            cands.append(pos)
-    return local, lut, movers[0], cands
+    tgt = _allowed_targets(tb, chi_offsets, min(2, q.shape[0]))
+    pos = np.repeat(xn[local][None], len(tgt), axis=0)  # [C, L, 3]
+    for c in range(min(tgt.shape[1], q.shape[0])):
+        i0, i1, i2, i3 = lq[c]
+        t = np.radians(tgt[:, c] - _dihedral_batch(pos[:, i0], pos[:, i1], pos[:, i2], pos[:, i3]))
+        axis = pos[:, i2] - pos[:, i1]
+        axis = axis / np.linalg.norm(axis, axis=-1, keepdims=True)
+        K = np.zeros((len(t), 3, 3))
+        K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
+        K[:, 1, 0], K[:, 2, 0], K[:, 2, 1] = axis[:, 2], -axis[:, 1], axis[:, 0]
+        R = np.eye(3) + np.sin(t)[:, None, None] * K + (1 - np.cos(t))[:, None, None] * (K @ K)
+        m = lmov[c]
+        if len(m):
+            piv = pos[:, i2][:, None, :]
+            pos[:, m] = np.einsum("cij,cmj->cmi", R, pos[:, m] - piv) + piv
+    return local, lut, movers[0], pos
 
 
 def _density_sampler(grid):
@@ -184,7 +210,7 @@ def _local_clashes(rs, xn: np.ndarray, S: np.ndarray) -> int:
     with all atoms at ``xn`` (H placed): the clashes a side-chain move can add or remove,
     counted without a whole neighbour-list rebuild (the same pairs, exclusions and radii as
     :func:`cryogmm.validate.clashes`; polar H rotors are not re-turned)."""
-    from cryogmm.restraints import CLASH_OVERLAP, HBOND_RELIEF, excluded_codes
+    from cryogmm.restraints import CLASH_OVERLAP, HBOND_RELIEF, is_excluded
 
     topo = rs.topo
     d = np.linalg.norm(xn[S][:, None, :] - xn[None, :, :], axis=-1)
@@ -193,7 +219,7 @@ def _local_clashes(rs, xn: np.ndarray, S: np.ndarray) -> int:
     keep = (i != j) & (~np.isin(j, S) | (i < j))  # a pair inside S once
     i, j, dd = i[keep], j[keep], dd[keep]
     a, b = np.minimum(i, j), np.maximum(i, j)
-    keep = ~np.isin(a * topo.n_atoms + b, excluded_codes(topo)) & (topo.movable[a] | topo.movable[b])
+    keep = ~is_excluded(topo, a, b) & (topo.movable[a] | topo.movable[b])
     a, b, dd = a[keep], b[keep], dd[keep]
     if not len(a):
         return 0
@@ -238,7 +264,8 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
             lsc = np.array([lut[int(a)] for a in sc], dtype=np.int64)
             w = zw[sc]
             current = float((w * density(xn[local][lsc])).sum())
-            cands = [(float((w * density(pos[lsc])).sum()), pos) for pos in built]
+            scores = (density(built[:, lsc].reshape(-1, 3)).reshape(len(built), -1) * w).sum(1) if len(built) else []
+            cands = [(float(sc_), pos) for sc_, pos in zip(scores, built)]
             cands.sort(key=lambda c: -c[0])
             base = None
             for score, pos in cands:

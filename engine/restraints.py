@@ -32,7 +32,7 @@ import torch
 from cryogmm.topology import RAMA_CLASSES, Topology
 
 __all__ = ["Restraints", "place_hydrogens", "dihedral", "reference_tables", "grid_value", "neighbour_pairs",
-           "HBOND_RELIEF", "CLASH_OVERLAP"]
+           "HBOND_RELIEF", "CLASH_OVERLAP", "is_excluded"]
 
 HBOND_RELIEF = 0.6  # Å subtracted from the overlap of a polar H with an acceptor
 CLASH_OVERLAP = 0.4  # Å: a serious clash (MolProbity clashscore)
@@ -145,6 +145,63 @@ def _gmm_neglog(ang_deg: torch.Tensor, w, mu, cov, period, floor: float, pre=Non
     return -torch.logaddexp(lp, math.log(floor) + lt.clamp(max=0.0))
 
 
+class _MixtureBatch:
+    """Several mixtures of one dimension ``d`` evaluated in one pass: rows ``[n, d, 4]`` of
+    dihedral atom quads, each with its table (components padded to a common K with zero
+    weight), so that a residue's energy costs one gather instead of a Python loop over tables.
+    ``energy(x)`` gives :func:`_gmm_neglog` of every row, in the order the groups were given."""
+
+    def __init__(self, groups, floor: float, fold: bool, dtype, device):
+        # groups: list of (quads [n_g, d, 4] long tensor, w, mu, cov, period [d], lo [d], tail_widening)
+        K = max(len(g[1]) for g in groups)
+        d = groups[0][0].shape[1]
+        T = len(groups)
+        kw = dict(dtype=dtype, device=device)
+        mu = torch.zeros(T, K, d, **kw)
+        inv = torch.eye(d, **kw).repeat(T, K, 1, 1)
+        logc = torch.full((T, K), -math.inf, **kw)
+        tinv, tlogc = inv.clone(), logc.clone()
+        self.has_tail = groups[0][6] is not None
+        period, lo = torch.zeros(T, d, **kw), torch.zeros(T, d, **kw)
+        quads, tab = [], []
+        for k, (q, w, m, cov, per, low, widen) in enumerate(groups):
+            nk = len(w)
+            i, c = _gmm_constants(w, cov)
+            mu[k, :nk], inv[k, :nk], logc[k, :nk] = m, i, c
+            if self.has_tail:
+                i, c = _gmm_constants(w, cov * widen**2)
+                tinv[k, :nk], tlogc[k, :nk] = i, c
+            period[k], lo[k] = per, low
+            quads.append(q.reshape(-1, d, 4))
+            tab.append(torch.full((len(q),), k, dtype=torch.long, device=device))
+        self.quads, self.tab = torch.cat(quads), torch.cat(tab)
+        t = self.tab
+        # per-row constants gathered once
+        self.mu, self.inv, self.logc = mu[t], inv[t], logc[t]
+        self.logc_max = logc.max(1).values[t]
+        self.tinv, self.tlogc, self.tlogc_max = tinv[t], tlogc[t], tlogc.max(1).values[t]
+        self.period, self.lo = period[t], lo[t]
+        self.floor, self.fold = floor, fold
+
+    def angles(self, x):
+        q = self.quads
+        ang = torch.rad2deg(dihedral(x[q[..., 0]], x[q[..., 1]], x[q[..., 2]], x[q[..., 3]]))
+        if self.fold:  # symmetric side chains (table range 180°) fold χ into the table's period
+            ang = torch.remainder(ang - self.lo, self.period) + self.lo
+        return ang
+
+    def energy_of(self, ang):
+        per = self.period[:, None, :]
+        diff = torch.remainder(ang[:, None, :] - self.mu + per / 2, per) - per / 2  # [n, K, d]
+        q = torch.einsum("nki,nkij,nkj->nk", diff, self.inv, diff)
+        lp = torch.logsumexp(self.logc - 0.5 * q, dim=1) - self.logc_max
+        if not self.has_tail:
+            return -torch.logaddexp(lp, torch.full_like(lp, math.log(self.floor)))
+        qt = torch.einsum("nki,nkij,nkj->nk", diff, self.tinv, diff)
+        lt = torch.logsumexp(self.tlogc - 0.5 * qt, dim=1) - self.tlogc_max
+        return -torch.logaddexp(lp, math.log(self.floor) + lt.clamp(max=0.0))
+
+
 def neighbour_pairs(x: np.ndarray, topo: Topology, cutoff: float = 4.0) -> np.ndarray:
     """Atom pairs ``[P, 2]`` (i < j) closer than ``cutoff`` Å, without 1-2/1-3/1-4 pairs and
     without pairs of two fixed atoms."""
@@ -154,7 +211,7 @@ def neighbour_pairs(x: np.ndarray, topo: Topology, cutoff: float = 4.0) -> np.nd
     if len(pairs) == 0:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = np.sort(pairs, axis=1).astype(np.int64)
-    keep = ~np.isin(pairs[:, 0] * topo.n_atoms + pairs[:, 1], excluded_codes(topo))
+    keep = ~is_excluded(topo, pairs[:, 0], pairs[:, 1])
     keep &= topo.movable[pairs[:, 0]] | topo.movable[pairs[:, 1]]
     return pairs[keep]
 
@@ -168,6 +225,17 @@ def excluded_codes(topo: Topology) -> np.ndarray:
         codes = np.sort(e[:, 0] * topo.n_atoms + e[:, 1])
         object.__setattr__(topo, "_excluded_codes", codes)
     return codes
+
+
+def is_excluded(topo: Topology, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Whether each pair ``(i, j)`` (i < j) is one of the topology's excluded pairs: a binary
+    search in the sorted codes (``np.isin`` sorts both arrays on every call)."""
+    codes = excluded_codes(topo)
+    c = np.asarray(i, dtype=np.int64) * topo.n_atoms + np.asarray(j, dtype=np.int64)
+    if not len(codes):
+        return np.zeros(c.shape, dtype=bool)
+    k = np.searchsorted(codes, c).clip(max=len(codes) - 1)
+    return codes[k] == c
 
 
 class Restraints:
@@ -230,6 +298,29 @@ class Restraints:
         self.polar_h, self.acceptor = t(topo.polar_h, torch.bool), t(topo.acceptor, torch.bool)
         self.donor = t(topo.donor, torch.bool)
         self.pairs = torch.zeros((0, 2), dtype=torch.long, device=device)
+        # the same mixtures batched by dimension (one pass per dimension instead of per table)
+        widen = tail_widening or None
+        self._rama_batch, self._rama_order = None, None
+        if self.rama_gmm:
+            groups, order = [], []
+            for cname, (sel, w, mu, cov, period) in self.rama_gmm.items():
+                r = self.rama[sel]
+                quads = torch.stack([r[:, 0:4], r[:, 1:5]], 1)  # φ, ψ
+                groups.append((quads, w, mu, cov, period, torch.full_like(period, -180.0), widen))
+                order.append(sel)
+            self._rama_batch = _MixtureBatch(groups, rama_floor, False, dtype, device)
+            self._rama_order = torch.cat(order)
+        self._rot_batches = []
+        offset, by_dim = 0, {}
+        for tname, (q, w, mu, cov, period, lo) in self.chi_gmm.items():
+            d = q.shape[1]
+            by_dim.setdefault(d, []).append(((q, w, mu, cov, period, lo, widen),
+                                             torch.arange(offset, offset + len(q), device=device)))
+            offset += len(q)
+        self._n_rot = offset
+        for d, items in sorted(by_dim.items()):
+            self._rot_batches.append((_MixtureBatch([g for g, _ in items], rama_floor, True, dtype, device),
+                                      torch.cat([o for _, o in items])))
 
     # ----- individual terms (per-restraint values)
     def with_h(self, x):
@@ -281,13 +372,12 @@ class Restraints:
         return torch.rad2deg(torch.stack([phi, psi], -1))
 
     def rama_energy(self, x):
-        pp = self.phi_psi(x)
-        out = torch.zeros(pp.shape[0], dtype=x.dtype, device=x.device)
-        for cname, (sel, w, mu, cov, period) in self.rama_gmm.items():
-            out = out.index_copy(0, sel, _gmm_neglog(pp[sel], w, mu, cov, period, self.rama_floor,
-                                                            self._gmm_pre[("rama", cname)],
-                                                            self._gmm_tail.get(("rama", cname))))
-        return out
+        """-log Ramachandran density per residue with φ/ψ (``topo.rama`` order)."""
+        b = self._rama_batch
+        if b is None:
+            return x.new_zeros(len(self.rama))
+        e = b.energy_of(b.angles(x))
+        return e.new_zeros(len(self.rama)).index_copy(0, self._rama_order, e)
 
     def chis_deg(self, x, tname):
         q = self.chi_gmm[tname][0]  # [n, nchi, 4]
@@ -295,14 +385,14 @@ class Restraints:
         return torch.rad2deg(ang)
 
     def rotamer_energy(self, x):
-        parts = []
-        for tname, (q, w, mu, cov, period, lo) in self.chi_gmm.items():
-            chi = self.chis_deg(x, tname)
-            # symmetric side chains (table range 180°) fold χ into the table's period
-            chi = torch.remainder(chi - lo, period) + lo
-            parts.append(_gmm_neglog(chi, w, mu, cov, period, self.rama_floor, self._gmm_pre[("rotamer", tname)],
-                                     self._gmm_tail.get(("rotamer", tname))))
-        return torch.cat(parts) if parts else x.new_zeros(0)
+        """-log rotamer density per side chain (tables in ``chi_gmm`` order)."""
+        if not self._rot_batches:
+            return x.new_zeros(0)
+        vals, pos = [], []
+        for b, where in self._rot_batches:
+            vals.append(b.energy_of(b.angles(x)))
+            pos.append(where)
+        return x.new_zeros(self._n_rot).index_copy(0, torch.cat(pos), torch.cat(vals))
 
     def update_pairs(self, x, cutoff: float = 4.0):
         xn = x.detach().cpu().numpy()

@@ -148,3 +148,98 @@ def test_local_clash_count_matches_whole_model_count():
                 assert d_local == d_whole, (tname, k, turn)
                 changed += d_whole != 0
     assert changed > 0  # some turns did add clashes: the comparison is not trivially 0 == 0
+
+
+def test_batched_mixtures_equal_per_table_terms():
+    """Rama and rotamer energies are evaluated batched by dimension; each residue's value and
+    the gradient must equal the per-table mixture (``_gmm_neglog``) on its own angles."""
+    from cryogmm.restraints import _gmm_constants, _gmm_neglog
+
+    t = build_topology(ADK)
+    r = Restraints(t)
+    g = torch.Generator().manual_seed(3)
+    x = (r.with_h(torch.as_tensor(t.coords)) + 0.4 * torch.randn(t.n_atoms, 3, generator=g, dtype=torch.float64))
+    x.requires_grad_(True)
+    e_rama, e_rot = r.rama_energy(x), r.rotamer_energy(x)
+    (e_rama.sum() + e_rot.sum()).backward()
+    got = x.grad.clone()
+
+    y = x.detach().clone().requires_grad_(True)
+    pp = r.phi_psi(y)
+    ref_rama = torch.zeros(len(r.rama), dtype=torch.float64)
+    for cname, (sel, w, mu, cov, period) in r.rama_gmm.items():
+        ref_rama = ref_rama.index_copy(0, sel, _gmm_neglog(pp[sel], w, mu, cov, period, r.rama_floor, None,
+                                                           _gmm_constants(w, cov * 16.0)))
+    parts = []
+    for tname, (q, w, mu, cov, period, lo) in r.chi_gmm.items():
+        chi = torch.remainder(r.chis_deg(y, tname) - lo, period) + lo
+        parts.append(_gmm_neglog(chi, w, mu, cov, period, r.rama_floor, None, _gmm_constants(w, cov * 16.0)))
+    ref_rot = torch.cat(parts)
+    (ref_rama.sum() + ref_rot.sum()).backward()
+    assert len(r.chi_gmm) > 10 and len(r._rot_batches) == 4  # χ1..χ4 tables, one pass each
+    assert torch.allclose(e_rama, ref_rama, atol=1e-10) and torch.allclose(e_rot, ref_rot, atol=1e-10)
+    assert torch.allclose(got, y.grad, atol=1e-9)
+
+
+def test_side_chain_candidates_reach_their_chi_targets():
+    """The rotamer fit builds every candidate of a residue at once: each must have exactly its
+    target χ angles and unchanged bond lengths."""
+    from cryogmm.model_rotamers import _allowed_targets, _bond_graph, _chi_candidates, _dihedral_np
+
+    t = build_topology(ADK)
+    tabs = reference_tables()["rotamer"]
+    nbr = _bond_graph(t)
+    xn = t.coords.copy()
+    bonds = t.bonds
+    for tname in ("lys", "arg", "phetyr", "val"):
+        quads, _ = t.chis[tname]
+        q = quads[0]
+        tb = tabs[tname]
+        local, lut, _, pos = _chi_candidates(xn, q, nbr, t, tb, (-15.0, 0.0, 15.0))
+        tgt = _allowed_targets(tb, (-15.0, 0.0, 15.0), min(2, q.shape[0]))
+        assert len(pos) == len(tgt) > 0
+        inside = np.array([a in lut and b in lut for a, b in bonds])
+        lb = np.array([[lut[int(a)], lut[int(b)]] for a, b in bonds[inside]])
+        d0 = np.linalg.norm(xn[local][lb[:, 0]] - xn[local][lb[:, 1]], axis=1)
+        for p, chi_t in zip(pos, tgt):
+            lq = [[lut[int(a)] for a in q[c]] for c in range(q.shape[0])]
+            chi = np.array([_dihedral_np(*p[lq[c]]) for c in range(q.shape[0])])
+            diff = (chi - chi_t[:q.shape[0]] + 180.0) % 360.0 - 180.0
+            assert np.abs(diff).max() < 1e-6, tname
+            assert np.allclose(np.linalg.norm(p[lb[:, 0]] - p[lb[:, 1]], axis=1), d0, atol=1e-9)
+
+
+def test_fsc_map_term_fast_path_and_coarse_grid():
+    """The fsc map term scores only the shells it uses against a precomputed reference
+    spectrum (equal to metrics.fsc), and on a grid Fourier-cropped to ~resolution/3 (FSC is
+    blind to the wider model Gaussians that grid needs) it keeps the score and its gradient."""
+    from cryogmm import metrics
+    from cryogmm.gmm import ELECTRONS, sigma_from_resolution
+    from cryogmm.model_density import MapGrid
+    from cryogmm.model_refine import MapTerm
+
+    t = build_topology(ADK, add_hydrogens=False)
+    sel = np.nonzero(t.res_index < 60)[0]
+    x = torch.as_tensor(t.coords[sel])
+    amp = torch.tensor([ELECTRONS.get(e, 6) for e in t.element[sel]], dtype=torch.float64)
+    lo = x.min(0).values.numpy() - 6.0
+    n = int(np.ceil(float((x.max(0).values - x.min(0).values).max()) + 12.0))
+    n += n % 2
+    ref = splat(x, amp, sigma_from_resolution(4.0), (n, n, n), 1.0, lo).numpy()
+    ref = ref + np.random.default_rng(0).normal(scale=0.2 * ref.std(), size=ref.shape)
+    grid = MapGrid(data=ref, apix=1.0, origin_A=lo, path="mem")
+    g = torch.Generator().manual_seed(0)
+    y = x + 0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    full = MapTerm(grid, 4.0, "fsc", amp, resample=False)
+    coarse = MapTerm(grid, 4.0, "fsc", amp)
+    assert coarse.ref.shape[0] < 0.8 * n and coarse.kmax == full.kmax
+    expect = metrics.fsc(full.model_map(y), full.ref)[1:full.kmax + 1].mean()
+    grads = []
+    for mt in (full, coarse):
+        yy = y.clone().requires_grad_(True)
+        s = mt.score(yy)
+        s.backward()
+        grads.append(yy.grad)
+        assert float(s) == pytest.approx(float(expect), abs=1e-10 if mt is full else 2e-3)
+    cos = float((grads[0] * grads[1]).sum() / grads[0].norm() / grads[1].norm())
+    assert cos > 0.995
