@@ -25,7 +25,7 @@ merged JSON (``--out``) holds both and the printed ratios (wall time GROMACS / o
 RMSD, geometry side by side).
 
     MOLP=/tmp/model/molp python benchmarks/refine_model_vs_gromacs.py [--peer-only | --ours-only]
-        [--res 4] [--similarity relative-entropy ...] [--steps 150] [--gmx-ps 50 --gmx-k 1e7]
+        [--res 4] [--similarity fsc ...] [--steps 100 | --quick] [--gmx-ps 40 --gmx-k 1e7 [--gmx-tag 200ps]]
         [--work /tmp/bench/adk] [--out benchmarks/results/refine_model_gromacs.json]
 """
 
@@ -313,11 +313,13 @@ def compare(results: dict) -> list[str]:
         gf = g["figures"]["cryogmm_validate"]
         gm = g["figures"].get("molprobity", {})
         for c in results.get("cases", []):
-            if f"{c['resolution_A']:g}A" != key:
+            if f"{c['resolution_A']:g}A" != key.split("_")[0]:
                 continue
             of = c["after"]
             om = c.get("molprobity_after", {})
             row = {"resolution_A": c["resolution_A"], "similarity": c["similarity"],
+                   "preset": c.get("preset", "default"), "gromacs_run": key,
+                   "gromacs_ps": g.get("settings", {}).get("ps"),
                    "wall_gromacs_over_ours": g["wall_s"] / c["wall_s"],
                    "ca_rmsd_ours_A": of["ca_rmsd_to_reference_A"], "ca_rmsd_gromacs_A": gf["ca_rmsd_to_reference_A"],
                    "map_cc_ours": of["map_cc_mask"], "map_cc_gromacs": gf["map_cc_mask"]}
@@ -332,7 +334,8 @@ def compare(results: dict) -> list[str]:
             sfx = "_molprobity" if judged else ""
             geo = "; ".join(f"{k} {row[k + '_ours' + sfx]:.2f} vs {row[k + '_gromacs' + sfx]:.2f}"
                             for k in ("bond_rmsz", "angle_rmsz", "rama_outlier_pct", "rotamer_outlier_pct", "clashscore"))
-            lines.append(f"{c['resolution_A']:g} Å {c['similarity']}: wall GROMACS/ours = {row['wall_gromacs_over_ours']:.1f}x; "
+            lines.append(f"{c['resolution_A']:g} Å {c['similarity']} ({row['preset']}) vs GROMACS {row['gromacs_ps']:g} ps: "
+                         f"wall GROMACS/ours = {row['wall_gromacs_over_ours']:.1f}x; "
                          f"Cα RMSD ours {row['ca_rmsd_ours_A']:.2f} vs GROMACS {row['ca_rmsd_gromacs_A']:.2f} Å; "
                          f"map CC {row['map_cc_ours']:.3f} vs {row['map_cc_gromacs']:.3f}; "
                          f"{geo} ({'MolProbity' if judged else 'cryogmm validate'}; ours vs GROMACS)")
@@ -347,9 +350,13 @@ def main(argv=None):
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--peer-only", action="store_true", help="run GROMACS only (stored in --out, ours kept)")
     mode.add_argument("--ours-only", action="store_true", help="run cryogmm only (stored GROMACS section kept)")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--quick", action="store_true",
+                    help="ours with refine-model --quick (50 steps per phase, one rotamer + full-atom round)")
+    ap.add_argument("--gmx-tag", default="",
+                    help="store the GROMACS run as '<res>A_<tag>' beside the main one (e.g. a longer run)")
     ap.add_argument("--extra", type=json.loads, default={}, help="JSON dict for RefineModelConfig.extra")
-    ap.add_argument("--gmx-ps", type=float, default=50.0, help="density-guided MD length (ps)")
+    ap.add_argument("--gmx-ps", type=float, default=40.0, help="density-guided MD length (ps)")
     ap.add_argument("--gmx-k", type=float, default=1e7, help="initial density force constant (kJ/mol)")
     ap.add_argument("--gmx-nst", type=int, default=10, help="density forces every N MD steps")
     ap.add_argument("--gmx-reuse", action="store_true",
@@ -361,7 +368,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from cryogmm.model_density import read_map_grid
-    from cryogmm.model_refine import RefineModelConfig, refine_model
+    from cryogmm.model_refine import DEFAULT_STAGES, QUICK_STAGES, QUICK_STEPS, RefineModelConfig, refine_model
     from cryogmm.topology import build_topology
     from cryogmm.validate import map_figures, validate_coords
 
@@ -403,22 +410,25 @@ def main(argv=None):
                        "mapping": g["mapping"], "figures": score_model(g["final"], grid, res, open_pdb, a.molp),
                        "ca_rmsd_trajectory_ps_A": _traj_ca_rmsd(g["traj"], g["shift"], open_pdb, 1.0)}
                 rec["figures"]["goals_met"] = goals_met(rec["figures"]["cryogmm_validate"], ref_fig["map_cc_mask"])
-                results.setdefault("gromacs", {})[f"{res:g}A"] = rec
+                results.setdefault("gromacs", {})[f"{res:g}A" + (f"_{a.gmx_tag}" if a.gmx_tag else "")] = rec
                 print("GROMACS", f"{res:g} Å", json.dumps({k: v for k, v in rec.items() if k != "ca_rmsd_trajectory_ps_A"},
                                                           default=float), flush=True)
             save()
         if a.peer_only:
             continue
+        preset = "quick" if a.quick else "default"
         results["cases"] = [c for c in results.get("cases", []) if c["resolution_A"] != res
-                            or c["similarity"] not in a.similarity]
+                            or c["similarity"] not in a.similarity or c.get("preset", "default") != preset]
         for sim in a.similarity:
-            out = a.work / f"refined_{res:g}A_{sim}"
+            out = a.work / f"refined_{res:g}A_{sim}{'_quick' if a.quick else ''}"
             t0 = time.time()
+            steps, stages = (QUICK_STEPS, QUICK_STAGES) if a.quick else (a.steps, DEFAULT_STAGES)
             rep = refine_model(RefineModelConfig(model=closed_pdb, map=mp, resolution_A=res, out=out,
-                                                 similarity=sim, steps=a.steps, reference=open_pdb,
+                                                 similarity=sim, steps=steps, stages=stages, reference=open_pdb,
                                                  threads=a.threads, extra=dict(a.extra)))
             wall = time.time() - t0
-            case = {"resolution_A": res, "similarity": sim, "wall_s": wall, "steps": a.steps, "extra": a.extra,
+            case = {"resolution_A": res, "similarity": sim, "preset": preset, "wall_s": wall, "steps": steps,
+                    "stages": list(stages), "extra": a.extra, "stage_seconds": rep["stage_seconds"],
                     "before": {k: rep["before"].get(k) for k in KEYS}, "after": {k: rep["after"].get(k) for k in KEYS}}
             j = judge(out / "refined.pdb", a.molp)
             if j is not None:

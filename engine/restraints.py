@@ -487,5 +487,5 @@ class Restraints:
         """Weighted geometry energy of coordinates ``x [M, 3]`` (riding H rebuilt first)."""
         if place_h:
             x = self.with_h(x)
-        e = self.terms(x)
-        return sum(self.weights[k] * v for k, v in e.items())
+        e = self.terms(x, only=[k for k, w in self.weights.items() if w != 0])  # a zero weight skips its term
+        return sum((self.weights[k] * v for k, v in e.items()), x.new_zeros(()))

@@ -248,3 +248,18 @@ def test_geometry_only_repairs_a_ramachandran_outlier(tmp_path):
     far = np.abs(t.res_index - 24) > 3
     heavy = ~t.is_h
     assert float(np.sqrt((((y - x)[far & heavy]) ** 2).sum(1).mean())) < 0.3  # the geometry-only goal
+
+
+def test_cli_quick_preset(fragment, tmp_path):
+    """--quick: one rotamer + full-atom round at 50 steps per phase; the report says so and
+    the fragment still comes back towards its truth."""
+    from cryogmm.cli import main
+    from cryogmm.model_refine import QUICK_STAGES, QUICK_STEPS
+
+    out = tmp_path / "q"
+    assert main(["refine-model", str(fragment / "start.pdb"), "--map", str(fragment / "map.mrc"), "--resolution", "4",
+                 "--quick", "--patches", "4", "--reference", str(fragment / "truth.pdb"), "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert tuple(rep["stages"]) == QUICK_STAGES and rep["steps_per_phase"] == QUICK_STEPS
+    assert rep["after"]["ca_rmsd_to_reference_A"] < 0.7 < rep["before"]["ca_rmsd_to_reference_A"]
+    assert rep["after"]["rama_outlier_pct"] == 0 and rep["after"]["bond_rmsz"] <= 0.7 + 1e-6
