@@ -352,7 +352,8 @@ def main(argv=None):
     mode.add_argument("--ours-only", action="store_true", help="run cryogmm only (stored GROMACS section kept)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--quick", action="store_true",
-                    help="ours with refine-model --quick (50 steps per phase, one rotamer + full-atom round)")
+                    help="ours with refine-model --quick (50 steps per phase, one rotamer + full-atom round, no Adam "
+                         "phase before the polish)")
     ap.add_argument("--gmx-tag", default="",
                     help="store the GROMACS run as '<res>A_<tag>' beside the main one (e.g. a longer run)")
     ap.add_argument("--extra", type=json.loads, default={}, help="JSON dict for RefineModelConfig.extra")
@@ -368,7 +369,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from cryogmm.model_density import read_map_grid
-    from cryogmm.model_refine import DEFAULT_STAGES, QUICK_STAGES, QUICK_STEPS, RefineModelConfig, refine_model
+    from cryogmm.model_refine import (DEFAULT_STAGES, QUICK_EXTRA, QUICK_STAGES, QUICK_STEPS, RefineModelConfig,
+                                      refine_model)
     from cryogmm.topology import build_topology
     from cryogmm.validate import map_figures, validate_coords
 
@@ -423,9 +425,10 @@ def main(argv=None):
             out = a.work / f"refined_{res:g}A_{sim}{'_quick' if a.quick else ''}"
             t0 = time.time()
             steps, stages = (QUICK_STEPS, QUICK_STAGES) if a.quick else (a.steps, DEFAULT_STAGES)
+            extra = {**(QUICK_EXTRA if a.quick else {}), **a.extra}
             rep = refine_model(RefineModelConfig(model=closed_pdb, map=mp, resolution_A=res, out=out,
                                                  similarity=sim, steps=steps, stages=stages, reference=open_pdb,
-                                                 threads=a.threads, extra=dict(a.extra)))
+                                                 threads=a.threads, extra=extra))
             wall = time.time() - t0
             case = {"resolution_A": res, "similarity": sim, "preset": preset, "wall_s": wall, "steps": steps,
                     "stages": list(stages), "extra": a.extra, "stage_seconds": rep["stage_seconds"],

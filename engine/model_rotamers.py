@@ -223,8 +223,8 @@ def _local_clashes(rs, xn: np.ndarray, S: np.ndarray) -> int:
     a, b, dd = a[keep], b[keep], dd[keep]
     if not len(a):
         return 0
-    vdw, ph, don, acc = topo.vdw, topo.polar_h, topo.donor, topo.acceptor
-    hb = ((ph[a] | don[a]) & acc[b]) | ((ph[b] | don[b]) & acc[a])
+    vdw, ph, acc = topo.vdw, topo.polar_h, topo.acceptor
+    hb = (ph[a] & acc[b]) | (ph[b] & acc[a])  # polar H on an acceptor (Restraints.overlaps)
     ov = vdw[a] + vdw[b] - dd - HBOND_RELIEF * hb
     return int((ov >= CLASH_OVERLAP - 1e-9).sum())
 

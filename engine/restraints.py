@@ -14,8 +14,8 @@ into one weighted geometry energy (dimensionless, ~ 0.5 z^2 per restraint).
   percentile contours (wrapped Gaussians on the torus, full covariance), with a floor so that
   far outliers stay outliers instead of being dragged through disallowed regions;
 - clashes: for pairs in a neighbour list (1-2, 1-3, 1-4 pairs excluded) the overlap
-  ``r_i + r_j - d`` with probe's contact radii and riding H; H-bond donor H / acceptor pairs
-  get a 0.6 Å relief; penalised beyond ``clash_start`` Å (below the 0.4 Å clash threshold).
+  ``r_i + r_j - d`` with probe's contact radii and riding H; polar H / acceptor pairs
+  get a 0.6 Å relief (not the donor's heavy atom, as in probe); penalised beyond ``clash_start`` Å (below the 0.4 Å clash threshold).
 
 The reference tables are ``cryogmm/data/rama_top8000.npz`` and ``rotamer_top8000.npz``
 (see :mod:`cryogmm.model_tables` for their origin, citation and licence).
@@ -403,7 +403,10 @@ class Restraints:
         H-bond relief applied."""
         i, j = self.pairs[:, 0], self.pairs[:, 1]
         d = (x[i] - x[j]).norm(dim=-1)
-        hb = ((self.polar_h[i] | self.donor[i]) & self.acceptor[j]) | ((self.polar_h[j] | self.donor[j]) & self.acceptor[i])
+        # relief for a polar H on an acceptor only: the donor's heavy atom keeps its full radius
+        # against the acceptor, as in probe (MolProbity flagged N...O pairs at 2.2-2.5 Å, Lys NZ
+        # or Arg NH to O, that a heavy-atom relief had let through: clashscore 1.5 vs our 0)
+        hb = (self.polar_h[i] & self.acceptor[j]) | (self.polar_h[j] & self.acceptor[i])
         return self.vdw[i] + self.vdw[j] - d - HBOND_RELIEF * hb.to(x.dtype)
 
     def optimise_rotors(self, x, step_deg: float = 10.0):

@@ -217,13 +217,17 @@ def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
     vals = map_coordinates(data, [u[:, 2], u[:, 1], u[:, 0]], order=1, mode="constant", cval=0.0)
     vals = vals.reshape(len(xa), len(radii), n_probe)
     keep = keep.reshape(len(xa), len(radii), n_probe)
-    q = np.zeros(len(xa))
+    # Pearson correlation per atom over its kept probes (all atoms at once)
     refb = np.broadcast_to(ref[None, :, None], vals.shape)
-    for i in range(len(xa)):
-        k = keep[i]
-        uu, vv = vals[i][k], refb[i][k]
-        if len(uu) > 3 and uu.std() > 0:
-            q[i] = np.corrcoef(uu, vv)[0, 1]
+    k = keep.astype(np.float64)
+    n = k.sum((1, 2))
+    nn_ = np.maximum(n, 1.0)
+    mu = (k * vals).sum((1, 2)) / nn_
+    mv = (k * refb).sum((1, 2)) / nn_
+    du, dv = (vals - mu[:, None, None]) * k, (refb - mv[:, None, None]) * k
+    su, sv = np.sqrt((du ** 2).sum((1, 2))), np.sqrt((dv ** 2).sum((1, 2)))
+    ok = (n > 3) & (su > 1e-12 * np.maximum(np.abs(mu), 1.0) * np.sqrt(nn_)) & (sv > 0)
+    q = np.where(ok, (du * dv).sum((1, 2)) / np.where(ok, su * sv, 1.0), 0.0)
     out["qscore_mean"] = float(q.mean())
     res_idx = topo.res_index[heavy]
     per_res = {}

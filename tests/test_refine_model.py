@@ -261,5 +261,6 @@ def test_cli_quick_preset(fragment, tmp_path):
                  "--quick", "--patches", "4", "--reference", str(fragment / "truth.pdb"), "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert tuple(rep["stages"]) == QUICK_STAGES and rep["steps_per_phase"] == QUICK_STEPS
+    assert not any(r.get("phase") == "full" and "step" in r for r in rep["log"])  # straight to the polish
     assert rep["after"]["ca_rmsd_to_reference_A"] < 0.7 < rep["before"]["ca_rmsd_to_reference_A"]
     assert rep["after"]["rama_outlier_pct"] == 0 and rep["after"]["bond_rmsz"] <= 0.7 + 1e-6

@@ -47,7 +47,7 @@ def _model_and_map(models, map=None, what="cryogmm fit"):
     return structures[0], maps[0]
 
 
-def cryogmm_fit(session, models, map=None, resolution=None, similarity="relative-entropy", stages=None, steps=150,
+def cryogmm_fit(session, models, map=None, resolution=None, similarity="fsc", stages=None, steps=100,
                 update_every=5, wait=None, out=None, threads=2, seed=0, geometry_weight=1.0):
     """Refine ``structure`` into ``volume``; returns the FitJob (its ``report`` when finished)."""
     from .fit import FitJob, current_job

@@ -53,8 +53,8 @@ def current_job(session):
 
 
 class FitJob:
-    def __init__(self, session, structure, volume, resolution, similarity="relative-entropy", stages=None,
-                 steps=150, update_every=5, out=None, threads=2, seed=0, geometry_weight=1.0):
+    def __init__(self, session, structure, volume, resolution, similarity="fsc", stages=None,
+                 steps=100, update_every=5, out=None, threads=2, seed=0, geometry_weight=1.0):
         cg = bridge.engine()
         from cryogmm import model_refine as mr
         from cryogmm.errors import CryoGMMError

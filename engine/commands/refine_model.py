@@ -19,14 +19,14 @@ Stages (--stages, in order; each optional):
   Default: rigid residue rotamers full rotamers full rotamers full (side chains and atoms three times). A
   residue-stage move that still leaves a new Ramachandran outlier after the first full
   stage is undone before the second. --quick: rigid residue rotamers full with 50 steps per
-  phase (about a third of the time).
+  phase and no Adam phase before the full-atom polish (about a third of the time).
 
 Map similarity (--similarity): fsc (default; mean FSC of volumes up to the resolution) or
 frc (mean FRC of projections), as Chen; relative-entropy, cross-correlation, inner-product
 (Blau & Lindahl, Gaussian spreading res/(2 sqrt(ln 4))). On adenylate kinase (closed into
 the open form's maps, 2 CPU cores) fsc reached Cα 0.29 Å and map CC 0.903 at 4 Å in about
-60 s, 0.19 Å and 0.899 at 3 Å (the open model: 0.910); --quick 0.35 Å and 0.895 at 4 Å in
-about 21 s; relative-entropy 0.62 Å and 0.859 at 4 Å
+60 s, 0.19 Å and 0.899 at 3 Å (the open model: 0.910); --quick 0.35 Å and 0.897 at 4 Å in
+about 18 s; relative-entropy 0.62 Å and 0.859 at 4 Å
 (benchmarks/results/refine_model_gromacs.json). The geometry weight is set
 automatically per stage (map gain / geometry loss over two unconstrained iterations);
 with --motion local the map force is also adapted as the similarity rises or falls
@@ -65,7 +65,8 @@ def add_args(p):
                         "local: a model already placed in its map (smaller steps, firmer geometry)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per phase (default 100; 50 with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help="one rotamer + full-atom round and 50 steps per phase (stages: rigid residue rotamers full)")
+                   help="one rotamer + full-atom round, 50 steps per phase, full atoms straight to the L-BFGS polish "
+                        "(stages: rigid residue rotamers full)")
     p.add_argument("--geometry-weight", type=float, default=1.0,
                    help="multiplies the automatic geometry weight (default 1)")
     p.add_argument("--reference", type=Path, help="model to report the Cα RMSD against (benchmarks)")
@@ -75,7 +76,8 @@ def add_args(p):
 
 def main(args) -> int:
     from cryogmm.jobs import Progress
-    from cryogmm.model_refine import DEFAULT_STAGES, QUICK_STAGES, QUICK_STEPS, RefineModelConfig, refine_model
+    from cryogmm.model_refine import (DEFAULT_STAGES, QUICK_EXTRA, QUICK_STAGES, QUICK_STEPS, RefineModelConfig,
+                                      refine_model)
     from cryogmm.validate import summary_table
 
     stages = tuple(args.stages) if args.stages else (QUICK_STAGES if args.quick else DEFAULT_STAGES)
@@ -84,7 +86,7 @@ def main(args) -> int:
                             similarity=args.similarity, stages=stages, geometry_only=args.geometry_only,
                             rebuild_rotamers=args.rebuild_rotamers, n_patches=args.patches, steps=steps,
                             geometry_weight=args.geometry_weight, reference=args.reference, seed=args.seed,
-                            device=args.device, motion=args.motion)
+                            device=args.device, motion=args.motion, extra=dict(QUICK_EXTRA) if args.quick else {})
     rep = refine_model(cfg, progress=Progress(bar=True))
     print("before:")
     print(summary_table(rep["before"]))

@@ -237,7 +237,7 @@ class TestCryoGmmHeteroModel(BaseTest):
         truth = self.importPdb(os.path.join(self.mod, "truth.pdb"))
         vol = self.importVolume(os.path.join(self.mod, "map.mrc"), 1.0)
         prot = self.newProtocol(CryoGmmProtRefineModel, useGpu=False, numberOfThreads=2,
-                                resolution=4.0, stageResidue=False, patches=2, steps=15)
+                                resolution=4.0, stageResidue=False, patches=2, steps=15, rounds=1)
         prot.inputAtomStruct.set(start)
         prot.inputVolume.set(vol)
         prot.reference.set(truth)
@@ -256,6 +256,9 @@ class TestCryoGmmHeteroModel(BaseTest):
         self.assertLess(model._cryogmm_after_bondRmsz.get(), model._cryogmm_before_bondRmsz.get())
         self.assertTrue(any(line.startswith("map CC (mask):") for line in prot.summary()))
         self.assertTrue(prot.methods())
+        # defaults: fsc, rotamers on; one rotamer + all-atom round asked for
+        self.assertEqual(prot.getReport()["stages"], ["rigid", "rotamers", "full"])
+        self.assertEqual(prot.getReport()["similarity"], "fsc")
 
         from cryogmm_scipion.viewers import CryoGmmValidationViewer
         header, rows = CryoGmmValidationViewer.createTable(prot)
