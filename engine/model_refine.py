@@ -31,7 +31,7 @@ resolution, Chen; a non-cubic map is padded to a cube), ``frc`` (mean FRC of pro
 24 fixed orientations up to the resolution, Chen), ``relative-entropy``,
 ``cross-correlation``, ``inner-product`` (Blau & Lindahl / GROMACS, model map spread with
 sigma = res / (2 sqrt(ln 4))). The Blau & Lindahl spreading is wide (1.7 Å at 4 Å): on
-adenylate kinase (4 Å) relative entropy placed the Cα to 0.62 Å, fsc to 0.32 Å. The geometry weight
+adenylate kinase (4 Å) relative entropy placed the Cα to 0.59 Å, fsc to 0.30 Å. The geometry weight
 ``w`` is set at the start of each stage by Chen's rule: the ratio of the map-score gain to
 the geometry loss over two unconstrained iterations (floored at 1e-3 in the rigid and
 residue stages, where bonds between bodies may stretch, and 0.05 in the full-atom stage).
@@ -66,7 +66,7 @@ STAGES = ("rigid", "residue", "rotamers", "full")
 DEFAULT_STAGES = ("rigid", "residue", "rotamers", "full", "rotamers", "full", "rotamers", "full")
 # ``refine-model --quick``: one side-chain and full-atom round, 50 steps per phase, and the
 # full-atom stage straight to its L-BFGS polish (no Adam phase: ``full_steps`` 0). AdK closed
-# -> open at 4 Å, fsc: Cα 0.35 Å, every geometry goal, in ~18 s on 2 CPU cores
+# -> open at 4 Å, fsc: Cα 0.37 Å, every goal, in ~19 s on 2 CPU cores
 QUICK_STAGES = ("rigid", "residue", "rotamers", "full")
 QUICK_STEPS = 50
 QUICK_EXTRA = {"full_steps": 0}
@@ -732,8 +732,9 @@ def _polish(rf: "_Refiner", cfg: RefineModelConfig, mt, w: float, n: int):
     relaxed, round after round from the firm end) pulled Cα from 0.25 to 0.32 Å and the 3 Å
     map CC to 0.871-0.879: log-density Ramachandran and rotamer terms at full weight drag
     every residue toward its mode centre. Starting each round from the Adam model with
-    all terms scaled (and the peptide-flip scan at 3 Å) gives Cα 0.18 Å and CC 0.900 at 3 Å,
-    0.32 Å and 0.902 at 4 Å (benchmarks/results/refine_model_gromacs.json).
+    all terms scaled (and the peptide-flip scan at 3 Å) gave Cα 0.18 Å and CC 0.900 at 3 Å,
+    0.32 Å and 0.902 at 4 Å; with the rounds chained and the probe-like clash relief, 0.21 Å /
+    0.895 and 0.30 Å / 0.901 (benchmarks/results/refine_model_gromacs.json).
     ``polish_order="relax"`` keeps the earlier schedule (``polish_schedule``), which the model
     series' captures use."""
     from cryogmm.validate import ROTAMER_OUTLIER, _rmsz, clashes, rama_table, rotamer_table

@@ -24,9 +24,10 @@ Stages (--stages, in order; each optional):
 Map similarity (--similarity): fsc (default; mean FSC of volumes up to the resolution) or
 frc (mean FRC of projections), as Chen; relative-entropy, cross-correlation, inner-product
 (Blau & Lindahl, Gaussian spreading res/(2 sqrt(ln 4))). On adenylate kinase (closed into
-the open form's maps, 2 CPU cores) fsc reached Cα 0.29 Å and map CC 0.903 at 4 Å in about
-60 s, 0.19 Å and 0.899 at 3 Å (the open model: 0.910); --quick 0.35 Å and 0.897 at 4 Å in
-about 18 s; relative-entropy 0.62 Å and 0.859 at 4 Å
+the open form's maps, 2 CPU cores) fsc reached Cα 0.30 Å and map CC 0.901 at 4 Å in about
+60 s, 0.21 Å and 0.895 at 3 Å (the open model: 0.910); --quick 0.37 Å and 0.892 at 4 Å in
+about 19 s (5.4x faster than GROMACS density-guided simulation's 40 ps, which ends near 6.5 Å);
+relative-entropy 0.59 Å and 0.859 at 4 Å
 (benchmarks/results/refine_model_gromacs.json). The geometry weight is set
 automatically per stage (map gain / geometry loss over two unconstrained iterations);
 with --motion local the map force is also adapted as the similarity rises or falls
