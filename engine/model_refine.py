@@ -585,15 +585,9 @@ class _Refiner:
         # geometry then leaves them out)
         res = self.topo.res_index[self.move]
         whole = len(np.unique(res.astype(np.int64) * (k + 1) + labels)) == len(np.unique(res))
-        saved = dict(self.rs.weights)
-        if whole:
-            self.rs.weights.update(rotamer=0.0, chiral=0.0)
-        try:
+        with self.rs.weights_set(**(dict(rotamer=0.0, chiral=0.0) if whole else {})):
             # rotation and translation live on different scales: scale rv so one lr fits both
             self.run_phase(name, opt_params, fn, steps, lr_t, mapterm, floor=floor)
-        finally:
-            self.rs.weights.clear()
-            self.rs.weights.update(saved)
         return self
 
     def residue_labels(self):
@@ -760,7 +754,8 @@ def _polish(rf: "_Refiner", cfg: RefineModelConfig, mt, w: float, n: int):
             xh = rf.rs.with_h(rf.x_all)
             bond = _rmsz(rf.rs.bond_z(xh).cpu().numpy())
             angle = _rmsz(rf.rs.angle_z(xh).cpu().numpy())
-            n_rama = sum(v == "outlier" for v in rama_table(rf.rs, xh)[3])
+            rama_verdict = rama_table(rf.rs, xh)[3]
+            n_rama = sum(v == "outlier" for v in rama_verdict)
             rot = rotamer_table(rf.rs, xh)
             n_rot = sum(p < ROTAMER_OUTLIER for *_, p in rot)
             n_clash = len(clashes(rf.rs, xh))
@@ -777,8 +772,7 @@ def _polish(rf: "_Refiner", cfg: RefineModelConfig, mt, w: float, n: int):
             # goes on from there
             from cryogmm.model_rotamers import flip_for_rama
 
-            verdict = rama_table(rf.rs, xh)[3]
-            out = [int(rf.topo.rama_res[i]) for i, v in enumerate(verdict) if v == "outlier"]
+            out = [int(rf.topo.rama_res[i]) for i, v in enumerate(rama_verdict) if v == "outlier"]
             with torch.no_grad():
                 y, turned = flip_for_rama(rf.rs, xh, out)
             rounds[-1]["peptides_turned"] = turned
@@ -799,26 +793,21 @@ def _polish_relax(rf, cfg, mt, W, target, iters):
     from cryogmm.validate import _rmsz
 
     schedule = cfg.extra.get("polish_schedule", (1.0, 0.5, 0.3, 0.2, 0.15, 0.1))
-    saved = dict(rf.rs.weights)
+    base = dict(rf.rs.weights)
     kept, rounds = None, []
-    try:
-        for i, f in enumerate(schedule):
-            w_cov = W * f
-            for k in ("rama", "rotamer", "clash"):
-                rf.rs.weights[k] = saved[k] / f
+    for i, f in enumerate(schedule):
+        w_cov = W * f
+        with rf.rs.weights_set(**{k: base[k] / f for k in ("rama", "rotamer", "clash")}):
             rf.lbfgs_phase("polish", mt, w_cov, iters if i == 0 else max(iters // 2, 50))
-            with torch.no_grad():
-                bond = _rmsz(rf.rs.bond_z(rf.x_all).cpu().numpy())
-                angle = _rmsz(rf.rs.angle_z(rf.x_all).cpu().numpy())
-            ok = bond <= target and angle <= target
-            rounds.append(dict(w_covalent=w_cov, bond_rmsz=bond, angle_rmsz=angle, map=rf.log[-1]["map"], met_target=ok))
-            if ok or kept is None:  # the first round is kept even when it misses the target
-                kept = (rf.x_all.clone(), len(rf.trajectory))
-            if not ok:
-                break
-    finally:
-        rf.rs.weights.clear()
-        rf.rs.weights.update(saved)
+        with torch.no_grad():
+            bond = _rmsz(rf.rs.bond_z(rf.x_all).cpu().numpy())
+            angle = _rmsz(rf.rs.angle_z(rf.x_all).cpu().numpy())
+        ok = bond <= target and angle <= target
+        rounds.append(dict(w_covalent=w_cov, bond_rmsz=bond, angle_rmsz=angle, map=rf.log[-1]["map"], met_target=ok))
+        if ok or kept is None:  # the first round is kept even when it misses the target
+            kept = (rf.x_all.clone(), len(rf.trajectory))
+        if not ok:
+            break
     rf.x_all = kept[0]
     del rf.trajectory[kept[1]:]  # frames of a round that missed the target
     rf.log.append(dict(phase="polish_schedule", order="relax", w_torsion=W, rmsz_target=target, rounds=rounds,
@@ -854,12 +843,8 @@ def rama_repair(rs: Restraints, assemble, x_full: torch.Tensor, move_t: torch.Te
         x_full, _ = flip_for_rama(rs, x_full, out)
         near = np.isin(res_move, [r + d for r in out for d in range(-window, window + 1)])
         tether = torch.as_tensor(np.where(near, 0.0, 1.0), dtype=x_full.dtype, device=x_full.device)[:, None]
-        saved = rs.weights["rama"]
-        rs.weights["rama"] = saved * rama_factor
-        try:
+        with rs.weights_set(rama=rs.weights["rama"] * rama_factor):
             x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), tethered(tether), iters)[0]
-        finally:
-            rs.weights["rama"] = saved
         repaired = True
     if repaired:  # settle at the usual weights, every atom tethered where it now is
         x_full = lbfgs_relax(rs, assemble, x_full[move_t].clone(), tethered(1.0), iters)[0]

@@ -116,18 +116,19 @@ def _moving_atoms(quad, nbr, topo):
 
 
 def _dihedral_np(p0, p1, p2, p3):
-    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
-    b1n = b1 / np.linalg.norm(b1)
-    v = b0 - (b0 @ b1n) * b1n
-    w = b2 - (b2 @ b1n) * b1n
-    return math.degrees(math.atan2(np.cross(b1n, v) @ w, v @ w))
+    """Dihedral angle (degrees) of four points ``[3]``."""
+    return float(_dihedral_batch(p0[None], p1[None], p2[None], p3[None])[0])
 
 
 def _axis_rotation(axis, deg):
-    """Rotation matrix about the unit vector ``axis`` by ``deg`` degrees (Rodrigues)."""
-    t = math.radians(deg)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * (k @ k)
+    """Rotation matrices about unit vectors ``axis [..., 3]`` by ``deg [...]`` degrees
+    (Rodrigues); one vector and one angle give one ``[3, 3]`` matrix."""
+    axis = np.asarray(axis, dtype=np.float64)
+    t = np.radians(np.asarray(deg, dtype=np.float64))
+    k = np.zeros(axis.shape[:-1] + (3, 3))
+    k[..., 0, 1], k[..., 0, 2], k[..., 1, 2] = -axis[..., 2], axis[..., 1], -axis[..., 0]
+    k[..., 1, 0], k[..., 2, 0], k[..., 2, 1] = axis[..., 2], -axis[..., 1], axis[..., 0]
+    return np.eye(3) + np.sin(t)[..., None, None] * k + (1 - np.cos(t))[..., None, None] * (k @ k)
 
 
 _TARGETS: dict = {}
@@ -177,13 +178,9 @@ def _chi_candidates(xn, q, nbr, topo, tb, chi_offsets):
     pos = np.repeat(xn[local][None], len(tgt), axis=0)  # [C, L, 3]
     for c in range(min(tgt.shape[1], q.shape[0])):
         i0, i1, i2, i3 = lq[c]
-        t = np.radians(tgt[:, c] - _dihedral_batch(pos[:, i0], pos[:, i1], pos[:, i2], pos[:, i3]))
         axis = pos[:, i2] - pos[:, i1]
-        axis = axis / np.linalg.norm(axis, axis=-1, keepdims=True)
-        K = np.zeros((len(t), 3, 3))
-        K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
-        K[:, 1, 0], K[:, 2, 0], K[:, 2, 1] = axis[:, 2], -axis[:, 1], axis[:, 0]
-        R = np.eye(3) + np.sin(t)[:, None, None] * K + (1 - np.cos(t))[:, None, None] * (K @ K)
+        R = _axis_rotation(axis / np.linalg.norm(axis, axis=-1, keepdims=True),
+                           tgt[:, c] - _dihedral_batch(pos[:, i0], pos[:, i1], pos[:, i2], pos[:, i3]))
         m = lmov[c]
         if len(m):
             piv = pos[:, i2][:, None, :]

@@ -23,6 +23,7 @@ The reference tables are ``cryogmm/data/rama_top8000.npz`` and ``rotamer_top8000
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -126,30 +127,16 @@ def _gmm_constants(w, cov):
     return torch.linalg.inv(cov), torch.log(w) - 0.5 * torch.logdet(cov) - 0.5 * d * math.log(2 * math.pi)
 
 
-def _gmm_neglog(ang_deg: torch.Tensor, w, mu, cov, period, floor: float, pre=None, tail=None) -> torch.Tensor:
-    """-log(sum_k w_k N(wrap(x - mu_k); cov_k) + floor * tail(x)) for ``ang_deg [n, d]``,
-    densities in deg^-d scaled so the global maximum over the means is ~1. ``pre``:
-    ``_gmm_constants(w, cov)``. ``tail``: the constants of the same mixture with widened
-    covariances; the floor is then shaped by it (peak 1), so an outlier stays an outlier
-    (energy at least -log(floor)) but still feels a slope towards the allowed regions."""
-    diff = _wrap_deg(ang_deg[:, None, :] - mu[None], period)  # [n, K, d]
-    inv, logc = pre if pre is not None else _gmm_constants(w, cov)
-    q = torch.einsum("nki,kij,nkj->nk", diff, inv, diff)
-    lp = torch.logsumexp(logc[None] - 0.5 * q, dim=1)
-    # normalise to the largest component peak so the floor is relative
-    lp = lp - logc.max()
-    if tail is None:
-        return -torch.logaddexp(lp, torch.full_like(lp, math.log(floor)))
-    tinv, tlogc = tail
-    lt = torch.logsumexp(tlogc[None] - 0.5 * torch.einsum("nki,kij,nkj->nk", diff, tinv, diff), dim=1) - tlogc.max()
-    return -torch.logaddexp(lp, math.log(floor) + lt.clamp(max=0.0))
-
-
 class _MixtureBatch:
     """Several mixtures of one dimension ``d`` evaluated in one pass: rows ``[n, d, 4]`` of
     dihedral atom quads, each with its table (components padded to a common K with zero
     weight), so that a residue's energy costs one gather instead of a Python loop over tables.
-    ``energy(x)`` gives :func:`_gmm_neglog` of every row, in the order the groups were given."""
+    ``energy_of(angles(x))`` gives, for every row in the order the groups were given,
+    ``-log(sum_k w_k N(wrap(x - mu_k); cov_k) + floor * tail(x))``: densities in deg^-d
+    scaled so the largest component peak is 1 (the floor is relative); ``tail`` is the same
+    mixture with covariances widened by ``tail_widening``^2 (peak 1), so an outlier stays an
+    outlier (energy at least -log(floor)) but still feels a slope towards the allowed
+    regions."""
 
     def __init__(self, groups, floor: float, fold: bool, dtype, device):
         # groups: list of (quads [n_g, d, 4] long tensor, w, mu, cov, period [d], lo [d], tail_widening)
@@ -191,8 +178,7 @@ class _MixtureBatch:
         return ang
 
     def energy_of(self, ang):
-        per = self.period[:, None, :]
-        diff = torch.remainder(ang[:, None, :] - self.mu + per / 2, per) - per / 2  # [n, K, d]
+        diff = _wrap_deg(ang[:, None, :] - self.mu, self.period[:, None, :])  # [n, K, d]
         q = torch.einsum("nki,nkij,nkj->nk", diff, self.inv, diff)
         lp = torch.logsumexp(self.logc - 0.5 * q, dim=1) - self.logc_max
         if not self.has_tail:
@@ -275,28 +261,20 @@ class Restraints:
         self.rama, self.rama_class = t(topo.rama), topo.rama_class
         tabs = reference_tables()
         self.rama_gmm = {}
-        self._gmm_pre, self._gmm_tail = {}, {}
         for ci, cname in enumerate(RAMA_CLASSES):
             sel = np.nonzero(topo.rama_class == ci)[0]
             if len(sel):
                 tb = tabs["rama"][cname]
                 self.rama_gmm[cname] = (t(sel), f(tb["w"]), f(tb["mu"]), f(tb["cov"]),
                                         f(tb["hi"] - tb["lo"]))
-                self._gmm_pre[("rama", cname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]))
-                if tail_widening:
-                    self._gmm_tail[("rama", cname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]) * tail_widening**2)
         self.chi_gmm = {}
         for tname, (quads, res) in topo.chis.items():
             tb = tabs["rotamer"][tname]
             self.chi_gmm[tname] = (t(quads), f(tb["w"]), f(tb["mu"]), f(tb["cov"]), f(tb["hi"] - tb["lo"]),
                                    f(tb["lo"]))
-            self._gmm_pre[("rotamer", tname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]))
-            if tail_widening:
-                self._gmm_tail[("rotamer", tname)] = _gmm_constants(f(tb["w"]), f(tb["cov"]) * tail_widening**2)
         self.rama_floor, self.clash_start = rama_floor, clash_start
         self.vdw = f(topo.vdw)
         self.polar_h, self.acceptor = t(topo.polar_h, torch.bool), t(topo.acceptor, torch.bool)
-        self.donor = t(topo.donor, torch.bool)
         self.pairs = torch.zeros((0, 2), dtype=torch.long, device=device)
         # the same mixtures batched by dimension (one pass per dimension instead of per table)
         widen = tail_widening or None
@@ -318,9 +296,11 @@ class Restraints:
                                              torch.arange(offset, offset + len(q), device=device)))
             offset += len(q)
         self._n_rot = offset
+        order = []
         for d, items in sorted(by_dim.items()):
-            self._rot_batches.append((_MixtureBatch([g for g, _ in items], rama_floor, True, dtype, device),
-                                      torch.cat([o for _, o in items])))
+            self._rot_batches.append(_MixtureBatch([g for g, _ in items], rama_floor, True, dtype, device))
+            order += [o for _, o in items]
+        self._rot_order = torch.cat(order) if order else None  # batch rows -> chi_gmm order
 
     # ----- individual terms (per-restraint values)
     def with_h(self, x):
@@ -388,11 +368,8 @@ class Restraints:
         """-log rotamer density per side chain (tables in ``chi_gmm`` order)."""
         if not self._rot_batches:
             return x.new_zeros(0)
-        vals, pos = [], []
-        for b, where in self._rot_batches:
-            vals.append(b.energy_of(b.angles(x)))
-            pos.append(where)
-        return x.new_zeros(self._n_rot).index_copy(0, torch.cat(pos), torch.cat(vals))
+        vals = torch.cat([b.energy_of(b.angles(x)) for b in self._rot_batches])
+        return x.new_zeros(self._n_rot).index_copy(0, self._rot_order, vals)
 
     def update_pairs(self, x, cutoff: float = 4.0):
         xn = x.detach().cpu().numpy()
@@ -485,6 +462,17 @@ class Restraints:
             "clash": clash,
         }
         return {k: f() for k, f in fns.items() if only is None or k in only}
+
+    @contextlib.contextmanager
+    def weights_set(self, **weights):
+        """Term weights changed inside the ``with`` block, restored after it."""
+        saved = dict(self.weights)
+        self.weights.update(weights)
+        try:
+            yield self
+        finally:
+            self.weights.clear()
+            self.weights.update(saved)
 
     def energy(self, x, place_h: bool = True):
         """Weighted geometry energy of coordinates ``x [M, 3]`` (riding H rebuilt first)."""

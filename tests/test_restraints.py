@@ -153,7 +153,18 @@ def test_local_clash_count_matches_whole_model_count():
 def test_batched_mixtures_equal_per_table_terms():
     """Rama and rotamer energies are evaluated batched by dimension; each residue's value and
     the gradient must equal the per-table mixture (``_gmm_neglog``) on its own angles."""
-    from cryogmm.restraints import _gmm_constants, _gmm_neglog
+    import math
+
+    from cryogmm.restraints import _gmm_constants, _wrap_deg
+
+    def _gmm_neglog(ang_deg, w, mu, cov, period, floor, pre, tail):
+        """One table at a time, written out: -log(mixture + floor x widened mixture)."""
+        diff = _wrap_deg(ang_deg[:, None, :] - mu[None], period)
+        inv, logc = pre if pre is not None else _gmm_constants(w, cov)
+        lp = torch.logsumexp(logc[None] - 0.5 * torch.einsum("nki,kij,nkj->nk", diff, inv, diff), dim=1) - logc.max()
+        tinv, tlogc = tail
+        lt = torch.logsumexp(tlogc[None] - 0.5 * torch.einsum("nki,kij,nkj->nk", diff, tinv, diff), dim=1) - tlogc.max()
+        return -torch.logaddexp(lp, math.log(floor) + lt.clamp(max=0.0))
 
     t = build_topology(ADK)
     r = Restraints(t)

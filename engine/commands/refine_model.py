@@ -82,7 +82,7 @@ def main(args) -> int:
     from cryogmm.validate import summary_table
 
     stages = tuple(args.stages) if args.stages else (QUICK_STAGES if args.quick else DEFAULT_STAGES)
-    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else 100)
+    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else RefineModelConfig.steps)
     cfg = RefineModelConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution,
                             similarity=args.similarity, stages=stages, geometry_only=args.geometry_only,
                             rebuild_rotamers=args.rebuild_rotamers, n_patches=args.patches, steps=steps,

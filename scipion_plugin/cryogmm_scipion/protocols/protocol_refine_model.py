@@ -211,8 +211,7 @@ class CryoGmmProtRefineModel(CryoGmmBase, EMProtocol):
     def _stages(self):
         first = [name for name, on in (("rigid", self.stageRigid), ("residue", self.stageResidue)) if on.get()]
         late = [name for name, on in (("rotamers", self.stageRotamers), ("full", self.stageFull)) if on.get()]
-        rounds = self.rounds.get() if self.rounds.get() else 1
-        return first + late * max(1, int(rounds))
+        return first + late * max(1, int(self.rounds.get() or 1))
 
     def _getRefineDir(self):
         return self._getExtraPath("refine")
