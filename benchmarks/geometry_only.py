@@ -63,7 +63,8 @@ def verdict(before: dict, after: dict, keys: dict, tol: float = 1e-9) -> dict:
 
 
 def run(model: Path, out: Path, steps: int, molp: str | None, extra: dict | None = None, threads: int = 2) -> dict:
-    from cryogmm.model_refine import RefineModelConfig, refine_model
+    from cryogmm.model.refine.config import RefineModelConfig
+    from cryogmm.model.refine.job import refine_model
 
     t0 = time.time()
     rep = refine_model(RefineModelConfig(model=model, out=out, geometry_only=True, steps=steps,

@@ -117,7 +117,7 @@ def _peak_GB(dev):
 
 
 def _mixture(n, box, apix, dev, seed=0):
-    from cryogmm.gmm import Gaussians
+    from cryogmm.core.gaussians import Gaussians
 
     g = torch.Generator().manual_seed(seed)
     r = 0.3 * box * apix
@@ -127,14 +127,14 @@ def _mixture(n, box, apix, dev, seed=0):
 
 
 def _rotations(b, dev, seed=0):
-    from cryogmm.simulate import random_rotations
+    from cryogmm.core.rotations import random_rotations
 
     return torch.as_tensor(random_rotations(b, np.random.default_rng(seed)), dtype=torch.float32, device=dev)
 
 
 def bench_projection(dev, sizes, batch_for, modes):
-    from cryogmm.jobs import autocast, set_matmul_precision
-    from cryogmm.project import project
+    from cryogmm.runtime import autocast, set_matmul_precision
+    from cryogmm.core.projection import project
 
     info = device_info(dev)
     rows = []
@@ -182,9 +182,9 @@ def bench_projection(dev, sizes, batch_for, modes):
 
 def _refine_case(dev, n_gauss, box, batch, steps, mode, seed=0):
     """Pose refinement of ``batch`` particles (full band) against an ``n_gauss`` mixture: seconds, peak memory."""
-    from cryogmm.project import project
-    from cryogmm.refine import BandFrc, refine_batch
-    from cryogmm.rotations import rotvec_to_rotmat
+    from cryogmm.core.projection import project
+    from cryogmm.poses.align import BandFrc, refine_batch
+    from cryogmm.core.rotations import rotvec_to_rotmat
 
     apix = 1.0
     g = _mixture(n_gauss, box, apix, dev, seed)
@@ -199,7 +199,7 @@ def _refine_case(dev, n_gauss, box, batch, steps, mode, seed=0):
     dR = rotvec_to_rotmat((torch.randn(batch, 3, generator=gen) * math.radians(3)).to(dev))
     A0 = dR @ R
     s0 = torch.randn(batch, 2, generator=gen).to(dev)
-    from cryogmm.jobs import set_matmul_precision
+    from cryogmm.runtime import set_matmul_precision
 
     set_matmul_precision(dev, mode)
     kw = dict(steps=steps, lr_rad=math.radians(1.0), lr_A=0.3, precision=mode)
@@ -238,7 +238,8 @@ def bench_hetero(dev, box, n, epochs, work: Path):
                     "--frames", "10", "--n", str(n), "--box", str(box), "--apix", str(160.0 / box),
                     "--snr", "0.1", "--seed", "0", "--device", str(dev), "--out", str(sim)],
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from cryogmm.hetero import HeteroConfig, train_hetero
+    from cryogmm.hetero.config import HeteroConfig
+    from cryogmm.hetero.train import train_hetero
 
     rep = train_hetero(HeteroConfig(star=sim / "particles.star", model=model, out=run, epochs=epochs, batch=64,
                                     lowpass_A=max(8.0, 2.2 * 160.0 / box), device=str(dev), seed=0))
@@ -258,7 +259,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    from cryogmm.jobs import pick_device
+    from cryogmm.runtime import pick_device
 
     torch.set_num_threads(a.threads)
     dev = pick_device(a.device)

@@ -48,7 +48,7 @@ def sh(cmd, log):
 
 
 def make_dataset(work: Path, snr: float, n: int, box: int, apix: float, frames: int, log):
-    from cryogmm.hetero_truth import ADK_CORE, superpose_file
+    from cryogmm.hetero.truth import ADK_CORE, superpose_file
 
     data = Path(str(resources.files("cryogmm.data")))
     closed = work / "adk_closed_on_open_core.pdb"
@@ -64,7 +64,8 @@ def make_dataset(work: Path, snr: float, n: int, box: int, apix: float, frames: 
 
 def frame_maps(sim: Path, box: int, apix: float):
     """Noise-free map of every true frame (all atoms, the simulation's Gaussians)."""
-    from cryogmm.gmm import gaussians_from_coords, gaussians_to_map, read_model
+    from cryogmm.io.structures import gaussians_from_coords, read_model
+    from cryogmm.core.gaussians import gaussians_to_map
 
     rep = json.loads((sim / "report.json").read_text())
     m = read_model(sim / "truth_models.pdb")
@@ -77,7 +78,7 @@ def frame_maps(sim: Path, box: int, apix: float):
 def fsc_summary(a, b, box, apix):
     import torch
 
-    from cryogmm.metrics import fsc
+    from cryogmm.core.similarity import fsc
 
     f = fsc(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
     k = np.arange(len(f)) / (box * apix)
@@ -88,23 +89,27 @@ def fsc_summary(a, b, box, apix):
 
 
 def run_ours(sim, ref_pdb, out, decoder, epochs, zdim, frames_true, log):
-    from cryogmm import hetero
-    from cryogmm.gmm import gaussians_from_coords, gaussians_to_map
+    from cryogmm.hetero import run as hetero_run
+    from cryogmm.hetero import train as hetero_train
+    from cryogmm.hetero import analyze as hetero_analyze
+    from cryogmm.hetero import config as hetero_config
+    from cryogmm.io.structures import gaussians_from_coords
+    from cryogmm.core.gaussians import gaussians_to_map
 
     if not (out / "report.json").exists():
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-        cfg = hetero.HeteroConfig(star=sim / "particles.star", model=ref_pdb, out=out, map=sim / "truth_map.mrc",
+        cfg = hetero_config.HeteroConfig(star=sim / "particles.star", model=ref_pdb, out=out, map=sim / "truth_map.mrc",
                                   decoder=decoder, zdim=zdim, epochs=epochs, device="cpu")
-        hetero.train_hetero(cfg)
+        hetero_train.train_hetero(cfg)
     if not (out / "analyze" / "report.json").exists():
-        hetero.analyze_hetero(hetero.AnalyzeConfig(run=out, pcs=1, frames=10, clusters=4, backproject=True,
+        hetero_analyze.analyze_hetero(hetero_analyze.AnalyzeConfig(run=out, pcs=1, frames=10, clusters=4, backproject=True,
                                                    truth=sim / "truth.star", device="cpu"))
     tr = json.loads((out / "report.json").read_text())
     an = json.loads((out / "analyze" / "report.json").read_text())
     z = np.load(out / "analyze" / "z.npy")
-    run = hetero.Run(out, need_data=False)
+    run = hetero_run.Run(out, need_data=False)
     box, apix = tr["box"], tr["apix_A"]
     fscs = []
     for f in frames_true["eval"]:
@@ -147,8 +152,8 @@ def cryodrgn_throughput(sim, out, n, dim, threads, log):
 
 
 def run_cryodrgn(sim, out, epochs, zdim, frames_true, box, apix, threads, log, dim=1024):
-    from cryogmm import mapio
-    from cryogmm.hetero_truth import spearman
+    from cryogmm.io import maps as mapio
+    from cryogmm.hetero.truth import spearman
 
     cd = [Path(sys.executable).parent / "cryodrgn"]
     out.mkdir(parents=True, exist_ok=True)

@@ -212,7 +212,8 @@ def load_arrays(path: Path) -> dict:
         return out
     if path.suffix == ".cs":
         a = np.load(path)
-        return {n: a[n].astype(float) for n in a.dtype.names if a[n].dtype.kind in "fiu"}
+        # uid: cryoSPARC's random row ids, new on every write by design
+        return {n: a[n].astype(float) for n in a.dtype.names if a[n].dtype.kind in "fiu" and n != "uid"}
     if path.suffix in (".pdb", ".cif"):
         import gemmi
 

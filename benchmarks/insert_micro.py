@@ -38,9 +38,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from cryogmm.ctf import CtfParams
-    from cryogmm.recon import FourierAccumulator
-    from cryogmm.simulate import random_rotations
+    from cryogmm.core.ctf import CtfParams
+    from cryogmm.recon.accumulator import FourierAccumulator
+    from cryogmm.core.rotations import random_rotations
 
     rng = np.random.default_rng(0)
     B, n = args.batch, args.box

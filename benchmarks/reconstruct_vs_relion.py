@@ -58,11 +58,11 @@ def main(argv=None):
     from cryogmm.bridge.images import ImageSource
     from cryogmm.bridge.io import read_particles
     from cryogmm.demo import example_model
-    from cryogmm.jobs import pick_device
-    from cryogmm.mapio import read_map
-    from cryogmm.metrics import fsc, resolution_at
-    from cryogmm.reconstruct import reconstruct_table
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.runtime import pick_device
+    from cryogmm.io.maps import read_map
+    from cryogmm.core.similarity import fsc, resolution_at
+    from cryogmm.recon.job import reconstruct_table
+    from cryogmm.simulate.particles import SimulateConfig, simulate
 
     dev = pick_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="cryogmm-bench-"))

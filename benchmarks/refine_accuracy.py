@@ -41,10 +41,10 @@ def main(argv=None):
 
     from cryogmm.bridge.io import read_particles
     from cryogmm.demo import example_model
-    from cryogmm.reconstruct import ReconstructConfig, reconstruct
-    from cryogmm.refine import RefineConfig, refine_poses
-    from cryogmm.rotations import rotmat_angle_deg
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.recon.job import ReconstructConfig, reconstruct
+    from cryogmm.poses.job import RefineConfig, refine_poses
+    from cryogmm.core.rotations import rotmat_angle_deg
+    from cryogmm.simulate.particles import SimulateConfig, simulate
 
     work = Path(tempfile.mkdtemp(prefix="cryogmm-refacc-"))
     try:

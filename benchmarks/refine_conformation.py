@@ -45,8 +45,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from cryogmm.hetero import HeteroConfig, train_hetero
-    from cryogmm.refine import RefineConfig, refine_poses
+    from cryogmm.hetero.config import HeteroConfig
+    from cryogmm.hetero.train import train_hetero
+    from cryogmm.poses.job import RefineConfig, refine_poses
 
     work = Path(args.out or tempfile.mkdtemp(prefix="refine_conformation_"))
     work.mkdir(parents=True, exist_ok=True)

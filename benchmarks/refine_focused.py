@@ -70,10 +70,11 @@ def two_domain_dataset(out: Path, *, n=1200, box=48, apix=2.5, snr=0.3, max_angl
     """Simulate the two-domain set: half the particles (frames 0-9) have domain B in place,
     the other half (frames 10-19) have it swung by 2..``max_angle_deg`` degrees. Writes the
     domain-B mask and the true domain-B map (frame 0). Returns paths."""
-    from cryogmm import mapio
-    from cryogmm.gmm import Gaussians, gaussians_from_coords, gaussians_to_map, read_model
-    from cryogmm.metrics import soft_mask_from_map
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.io import maps as mapio
+    from cryogmm.core.gaussians import Gaussians, gaussians_to_map
+    from cryogmm.io.structures import gaussians_from_coords, read_model
+    from cryogmm.core.masks import soft_mask_from_map
+    from cryogmm.simulate.particles import SimulateConfig, simulate
 
     out.mkdir(parents=True, exist_ok=True)
     angles = np.concatenate([np.zeros(10), np.linspace(2.0, max_angle_deg, 10)])
@@ -109,8 +110,8 @@ def dataset_paths(out: Path) -> dict:
 def domain_figures(run_dir: Path, paths: dict, map_name="map.mrc", halves=("half1.mrc", "half2.mrc")):
     """FSC resolution and mean FSC (up to Nyquist) inside the domain-B mask, and the masked
     correlation of the map with the true (undisplaced) domain-B density."""
-    from cryogmm import mapio
-    from cryogmm.metrics import fsc, real_space_correlation, resolution_at
+    from cryogmm.io import maps as mapio
+    from cryogmm.core.similarity import fsc, real_space_correlation, resolution_at
 
     mask = torch.as_tensor(mapio.read_map(paths["mask"])[0])
     h1, apix = mapio.read_map(run_dir / halves[0])
@@ -132,7 +133,7 @@ def register_error(star: Path, paths: dict) -> dict:
     domain B in register with the undisplaced domain (the true pose times the domain's swing),
     and against the true poses of the whole particle (domain A's register)."""
     from cryogmm.bridge.io import read_particles
-    from cryogmm.rotations import rotmat_angle_deg
+    from cryogmm.core.rotations import rotmat_angle_deg
 
     r = read_particles(star)
     t = read_particles(paths["truth"])
@@ -149,7 +150,7 @@ def register_error(star: Path, paths: dict) -> dict:
 
 
 def run(args) -> dict:
-    from cryogmm.refine import RefineConfig, refine_poses
+    from cryogmm.poses.job import RefineConfig, refine_poses
 
     torch.set_num_threads(args.threads)
     work = Path(args.out or tempfile.mkdtemp(prefix="refine_focused_"))

@@ -171,7 +171,8 @@ KEYS = ("ca_rmsd_to_reference_A", "bond_rmsz", "angle_rmsz", "bond_outliers", "a
 
 
 def run_one(start: Path, case: dict, sim: str, res_A: float, steps: int, out: Path, extra: dict, seed: int = 0) -> dict:
-    from cryogmm.model_refine import RefineModelConfig, refine_model
+    from cryogmm.model.refine.config import RefineModelConfig
+    from cryogmm.model.refine.job import refine_model
 
     t0 = time.time()
     rep = refine_model(RefineModelConfig(model=start, map=case["paths"]["map"], resolution_A=res_A, out=out,

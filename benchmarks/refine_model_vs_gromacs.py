@@ -51,11 +51,11 @@ def make_map(model_path: Path, resolution_A: float, out: Path, apix: float = 1.0
     """Molmap-like map of a model (sigma = res / (pi sqrt 2), electrons) on a cubic grid with
     white Gaussian noise (sd = ``noise`` x the noise-free map's sd over the box) low-passed to
     the resolution. Returns the path."""
-    from cryogmm.gmm import ELECTRONS, sigma_from_resolution
-    from cryogmm.mapio import write_map
-    from cryogmm.metrics import lowpass
-    from cryogmm.model_density import splat
-    from cryogmm.topology import build_topology
+    from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+    from cryogmm.io.maps import write_map
+    from cryogmm.core.fourier import lowpass
+    from cryogmm.model.density import splat
+    from cryogmm.model.topology import build_topology
 
     topo = build_topology(model_path, add_hydrogens=False)
     x = topo.coords[~topo.is_h]
@@ -283,9 +283,9 @@ def _traj_ca_rmsd(traj: Path, shift, open_pdb: Path, every_ps: float):
 
 def score_model(path: Path, grid, res_A: float, open_pdb: Path, molp) -> dict:
     """Our figures (validate + map) and the judge's for a model file."""
-    from cryogmm.model_refine import ca_rmsd
-    from cryogmm.topology import build_topology
-    from cryogmm.validate import map_figures, validate_coords
+    from cryogmm.model.validate import ca_rmsd
+    from cryogmm.model.topology import build_topology
+    from cryogmm.model.validate import map_figures, validate_coords
 
     t = build_topology(path)
     f = validate_coords(t, t.coords)
@@ -369,11 +369,17 @@ def main(argv=None):
     ap.add_argument("--molp", default=os.environ.get("MOLP"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from cryogmm.model_density import read_map_grid
-    from cryogmm.model_refine import (DEFAULT_STAGES, QUICK_EXTRA, QUICK_STAGES, QUICK_STEPS, RefineModelConfig,
-                                      refine_model)
-    from cryogmm.topology import build_topology
-    from cryogmm.validate import map_figures, validate_coords
+    from cryogmm.io.maps import read_map_grid
+    from cryogmm.model.refine.config import (
+        DEFAULT_STAGES,
+        QUICK_EXTRA,
+        QUICK_STAGES,
+        QUICK_STEPS,
+        RefineModelConfig,
+    )
+    from cryogmm.model.refine.job import refine_model
+    from cryogmm.model.topology import build_topology
+    from cryogmm.model.validate import map_figures, validate_coords
 
     data = resources.files("cryogmm.data")
     open_pdb, closed_pdb = Path(str(data.joinpath("adk_open.pdb"))), Path(str(data.joinpath("adk_closed.pdb")))

@@ -38,11 +38,11 @@ def main(argv=None):
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
-    from cryogmm.ctf import CtfParams, ctf_rfft2
-    from cryogmm.gmm import Gaussians
-    from cryogmm.jobs import pick_device
-    from cryogmm.refine import BandFrc, refine_batch
-    from cryogmm.simulate import random_rotations
+    from cryogmm.core.ctf import CtfParams, ctf_rfft2
+    from cryogmm.core.gaussians import Gaussians
+    from cryogmm.runtime import pick_device
+    from cryogmm.poses.align import BandFrc, refine_batch
+    from cryogmm.core.rotations import random_rotations
 
     dev = pick_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"

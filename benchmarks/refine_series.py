@@ -48,7 +48,10 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "refine_series.json")
     a = ap.parse_args()
 
-    from cryogmm.model_series import GOALS, RefineSeriesConfig, refine_series, series_example
+    from cryogmm.model.series.job import refine_series
+    from cryogmm.model.series.config import GOALS
+    from cryogmm.model.series.config import RefineSeriesConfig
+    from cryogmm.simulate.maps import series_example
 
     torch.set_num_threads(a.threads)
     t0 = time.time()

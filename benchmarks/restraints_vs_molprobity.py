@@ -45,8 +45,8 @@ def _class(kind, names):
 
 def ours(path: Path) -> dict:
     """Our restraints of ``path``: {(kind, ((resseq, name), ...)): (target, sigma, z)}."""
-    from cryogmm.restraints import Restraints
-    from cryogmm.topology import build_topology
+    from cryogmm.model.restraints import Restraints
+    from cryogmm.model.topology import build_topology
 
     t = build_topology(path)
     r = Restraints(t)

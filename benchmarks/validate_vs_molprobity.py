@@ -34,8 +34,8 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=Path("/tmp/model/val_bench"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "validate_vs_molprobity.json")
     a = ap.parse_args(argv)
-    from cryogmm.topology import build_topology, write_model
-    from cryogmm.validate import validate_coords
+    from cryogmm.model.topology import build_topology, write_model
+    from cryogmm.model.validate import validate_coords
 
     a.work.mkdir(parents=True, exist_ok=True)
     data = resources.files("cryogmm.data")

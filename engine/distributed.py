@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import atexit
 import os
-
 import numpy as np
 import torch
 
-__all__ = ["launched", "setup", "rank", "world", "is_main", "shard", "all_reduce_sum", "gather_rows",
-           "broadcast_object", "barrier", "ddp", "local_rank"]
 
 
 def launched() -> bool:

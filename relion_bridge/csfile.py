@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from cryogmm.bridge import conventions
-from cryogmm.bridge.fileio import atomic_output
+from cryogmm.io.outputs import atomic_output
 from cryogmm.bridge.table import ParticleTable, StarLayout
 from cryogmm.errors import CsError
 

@@ -23,6 +23,8 @@ from cryogmm.bridge import conventions
 from cryogmm.bridge.star import read_star_blocks, write_star_blocks
 from cryogmm.bridge.table import OPTICS_LABELS, ParticleTable, StarLayout
 from cryogmm.errors import InputError, OptionError, StarError
+from cryogmm.bridge.csfile import read_cs
+from cryogmm.bridge.csfile import write_cs
 
 __all__ = ["read_particles", "write_particles", "describe_star_blocks", "STAR_VERSIONS"]
 
@@ -42,7 +44,6 @@ def read_particles(path, project_dir=None) -> ParticleTable:
     if suffix == ".star":
         return _read_star_particles(path, project_dir)
     if suffix == ".cs":
-        from cryogmm.bridge.csfile import read_cs
 
         return read_cs(path, project_dir=project_dir)
     raise InputError(path, f"unknown particle file type {path.suffix!r}: expected .star or .cs")
@@ -64,7 +65,6 @@ def write_particles(table: ParticleTable, path, star_version="3.1") -> None:
         )
         return
     if suffix == ".cs":
-        from cryogmm.bridge.csfile import write_cs
 
         write_cs(table, path)
         return

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryogmm.bridge.fileio import atomic_output
+from cryogmm.io.outputs import atomic_output
 from cryogmm.errors import StarError
 
 __all__ = ["read_star_blocks", "write_star_blocks", "format_column"]

@@ -180,7 +180,7 @@ def test_help_teaches(capsys):
 
 def test_bridge_never_imports_torch():
     code = (
-        "import sys, cryogmm.bridge, cryogmm.bridge.conventions, cryogmm.bridge.fileio, cryogmm.bridge.star, "
+        "import sys, cryogmm.bridge, cryogmm.bridge.conventions, cryogmm.io.outputs, cryogmm.bridge.star, "
         "cryogmm.bridge.table, cryogmm.bridge.io, cryogmm.bridge.csfile, cryogmm.bridge.images, "
         "cryogmm.bridge.results, cryogmm.bridge.commands.convert, cryogmm.bridge.commands.subset, "
         "cryogmm.bridge.commands.info\n"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryogmm.ctf import CtfParams, apply_ctf, ctf_rfft2, rfft2_frequencies
+from cryogmm.core.ctf import CtfParams, apply_ctf, ctf_rfft2, rfft2_frequencies
 
 
 def params(**kw):

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from cryogmm.deform import (DisplacementDeformer, SegmentDeformer, blend_rigid, make_deformer,
-                            segment_membership)
-from cryogmm.gmm import Gaussians
-from cryogmm.rotations import rotvec_to_rotmat
+from cryogmm.hetero.deform import (
+    DisplacementDeformer,
+    SegmentDeformer,
+    blend_rigid,
+    make_deformer,
+    segment_membership,
+)
+from cryogmm.core.gaussians import Gaussians
+from cryogmm.core.rotations import rotvec_to_rotmat
 
 
 def _base(n=12, seed=0, dtype=torch.float64):

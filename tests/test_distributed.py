@@ -71,7 +71,7 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     """Adenylate kinase, 240 particles, box 32 at 3.5 Å, SNR 0.5, starting poses 3° / 1 Å off."""
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.simulate.particles import SimulateConfig, simulate
 
     d = tmp_path_factory.mktemp("dist") / "sim"
     simulate(SimulateConfig(model=example_model("open"), out=d, n=240, box=32, apix=3.5, snr=0.5,
@@ -102,7 +102,7 @@ def test_reconstruct_two_processes_equal_one(sim, tmp_path):
 @pytest.mark.slow
 def test_refine_poses_two_processes_equal_one(sim, tmp_path):
     from cryogmm.bridge.io import read_particles
-    from cryogmm.rotations import rotmat_angle_deg
+    from cryogmm.core.rotations import rotmat_angle_deg
 
     common = [sim / "particles.star", "--iterations", "2", "--steps", "15", "--fit-iterations", "60",
               "--max-gaussians", "300", "--device", "cpu", "--batch", "64"]
@@ -126,8 +126,8 @@ def test_refine_poses_two_processes_equal_one(sim, tmp_path):
 @pytest.fixture(scope="module")
 def het_sim(tmp_path_factory):
     """Open-to-closed adenylate kinase, 10 frames, 320 particles, box 40 at 2.5 Å, SNR 1."""
-    from cryogmm.hetero_truth import ADK_CORE, superpose_file
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.hetero.truth import ADK_CORE, superpose_file
+    from cryogmm.simulate.particles import SimulateConfig, simulate
 
     d = tmp_path_factory.mktemp("disthet")
     closed = d / "closed_on_open.pdb"
@@ -141,7 +141,7 @@ def _pc1_spearman(run, sim):
     from scipy.stats import spearmanr
 
     from cryogmm.bridge.io import read_particles
-    from cryogmm.hetero import Run
+    from cryogmm.hetero.run import Run
 
     z = Run(run, device="cpu").encode_all()
     z = z - z.mean(0)
@@ -176,27 +176,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryogmm import distributed, hetero
+from cryogmm import distributed
+from cryogmm.hetero.config import HeteroConfig
+from cryogmm.hetero.train import setup
+from cryogmm.hetero.vae import ForwardModel, TrainStep, build_vae, rank_loss, rank_share, restraint_pairs
 
 star, model, mapf, out = sys.argv[1:5]
-cfg = hetero.HeteroConfig(star=Path(star), model=Path(model), map=Path(mapf), out=Path(out), segments=8, zdim=2,
+cfg = HeteroConfig(star=Path(star), model=Path(model), map=Path(mapf), out=Path(out), segments=8, zdim=2,
                           batch=31, lowpass_A=10.0, device="cpu")
 dev = distributed.setup(torch.device("cpu"))
 torch.manual_seed(0)
-data, ref = hetero._setup(cfg)
-vae = hetero._build(cfg, ref, data)
+data, ref = setup(cfg)
+vae = build_vae(cfg, ref, data)
 with torch.no_grad():  # away from the start (the decoder's last layer is zero there: no segment gradients)
     for prm in vae.deformer.parameters():
         prm.add_(0.05 * torch.randn_like(prm))
-fw = hetero._Forward(vae, ref, data, dev)
-pairs = hetero.restraint_pairs(ref, elastic_seq=cfg.elastic_seq)
-step = distributed.ddp(hetero._TrainStep(vae, fw, pairs, cfg, 0.1), dev)
+fw = ForwardModel(vae, ref, data, dev)
+pairs = restraint_pairs(ref, elastic_seq=cfg.elastic_seq)
+step = distributed.ddp(TrainStep(vae, fw, pairs, cfg, 0.1), dev)
 r, w = distributed.rank(), distributed.world()
 idx_all = np.arange(0, 62, 2)  # 31 particles: the ranks get 16 and 15
 eps_all = torch.randn(len(idx_all), cfg.zdim)
-idx, eps, weight = hetero._rank_share(idx_all, eps_all, r, w)
+idx, eps, weight = rank_share(idx_all, eps_all, r, w)
 per, *_ = step(idx, eps, 0.5)
-hetero._rank_loss(per, weight, len(idx_all), w).backward()
+rank_loss(per, weight, len(idx_all), w).backward()
 if distributed.is_main():
     torch.save({k: p.grad.clone() for k, p in vae.named_parameters() if p.grad is not None}, out)
 '''

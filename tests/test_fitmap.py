@@ -13,11 +13,12 @@ import torch
 from cryogmm.cli import main as cli
 from cryogmm.demo import example_model
 from cryogmm.errors import OptionError
-from cryogmm.fitmap import (auto_n, auto_threshold, gaussians_from_map, read_gaussians_pdb,
-                            write_gaussians_pdb)
-from cryogmm.gmm import Gaussians, gaussians_from_model, gaussians_to_map
-from cryogmm.mapio import write_map
-from cryogmm.metrics import fsc
+from cryogmm.gmmfit.fit import auto_n, auto_threshold, gaussians_from_map
+from cryogmm.io.structures import read_gaussians_pdb, write_gaussians_pdb
+from cryogmm.core.gaussians import Gaussians, gaussians_to_map
+from cryogmm.io.structures import gaussians_from_model
+from cryogmm.io.maps import write_map
+from cryogmm.core.similarity import fsc
 
 BOX, APIX, RES = 32, 3.0, 8.0
 SHELL_RES = int(BOX * APIX / RES)  # last FRC/FSC shell inside the target resolution (12)

@@ -8,9 +8,11 @@ import torch
 
 from cryogmm.cli import main as cli
 from cryogmm.demo import example_model
-from cryogmm.gmm import ELECTRONS, gaussians_from_coords, gaussians_to_map, read_model, sigma_from_resolution
-from cryogmm.mapio import read_map
-from cryogmm.metrics import lowpass, real_space_correlation
+from cryogmm.core.gaussians import ELECTRONS, gaussians_to_map, sigma_from_resolution
+from cryogmm.io.structures import gaussians_from_coords, read_model
+from cryogmm.io.maps import read_map
+from cryogmm.core.fourier import lowpass
+from cryogmm.core.similarity import real_space_correlation
 
 
 @pytest.fixture(scope="module")

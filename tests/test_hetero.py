@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from cryogmm import hetero
+from cryogmm.hetero import data as hetero_data
+from cryogmm.hetero import vae as hetero_vae
+from cryogmm.hetero import train as hetero_train
+from cryogmm.hetero import analyze as hetero_analyze
+from cryogmm.hetero import run as hetero_run
+from cryogmm import demo
+from cryogmm.hetero import config as hetero_config
 from cryogmm.errors import InputError, ModelError, OptionError, StarError
-from cryogmm.gmm import Gaussians
+from cryogmm.core.gaussians import Gaussians
 
 DATA = Path(str(resources.files("cryogmm.data")))
 OPEN, CLOSED = DATA / "adk_open.pdb", DATA / "adk_closed.pdb"
@@ -21,8 +27,8 @@ OPEN, CLOSED = DATA / "adk_open.pdb", DATA / "adk_closed.pdb"
 def adk_sim(tmp_path_factory):
     """Open-to-closed adenylate kinase, CORE-superposed endpoints, 10 frames, 400 particles,
     box 40 at 2.5 Å, SNR 1."""
-    from cryogmm.hetero_truth import ADK_CORE, superpose_file
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.hetero.truth import ADK_CORE, superpose_file
+    from cryogmm.simulate.particles import SimulateConfig, simulate
 
     d = tmp_path_factory.mktemp("adk")
     closed = d / "closed_on_open.pdb"
@@ -36,14 +42,14 @@ def _cfg(sim, out, **kw):
     base = dict(star=sim / "particles.star", model=OPEN, out=out, map=sim / "truth_map.mrc", decoder="segments",
                 segments=8, zdim=2, epochs=8, batch=32, lowpass_A=10.0, kl_warmup=2, seed=0, device="cpu")
     base.update(kw)
-    return hetero.HeteroConfig(**base)
+    return hetero_config.HeteroConfig(**base)
 
 
 def test_fourier_projection_equals_real_space_projection():
     from scipy.spatial.transform import Rotation
 
-    from cryogmm.ctf import rfft2_frequencies
-    from cryogmm.project import project
+    from cryogmm.core.ctf import rfft2_frequencies
+    from cryogmm.core.projection import project
 
     g = torch.Generator().manual_seed(0)
     gs = Gaussians(torch.randn(30, 3, generator=g, dtype=torch.float64) * 8,
@@ -54,24 +60,24 @@ def test_fourier_projection_equals_real_space_projection():
     box, apix, crop = 64, 2.0, 24
     img = project(gs, R, sh, box, apix)
     f = torch.fft.rfft2(torch.fft.ifftshift(img, dim=(-2, -1)), norm="ortho")
-    f = f[:, torch.as_tensor(hetero._crop_rows(box, crop)), : crop // 2 + 1]
+    f = f[:, torch.as_tensor(hetero_data._crop_rows(box, crop)), : crop // 2 + 1]
     ky, kx = rfft2_frequencies(crop, apix * box / crop, dtype=torch.float64)
-    p = hetero.project_fourier(gs, R, sh, kx[0], ky[:, 0]) / (apix**3 * box)
+    p = hetero_data.project_fourier(gs, R, sh, kx[0], ky[:, 0]) / (apix**3 * box)
     # the real-space drawing is exact up to sampling (widths >= 2.5 Å at 2 Å pixels)
     assert float((f - p).abs().max()) < 1e-4 * float(f.abs().max())
 
 
 def test_crop_size_reaches_the_lowpass():
-    assert hetero.crop_size(64, 2.0, 8.0) == 34
-    assert hetero.crop_size(64, 2.0, 4.0) == 64  # never beyond the box
-    assert hetero.crop_size(40, 2.5, 10.0) % 2 == 0
+    assert hetero_data.crop_size(64, 2.0, 8.0) == 34
+    assert hetero_data.crop_size(64, 2.0, 4.0) == 64  # never beyond the box
+    assert hetero_data.crop_size(40, 2.5, 10.0) % 2 == 0
 
 
 def test_segments_train_recovers_the_motion(adk_sim, tmp_path):
-    rep = hetero.train_hetero(_cfg(adk_sim, tmp_path / "run"))
+    rep = hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "run"))
     assert rep["epochs"] == 8 and len(rep["history"]) == 8
     assert rep["history"][-1]["data"] < rep["history"][0]["data"]
-    an = hetero.analyze_hetero(hetero.AnalyzeConfig(run=tmp_path / "run", pcs=1, frames=3, clusters=2,
+    an = hetero_analyze.analyze_hetero(hetero_analyze.AnalyzeConfig(run=tmp_path / "run", pcs=1, frames=3, clusters=2,
                                                     backproject=True, truth=adk_sim / "truth.star", device="cpu"))
     t = an["truth"]
     assert t["abs_spearman_pc1_vs_frame"] > 0.8, t
@@ -85,7 +91,7 @@ def test_segments_train_recovers_the_motion(adk_sim, tmp_path):
                  "segments.pdb", "cluster_centers.pdb", "report.json"):
         assert (out / name).is_file(), name
     from cryogmm.bridge.io import read_particles
-    from cryogmm.gmm import read_model
+    from cryogmm.io.structures import read_model
 
     z = np.load(out / "z.npy")
     t2 = read_particles(out / "particles_latent.star")
@@ -98,18 +104,18 @@ def test_segments_train_recovers_the_motion(adk_sim, tmp_path):
     assert sum(int(r.split(",")[-1]) for r in rows[1:]) == 214
     # decode: one model per latent row; a z file of the wrong width is refused
     np.savetxt(tmp_path / "z.txt", z[:5])
-    hetero.decode_hetero(tmp_path / "run", tmp_path / "z.txt", tmp_path / "five.pdb")
+    hetero_run.decode_hetero(tmp_path / "run", tmp_path / "z.txt", tmp_path / "five.pdb")
     assert read_model(tmp_path / "five.pdb").n_frames == 5
     np.savetxt(tmp_path / "z3.txt", np.zeros((2, 3)))
     with pytest.raises(InputError, match="rows of 3 values but the run's latent space has 2"):
-        hetero.decode_hetero(tmp_path / "run", tmp_path / "z3.txt", tmp_path / "bad.pdb")
+        hetero_run.decode_hetero(tmp_path / "run", tmp_path / "z3.txt", tmp_path / "bad.pdb")
     assert not (tmp_path / "bad.pdb").exists()
 
 
 def test_resume_continues_exactly(adk_sim, tmp_path):
-    full = hetero.train_hetero(_cfg(adk_sim, tmp_path / "a", epochs=3, decoder="displacement"))
-    hetero.train_hetero(_cfg(adk_sim, tmp_path / "b", epochs=2, decoder="displacement"))
-    res = hetero.train_hetero(_cfg(adk_sim, tmp_path / "b", epochs=3, decoder="displacement", resume=True))
+    full = hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "a", epochs=3, decoder="displacement"))
+    hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "b", epochs=2, decoder="displacement"))
+    res = hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "b", epochs=3, decoder="displacement", resume=True))
     assert res["resumed_from_epoch"] == 2 and len(res["history"]) == 3
     np.testing.assert_allclose(res["history"][-1]["loss"], full["history"][-1]["loss"], rtol=1e-5)
     sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
@@ -118,15 +124,15 @@ def test_resume_continues_exactly(adk_sim, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
     # a finished run is not overwritten, and a resume with other settings is refused
     with pytest.raises(OptionError, match="already holds a training run"):
-        hetero.train_hetero(_cfg(adk_sim, tmp_path / "b", epochs=3, decoder="displacement"))
+        hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "b", epochs=3, decoder="displacement"))
     with pytest.raises(OptionError, match="differs from the checkpoint"):
-        hetero.train_hetero(_cfg(adk_sim, tmp_path / "b", epochs=4, decoder="segments", resume=True))
+        hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "b", epochs=4, decoder="segments", resume=True))
     with pytest.raises(InputError, match="no checkpoint here"):
-        hetero.train_hetero(_cfg(adk_sim, tmp_path / "c", resume=True))
+        hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "c", resume=True))
 
 
 def test_displacement_restraints_hold_the_chain(adk_sim, tmp_path):
-    rep = hetero.train_hetero(_cfg(adk_sim, tmp_path / "d", decoder="displacement", epochs=4))
+    rep = hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "d", decoder="displacement", epochs=4))
     # mean squared deviation from 3.8 Å over the 213 Cα bonds stays small
     assert rep["history"][-1]["bond"] / 213 < 0.1
 
@@ -135,26 +141,26 @@ def test_restraint_terms_analytic():
     pairs = {"bonds": torch.tensor([[0, 1]]), "side": torch.tensor([[1, 2]]), "side_max": torch.tensor([2.0]),
              "clash": torch.tensor([[0, 2]]), "clash_min": torch.tensor([3.6])}
     c = torch.tensor([[[0.0, 0, 0], [4.8, 0, 0], [4.8, 2.5, 0]]])
-    t = hetero.restraint_terms(c, pairs)
+    t = hetero_vae.restraint_terms(c, pairs)
     torch.testing.assert_close(t["bond"], torch.tensor([1.0]))
     torch.testing.assert_close(t["sidechain"], torch.tensor([0.25]))
     torch.testing.assert_close(t["clash"], torch.tensor([0.0]))
     c2 = torch.tensor([[[0.0, 0, 0], [3.8, 0, 0], [2.6, 0, 0]]])
-    t2 = hetero.restraint_terms(c2, pairs)
+    t2 = hetero_vae.restraint_terms(c2, pairs)
     torch.testing.assert_close(t2["clash"], torch.tensor([1.0]))
     torch.testing.assert_close(t2["bond"], torch.tensor([0.0]))
 
 
 # --------------------------------------------------------------------------- bad input
 def test_model_outside_the_box_is_refused(adk_sim, tmp_path):
-    from cryogmm.gmm import read_model
-    from cryogmm.hetero_truth import write_models
+    from cryogmm.io.structures import read_model
+    from cryogmm.io.structures import write_models
 
     m = read_model(OPEN)
     far = tmp_path / "far.pdb"
     write_models(far, m, m.coords[0] + np.array([0.0, 0.0, 80.0]))
     with pytest.raises(ModelError, match=r"far.pdb: .*residue\(s\).*outside the 40-px box"):
-        hetero.train_hetero(_cfg(adk_sim, tmp_path / "run", model=far))
+        hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "run", model=far))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -166,7 +172,7 @@ def test_star_without_poses_is_refused(adk_sim, tmp_path):
     nopose = adk_sim / "noposes.star"
     write_particles(t._copy(particles=p), nopose)
     with pytest.raises(StarError, match=r"noposes.star: missing columns rlnAngleRot, rlnAngleTilt, rlnAnglePsi"):
-        hetero.train_hetero(_cfg(adk_sim, tmp_path / "run", star=nopose))
+        hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "run", star=nopose))
     assert not (tmp_path / "run").exists()
 
 
@@ -186,7 +192,7 @@ def test_cli_exit_codes(adk_sim, tmp_path, capsys):
 
 
 def test_report_is_json(adk_sim, tmp_path):
-    rep = hetero.train_hetero(_cfg(adk_sim, tmp_path / "r", epochs=1, loss="correlation", gaussians="residue2"))
+    rep = hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "r", epochs=1, loss="correlation", gaussians="residue2"))
     on_disk = json.loads((tmp_path / "r" / "report.json").read_text())
     assert on_disk["job"] == "hetero train" and on_disk["n_gaussians"] == rep["n_gaussians"] > 214
     assert np.isfinite(on_disk["history"][0]["loss"])
@@ -200,9 +206,9 @@ def test_segments_separate_the_moving_domain(tmp_path):
     domain); training must move the boundaries to the hinges."""
     from scipy.spatial.transform import Rotation
 
-    from cryogmm.gmm import read_model
-    from cryogmm.hetero_truth import write_models
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.io.structures import read_model
+    from cryogmm.io.structures import write_models
+    from cryogmm.simulate.particles import SimulateConfig, simulate
 
     m = read_model(OPEN)
     x = m.coords[0]
@@ -221,8 +227,8 @@ def test_segments_separate_the_moving_domain(tmp_path):
     sim = tmp_path / "sim"
     simulate(SimulateConfig(out=sim, trajectory=tmp_path / "traj.pdb", n=400, box=40, apix=2.5, snr=1.0, seed=5,
                             device="cpu"))
-    hetero.train_hetero(_cfg(sim, tmp_path / "run", segments=3, epochs=20, lr=3e-3))
-    an = hetero.analyze_hetero(hetero.AnalyzeConfig(run=tmp_path / "run", pcs=1, frames=3, clusters=2,
+    hetero_train.train_hetero(_cfg(sim, tmp_path / "run", segments=3, epochs=20, lr=3e-3))
+    an = hetero_analyze.analyze_hetero(hetero_analyze.AnalyzeConfig(run=tmp_path / "run", pcs=1, frames=3, clusters=2,
                                                     backproject=False, truth=sim / "truth.star", device="cpu"))
     assert an["truth"]["abs_spearman_pc1_vs_frame"] > 0.8, an["truth"]
     assert an["truth"]["per_residue_motion_pearson"] > 0.9, an["truth"]
@@ -238,6 +244,6 @@ def test_segments_separate_the_moving_domain(tmp_path):
 
 @pytest.mark.slow
 def test_demo_hetero(tmp_path):
-    rep = hetero.demo_hetero(tmp_path / "demo", seed=0)
+    rep = demo.demo_hetero(tmp_path / "demo", seed=0)
     assert rep["abs_spearman_pc1_vs_frame"] > 0.8, rep
     assert rep["median_ca_rmsd_decoded_vs_true_A"] < 0.6 * rep["median_ca_rmsd_reference_vs_true_A"], rep

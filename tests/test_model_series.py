@@ -11,9 +11,18 @@ import pytest
 import torch
 
 from cryogmm.cli import main as cli_main
-from cryogmm.model_series import (GOALS, RefineSeriesConfig, SeriesModel, latent_path, normalise_latent,
-                                  random_path_points, read_latent, refine_series, series_example)
-from cryogmm.topology import build_topology
+from cryogmm.model.series.job import refine_series
+from cryogmm.model.series.config import GOALS
+from cryogmm.model.series.config import RefineSeriesConfig
+from cryogmm.model.series.net import (
+    SeriesModel,
+    latent_path,
+    normalise_latent,
+    random_path_points,
+    read_latent,
+)
+from cryogmm.simulate.maps import series_example
+from cryogmm.model.topology import build_topology
 
 
 @pytest.fixture(autouse=True)
@@ -92,10 +101,10 @@ def test_network_starts_at_model_and_moves_patches_rigidly(tiny):
         return sm2.coords(torch.zeros(1, 1, dtype=torch.float64))
 
     def g(q):
-        from cryogmm.model_refine import _rotvec_to_rotmat
+        from cryogmm.core.rotations import rotvec_to_rotmat
 
         qq = q.view(3, 6) * sm2.motion_scale
-        R = _rotvec_to_rotmat(qq[:, :3] / sm2.rad)
+        R = rotvec_to_rotmat(qq[:, :3] / sm2.rad)
         rel = sm2.x0[:, None, :] - sm2.cen[None]
         y = torch.einsum("kij,nkj->nki", R, rel) + sm2.cen + qq[None, :, 3:]
         return (sm2.w[:, :, None] * y).sum(1)
@@ -109,8 +118,8 @@ def _run(argv):
 
 
 def test_bad_maps_box(tiny, tmp_path, capsys):
-    from cryogmm.mapio import write_map
-    from cryogmm.model_density import read_map_grid
+    from cryogmm.io.maps import write_map
+    from cryogmm.io.maps import read_map_grid
 
     g = read_map_grid(tiny["maps"][1])
     odd = tmp_path / "odd.mrc"
@@ -123,8 +132,8 @@ def test_bad_maps_box(tiny, tmp_path, capsys):
 
 
 def test_bad_map_not_overlapping(tiny, tmp_path, capsys):
-    from cryogmm.mapio import write_map
-    from cryogmm.model_density import read_map_grid
+    from cryogmm.io.maps import write_map
+    from cryogmm.io.maps import read_map_grid
 
     far = []
     for k, p in enumerate(tiny["maps"]):

@@ -8,8 +8,8 @@ import torch
 from scipy import integrate
 
 from cryogmm.bridge.conventions import euler_zyz_deg_to_rotmat, image_position_A, rotmat_to_euler_zyz_deg
-from cryogmm.gmm import Gaussians, gaussians_to_map
-from cryogmm.project import project, project_map
+from cryogmm.core.gaussians import Gaussians, gaussians_to_map
+from cryogmm.core.projection import project, project_map
 
 
 def one_gaussian(c=(3.0, -2.0, 5.0), a=10.0, s=2.0, dtype=torch.float64):

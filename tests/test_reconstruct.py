@@ -9,12 +9,14 @@ import torch
 
 from cryogmm.cli import main as cli
 from cryogmm.demo import example_model
-from cryogmm.gmm import gaussians_from_model, gaussians_to_map
-from cryogmm.mapio import read_map
-from cryogmm.metrics import fsc, lowpass, real_space_correlation, resolution_at
-from cryogmm.project import project
-from cryogmm.recon import FourierAccumulator
-from cryogmm.simulate import random_rotations
+from cryogmm.io.structures import gaussians_from_model
+from cryogmm.core.gaussians import gaussians_to_map
+from cryogmm.io.maps import read_map
+from cryogmm.core.similarity import fsc, real_space_correlation, resolution_at
+from cryogmm.core.fourier import lowpass
+from cryogmm.core.projection import project
+from cryogmm.recon.accumulator import FourierAccumulator
+from cryogmm.core.rotations import random_rotations
 
 
 def test_noise_free_reconstruction_reaches_nyquist():

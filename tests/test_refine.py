@@ -14,11 +14,12 @@ from cryogmm.bridge import conventions as conv
 from cryogmm.bridge.images import ImageSource
 from cryogmm.bridge.io import read_particles
 from cryogmm.cli import main as cli
-from cryogmm.ctf import CtfParams, ctf_rfft2
+from cryogmm.core.ctf import CtfParams, ctf_rfft2
 from cryogmm.demo import example_model
-from cryogmm.gmm import Gaussians, gaussians_from_coords, read_model
-from cryogmm.refine import BandFrc, focus_widths, refine_batch
-from cryogmm.rotations import rotmat_angle_deg, rotvec_to_rotmat
+from cryogmm.core.gaussians import Gaussians
+from cryogmm.io.structures import gaussians_from_coords, read_model
+from cryogmm.poses.align import BandFrc, focus_widths, refine_batch
+from cryogmm.core.rotations import rotmat_angle_deg, rotvec_to_rotmat
 
 BOX, APIX = 48, 2.5
 
@@ -88,7 +89,7 @@ def test_refine_poses_job(clean, tmp_path):
     it = rep["iterations"][0]
     assert {"resolution_A", "pose_change_deg", "particles_per_s", "band_A"} <= set(it)
     assert len(rep["fsc"]["masked"]) == len(rep["fsc"]["resolution_A"]) == BOX // 2 + 1
-    from cryogmm.metrics import resolution_at
+    from cryogmm.core.similarity import resolution_at
 
     assert resolution_at(torch.tensor(rep["fsc"]["masked"]), BOX, APIX) == pytest.approx(rep["resolution_A"])
     start, truth = read_particles(clean / "particles.star"), read_particles(clean / "truth.star")
@@ -108,7 +109,8 @@ def test_refine_poses_job(clean, tmp_path):
         for h in (1, 2):
             subprocess.run(["relion_reconstruct", "--i", "refined.star", "--o", f"r{h}.mrc", "--ctf", "--subset", str(h)],
                            cwd=out, check=True, capture_output=True)
-        from cryogmm.metrics import fsc, resolution_at, soft_sphere_mask
+        from cryogmm.core.similarity import fsc, resolution_at
+        from cryogmm.core.masks import soft_sphere_mask
 
         m = soft_sphere_mask(BOX, BOX // 2 - 6, edge_px=3)
         r = [torch.as_tensor(mrcfile.read(out / f"r{h}.mrc").copy()) for h in (1, 2)]
@@ -201,7 +203,7 @@ def test_patch_by_patch_composite(clean, tmp_path):
         e1, _ = errors(read_particles(out / f"patches/patch_0{k}/refined.star"), truth)
         assert np.median(e1) < 0.6 * np.median(e0)
     # the composite is a proper map of the molecule: it correlates with the truth as the global map does
-    from cryogmm.metrics import real_space_correlation
+    from cryogmm.core.similarity import real_space_correlation
 
     t = torch.as_tensor(mrcfile.read(clean / "truth_map.mrc").copy())
     cg = real_space_correlation(torch.as_tensor(mrcfile.read(out / "map.mrc").copy()), t)
@@ -215,8 +217,9 @@ def test_conformation_to_orientation_matches_projections():
     projector), and the masked RMSD drops to zero."""
     from scipy.spatial.transform import Rotation
 
-    from cryogmm.project import project
-    from cryogmm.refine import conformation_to_orientation, weighted_kabsch
+    from cryogmm.core.projection import project
+    from cryogmm.poses.conformation import conformation_to_orientation
+    from cryogmm.core.rotations import weighted_kabsch
 
     rng = np.random.default_rng(4)
     N, n = 60, 5
@@ -262,7 +265,7 @@ def test_focused_refinement_registers_the_moving_domain(two_domain, tmp_path):
     """Two domains, domain B swung 2-20° in half the particles: refinement focused on B (mask)
     brings B into register better than global refinement from the same start, and B's
     masked FSC rises (benchmarks/refine_focused.py runs the full-size case)."""
-    from cryogmm.refine import RefineConfig, refine_poses
+    from cryogmm.poses.job import RefineConfig, refine_poses
 
     rf, paths = two_domain
     common = dict(star=paths["star"], iterations=1, steps=30, fit_iterations=100, max_gaussians=600, seed=1)
@@ -279,8 +282,9 @@ def test_conformation_to_orientation_job(two_domain, tmp_path):
     """--hetero RUN --mask: a short heterogeneity run on the two-domain set, then its
     conformations of domain B turned into pose changes; the displaced half moves towards
     domain B's register (benchmarks/refine_conformation.py runs the full-size case)."""
-    from cryogmm.hetero import HeteroConfig, train_hetero
-    from cryogmm.refine import RefineConfig, refine_poses
+    from cryogmm.hetero.config import HeteroConfig
+    from cryogmm.hetero.train import train_hetero
+    from cryogmm.poses.job import RefineConfig, refine_poses
 
     rf, paths = two_domain
     train_hetero(HeteroConfig(star=paths["star"], model=paths["model"], out=tmp_path / "hetero", decoder="segments",

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from cryogmm.errors import MapError, OptionError
-from cryogmm.model_refine import RefineModelConfig, _rotvec_to_rotmat, ca_rmsd, refine_model
-from cryogmm.topology import build_topology, write_model
+from cryogmm.model.refine.config import RefineModelConfig
+from cryogmm.core.rotations import rotvec_to_rotmat
+from cryogmm.model.refine.job import refine_model
+from cryogmm.model.topology import build_topology, write_model
 
 ADK = Path(str(resources.files("cryogmm.data").joinpath("adk_closed.pdb")))
 
@@ -20,9 +22,9 @@ ADK = Path(str(resources.files("cryogmm.data").joinpath("adk_closed.pdb")))
 @pytest.fixture(scope="module")
 def fragment(tmp_path_factory):
     """Residues 1-40 of 1AKE (truth), a noisy displaced copy (start) and the truth's 4 Å map."""
-    from cryogmm.gmm import ELECTRONS, sigma_from_resolution
-    from cryogmm.mapio import write_map
-    from cryogmm.model_density import splat
+    from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+    from cryogmm.io.maps import write_map
+    from cryogmm.model.density import splat
 
     d = tmp_path_factory.mktemp("frag")
     lines = [l for l in ADK.read_text().splitlines() if l.startswith("ATOM") and int(l[22:26]) <= 40]
@@ -46,11 +48,11 @@ def fragment(tmp_path_factory):
 
 def test_rotvec_small_angle_and_orthonormal():
     v = torch.tensor([[0.0, 0.0, 0.0], [0.3, -0.2, 0.5], [1e-7, 0, 0]], dtype=torch.float64)
-    R = _rotvec_to_rotmat(v)
+    R = rotvec_to_rotmat(v)
     assert torch.allclose(R[0], torch.eye(3, dtype=torch.float64))
     assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(3, 3, 3), atol=1e-12)
     vv = v[1:2].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda q: _rotvec_to_rotmat(q), (vv,))
+    assert torch.autograd.gradcheck(lambda q: rotvec_to_rotmat(q), (vv,))
 
 
 @pytest.mark.slow
@@ -97,7 +99,7 @@ def test_geometry_only_improves_and_stays(fragment, tmp_path):
 
 def test_bad_input(fragment, tmp_path):
     from cryogmm.cli import main
-    from cryogmm.mapio import write_map
+    from cryogmm.io.maps import write_map
 
     with pytest.raises(OptionError, match="--map"):
         refine_model(RefineModelConfig(model=fragment / "start.pdb", out=tmp_path / "a"))
@@ -115,7 +117,7 @@ def test_bad_input(fragment, tmp_path):
 
 @pytest.mark.slow
 def test_demo_model(tmp_path):
-    from cryogmm.model_refine import demo_model
+    from cryogmm.demo import demo_model
 
     r = demo_model(tmp_path / "demo", seed=0)
     b, a = r["before"], r["after"]
@@ -128,7 +130,7 @@ def test_demo_model(tmp_path):
 def test_motion_domains_finds_a_hinge():
     """Two blocks of patches, one turned 20° about its centre and shifted: two domains, each
     block whole; a small third block that moved with the second joins it."""
-    from cryogmm.model_refine import motion_domains
+    from cryogmm.model.refine.domains import motion_domains
 
     rng = np.random.default_rng(0)
     x0 = rng.normal(size=(440, 3)) * 5
@@ -156,10 +158,11 @@ def test_peptide_flip_scan_restores_flipped_peptides(tmp_path):
     itself gets no flip."""
     from types import SimpleNamespace
 
-    from cryogmm.gmm import ELECTRONS, sigma_from_resolution
-    from cryogmm.model_density import MapGrid, splat
-    from cryogmm.model_rotamers import _peptides, fit_peptides
-    from cryogmm.restraints import Restraints
+    from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+    from cryogmm.io.maps import MapGrid
+    from cryogmm.model.density import splat
+    from cryogmm.model.rotamers import _peptides, fit_peptides
+    from cryogmm.model.restraints import Restraints
 
     lines = [l for l in ADK.read_text().splitlines() if l.startswith("ATOM") and int(l[22:26]) <= 40]
     p = tmp_path / "truth.pdb"
@@ -197,9 +200,9 @@ def test_peptide_flip_scan_restores_flipped_peptides(tmp_path):
 def test_flip_for_rama_turns_back_a_flipped_peptide(tmp_path):
     """Without a map: a peptide of 1AKE 1-40 turned by 180 deg leaves Ramachandran outliers;
     flip_for_rama turns it back (the series' frame repair)."""
-    from cryogmm.model_rotamers import _peptides, flip_for_rama
-    from cryogmm.restraints import Restraints
-    from cryogmm.validate import rama_table
+    from cryogmm.model.rotamers import _peptides, flip_for_rama
+    from cryogmm.model.restraints import Restraints
+    from cryogmm.model.validate import rama_table
 
     lines = [l for l in ADK.read_text().splitlines() if l.startswith("ATOM") and int(l[22:26]) <= 40]
     p = tmp_path / "truth.pdb"
@@ -227,7 +230,7 @@ def test_flip_for_rama_turns_back_a_flipped_peptide(tmp_path):
 def test_geometry_only_repairs_a_ramachandran_outlier(tmp_path):
     """Geometry-only refinement of 1AKE 1-40 with one peptide turned the wrong way round: the
     Ramachandran repair leaves no outlier, and the atoms away from it move < 0.3 Å RMS."""
-    from cryogmm.model_rotamers import _peptides
+    from cryogmm.model.rotamers import _peptides
 
     lines = [l for l in ADK.read_text().splitlines() if l.startswith("ATOM") and int(l[22:26]) <= 40]
     p = tmp_path / "truth.pdb"
@@ -254,7 +257,7 @@ def test_cli_quick_preset(fragment, tmp_path):
     """--quick: one rotamer + full-atom round at 50 steps per phase; the report says so and
     the fragment still comes back towards its truth."""
     from cryogmm.cli import main
-    from cryogmm.model_refine import QUICK_STAGES, QUICK_STEPS
+    from cryogmm.model.refine.config import QUICK_STAGES, QUICK_STEPS
 
     out = tmp_path / "q"
     assert main(["refine-model", str(fragment / "start.pdb"), "--map", str(fragment / "map.mrc"), "--resolution", "4",

@@ -11,15 +11,14 @@ Needs Debian's ``relion`` package (``apt-get install -y --no-install-recommends 
 import shutil
 import subprocess
 
-import numpy as np
-import pandas as pd
 import pytest
 import starfile
 import torch
 
 from cryogmm.cli import main as cli
-from cryogmm.mapio import read_map
-from cryogmm.metrics import lowpass, peak_shift, real_space_correlation
+from cryogmm.io.maps import read_map
+from cryogmm.core.fourier import lowpass
+from cryogmm.core.similarity import peak_shift, real_space_correlation
 
 pytestmark = [
     pytest.mark.peer,

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cryogmm.model_density import sample, splat
-from cryogmm.restraints import Restraints, dihedral, grid_value, reference_tables
-from cryogmm.topology import build_topology
+from cryogmm.model.density import sample, splat
+from cryogmm.model.restraints import Restraints, grid_value, reference_tables
+from cryogmm.core.rotations import dihedral
+from cryogmm.model.topology import build_topology
 
 ADK = Path(str(resources.files("cryogmm.data").joinpath("adk_closed.pdb")))
 
@@ -123,8 +124,8 @@ def test_splat_integral_and_gradcheck():
 def test_local_clash_count_matches_whole_model_count():
     """The rotamer fit counts only clashes involving the moved side chain; the change it sees
     must equal the change of the whole model's clash count (same pairs, radii, H-bond relief)."""
-    from cryogmm.model_rotamers import _bond_graph, _local_clashes, _moving_atoms, set_torsion
-    from cryogmm.restraints import CLASH_OVERLAP
+    from cryogmm.model.rotamers import _bond_graph, _local_clashes, _moving_atoms, set_torsion
+    from cryogmm.model.restraints import CLASH_OVERLAP
 
     t = build_topology(ADK)
     r = Restraints(t)
@@ -155,7 +156,7 @@ def test_batched_mixtures_equal_per_table_terms():
     the gradient must equal the per-table mixture (``_gmm_neglog``) on its own angles."""
     import math
 
-    from cryogmm.restraints import _gmm_constants, _wrap_deg
+    from cryogmm.model.restraints import _gmm_constants, _wrap_deg
 
     def _gmm_neglog(ang_deg, w, mu, cov, period, floor, pre, tail):
         """One table at a time, written out: -log(mixture + floor x widened mixture)."""
@@ -195,7 +196,8 @@ def test_batched_mixtures_equal_per_table_terms():
 def test_side_chain_candidates_reach_their_chi_targets():
     """The rotamer fit builds every candidate of a residue at once: each must have exactly its
     target χ angles and unchanged bond lengths."""
-    from cryogmm.model_rotamers import _allowed_targets, _bond_graph, _chi_candidates, _dihedral_np
+    from cryogmm.model.rotamers import _allowed_targets, _bond_graph, _chi_candidates
+    from cryogmm.core.rotations import dihedral_deg
 
     t = build_topology(ADK)
     tabs = reference_tables()["rotamer"]
@@ -214,7 +216,7 @@ def test_side_chain_candidates_reach_their_chi_targets():
         d0 = np.linalg.norm(xn[local][lb[:, 0]] - xn[local][lb[:, 1]], axis=1)
         for p, chi_t in zip(pos, tgt):
             lq = [[lut[int(a)] for a in q[c]] for c in range(q.shape[0])]
-            chi = np.array([_dihedral_np(*p[lq[c]]) for c in range(q.shape[0])])
+            chi = np.array([dihedral_deg(*p[lq[c]]) for c in range(q.shape[0])])
             diff = (chi - chi_t[:q.shape[0]] + 180.0) % 360.0 - 180.0
             assert np.abs(diff).max() < 1e-6, tname
             assert np.allclose(np.linalg.norm(p[lb[:, 0]] - p[lb[:, 1]], axis=1), d0, atol=1e-9)
@@ -222,12 +224,12 @@ def test_side_chain_candidates_reach_their_chi_targets():
 
 def test_fsc_map_term_fast_path_and_coarse_grid():
     """The fsc map term scores only the shells it uses against a precomputed reference
-    spectrum (equal to metrics.fsc), and on a grid Fourier-cropped to ~resolution/3 (FSC is
+    spectrum (equal to core_similarity.fsc), and on a grid Fourier-cropped to ~resolution/3 (FSC is
     blind to the wider model Gaussians that grid needs) it keeps the score and its gradient."""
-    from cryogmm import metrics
-    from cryogmm.gmm import ELECTRONS, sigma_from_resolution
-    from cryogmm.model_density import MapGrid
-    from cryogmm.model_refine import MapTerm
+    from cryogmm.core import similarity as core_similarity
+    from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+    from cryogmm.io.maps import MapGrid
+    from cryogmm.model.refine.mapterm import MapTerm
 
     t = build_topology(ADK, add_hydrogens=False)
     sel = np.nonzero(t.res_index < 60)[0]
@@ -244,7 +246,7 @@ def test_fsc_map_term_fast_path_and_coarse_grid():
     full = MapTerm(grid, 4.0, "fsc", amp, resample=False)
     coarse = MapTerm(grid, 4.0, "fsc", amp)
     assert coarse.ref.shape[0] < 0.8 * n and coarse.kmax == full.kmax
-    expect = metrics.fsc(full.model_map(y), full.ref)[1:full.kmax + 1].mean()
+    expect = core_similarity.fsc(full.model_map(y), full.ref)[1:full.kmax + 1].mean()
     grads = []
     for mt in (full, coarse):
         yy = y.clone().requires_grad_(True)

@@ -98,9 +98,9 @@ def test_streaming_a_stack_does_not_keep_it_resident(tmp_path):
 
 
 def test_max_memory_bounds_the_batch_and_keeps_the_map(tmp_path):
-    from cryogmm.recon import FourierAccumulator
-    from cryogmm.reconstruct import BASELINE_BYTES, ReconstructConfig, reconstruct
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.recon.accumulator import FourierAccumulator
+    from cryogmm.recon.job import BASELINE_BYTES, ReconstructConfig, reconstruct
+    from cryogmm.simulate.particles import SimulateConfig, simulate
     from cryogmm.demo import example_model
 
     box = 32
@@ -129,8 +129,8 @@ def test_max_memory_bounds_the_batch_and_keeps_the_map(tmp_path):
 def test_float64_sums_do_not_depend_on_the_order():
     """The accumulator with float64 sums gives the same float32 map whatever the batches and
     their order (what makes sharded runs equal one process)."""
-    from cryogmm.recon import FourierAccumulator
-    from cryogmm.simulate import random_rotations
+    from cryogmm.recon.accumulator import FourierAccumulator
+    from cryogmm.core.rotations import random_rotations
 
     g = torch.Generator().manual_seed(0)
     n, box = 64, 24

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cryogmm.errors import OptionError
-from cryogmm.gmm import Gaussians, gaussians_to_map
-from cryogmm.project import project
-from cryogmm.symmetry import rotate_map, symmetrize_map, symmetry_operators
+from cryogmm.core.gaussians import Gaussians, gaussians_to_map
+from cryogmm.core.projection import project
+from cryogmm.core.symmetry import rotate_map, symmetrize_map, symmetry_operators
 
 
 @pytest.mark.parametrize("sym,k", [("C1", 1), ("c2", 2), ("C7", 7), ("D2", 4), ("D7", 14)])
@@ -114,8 +114,8 @@ def test_refine_with_c2_symmetry(dimer, tmp_path):
 
     from cryogmm.bridge.io import read_particles
     from cryogmm.cli import main as cli
-    from cryogmm.metrics import real_space_correlation
-    from cryogmm.rotations import rotmat_angle_deg
+    from cryogmm.core.similarity import real_space_correlation
+    from cryogmm.core.rotations import rotmat_angle_deg
 
     sim = dimer / "sim"
     out = tmp_path / "c2"
@@ -134,13 +134,13 @@ def test_refine_with_c2_symmetry(dimer, tmp_path):
     assert e1 < 0.6 * e0, (e0, e1)
 
     # focused on subunit A: expanded (two rows per particle), final map re-symmetrised
-    from cryogmm import mapio
-    from cryogmm.gmm import gaussians_from_model
-    from cryogmm.metrics import soft_mask_from_map
+    from cryogmm.io import maps as mapio
+    from cryogmm.io.structures import gaussians_from_model
+    from cryogmm.core.masks import soft_mask_from_map
 
     g = gaussians_from_model(dimer / "dimer.pdb", "ca", resolution_A=6.0)
     keep = g.centers[:, 0] > 0  # chain A's side, in the frame simulate centred
-    from cryogmm.gmm import Gaussians, gaussians_to_map
+    from cryogmm.core.gaussians import Gaussians, gaussians_to_map
 
     half = gaussians_to_map(Gaussians(g.centers[keep], g.amplitudes[keep], g.sigmas[keep]), 48, 3.0)
     mask = soft_mask_from_map(half, 0.05 * float(half.max()), extend_px=1, edge_px=3)

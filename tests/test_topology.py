@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cryogmm.errors import ModelError
-from cryogmm.topology import RAMA_CLASSES, build_topology, write_model
+from cryogmm.model.topology import RAMA_CLASSES, build_topology, write_model
 
 ADK = Path(str(resources.files("cryogmm.data").joinpath("adk_closed.pdb")))
 

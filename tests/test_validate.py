@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cryogmm.errors import MapError, OptionError
-from cryogmm.topology import build_topology, write_model
-from cryogmm.validate import ValidateConfig, validate, validate_coords
+from cryogmm.model.topology import build_topology
+from cryogmm.model.validate import ValidateConfig, validate, validate_coords
 
 DATA = resources.files("cryogmm.data")
 OPEN = Path(str(DATA.joinpath("adk_open.pdb")))
@@ -52,9 +52,9 @@ def test_noisy_model_is_flagged(tmp_path):
 
 
 def _map_of(path, tmp_path, res=4.0, apix=1.5, shift=0.0):
-    from cryogmm.gmm import ELECTRONS, sigma_from_resolution
-    from cryogmm.mapio import write_map
-    from cryogmm.model_density import splat
+    from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+    from cryogmm.io.maps import write_map
+    from cryogmm.model.density import splat
 
     t = build_topology(path, add_hydrogens=False)
     x = t.coords[~t.is_h]

@@ -27,7 +27,7 @@ def add_args(p):
 
 def main(args) -> int:
     from cryogmm.demo import run_demo
-    from cryogmm.jobs import Progress
+    from cryogmm.runtime import Progress
 
     rep = run_demo(args.out, n=args.n, seed=args.seed, device=args.device, refine=not args.no_refine,
                    hetero=not args.no_hetero, model=not args.no_model, progress=Progress(bar=True))

@@ -45,8 +45,8 @@ def add_args(p):
 
 
 def main(args) -> int:
-    from cryogmm.fitmap import FitGmmConfig, fit_gmm
-    from cryogmm.jobs import Progress
+    from cryogmm.gmmfit.job import FitGmmConfig, fit_gmm
+    from cryogmm.runtime import Progress
 
     cfg = FitGmmConfig(map=args.map, out=args.out, resolution_A=args.resolution, n=args.n, threshold=args.threshold,
                        iterations=args.iterations, batch=args.batch, seed=args.seed, device=args.device)

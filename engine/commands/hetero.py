@@ -112,11 +112,14 @@ def add_args(p):
 
 
 def main(args) -> int:
-    from cryogmm import hetero
-    from cryogmm.jobs import Progress, pick_device
+    from cryogmm.hetero import train as hetero_train
+    from cryogmm.hetero import run as hetero_run
+    from cryogmm.hetero import analyze as hetero_analyze
+    from cryogmm.hetero import config as hetero_config
+    from cryogmm.runtime import Progress, pick_device
 
     if args.action == "train":
-        cfg = hetero.HeteroConfig(
+        cfg = hetero_config.HeteroConfig(
             star=args.star, model=args.model, out=args.out, map=args.map, decoder=args.decoder,
             segments=args.segments, per_chain=args.per_chain, zdim=args.zdim, epochs=args.epochs, batch=args.batch,
             lowpass_A=args.lowpass_A, gaussians=args.gaussians, loss=args.loss, kl_warmup=args.kl_warmup,
@@ -128,18 +131,18 @@ def main(args) -> int:
         )
         from cryogmm import distributed
 
-        rep = hetero.train_hetero(cfg, progress=Progress(bar=distributed.is_main()))
+        rep = hetero_train.train_hetero(cfg, progress=Progress(bar=distributed.is_main()))
         if not distributed.is_main():
             return 0
         last = rep["history"][-1]
         print(f"trained {rep['epochs']} epochs on {rep['n_particles']} particles ({rep['images_per_s']:.0f} images/s); "
               f"data term {last['data']:.1f}, KL {last['kl']:.2f}; run in {args.out}")
     elif args.action == "analyze":
-        cfg = hetero.AnalyzeConfig(run=args.run, out=args.out, pcs=args.pcs, frames=args.frames,
+        cfg = hetero_analyze.AnalyzeConfig(run=args.run, out=args.out, pcs=args.pcs, frames=args.frames,
                                    clusters=args.clusters, backproject=not args.no_backproject, truth=args.truth,
                                    truth_models=args.truth_models, star=args.star, project_dir=args.project_dir,
                                    seed=args.seed, device=args.device)
-        rep = hetero.analyze_hetero(cfg, progress=Progress(bar=True))
+        rep = hetero_analyze.analyze_hetero(cfg, progress=Progress(bar=True))
         msg = f"analyzed {rep['n_particles']} particles into {args.out or args.run / 'analyze'}"
         t = rep.get("truth")
         if t:
@@ -148,6 +151,6 @@ def main(args) -> int:
                 msg += f", median Cα RMSD to truth {t['median_ca_rmsd_decoded_vs_true_A']:.2f} Å"
         print(msg)
     else:
-        rep = hetero.decode_hetero(args.run, args.z, args.out, device=pick_device(args.device))
+        rep = hetero_run.decode_hetero(args.run, args.z, args.out, device=pick_device(args.device))
         print(f"wrote {rep['models']} models to {args.out}")
     return 0

@@ -76,10 +76,16 @@ def add_args(p):
 
 
 def main(args) -> int:
-    from cryogmm.jobs import Progress
-    from cryogmm.model_refine import (DEFAULT_STAGES, QUICK_EXTRA, QUICK_STAGES, QUICK_STEPS, RefineModelConfig,
-                                      refine_model)
-    from cryogmm.validate import summary_table
+    from cryogmm.runtime import Progress
+    from cryogmm.model.refine.config import (
+        DEFAULT_STAGES,
+        QUICK_EXTRA,
+        QUICK_STAGES,
+        QUICK_STEPS,
+        RefineModelConfig,
+    )
+    from cryogmm.model.refine.job import refine_model
+    from cryogmm.model.validate import summary_table
 
     stages = tuple(args.stages) if args.stages else (QUICK_STAGES if args.quick else DEFAULT_STAGES)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else RefineModelConfig.steps)

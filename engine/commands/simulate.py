@@ -58,8 +58,8 @@ def add_args(p):
 
 
 def main(args) -> int:
-    from cryogmm.jobs import Progress
-    from cryogmm.simulate import SimulateConfig, simulate
+    from cryogmm.runtime import Progress
+    from cryogmm.simulate.particles import SimulateConfig, simulate
 
     cfg = SimulateConfig(
         out=args.out, model=args.model, map=args.map, trajectory=args.trajectory,

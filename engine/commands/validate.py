@@ -33,7 +33,7 @@ def add_args(p):
 
 
 def main(args) -> int:
-    from cryogmm.validate import ValidateConfig, summary_table, validate
+    from cryogmm.model.validate import ValidateConfig, summary_table, validate
 
     rep = validate(ValidateConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution))
     print(f"{args.model}: {rep['n_residues']} residues, {rep['n_atoms']} heavy atoms")

@@ -1,0 +1,1 @@
+"""Gaussian mixtures fitted to maps (``cryogmm fit-gmm``, and the references of pose refinement)."""

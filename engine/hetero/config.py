@@ -1,0 +1,45 @@
+"""Options of ``cryogmm hetero train`` and the names of a run folder's files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass
+class HeteroConfig:
+    star: Path
+    model: Path
+    out: Path
+    decoder: str = "segments"
+    segments: int = 20
+    per_chain: bool = False
+    zdim: int = 8
+    epochs: int = 20
+    batch: int = 64
+    lowpass_A: float = 8.0
+    gaussians: str = "ca"
+    resolution_A: float | None = None
+    loss: str = "gaussian"
+    kl_warmup: int = 5
+    beta: float = 1.0
+    lr: float = 1e-3
+    hidden: int = 256
+    temperature: float = 0.1
+    bond_weight: float = 1.0
+    clash_weight: float = 1.0
+    sidechain_weight: float = 1.0
+    elastic_weight: float | None = None
+    elastic_seq: int = 4
+    map: Path | None = None
+    project_dir: Path | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str | None = None
+    max_particles: int | None = None
+    matmul_precision: str = "highest"

@@ -1,0 +1,109 @@
+"""A trained heterogeneity run read back (config, network, latents) and decoding latent
+coordinates into atomic models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import numpy as np
+import torch
+from cryogmm.hetero.deform import make_deformer
+from cryogmm.errors import InputError
+from cryogmm.io.structures import write_models
+from cryogmm.hetero.config import CHECKPOINT
+from cryogmm.hetero.config import HeteroConfig
+from cryogmm.hetero.vae import HeteroVAE
+from cryogmm.hetero.vae import ForwardModel
+from cryogmm.hetero.train import load_checkpoint
+from cryogmm.hetero.data import load_particles
+from cryogmm.hetero.reference import load_reference
+
+
+
+# --------------------------------------------------------------------------- loading a run
+class Run:
+    """A trained run: config, reference, VAE (eval mode) and, on demand, the particles."""
+
+    def __init__(self, run_dir, device=None, need_data: bool = True, star=None, project_dir=None):
+        self.dir = Path(run_dir)
+        state = load_checkpoint(self.dir / CHECKPOINT)
+        cfgd = json.loads(state["config"])
+        meta = json.loads(state["meta"])
+        for k in ("star", "model", "out", "map", "project_dir"):
+            cfgd[k] = Path(cfgd[k]) if cfgd.get(k) else None
+        self.cfg = HeteroConfig(**cfgd)
+        if star is not None:
+            self.cfg.star = Path(star)
+        if project_dir is not None:
+            self.cfg.project_dir = Path(project_dir)
+        self.meta = meta
+        self.epoch = int(state["epoch"]) + 1
+        self.dev = device or torch.device("cpu")
+        self.ref = load_reference(self.cfg.model, box=meta["box"], apix=meta["apix"], mode=self.cfg.gaussians,
+                                  resolution_A=self.cfg.resolution_A, center_A=np.array(meta["center_A"]))
+        deformer = make_deformer(self.cfg.decoder, n=self.ref.gaussians.n, zdim=self.cfg.zdim,
+                                 residue_of=self.ref.residue_of, chain_of_residue=self.ref.chain_of_residue,
+                                 segments=self.cfg.segments, hidden=self.cfg.hidden,
+                                 temperature=self.cfg.temperature, per_chain=self.cfg.per_chain)
+        self.vae = HeteroVAE(meta["crop"], self.cfg.zdim, deformer, hidden=self.cfg.hidden)
+        self.vae.load_state_dict(state["model"])
+        self.vae.to(self.dev).eval()
+        self.data = None
+        if need_data:
+            self.data = load_particles(self.cfg.star, lowpass_A=self.cfg.lowpass_A, project_dir=self.cfg.project_dir,
+                                       max_particles=self.cfg.max_particles)
+            if self.data.crop != meta["crop"]:
+                raise InputError(self.cfg.star, f"particles crop to {self.data.crop} px but the run used "
+                                 f"{meta['crop']} px: not the particles this run was trained on")
+
+    @torch.no_grad()
+    def encode_all(self, batch: int = 512) -> np.ndarray:
+        fw = ForwardModel(self.vae, self.ref, self.data, self.dev)
+        zs = []
+        for b0 in range(0, self.data.n, batch):
+            idx = np.arange(b0, min(b0 + batch, self.data.n))
+            mu, _ = fw.encode(fw.batch(idx)[4])
+            zs.append(mu.cpu())
+        return torch.cat(zs).numpy()
+
+    @torch.no_grad()
+    def decode_atoms(self, z, batch: int = 256) -> np.ndarray:
+        """Full-atom models (file frame, Å) ``[K, M, 3]`` for latent rows ``z [K, D]``."""
+        z = torch.as_tensor(np.asarray(z), dtype=torch.float32)
+        base = self.ref.gaussians.to(self.dev)
+        pts = self.ref.atoms_box().to(self.dev)
+        owner = torch.as_tensor(self.ref.owner, device=self.dev)
+        out = []
+        for b0 in range(0, len(z), batch):
+            moved = self.vae.deformer.move_points(base, z[b0:b0 + batch].to(self.dev), pts, owner)
+            out.append(moved.cpu().double().numpy() + self.ref.center_A)
+        return np.concatenate(out) if out else np.zeros((0,) + tuple(pts.shape))
+
+
+def _read_z(path, zdim: int) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    try:
+        z = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
+    except Exception as e:
+        raise InputError(path, f"cannot be read as a table of numbers ({str(e).splitlines()[0]})") from None
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim == 1:
+        z = z[None]
+    if z.ndim != 2 or z.shape[1] != zdim:
+        raise InputError(path, f"holds rows of {z.shape[-1] if z.ndim else 0} values but the run's latent space "
+                         f"has {zdim} dimensions")
+    if not np.all(np.isfinite(z)):
+        raise InputError(path, "holds NaN or infinite values")
+    return z
+
+
+def decode_hetero(run_dir, z_path, out_pdb, device=None) -> dict:
+    """One model per latent row of ``z_path`` (text or .npy, ``[K, zdim]``) into a multi-model PDB."""
+
+    run = Run(run_dir, device=device, need_data=False)
+    z = _read_z(z_path, run.cfg.zdim)
+    models = run.decode_atoms(z)
+    write_models(out_pdb, run.ref.model, models)
+    return {"models": len(models), "out": str(out_pdb)}

@@ -1,0 +1,271 @@
+"""Heterogeneity from an atomic model: a VAE whose decoder moves the model.
+
+Per particle, an encoder reads the (Fourier-cropped) image beside the CTF-modulated
+projection of the reference model at the particle's pose and gives a Gaussian posterior
+over a latent ``z``; a deformer (:mod:`cryogmm.deform`) turns a sample of ``z`` into a moved
+copy of the reference's coarse Gaussians (one per residue at its Cα, or backbone and
+side-chain centroids), which is projected at the particle's pose (from the STAR), multiplied
+by its CTF and compared with the image:
+
+- ``segments`` decoder (cryoSPHERE, Gilles & Singer): soft segments along the chain, each
+  moved as a rigid body per image;
+- ``displacement`` decoder (atomic VAE, Zhong et al.): an offset per Gaussian, held
+  together by restraints: harmonic 3.8 Å bonds between consecutive Cα, a maximum distance
+  between a residue's backbone and side-chain centroids, and a clash term.
+
+The forward model is computed in Fourier space on the cropped grid: the 2D transform of a
+projected Gaussian is analytic (``a exp(-2 pi^2 s^2 |k|^2) exp(-2 pi i k.x)``) and separable
+in ``kx`` and ``ky``, so a batch of projections is one complex batched matrix product, free
+of aliasing whatever the crop. The loss is either the Gaussian likelihood (white noise, its
+variance measured outside the particle) or cryoSPHERE's correlation, over the frequencies
+up to ``lowpass_A``; the KL term is ramped in over ``kl_warmup`` epochs. A checkpoint is
+written after every epoch; ``resume`` continues from it.
+
+Several processes or GPUs (``torch.distributed``; gloo on CPUs, NCCL on GPUs)::
+
+    torchrun --nproc_per_node 2 -m cryogmm.cli hetero train particles.star --model ref.pdb --out run
+
+The training step is wrapped in ``DistributedDataParallel``. Each epoch's permutation and
+each batch's latent noise are drawn identically on every rank (same seeds); every global
+batch of ``batch`` particles is split among the ranks by stride (``idx[rank::world]``, the
+split ``DistributedSampler`` makes), each rank's loss is its share of the global batch mean,
+and DDP averages the gradients: the optimiser sees the gradient of the one-process batch,
+so training follows the one-process run up to float reduction order. Rank 0 alone writes the
+checkpoint (every epoch), ``config.json``, ``loss.png`` and ``report.json``; ``resume`` works
+with any number of processes. Each rank holds the Fourier-cropped particles in memory.
+
+Precision: ``matmul_precision`` ``tf32`` lets the encoder's and the projection's float32
+matrix products use TF32 tensor cores on GPUs; the loss sums and the Adam state stay float32.
+
+Analysis (:func:`analyze_hetero`): latent means per particle, PCA trajectories as
+multi-model PDB files, maps along them from the deformed models and by back-projecting the
+particles nearest each trajectory point, k-means clusters as STAR and .cs subsets, plots
+and the learned segments. :func:`decode_hetero` writes one model per latent row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+import numpy as np
+import torch
+from cryogmm.errors import InputError, OptionError
+from cryogmm.io.outputs import atomic_output
+from cryogmm import distributed
+from cryogmm.runtime import Timer, pick_device, set_matmul_precision
+from cryogmm.io.outputs import write_report
+from cryogmm.hetero.config import CHECKPOINT
+from cryogmm.hetero.config import CONFIG
+from cryogmm.hetero.config import HeteroConfig
+from cryogmm.hetero.vae import ForwardModel
+from cryogmm.hetero.vae import TrainStep
+from cryogmm.hetero.vae import build_vae
+from cryogmm.hetero.reference import map_center
+from cryogmm.hetero.vae import rank_loss
+from cryogmm.hetero.vae import rank_share
+from cryogmm.hetero.data import load_particles
+from cryogmm.hetero.reference import load_reference
+from cryogmm.hetero.vae import restraint_pairs
+
+
+
+def _check_config(cfg: HeteroConfig):
+    if cfg.decoder not in ("segments", "displacement"):
+        raise OptionError("--decoder", f"{cfg.decoder!r}; expected segments or displacement")
+    if cfg.loss not in ("gaussian", "correlation"):
+        raise OptionError("--loss", f"{cfg.loss!r}; expected gaussian or correlation")
+    if cfg.gaussians not in ("ca", "residue2"):
+        raise OptionError("--gaussians", f"{cfg.gaussians!r}; expected ca or residue2")
+    for name, v, lo in (("--zdim", cfg.zdim, 1), ("--epochs", cfg.epochs, 1), ("--batch", cfg.batch, 1),
+                        ("--segments", cfg.segments, 1)):
+        if v < lo:
+            raise OptionError(name, f"{v}; expected at least {lo}")
+    if cfg.lowpass_A <= 0:
+        raise OptionError("--lowpass-A", f"{cfg.lowpass_A}; expected a positive resolution in Å")
+
+
+def setup(cfg: HeteroConfig, progress=None):
+    data = load_particles(cfg.star, lowpass_A=cfg.lowpass_A, project_dir=cfg.project_dir,
+                          max_particles=cfg.max_particles, progress=progress)
+    center = map_center(cfg.map, data.box, data.apix) if cfg.map else None
+    ref = load_reference(cfg.model, box=data.box, apix=data.apix, mode=cfg.gaussians,
+                         resolution_A=cfg.resolution_A, center_A=center)
+    return data, ref
+
+
+def _config_json(cfg) -> dict:
+    """The config with absolute paths, so a run can be analyzed from any folder."""
+    d = asdict(cfg)
+    return {k: (str(Path(v).absolute()) if isinstance(v, (Path, str)) and k in _PATHS and v else v)
+            for k, v in d.items()}
+
+
+_PATHS = ("star", "model", "out", "map", "project_dir")
+
+
+def _save_checkpoint(path, vae, opt, epoch, history, cfg, data, ref, rng):
+
+    state = {
+        "epoch": epoch,
+        "model": vae.state_dict(),
+        "optimizer": opt.state_dict(),
+        "history": json.dumps(history),
+        "config": json.dumps(_config_json(cfg)),
+        "meta": json.dumps({"crop": data.crop, "box": data.box, "apix": data.apix, "noise_var": data.noise_var,
+                            "center_A": ref.center_A.tolist(), "n_gaussians": ref.gaussians.n}),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+    }
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no checkpoint here: train first (cryogmm hetero train)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(path, f"is not a readable cryogmm hetero checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
+    """Train; write ``checkpoint.pt`` (every epoch), ``config.json``, ``loss.png`` and
+    ``report.json`` into ``cfg.out``. Returns the report."""
+
+    timer = Timer()
+    progress = progress or (lambda *a: None)
+    _check_config(cfg)
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if cfg.resume:
+        state = load_checkpoint(ckpt_path)
+        old = json.loads(state["config"])
+        for k in ("decoder", "zdim", "segments", "gaussians", "lowpass_A", "hidden", "per_chain"):
+            if str(old[k]) != str(getattr(cfg, k)):
+                raise OptionError(f"--{k.replace('_', '-')}", f"{getattr(cfg, k)} differs from the checkpoint's "
+                                  f"{old[k]} in {ckpt_path}: resume with the same settings")
+    elif ckpt_path.exists():
+        raise OptionError("--out", f"{out} already holds a training run ({CHECKPOINT}); use --resume or a new --out")
+    dev = pick_device(cfg.device)
+    set_matmul_precision(dev, cfg.matmul_precision)
+    dev = distributed.setup(dev)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    data, ref = setup(cfg, progress)
+    vae = build_vae(cfg, ref, data).to(dev)
+    fw = ForwardModel(vae, ref, data, dev)
+    pairs = {k: v.to(dev) for k, v in restraint_pairs(ref, elastic_seq=cfg.elastic_seq).items()}
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    # the elastic network holds the displacement decoder's local geometry; segments are rigid already
+    elastic_weight = cfg.elastic_weight if cfg.elastic_weight is not None else (
+        0.1 if cfg.decoder == "displacement" else 0.0)
+    history = []
+    first = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = json.loads(state["history"])
+        first = int(state["epoch"]) + 1
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+    else:
+        with torch.no_grad():
+            vae.log_scale.fill_(math.log(fw.ref_scale))
+    step = distributed.ddp(TrainStep(vae, fw, pairs, cfg, elastic_weight), dev)
+    r, w = distributed.rank(), distributed.world()
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out / CONFIG) as tmp:
+            tmp.write_text(json.dumps(_config_json(cfg), indent=2) + "\n")
+    n = data.n
+    seconds_train = sum(h["seconds"] for h in history)
+    for epoch in range(first, cfg.epochs):
+        t0 = time.perf_counter()
+        vae.train()
+        beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.kl_warmup))
+        order = rng.permutation(n)
+        sums = {"loss": 0.0, "data": 0.0, "kl": 0.0}
+        for b0 in range(0, n, cfg.batch):
+            idx_all = np.sort(order[b0:b0 + cfg.batch])
+            # the batch's latent noise, drawn whole on every rank (the one-process stream), then split
+            eps_all = torch.randn(len(idx_all), cfg.zdim, device=dev)
+            idx, eps, weight = rank_share(idx_all, eps_all, r, w)
+            per, dterm, kl, terms = step(idx, eps, beta)
+            loss = rank_loss(per, weight, len(idx_all), w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            k = len(idx) if weight else 0
+            sums["loss"] += float(per.detach().mean()) * k
+            sums["data"] += float(dterm.detach().mean()) * k
+            sums["kl"] += float(kl.detach().mean()) * k
+            for name, v in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach().mean()) * k
+            progress(f"epoch {epoch + 1}/{cfg.epochs}", b0 + len(idx_all), n)
+        if w > 1:
+            keys = sorted(sums)
+            tot = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+            sums = dict(zip(keys, tot.tolist()))
+        sec = time.perf_counter() - t0
+        seconds_train += sec
+        rec = {"epoch": epoch + 1, "beta": beta, "seconds": sec, "images_per_s": n / sec}
+        rec.update({k: v / n for k, v in sums.items()})
+        history.append(rec)
+        if main:
+            _save_checkpoint(ckpt_path, vae, opt, epoch, history, cfg, data, ref, rng)
+    report = {
+        "job": "hetero train",
+        "decoder": cfg.decoder,
+        "n_particles": n,
+        "n_gaussians": ref.gaussians.n,
+        "box": data.box,
+        "crop": data.crop,
+        "apix_A": data.apix,
+        "lowpass_A": cfg.lowpass_A,
+        "noise_sd": math.sqrt(data.noise_var),
+        "zdim": cfg.zdim,
+        "epochs": len(history),
+        "resumed_from_epoch": first if cfg.resume else None,
+        "history": history,
+        "seconds_training": seconds_train,
+        "images_per_s": n * len(history) / seconds_train if seconds_train > 0 else None,
+        "device": str(dev),
+        "seconds": timer(),
+        "config": _config_json(cfg),
+        "outputs": [CHECKPOINT, CONFIG, "loss.png", "report.json"],
+    }
+    if w > 1:
+        report["processes"] = w
+    if main:
+        _loss_plot(out / "loss.png", history)
+        write_report(out / "report.json", report)
+    distributed.barrier()
+    return report
+
+
+def _loss_plot(path, history):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+    ax[0].plot(ep, [h["data"] for h in history])
+    ax[0].set_xlabel("epoch")
+    ax[0].set_ylabel("data term (per image)")
+    ax[1].plot(ep, [h["kl"] for h in history])
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("KL (nats per image)")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,215 @@
+"""The heterogeneity VAE: encoder, deformer, the forward model (projection with CTF and pose),
+the data term, restraints between coarse Gaussians, and the per-rank loss shares under
+torchrun."""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+import torch
+from torch import nn
+from cryogmm.hetero.deform import Deformer, make_deformer, mlp
+from cryogmm.errors import InputError
+from cryogmm.hetero.config import HeteroConfig
+from cryogmm.hetero.data import ParticleData
+from cryogmm.hetero.reference import Reference
+from cryogmm.hetero.data import project_fourier
+
+
+
+# --------------------------------------------------------------------------- restraints
+def restraint_pairs(ref: Reference, clash_cut_A: float = 12.0, elastic_seq: int = 0) -> dict:
+    """Index pairs for the restraints: consecutive Cα (or backbone centroids) of a chain,
+    side chain to its own backbone (residue2), and non-bonded pairs closer than
+    ``clash_cut_A`` in the reference (the clash neighbour list)."""
+    c = ref.gaussians.centers.double()
+    bb = np.flatnonzero(ref.kind == 0)
+    res = ref.residue_of[bb]
+    ch = ref.chain_of_residue[res]
+    consecutive = (np.diff(res) == 1) & (ch[1:] == ch[:-1])
+    bonds = np.stack([bb[:-1][consecutive], bb[1:][consecutive]], 1) if len(bb) > 1 else np.zeros((0, 2), int)
+    d_bond = torch.linalg.norm(c[bonds[:, 0]] - c[bonds[:, 1]], dim=1) if len(bonds) else torch.zeros(0)
+    keep = (d_bond < 4.3).numpy()  # chain breaks and cis-peptides stay free
+    bonds = bonds[keep]
+    sc = np.flatnonzero(ref.kind == 1)
+    bb_of_res = {int(r): int(i) for i, r in zip(bb, ref.residue_of[bb])}
+    side = np.array([[bb_of_res[int(ref.residue_of[i])], i] for i in sc if int(ref.residue_of[i]) in bb_of_res],
+                    dtype=np.int64).reshape(-1, 2)
+    side_max = (torch.linalg.norm(c[side[:, 0]] - c[side[:, 1]], dim=1) + 1.0) if len(side) else torch.zeros(0)
+    d = torch.cdist(c, c)
+    ii, jj = torch.triu_indices(len(c), len(c), offset=1)
+    near = d[ii, jj] < clash_cut_A
+    r_i, r_j = torch.as_tensor(ref.residue_of)[ii], torch.as_tensor(ref.residue_of)[jj]
+    nonbonded = (r_j - r_i).abs() > 1
+    sel = near & nonbonded
+    clash = torch.stack([ii[sel], jj[sel]], 1)
+    # a clash is a pair closer than 3.6 Å (Cα) or than its reference distance, whichever is smaller
+    clash_min = torch.clamp(d[clash[:, 0], clash[:, 1]], max=3.6) if len(clash) else torch.zeros(0)
+    # elastic network: neighbour pairs, only those within `elastic_seq` residues along the
+    # chain when given (local geometry kept, hinges free)
+    el = near & ((r_j - r_i).abs() <= elastic_seq) if elastic_seq > 0 else near
+    elastic = torch.stack([ii[el], jj[el]], 1)
+    return {"bonds": torch.as_tensor(bonds, dtype=torch.long), "side": torch.as_tensor(side, dtype=torch.long),
+            "side_max": side_max.float(), "clash": clash.long(), "clash_min": clash_min.float(),
+            "elastic": elastic.long(), "elastic_d0": d[elastic[:, 0], elastic[:, 1]].float()}
+
+
+def restraint_terms(centers: torch.Tensor, pairs: dict, bond_A: float = 3.8) -> dict:
+    """Restraint energies per model ``[B]`` (Å^2 units) of deformed centres ``[B, N, 3]``:
+    ``bond`` harmonic around ``bond_A``; ``sidechain`` squared excess over the maximum
+    backbone-to-side-chain distance; ``clash`` squared overlap below the clash distance;
+    ``elastic`` (when ``pairs`` has ``elastic``) harmonic around the reference distance
+    ``elastic_d0`` of neighbour pairs (an elastic network that keeps local geometry)."""
+    out = {}
+    b = pairs["bonds"]
+    if len(b):
+        d = torch.linalg.norm(centers[:, b[:, 0]] - centers[:, b[:, 1]], dim=-1)
+        out["bond"] = ((d - bond_A) ** 2).sum(1)
+    s = pairs["side"]
+    if len(s):
+        d = torch.linalg.norm(centers[:, s[:, 0]] - centers[:, s[:, 1]], dim=-1)
+        out["sidechain"] = (torch.relu(d - pairs["side_max"]) ** 2).sum(1)
+    c = pairs["clash"]
+    if len(c):
+        d = torch.linalg.norm(centers[:, c[:, 0]] - centers[:, c[:, 1]] + 1e-9, dim=-1)
+        out["clash"] = (torch.relu(pairs["clash_min"] - d) ** 2).sum(1)
+    e = pairs.get("elastic")
+    if e is not None and len(e):
+        d = torch.linalg.norm(centers[:, e[:, 0]] - centers[:, e[:, 1]], dim=-1)
+        out["elastic"] = ((d - pairs["elastic_d0"]) ** 2).sum(1)
+    return out
+
+
+# --------------------------------------------------------------------------- the VAE
+class HeteroVAE(nn.Module):
+    """Encoder (image and reference projection -> posterior over ``z``), deformer, scale."""
+
+    def __init__(self, crop: int, zdim: int, deformer: Deformer, hidden: int = 256, init_log_scale: float = 0.0):
+        super().__init__()
+        self.crop, self.zdim = int(crop), int(zdim)
+        self.encoder = mlp(2 * crop * crop, 2 * zdim, hidden, 3, zero_last=False)
+        self.deformer = deformer
+        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        yy, xx = torch.meshgrid(torch.arange(crop) - crop // 2, torch.arange(crop) - crop // 2, indexing="ij")
+        self.register_buffer("mask", (torch.hypot(yy.float(), xx.float()) < crop // 2).float())
+
+    def encode(self, img: torch.Tensor, ref_img: torch.Tensor):
+        """Real cropped images ``[B, crop, crop]`` (noise-whitened) -> ``(mu, logvar)`` ``[B, zdim]``."""
+        x = torch.cat([(img * self.mask).flatten(1), (ref_img * self.mask).flatten(1)], 1)
+        h = self.encoder(x)
+        return h[:, : self.zdim], h[:, self.zdim:].clamp(-12, 6)
+
+
+class ForwardModel:
+    """The per-batch computation shared by training, encoding and evaluation.
+
+    The encoder's inputs (the band-limited image and the reference's CTF-modulated
+    projection at the particle's pose, both whitened) and the CTFs are computed once for all
+    particles: the reference does not change during training.
+    """
+
+    def __init__(self, vae: HeteroVAE, ref: Reference, data: ParticleData, device, chunk: int = 512):
+        self.vae, self.data, self.dev = vae, data, device
+        self.base = ref.gaussians.to(device)
+        self.kx, self.ky = data.kx.to(device), data.ky.to(device)
+        self.band = data.band.to(device)
+        self.sd = math.sqrt(data.noise_var)
+        self.apix3 = data.apix**3
+        self.ctf_all = torch.cat([data.ctf(np.arange(b0, min(b0 + chunk, data.n))) for b0 in range(0, data.n, chunk)])
+        # the image scale: least squares of the reference against (up to) 256 particles
+        with torch.no_grad():
+            x, R, sh, ctf = self._batch(np.arange(min(data.n, 256)))
+            p = self.project(self.base, R, sh, ctf)
+            self.ref_scale = float((self.band * (x.conj() * p).real).sum() / (self.band * (p.abs() ** 2)).sum())
+        if not self.ref_scale > 0:
+            raise InputError(data.table.source, "the images do not correlate positively with the reference model's "
+                             "projections: check the poses, the CTF sign or the model's position (--map)")
+        encs = []
+        with torch.no_grad():
+            for b0 in range(0, data.n, chunk):
+                idx = np.arange(b0, min(b0 + chunk, data.n))
+                x, R, sh, ctf = self._batch(idx)
+                ref_ft = self.project(self.base, R, sh, ctf) * self.ref_scale
+                img = data.images_real(x * (self.band > 0)) / self.sd
+                rimg = data.images_real(ref_ft * (self.band > 0)) / self.sd
+                encs.append(torch.stack([img, rimg], 1).cpu())
+        self.enc_all = torch.cat(encs)
+
+    def _batch(self, idx):
+        d = self.data
+        idx_t = torch.as_tensor(idx)
+        return (d.ft[idx_t].to(self.dev), d.rotmat[idx_t].to(self.dev), d.shift_A[idx_t].to(self.dev),
+                self.ctf_all[idx_t].to(self.dev))
+
+    def batch(self, idx):
+        return self._batch(idx) + (self.enc_all[torch.as_tensor(idx)].to(self.dev),)
+
+    def project(self, g, R, sh, ctf):
+        # orthonormal DFT of a box-px image drawn by `project` = P / (apix^3 * box)
+        return project_fourier(g, R, sh, self.kx, self.ky) * ctf / (self.apix3 * self.data.box)
+
+    def predict(self, g, R, sh, ctf):
+        return self.project(g, R, sh, ctf) * torch.exp(self.vae.log_scale)
+
+    def encode(self, enc):
+        return self.vae.encode(enc[:, 0], enc[:, 1])
+
+
+def _data_term(x, p, band, noise_var, loss: str):
+    """Per image: Gaussian negative log-likelihood (up to a constant) or scaled correlation loss."""
+    r = x - p
+    if loss == "gaussian":
+        return (band * (r.real**2 + r.imag**2)).sum((-2, -1)) / (2.0 * noise_var)
+    xx = (band * (x.real**2 + x.imag**2)).sum((-2, -1))
+    pp = (band * (p.real**2 + p.imag**2)).sum((-2, -1))
+    xp = (band * (x.conj() * p).real).sum((-2, -1))
+    corr = xp / torch.sqrt(xx * pp).clamp_min(1e-20)
+    return (xx.detach() / (2.0 * noise_var)) * (1.0 - corr)
+
+
+class TrainStep(nn.Module):
+    """One training batch as a module (so ``DistributedDataParallel`` can wrap it): per-image
+    loss, data, KL and restraint terms for particles ``idx`` with latent noise ``eps``."""
+
+    def __init__(self, vae: HeteroVAE, fw: "ForwardModel", pairs: dict, cfg: HeteroConfig, elastic_weight: float):
+        super().__init__()
+        self.vae = vae
+        self._fw, self._pairs, self._cfg = fw, pairs, cfg
+        self._w = {"bond": cfg.bond_weight, "sidechain": cfg.sidechain_weight, "clash": cfg.clash_weight,
+                   "elastic": elastic_weight}
+
+    def forward(self, idx, eps, beta: float):
+        fw, cfg = self._fw, self._cfg
+        x, R, sh, ctf, enc = fw.batch(idx)
+        mu, logvar = fw.encode(enc)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        g = self.vae.deformer(fw.base, z)
+        p = fw.predict(g, R, sh, ctf)
+        dterm = _data_term(x, p, fw.band, fw.data.noise_var, cfg.loss)
+        kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
+        terms = restraint_terms(g.centers, self._pairs)
+        rterm = sum(self._w[k] * v for k, v in terms.items()) if terms else torch.zeros_like(dterm)
+        return dterm + beta * kl + rterm, dterm, kl, terms
+
+
+def rank_share(idx_all, eps_all, r: int, w: int):
+    """Rank ``r``'s share of a global batch (particles ``idx_all``, latent noise ``eps_all``): every
+    ``w``-th row from row ``r`` (the split ``DistributedSampler`` makes). Returns ``(idx, eps, weight)``;
+    a rank left without particles gets a zero-weight stand-in, so that DDP's collectives stay in step."""
+    idx, eps = idx_all[r::w], eps_all[r::w]
+    if len(idx) == 0:
+        return idx_all[:1], eps_all[:1], 0.0
+    return idx, eps, 1.0
+
+
+def rank_loss(per: torch.Tensor, weight: float, n_all: int, w: int) -> torch.Tensor:
+    """The loss whose gradient, averaged by DDP over ``w`` ranks, is the gradient of the mean of
+    ``per`` over the whole global batch of ``n_all`` particles (one process: that mean)."""
+    return per.mean() if w == 1 else per.sum() * (weight * w / n_all)
+
+
+def build_vae(cfg: HeteroConfig, ref: Reference, data: ParticleData) -> HeteroVAE:
+    deformer = make_deformer(cfg.decoder, n=ref.gaussians.n, zdim=cfg.zdim, residue_of=ref.residue_of,
+                             chain_of_residue=ref.chain_of_residue, segments=cfg.segments, hidden=cfg.hidden,
+                             temperature=cfg.temperature, per_chain=cfg.per_chain)
+    return HeteroVAE(data.crop, cfg.zdim, deformer, hidden=cfg.hidden)

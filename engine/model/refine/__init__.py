@@ -1,0 +1,1 @@
+"""``cryogmm refine-model``: an atomic model into a map with differentiable stereochemistry."""

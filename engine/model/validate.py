@@ -1,0 +1,342 @@
+"""Validation of an atomic model: geometry, Ramachandran, rotamers, clashes, map fit.
+
+Figures (``validate_coords`` returns them as a flat dict):
+
+- ``bond_rmsz``, ``angle_rmsz``, ``bond_outliers``, ``angle_outliers`` (|z| > 4): heavy-atom
+  bonds and angles against the CCP4 monomer library (Engh & Huber) targets;
+- ``plane_rms_A``, ``plane_outliers`` (an atom > 4 sigma from its plane), ``chiral_outliers``
+  (wrong hand or |z| > 4 on the signed volume), ``omega_cis_nonpro``;
+- ``rama_favoured_pct``, ``rama_allowed_pct``, ``rama_outlier_pct`` (Top8000 contours, 2%
+  favoured, class-specific allowed levels as MolProbity); ``rotamer_outlier_pct`` (below the
+  0.3% contour);
+- ``clashscore``: atom pairs overlapping >= 0.4 Å (probe radii, riding H, H-bond relief) per
+  1000 atoms including H; ``cbeta_deviations`` (> 0.25 Å from the ideal Cβ);
+- with a map: ``map_cc_mask`` (model map at the resolution vs the map, voxels within 3 Å of
+  an atom), ``map_model_fsc_0.5_A``, ``qscore_mean`` and per-residue Q-scores (Pintilie et al.
+  2020, sigma 0.6 Å reference, 0-2 Å shells).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+import torch
+from cryogmm.model.restraints import (
+    CLASH_OVERLAP,
+    RAMA_ALLOWED,
+    RAMA_FAVOURED,
+    ROTAMER_OUTLIER,
+    Restraints,
+    grid_value,
+    reference_tables,
+)
+from cryogmm.model.topology import RAMA_CLASSES, Topology, build_topology
+from cryogmm.errors import OptionError
+from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+from cryogmm.model.density import splat
+from cryogmm.io.outputs import write_report
+from cryogmm.model.topology import read_structure
+from cryogmm.model.density import check_overlap
+from cryogmm.core.similarity import fsc, resolution_at
+from cryogmm.io.maps import read_map_grid
+
+
+# the issue's goals for refined models
+GOALS = dict(rama_outlier_pct=0.0, rotamer_outlier_pct=1.0, clashscore=2.0, bond_rmsz=1.0, angle_rmsz=1.0)
+
+
+@dataclass
+class ValidateConfig:
+    model: Path
+    out: Path | None = None
+    map: Path | None = None
+    resolution_A: float | None = None
+
+
+def rmsz(z):
+    return float(np.sqrt(np.mean(z**2))) if len(z) else 0.0
+
+
+def rama_table(r: Restraints, x: torch.Tensor):
+    """(phi_psi [n, 2] deg, class names [n], percentile [n], verdict [n] in favoured/allowed/outlier)."""
+    topo = r.topo
+    if not len(topo.rama):
+        return np.zeros((0, 2)), [], np.zeros(0), []
+    pp = r.phi_psi(x).detach().cpu().numpy()
+    tabs = reference_tables()["rama"]
+    pct = np.zeros(len(pp))
+    names = [RAMA_CLASSES[c] for c in topo.rama_class]
+    verdict = []
+    for ci, cname in enumerate(RAMA_CLASSES):
+        sel = topo.rama_class == ci
+        if sel.any():
+            pct[sel] = grid_value(tabs[cname], pp[sel])
+    for p, n in zip(pct, names):
+        verdict.append("favoured" if p >= RAMA_FAVOURED else ("allowed" if p >= RAMA_ALLOWED[n] else "outlier"))
+    return pp, names, pct, verdict
+
+
+def rotamer_table(r: Restraints, x: torch.Tensor):
+    """Per side chain: (residue index, table, chis, percentile)."""
+    tabs = reference_tables()["rotamer"]
+    rows = []
+    for tname, (quads, res) in r.topo.chis.items():
+        tb = tabs[tname]
+        chi = r.chis_deg(x, tname).detach().cpu().numpy()
+        period = tb["hi"] - tb["lo"]
+        chi = np.mod(chi - tb["lo"], period) + tb["lo"]
+        pct = grid_value(tb, chi)
+        for k in range(len(res)):
+            rows.append((int(res[k]), tname, chi[k], float(pct[k])))
+    rows.sort()
+    return rows
+
+
+def ideal_cbeta(n, c, ca):
+    """Ideal Cβ from backbone N, C, CA ``[..., 3]`` (tetrahedral L-amino-acid geometry)."""
+    b = ca - n
+    cc = c - ca
+    a = np.cross(b, cc)
+    return -0.58273431 * a + 0.56802827 * b - 0.54067466 * cc + ca
+
+
+def clashes(r: Restraints, x: torch.Tensor):
+    """Serious clashes [(i, j, overlap)] among the neighbour pairs of ``x`` (H placed)."""
+    r.optimise_rotors(x)
+    x = r.with_h(x)
+    r.update_pairs(x, cutoff=4.0)
+    ov = r.overlaps(x).detach().cpu().numpy()
+    pairs = r.pairs.cpu().numpy()
+    bad = ov >= CLASH_OVERLAP - 1e-9
+    return [(int(i), int(j), float(o)) for (i, j), o in zip(pairs[bad], ov[bad])]
+
+
+def validate_coords(topo: Topology, coords, restraints: Restraints | None = None, details: bool = False) -> dict:
+    """Geometry figures of ``coords [M, 3]`` (all atoms of ``topo``; riding H are rebuilt)."""
+    r = restraints if restraints is not None else Restraints(topo)
+    x = torch.as_tensor(np.asarray(coords), dtype=r.dtype, device=r.device)
+    with torch.no_grad():
+        x = r.with_h(x)
+        bz = r.bond_z(x).cpu().numpy()
+        az = r.angle_z(x).cpu().numpy()
+        cz = r.chiral_z(x).cpu().numpy() if len(topo.chirals) else np.zeros(0)
+        vol = r.chiral_volume(x).cpu().numpy() if len(topo.chirals) else np.zeros(0)
+        pd = r.plane_dev(x).cpu().numpy() if len(r.planes) else np.zeros((0, 1))
+        om = r.omega_z(x).cpu().numpy() * topo.omega_sigma if len(topo.omegas) else np.zeros(0)
+    # planarity: heavy atoms only
+    if len(r.planes):
+        heavy_mask = r.plane_mask.cpu().numpy() > 0
+        dev = pd[heavy_mask]
+        pz = (pd / r.plane_sigma.cpu().numpy()[:, None])[heavy_mask]
+    else:
+        dev, pz = np.zeros(0), np.zeros(0)
+    wrong_hand = (~topo.chiral_both) & (np.sign(vol) != np.sign(topo.chiral_ideal)) if len(vol) else np.zeros(0, bool)
+    pp, names, pct, verdict = rama_table(r, x)
+    rot = rotamer_table(r, x)
+    cl = clashes(r, x)
+    n_all = int(len(topo.element))
+    cb_dev = []
+    if len(topo.cb):
+        xc = x.detach().cpu().numpy()
+        ideal = ideal_cbeta(xc[topo.cb[:, 0]], xc[topo.cb[:, 1]], xc[topo.cb[:, 2]])
+        cb_dev = np.linalg.norm(ideal - xc[topo.cb[:, 3]], axis=1)
+    n_r = max(len(verdict), 1)
+    cis_nonpro = 0
+    if len(om):
+        for k, q in enumerate(topo.omegas):
+            if topo.omega_ideal[k] == 0.0 and topo.res_name[q[3]] != "PRO":
+                cis_nonpro += 1
+    out = {
+        "n_atoms": int((~topo.is_h).sum()),
+        "n_atoms_with_h": n_all,
+        "n_residues": int(sum(1 for d in topo.residues if d["known"])),
+        "bond_rmsz": rmsz(bz), "bond_outliers": int((np.abs(bz) > 4).sum()), "n_bonds": int(len(bz)),
+        "angle_rmsz": rmsz(az), "angle_outliers": int((np.abs(az) > 4).sum()), "n_angles": int(len(az)),
+        "plane_rms_A": float(np.sqrt(np.mean(dev**2))) if len(dev) else 0.0,
+        "plane_outliers": int((np.abs(pz) > 4).sum()),
+        "chiral_outliers": int(((np.abs(cz) > 4) | wrong_hand).sum()),
+        "omega_cis_nonpro": int(cis_nonpro),
+        "rama_favoured_pct": 100.0 * sum(v == "favoured" for v in verdict) / n_r,
+        "rama_allowed_pct": 100.0 * sum(v == "allowed" for v in verdict) / n_r,
+        "rama_outlier_pct": 100.0 * sum(v == "outlier" for v in verdict) / n_r,
+        "n_rama": len(verdict),
+        "rotamer_outlier_pct": 100.0 * sum(p < ROTAMER_OUTLIER for _, _, _, p in rot) / max(len(rot), 1),
+        "n_rotamers": len(rot),
+        "clashscore": 1000.0 * len(cl) / max(n_all, 1),
+        "n_clashes": len(cl),
+        "cbeta_deviations": int((np.asarray(cb_dev) > 0.25).sum()),
+        "fixed_residues": list(topo.fixed_residues),
+        "missing_atoms": list(topo.missing_atoms),
+    }
+    if details:
+        out["rama_residues"] = [
+            dict(residue=topo.res_label(int(topo.rama_res[k])), cls=names[k], phi=float(pp[k, 0]), psi=float(pp[k, 1]),
+                 pct=float(pct[k]), verdict=verdict[k]) for k in range(len(verdict))]
+        out["rotamer_outliers"] = [dict(residue=topo.res_label(ri), chis=[float(c) for c in chi], pct=p)
+                                   for ri, _, chi, p in rot if p < ROTAMER_OUTLIER]
+        out["clashes"] = [dict(a=topo.label(i), b=topo.label(j), overlap=round(o, 3)) for i, j, o in cl]
+    return out
+
+
+def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
+    """Map-model CC (mask within 3 Å of heavy atoms), FSC 0.5 crossing, Q-scores."""
+    from scipy.ndimage import map_coordinates
+    from scipy.spatial import cKDTree
+
+
+    heavy = ~topo.is_h
+    xa = np.asarray(coords, dtype=np.float64)[heavy]
+    amp = torch.tensor([ELECTRONS.get(e, 6) for e in topo.element[heavy]], dtype=torch.float64)
+    x = torch.as_tensor(xa)
+    mm = splat(x, amp, sigma_from_resolution(resolution_A), grid.shape, grid.apix, grid.origin_A).numpy()
+    data = grid.data.astype(np.float64)
+    nz, ny, nx = data.shape
+    zz, yy, xx = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], 1) * grid.apix + grid.origin_A
+    dist, _ = cKDTree(xa).query(pts, distance_upper_bound=3.0)
+    mask = np.isfinite(dist).reshape(data.shape)
+    out = {}
+    if mask.sum() > 10:
+        a, b = data[mask], mm[mask]
+        out["map_cc_mask"] = float(np.corrcoef(a, b)[0, 1])
+    else:
+        out["map_cc_mask"] = float("nan")
+    out["map_cc_box"] = float(np.corrcoef(data.ravel(), mm.ravel())[0, 1])
+    if nz == ny == nx:
+
+        curve = fsc(torch.as_tensor(data), torch.as_tensor(mm))
+        out["map_model_fsc_0.5_A"] = float(resolution_at(curve, nz, grid.apix, threshold=0.5))
+    # Q-score (Pintilie 2020): correlation of map values on shells 0..2 Å with a 0.6 Å Gaussian
+    rng = np.random.default_rng(0)
+    radii = np.arange(0.0, 2.01, 0.1)
+    n_probe = 8
+    dirs = rng.normal(size=(len(radii), n_probe, 3))
+    dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+    offs = radii[:, None, None] * dirs  # [S, P, 3]
+    ref = np.exp(-0.5 * (radii / 0.6) ** 2)
+    tree = cKDTree(xa)
+    probe = xa[:, None, None, :] + offs[None]  # [N, S, P, 3]
+    flatp = probe.reshape(-1, 3)
+    dd, nn = tree.query(flatp)
+    own = np.repeat(np.arange(len(xa)), len(radii) * n_probe)
+    keep = (nn == own) | (dd >= np.linalg.norm(flatp - xa[own], axis=1) - 1e-6)
+    u = (flatp - grid.origin_A) / grid.apix
+    vals = map_coordinates(data, [u[:, 2], u[:, 1], u[:, 0]], order=1, mode="constant", cval=0.0)
+    vals = vals.reshape(len(xa), len(radii), n_probe)
+    keep = keep.reshape(len(xa), len(radii), n_probe)
+    # Pearson correlation per atom over its kept probes (all atoms at once)
+    refb = np.broadcast_to(ref[None, :, None], vals.shape)
+    k = keep.astype(np.float64)
+    n = k.sum((1, 2))
+    nn_ = np.maximum(n, 1.0)
+    mu = (k * vals).sum((1, 2)) / nn_
+    mv = (k * refb).sum((1, 2)) / nn_
+    du, dv = (vals - mu[:, None, None]) * k, (refb - mv[:, None, None]) * k
+    su, sv = np.sqrt((du ** 2).sum((1, 2))), np.sqrt((dv ** 2).sum((1, 2)))
+    ok = (n > 3) & (su > 1e-12 * np.maximum(np.abs(mu), 1.0) * np.sqrt(nn_)) & (sv > 0)
+    q = np.where(ok, (du * dv).sum((1, 2)) / np.where(ok, su * sv, 1.0), 0.0)
+    out["qscore_mean"] = float(q.mean())
+    res_idx = topo.res_index[heavy]
+    per_res = {}
+    for ri in np.unique(res_idx):
+        per_res[topo.res_label(int(ri))] = round(float(q[res_idx == ri].mean()), 4)
+    out["qscore_per_residue"] = per_res
+    return out
+
+
+def validate(cfg: ValidateConfig, progress=None) -> dict:
+    """Validate a model file; writes ``report.json`` and ``ramachandran.png`` into ``cfg.out``
+    when given. Returns the report."""
+
+    if cfg.map is not None and cfg.resolution_A is None:
+        raise OptionError("--resolution", "is needed with --map (the model map's resolution in Å)")
+    if cfg.resolution_A is not None and not cfg.resolution_A > 0:
+        raise OptionError("--resolution", f"must be positive, got {cfg.resolution_A}")
+    topo = build_topology(cfg.model)
+    grid = None
+    if cfg.map is not None:
+
+        grid = read_map_grid(cfg.map)
+        check_overlap(topo, grid, cfg.map)
+    r = Restraints(topo)
+    rep = {"model": str(cfg.model)}
+    rep.update(validate_coords(topo, topo.coords, r, details=True))
+    rep["warnings"] = list(topo.warnings)
+    if grid is not None:
+        rep["map"] = str(cfg.map)
+        rep["resolution_A"] = cfg.resolution_A
+        rep.update(map_figures(topo, topo.coords, grid, cfg.resolution_A))
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        x = r.with_h(torch.as_tensor(topo.coords))
+        pp, _, _, verdict = rama_table(r, x)
+        rama_plot(pp, verdict, out / "ramachandran.png", title=f"{Path(cfg.model).name}")
+        write_report(out / "report.json", rep)
+    return rep
+
+
+def summary_table(rep: dict) -> str:
+    """A few lines of the main figures, as the CLI and the demo print them."""
+    rows = [("bond RMSZ", "bond_rmsz", "{:.2f}"), ("angle RMSZ", "angle_rmsz", "{:.2f}"),
+            ("Rama favoured %", "rama_favoured_pct", "{:.1f}"), ("Rama outliers %", "rama_outlier_pct", "{:.2f}"),
+            ("rotamer outliers %", "rotamer_outlier_pct", "{:.2f}"), ("clashscore", "clashscore", "{:.2f}"),
+            ("Cβ deviations", "cbeta_deviations", "{}"), ("chirality outliers", "chiral_outliers", "{}"),
+            ("map CC (mask)", "map_cc_mask", "{:.3f}"), ("Q-score", "qscore_mean", "{:.3f}")]
+    lines = []
+    for label, k, fmt in rows:
+        if k in rep:
+            lines.append(f"  {label:<20s} {fmt.format(rep[k])}")
+    return "\n".join(lines)
+
+
+def ca_rmsd(topo: Topology, coords: np.ndarray, ref_path) -> float:
+    """Cα RMSD (Å, no superposition) to the matching Cα atoms (chain, number, name) of a model."""
+
+    st = read_structure(ref_path)
+    ref = {}
+    for ch in st[0]:
+        for res in ch:
+            a = res.find_atom("CA", "*")
+            if a is not None:
+                ref[(ch.name, res.seqid.num)] = np.array([a.pos.x, a.pos.y, a.pos.z])
+    d = []
+    for i in np.nonzero(topo.atom_name == "CA")[0]:
+        if topo.movable[i]:
+            k = (str(topo.chain[i]), int(topo.seq_id[i]))
+            if k in ref:
+                d.append(((coords[i] - ref[k]) ** 2).sum())
+    if not d:
+        raise OptionError("--reference", f"{ref_path} shares no Cα atoms with the model")
+    return float(np.sqrt(np.mean(d)))
+
+
+def rama_plot(pp, verdict, path, title: str = "") -> Path:
+    """Ramachandran scatter over the general-case contours (favoured 2%, allowed 0.05%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tab = reference_tables()["rama"]["general"]
+    g = tab["grid"]
+    ax_ = np.linspace(-179, 179, g.shape[0])
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    ax.contourf(ax_, ax_, g.T, levels=[RAMA_ALLOWED["general"], RAMA_FAVOURED, 1.01], colors=["#dbe9f6", "#9ecae1"])
+    colours = {"favoured": "#08519c", "allowed": "#f28e2b", "outlier": "#d62728"}
+    for v, c in colours.items():
+        sel = np.array([w == v for w in verdict], dtype=bool)
+        if sel.any():
+            ax.scatter(pp[sel, 0], pp[sel, 1], s=8 if v == "favoured" else 20, c=c, label=f"{v} ({sel.sum()})")
+    ax.set_xlim(-180, 180); ax.set_ylim(-180, 180)
+    ax.set_xticks(range(-180, 181, 60)); ax.set_yticks(range(-180, 181, 60))
+    ax.set_xlabel("φ (°)"); ax.set_ylabel("ψ (°)")
+    ax.set_title(title or "Ramachandran (Top8000 general contours)")
+    ax.legend(loc="lower right", fontsize=8)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

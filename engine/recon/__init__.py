@@ -1,0 +1,1 @@
+"""Direct Fourier reconstruction with CTF: the accumulator (kernel) and the ``reconstruct`` job."""

@@ -1,0 +1,208 @@
+"""Maintainer script (outside the package): build the reference tables shipped in ``cryogmm/data`` for model refinement and validation.
+
+Run once by a maintainer (not at run time)::
+
+    python tools/model_tables.py CHEM_DATA_DIR
+
+``CHEM_DATA_DIR`` holds ``rotarama_data/`` (Top8000 Ramachandran and rotamer percentile
+contour grids, Richardson lab, github.com/rlabduke/reference_data, CC-BY-4.0; Williams et
+al. 2018 Protein Sci 27:293) and ``mon_lib/`` (CCP4 monomer library 5.x, LGPL-3; Vagin et
+al. 2004 Acta Cryst D60:2184; amino-acid bond and angle targets after Engh & Huber 1991,
+2001). Outputs:
+
+``rama_top8000.npz``
+    per Ramachandran class the percentile grid (2° bins, φ, ψ in [-180, 180)) quantised to
+    uint8 on a log scale, and a Gaussian mixture (weights, means, covariances in degrees)
+    fitted by weighted EM to the grid cells above the outlier contour.
+``rotamer_top8000.npz``
+    per residue type the same for the χ angles (bins as in the source grids).
+``geom_monlib.json``
+    the CCP4 monomer-library files for the 20 amino acids and MSE plus the link and
+    modification blocks of ``mon_lib_list.cif`` needed for peptide links and termini,
+    verbatim (LGPL-3 data, redistributed with its notice).
+
+Citations and licences are written into each table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RAMA_FILES = {
+    "general": "rama8000-general-noGPIVpreP.data",
+    "gly": "rama8000-gly-sym.data",
+    "transpro": "rama8000-transpro.data",
+    "cispro": "rama8000-cispro.data",
+    "prepro": "rama8000-prepro-noGP.data",
+    "ileval": "rama8000-ileval-nopreP.data",
+}
+ROTA_FILES = {k: f"rota8000-{k}.data" for k in (
+    "arg", "asn", "asp", "cys", "gln", "glu", "his", "ile", "leu", "lys", "met", "phetyr", "pro", "ser",
+    "thr", "trp", "val")}
+AMINO = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET", "PHE",
+         "PRO", "SER", "THR", "TRP", "TYR", "VAL", "MSE")
+RAMA_CITATION = ("Top8000 Ramachandran/rotamer percentile contours: Williams CJ et al. (2018) MolProbity: More and "
+                 "better reference data for improved all-atom structure validation. Protein Sci 27:293-315. "
+                 "Data: github.com/rlabduke/reference_data (commit cbe3006), licence CC-BY-4.0; arg/lys grids "
+                 "regenerated with Silk from the Top8000 source data. Adapted here: quantised grids and fitted "
+                 "Gaussian mixtures.")
+GEOM_CITATION = ("CCP4 monomer library 5.60: Vagin AA et al. (2004) Acta Cryst D60:2184-2195; amino-acid targets "
+                 "after Engh RA & Huber R (1991) Acta Cryst A47:392-400 and (2001) Int Tables F 18.3. Licence "
+                 "LGPL-3 (GNU Lesser General Public License v3), redistributed unmodified.")
+Q_SCALE = 25.0  # uint8 code = round(-log10(pct) * Q_SCALE); 255 = empty cell
+
+
+def read_grid(path: Path):
+    """A Silk/NDimTable text grid: returns (lower[d], upper[d], bins[d], values ndarray)."""
+    lo, hi, nb = [], [], []
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith("#"):
+                t = line[1:].split()
+                if len(t) == 5 and t[0].startswith("x") and t[0].endswith(":"):
+                    lo.append(float(t[1])); hi.append(float(t[2])); nb.append(int(t[3]))
+                continue
+            if line.strip():
+                rows.append(line.split())
+    a = np.array(rows, dtype=np.float64)
+    d = len(nb)
+    grid = np.zeros(nb, dtype=np.float64)
+    lo_, hi_, nb_ = np.array(lo), np.array(hi), np.array(nb)
+    width = (hi_ - lo_) / nb_
+    idx = np.floor((a[:, :d] - lo_) / width).astype(int) % nb_
+    grid[tuple(idx.T)] = a[:, d]
+    return lo_, hi_, nb_, grid
+
+
+def quantise(grid):
+    q = np.full(grid.shape, 255, dtype=np.uint8)
+    pos = grid > 0
+    q[pos] = np.clip(np.round(-np.log10(grid[pos]) * Q_SCALE), 0, 254).astype(np.uint8)
+    return q
+
+
+def dequantise(q):
+    out = 10.0 ** (-q.astype(np.float64) / Q_SCALE)
+    out[q == 255] = 0.0
+    return out
+
+
+def _wrap(d, period):
+    return (d + period / 2) % period - period / 2
+
+
+def fit_periodic_gmm(points, weights, period, k, iters=150, seed=0, min_sd=4.0):
+    """Weighted EM for a mixture of wrapped Gaussians (full covariance) on a torus.
+
+    ``points [P, D]`` degrees, ``period [D]`` degrees. Returns weights [K], means [K, D],
+    covariances [K, D, D]. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    p = weights / weights.sum()
+    n, d = points.shape
+    # k-means++-like seeding weighted by the data weights
+    mu = [points[rng.choice(n, p=p)]]
+    for _ in range(1, k):
+        dist = np.min([(_wrap(points - m, period) ** 2).sum(1) for m in mu], axis=0)
+        q = p * dist
+        mu.append(points[rng.choice(n, p=q / q.sum())])
+    mu = np.array(mu)
+    cov = np.repeat(np.eye(d)[None] * 20.0 ** 2, k, axis=0)
+    w = np.full(k, 1.0 / k)
+    for _ in range(iters):
+        diff = _wrap(points[:, None, :] - mu[None], period)  # [n, k, d]
+        inv = np.linalg.inv(cov)
+        quad = np.einsum("nki,kij,nkj->nk", diff, inv, diff)
+        logr = np.log(w + 1e-300)[None] - 0.5 * quad - 0.5 * np.log(np.linalg.det(cov))[None]
+        logr -= logr.max(1, keepdims=True)
+        r = np.exp(logr)
+        r /= r.sum(1, keepdims=True)
+        r *= p[:, None]
+        nk = r.sum(0) + 1e-300
+        w = nk / nk.sum()
+        step = np.einsum("nk,nkd->kd", r, diff) / nk[:, None]
+        mu = _wrap(mu + step, period)
+        diff = _wrap(points[:, None, :] - mu[None], period)
+        cov = np.einsum("nk,nki,nkj->kij", r, diff, diff) / nk[:, None, None] + np.eye(d)[None] * min_sd ** 2
+    keep = w > 1e-4
+    return w[keep] / w[keep].sum(), mu[keep], cov[keep]
+
+
+def grid_points(lo, hi, nb):
+    axes = [lo[i] + (np.arange(nb[i]) + 0.5) * (hi[i] - lo[i]) / nb[i] for i in range(len(nb))]
+    mesh = np.meshgrid(*axes, indexing="ij")
+    return np.stack([m.ravel() for m in mesh], axis=1)
+
+
+RAMA_ALLOWED = {"general": 0.0005, "gly": 0.001, "transpro": 0.001, "cispro": 0.0020, "prepro": 0.001,
+                "ileval": 0.001}
+
+
+def build_tables(chem: Path, out: Path, which=("rama", "rotamer", "geom")) -> None:
+    chem, out = Path(chem), Path(out)
+    rr = chem / "rotarama_data"
+    if "rama" in which:
+        _build_rama(rr, out)
+    if "rotamer" in which:
+        _build_rotamer(rr, out)
+    if "geom" in which:
+        _build_geom(chem, out)
+
+
+def _build_rama(rr, out):
+    rama = {"citation": np.array(RAMA_CITATION), "q_scale": np.array(Q_SCALE)}
+    for name, f in RAMA_FILES.items():
+        lo, hi, nb, g = read_grid(rr / f)
+        pts = grid_points(lo, hi, nb)
+        vals = g.ravel()
+        sel = vals >= RAMA_ALLOWED[name]
+        w, mu, cov = fit_periodic_gmm(pts[sel], vals[sel], np.full(2, 360.0), k=12 if name != "cispro" else 6)
+        rama[f"{name}_grid"] = quantise(g)
+        rama[f"{name}_lo"], rama[f"{name}_hi"] = lo, hi
+        rama[f"{name}_gmm_w"], rama[f"{name}_gmm_mu"], rama[f"{name}_gmm_cov"] = w, mu, cov
+        print(f"rama {name}: {len(w)} components", flush=True)
+    np.savez_compressed(out / "rama_top8000.npz", **rama)
+
+
+def _build_rotamer(rr, out):
+    rota = {"citation": np.array(RAMA_CITATION), "q_scale": np.array(Q_SCALE)}
+    for name, f in ROTA_FILES.items():
+        lo, hi, nb, g = read_grid(rr / f)
+        pts = grid_points(lo, hi, nb)
+        vals = g.ravel()
+        sel = vals >= 0.003
+        d = len(nb)
+        k = {1: 3, 2: 9, 3: 18, 4: 30}[d]
+        pts_s, vals_s = pts[sel], vals[sel]
+        if len(vals_s) > 30000:  # 4D tables: a fixed random subset of the cells keeps EM fast
+            pick = np.random.default_rng(1).choice(len(vals_s), 30000, replace=False)
+            pts_s, vals_s = pts_s[pick], vals_s[pick]
+        w, mu, cov = fit_periodic_gmm(pts_s, vals_s, hi - lo, k=k, iters=80, min_sd=5.0)
+        rota[f"{name}_grid"] = quantise(g)
+        rota[f"{name}_lo"], rota[f"{name}_hi"] = lo, hi
+        rota[f"{name}_gmm_w"], rota[f"{name}_gmm_mu"], rota[f"{name}_gmm_cov"] = w, mu, cov
+        print(f"rotamer {name}: {d} chi, {len(w)} components", flush=True)
+    np.savez_compressed(out / "rotamer_top8000.npz", **rota)
+
+
+def _build_geom(chem, out):
+    ml = chem / "mon_lib"
+    files = {}
+    for res in AMINO:
+        files[f"{res[0].lower()}/{res}.cif"] = (ml / res[0].lower() / f"{res}.cif").read_text()
+    lst = (ml / "list" / "mon_lib_list.cif").read_text()
+    blocks = lst.split("\ndata_")
+    keep = [b for b in blocks[1:] if b.startswith(("link_", "mod_"))]
+    files["list/mon_lib_list.cif"] = "\n".join("data_" + b for b in keep) + "\n"
+    files["ener_lib.cif"] = (ml / "ener_lib.cif").read_text()
+    (out / "geom_monlib.json").write_text(json.dumps({"citation": GEOM_CITATION, "licence": "LGPL-3.0",
+                                                      "files": files}))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    build_tables(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent / "data",
+                 tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("rama", "rotamer", "geom"))
