@@ -14,12 +14,13 @@ Cases (two molecules: adenylate kinase and a second protein built from ideal geo
   hetero_disp   a displacement-decoder run on the demo's open -> closed particles
   poses_sym     refine-poses with --patches 2 on the demo's particles (patch path)
   fit_gmm       a Gaussian mixture fitted to the demo's reconstruction
+  series        refine-series of the helix over three maps (straight, bent 6°, bent 12°), short
   validate      4AKE and 1AKE validated without a map
 
 Usage (the engine under test is whichever `python -m cryogmm.cli` the interpreter finds;
 PYTHONPATH can point it at another checkout's packages):
   python benchmarks/identical_outputs.py run OUT_DIR [--cases demo refine_model ...]
-  python benchmarks/identical_outputs.py compare BEFORE_DIR AFTER_DIR [--tol 1e-6]
+  python benchmarks/identical_outputs.py compare BEFORE_DIR AFTER_DIR [--tol 1e-6] [--expect-new pca.npz]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def cli(*args, cwd=None):
     print(f"  {' '.join(map(str, args[:2]))}: {time.perf_counter() - t:.0f} s", flush=True)
 
 
-def splat_map(pdb: Path, out: Path, resolution=4.0, apix=1.0, pad=10.0, noise=0.1, seed=0, box=None):
+def splat_map(pdb: Path, out: Path, resolution=4.0, apix=1.0, pad=10.0, noise=0.1, seed=0, box=None, origin=None):
     """A map of a model's heavy atoms (Gaussians of sigma = 0.225 x resolution, weighted by atomic
     number) with white noise, written with its origin; independent of the engine's own code."""
     import gemmi
@@ -65,7 +66,7 @@ def splat_map(pdb: Path, out: Path, resolution=4.0, apix=1.0, pad=10.0, noise=0.
                     xyz.append(a.pos.tolist())
                     z.append(a.element.atomic_number)
     xyz, z = np.array(xyz), np.array(z, float)
-    lo = xyz.min(0) - pad
+    lo = xyz.min(0) - pad if origin is None else np.asarray(origin, float)
     n = box or int(math.ceil((xyz.max(0) - lo + pad).max() / apix))
     n += n % 2
     sig = 0.225 * resolution
@@ -132,7 +133,7 @@ def helix_pdb(out: Path, n=30, bend_deg=0.0):
     return out
 
 
-CASES = ("demo", "refine_model", "refine_helix", "hetero_disp", "poses_patches", "fit_gmm", "validate")
+CASES = ("demo", "refine_model", "refine_helix", "hetero_disp", "poses_patches", "fit_gmm", "validate", "series")
 
 
 def run(out: Path, cases):
@@ -169,6 +170,19 @@ def run(out: Path, cases):
     if "fit_gmm" in cases:
         cli("fit-gmm", demo / "reconstruct" / "map.mrc", "--resolution", 8, "--iterations", 50, "--out",
             out / "fit_gmm", "--device", "cpu")
+    if "series" in cases:
+        d = out / "series"
+        d.mkdir(exist_ok=True)
+        import gemmi
+
+        truths = [helix_pdb(d / f"truth_{k}.pdb", bend_deg=bend) for k, bend in enumerate((0.0, 6.0, 12.0))]
+        allx = np.array([c.atom.pos.tolist() for t in truths for c in gemmi.read_structure(str(t))[0].all()])
+        lo = allx.min(0) - 10.0
+        box = int(math.ceil((allx.max(0) + 10.0 - lo).max()))
+        maps = [splat_map(t, d / f"map_{k}.mrc", resolution=4.0, seed=k, box=box, origin=lo)
+                for k, t in enumerate(truths)]
+        cli("refine-series", d / "truth_0.pdb", "--maps", *maps, "--resolution", 4, "--frames", 3, "--steps", 5,
+            "--capture-steps", 5, "--polish-iters", 5, "--out", d / "run")
     if "validate" in cases:
         for name in ("open", "closed"):
             cli("validate", DATA / f"adk_{name}.pdb", "--out", out / "validate" / name)
@@ -238,15 +252,31 @@ def load_arrays(path: Path) -> dict:
     return {}
 
 
-def compare(a: Path, b: Path, tol: float) -> int:
+def _outputs_lists(x: dict, expect_new) -> dict:
+    """report.json "outputs" lists as sorted lists without the expected new files."""
+    keys = [k for k in x if "/outputs[" in k]
+    if not keys:
+        return x
+    names = sorted(v for k, v in x.items() if k in keys and v not in expect_new)
+    y = {k: v for k, v in x.items() if k not in keys}
+    y.update({f"/outputs[{i}]": v for i, v in enumerate(names)})
+    return y
+
+
+def compare(a: Path, b: Path, tol: float, expect_new=()) -> int:
     fa = {p.relative_to(a) for p in a.rglob("*") if p.is_file()}
     fb = {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
     bad, n_files, n_values = [], 0, 0
+    new = sorted(rel for rel in fb - fa if rel.name in expect_new)
     for rel in sorted(fa ^ fb):
+        if rel in new:
+            continue
         if load_arrays((a if rel in fa else b) / rel) != {}:
             bad.append(f"{rel}: only in {'before' if rel in fa else 'after'}")
     for rel in sorted(fa & fb):
         xa, xb = load_arrays(a / rel), load_arrays(b / rel)
+        if rel.suffix == ".json":
+            xa, xb = _outputs_lists(xa, expect_new), _outputs_lists(xb, expect_new)
         if not xa and not xb:
             continue
         n_files += 1
@@ -276,7 +306,8 @@ def compare(a: Path, b: Path, tol: float) -> int:
     for line in bad:
         print("DIFF", line)
     print(f"{n_files} files, {n_values} values compared: {'identical' if not bad else f'{len(bad)} differences'}"
-          f" (tolerance {tol:g} of each array's scale)")
+          f" (tolerance {tol:g} of each array's scale)"
+          + (f"; new files, as expected: {', '.join(map(str, new))}" if new else ""))
     return 1 if bad else 0
 
 
@@ -290,11 +321,12 @@ def main(argv=None):
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
     c.add_argument("--tol", type=float, default=1e-6)
+    c.add_argument("--expect-new", nargs="*", default=[], help="file names a change adds on purpose")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         run(args.out, args.cases)
         return 0
-    return compare(args.before, args.after, args.tol)
+    return compare(args.before, args.after, args.tol, set(args.expect_new))
 
 
 if __name__ == "__main__":

@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.model.topology import build_topology, write_model
-from importlib import resources
-from cryogmm.hetero.truth import ADK_CORE, superpose_file
-from cryogmm.simulate.particles import SimulateConfig, simulate
-from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
-from cryogmm.io.maps import write_map
-from cryogmm.model.density import splat
-from cryogmm.io import maps as mapio
-from cryogmm.bridge.io import read_particles
-from cryogmm.runtime import Timer
-from cryogmm.io.outputs import write_report
-from cryogmm.core.fourier import lowpass
-from cryogmm.core.similarity import real_space_correlation
-from cryogmm.recon.job import ReconstructConfig, reconstruct
-from cryogmm.poses.job import RefineConfig, refine_poses
-from cryogmm.core.rotations import rotmat_angle_deg
-from cryogmm.hetero.analyze import AnalyzeConfig
-from cryogmm.hetero.config import HeteroConfig
-from cryogmm.model.refine.config import RefineModelConfig
-from cryogmm.model.series.config import RefineSeriesConfig
-from cryogmm.hetero.analyze import analyze_hetero
-from cryogmm.model.refine.job import refine_model
-from cryogmm.model.series.job import refine_series
-from cryogmm.simulate.maps import series_example
-from cryogmm.hetero.train import train_hetero
 
+from cryogmm.bridge.io import read_particles
+from cryogmm.core.fourier import lowpass
+from cryogmm.core.rotations import rotmat_angle_deg
+from cryogmm.core.similarity import real_space_correlation
+from cryogmm.hetero.analyze import AnalyzeConfig, analyze_hetero
+from cryogmm.hetero.config import HeteroConfig
+from cryogmm.hetero.train import train_hetero
+from cryogmm.hetero.truth import ADK_CORE, superpose_file
+from cryogmm.io import maps as mapio
+from cryogmm.io.maps import write_map
+from cryogmm.io.outputs import write_report
+from cryogmm.model.refine.config import RefineModelConfig
+from cryogmm.model.refine.job import refine_model
+from cryogmm.model.series.config import RefineSeriesConfig
+from cryogmm.model.series.job import refine_series
+from cryogmm.model.topology import build_topology, write_model
+from cryogmm.poses.job import RefineConfig, refine_poses
+from cryogmm.recon.job import ReconstructConfig, reconstruct
+from cryogmm.runtime import Timer
+from cryogmm.simulate.maps import model_map, series_example
+from cryogmm.simulate.particles import SimulateConfig, simulate
 
 
 # --------------------------------------------------------------------------- demo
@@ -39,7 +37,6 @@ def demo_hetero(out_dir, seed: int = 0, progress=None) -> dict:
     open-to-closed particles (CORE-superposed endpoints, box 48, SNR 0.1), train the
     segments decoder from the open model, analyze against the truth. Returns the figures."""
     from importlib import resources
-
 
     out_dir = Path(out_dir)
     data_dir = resources.files("cryogmm.data")
@@ -72,7 +69,6 @@ def demo_model(out_dir, seed: int = 0, progress=None) -> dict:
     output folder (refined.pdb, trajectory.pdb, report.json)."""
     from importlib import resources
 
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src = Path(str(resources.files("cryogmm.data").joinpath("adk_closed.pdb")))
@@ -83,8 +79,7 @@ def demo_model(out_dir, seed: int = 0, progress=None) -> dict:
     xa = topo.coords
     apix, res, n = 1.0, 4.0, 48
     lo = xa.min(0) - 8.0
-    amp = torch.tensor([ELECTRONS.get(e, 6) for e in topo.element], dtype=torch.float64)
-    m = splat(torch.as_tensor(xa), amp, sigma_from_resolution(res), (n, n, n), apix, lo).numpy()
+    m = model_map(xa, topo.element, res, apix, lo, (n, n, n)).numpy()
     rng = np.random.default_rng(seed)
     m = m + rng.normal(scale=0.1 * m.std(), size=m.shape)
     write_map(out / "target.mrc", m, apix, origin_A=lo)
@@ -128,8 +123,6 @@ def run_demo(out, n=1500, seed=0, device=None, refine=True, hetero=True, model=T
     heterogeneity run (open-to-closed motion, segments decoder) and a short model refinement
     with its validation table."""
     import numpy as np
-    import torch
-
 
     timer = Timer()
     out = Path(out)

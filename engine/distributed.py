@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import atexit
 import os
+
 import numpy as np
 import torch
-
 
 
 def launched() -> bool:

@@ -8,8 +8,6 @@ Nothing here imports torch.
 from __future__ import annotations
 
 
-
-
 class CryoGMMError(Exception):
     """Base class: a problem with the user's input, reported as one line, exit code 2."""
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from cryogmm.errors import OptionError
 
+from cryogmm.errors import OptionError
 
 
 class Progress:
@@ -44,7 +44,6 @@ def pick_device(name: str | None = None):
 
     import torch
 
-
     if name in (None, "", "auto"):
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -72,7 +71,6 @@ def set_matmul_precision(dev, mode: str = "highest"):
     only changes matrix products. On the CPU the setting is recorded but changes nothing.
     Returns the mode."""
     import torch
-
 
     if mode not in MATMUL_PRECISIONS:
         raise OptionError("--matmul-precision", f"{mode!r}; expected one of {', '.join(MATMUL_PRECISIONS)}")

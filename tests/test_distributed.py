@@ -202,6 +202,7 @@ per, *_ = step(idx, eps, 0.5)
 rank_loss(per, weight, len(idx_all), w).backward()
 if distributed.is_main():
     torch.save({k: p.grad.clone() for k, p in vae.named_parameters() if p.grad is not None}, out)
+distributed.barrier()  # leave together: a rank exiting while the other still talks to gloo can abort it
 '''
 
 

@@ -36,6 +36,7 @@ def test_single_gaussian_matches_numerical_line_integral():
     for iy, ix in [(16, 16), (18, 14), (12, 19), (20, 20)]:
         p = np.array([(ix - box // 2) * apix, (iy - box // 2) * apix])
         # beam point (p + o, z) in the image frame -> map point A^T (p + o, z)
+
         def f(z):
             return density(Am.T @ np.array([p[0] + o[0, 0].item(), p[1] + o[0, 1].item(), z]))
 

@@ -1,5 +1,6 @@
-"""ChimeraX objects <-> cryogmm engine inputs: structures to PDB files, volumes to MRC files,
-engine coordinates back onto ChimeraX atoms. Only public ChimeraX API (atoms, residues,
+"""ChimeraX objects <-> cryogmm engine inputs, in memory: structures to gemmi structures, volumes
+to the engine's map grids, engine coordinates back onto ChimeraX atoms (files only where a job
+runs through the engine's command line). Only public ChimeraX API (atoms, residues,
 ``scene_position``, ``GridData``)."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def engine():
         import torch  # noqa: F401
 
         import cryogmm  # noqa: F401
-        import cryogmm.model_refine  # noqa: F401
+        import cryogmm.model.refine.job  # noqa: F401
     except ImportError as e:
         raise UserError(f"cryogmm: the cryogmm engine cannot be imported in ChimeraX's Python ({e}). "
                         + ENGINE_INSTALL) from None
@@ -47,9 +48,9 @@ def atom_keys(atoms):
                     atoms.names))
 
 
-def write_structure_pdb(structure, path, frame_position=None):
-    """Write ``structure`` (its current coordinates, optionally in another model's frame) as PDB
-    via gemmi; returns the ChimeraX atoms written, in file order."""
+def structure_to_gemmi(structure, frame_position=None):
+    """``structure`` (its current coordinates, optionally in another model's frame) as a gemmi
+    Structure, in memory; returns it and the ChimeraX atoms in its order."""
     import gemmi
 
     atoms = structure.atoms
@@ -85,8 +86,15 @@ def write_structure_pdb(structure, path, frame_position=None):
         model[chains[cid]].add_residue(gr)
     st.add_model(model)
     st.setup_entities()
+    return st, atoms[np.asarray(order, dtype=np.int64)]
+
+
+def write_structure_pdb(structure, path, frame_position=None):
+    """Write :func:`structure_to_gemmi` as PDB (for jobs that run through the engine's command
+    line); returns the ChimeraX atoms written, in file order."""
+    st, atoms = structure_to_gemmi(structure, frame_position)
     st.write_pdb(str(path))
-    return atoms[np.asarray(order, dtype=np.int64)]
+    return atoms
 
 
 def topology_index(topo, atoms):
@@ -112,19 +120,6 @@ def residue_lookup(structure):
     return out
 
 
-def read_pdb_coords(path):
-    """``{(chain, num, icode, name): xyz}`` of the first model of a PDB/mmCIF file."""
-    import gemmi
-
-    st = gemmi.read_structure(str(path))
-    out = {}
-    for ch in st[0]:
-        for r in ch:
-            for a in r:
-                out[(ch.name, int(r.seqid.num), r.seqid.icode.strip(), a.name)] = (a.pos.x, a.pos.y, a.pos.z)
-    return out
-
-
 # ----------------------------------------------------------------------------- volumes
 
 def volume_grid(v):
@@ -144,38 +139,49 @@ def volume_grid(v):
     return m, float(step[0]), np.asarray(d.origin, dtype=np.float64)
 
 
-def write_volume_mrc(v, path, cubic=False):
-    """Write the full grid of ``v`` as MRC (origin header = the grid origin in the volume's frame).
-    ``cubic`` pads to N x N x N (some engine jobs need cubic boxes)."""
-    from cryogmm import mapio
+def volume_to_grid(v):
+    """The full grid of ``v`` as the engine's :class:`cryogmm.io.maps.MapGrid` (in the volume's
+    own frame), in memory."""
+    from cryogmm.io.maps import MapGrid
 
     m, apix, origin = volume_grid(v)
-    if cubic and not (m.shape[0] == m.shape[1] == m.shape[2]):
-        n = max(m.shape)
-        n += n % 2
-        pad = np.zeros((n, n, n), dtype=np.float32)
-        pad[:m.shape[0], :m.shape[1], :m.shape[2]] = m
-        m = pad
-    mapio.write_map(path, m, apix, origin_A=origin)
-    return apix, origin, m.shape
+    return MapGrid(data=m, apix=apix, origin_A=origin, path=str(v))
 
 
-def check_overlap(structure, v, min_fraction=0.5):
-    """UserError when fewer than ``min_fraction`` of the model's atoms lie inside the map's box."""
+def write_volume_mrc(v, path):
+    """Write the full grid of ``v`` as MRC (origin header = the grid origin in the volume's frame),
+    for jobs that run through the engine's command line."""
+    from cryogmm.io.maps import write_map
+
     m, apix, origin = volume_grid(v)
-    xyz = to_frame(structure.atoms.scene_coords, _identity(), v.scene_position)
-    hi = origin + (np.array(m.shape[::-1]) - 1) * apix
-    inside = float(np.all((xyz >= origin) & (xyz <= hi), axis=1).mean())
-    if inside < min_fraction:
-        raise UserError(f"cryogmm: map {v} does not overlap model {structure}: only {100 * inside:.0f}% of its atoms lie "
-                        f"inside the map box (x,y,z {np.round(origin, 1).tolist()} to {np.round(hi, 1).tolist()} Å)")
-    return inside
+    write_map(path, m, apix, origin_A=origin)
 
 
-def _identity():
-    from chimerax.geometry import Place
+def volumes_to_grids(volumes):
+    """Every volume of a series on one grid, in memory: the first volume's frame and spacing, a box
+    covering all of them (trilinear interpolation; zero outside a volume). The engine's model
+    series needs its maps on one box; ChimeraX maps simulated or opened separately rarely are."""
+    from cryogmm.io.maps import MapGrid
 
-    return Place()
+    ref = volumes[0]
+    m0, apix, o0 = volume_grid(ref)
+    lo, hi = o0.copy(), o0 + (np.array(m0.shape[::-1]) - 1) * apix
+    for v in volumes[1:]:
+        m, a, o = volume_grid(v)
+        far = o + (np.array(m.shape[::-1]) - 1) * a
+        corners = np.array([[x, y, z] for x in (o[0], far[0]) for y in (o[1], far[1]) for z in (o[2], far[2])])
+        c = to_frame(corners, v.scene_position, ref.scene_position)
+        lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))
+    n = np.ceil((hi - lo) / apix).astype(int) + 1  # (x, y, z)
+    axes = [lo[k] + apix * np.arange(n[k]) for k in range(3)]
+    zz, yy, xx = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], 1).astype(np.float32)
+    grids = []
+    for v in volumes:
+        vals = v.interpolated_values(pts, point_xform=ref.scene_position)
+        grids.append(MapGrid(data=np.asarray(vals, dtype=np.float32).reshape(n[2], n[1], n[0]), apix=apix,
+                             origin_A=lo.astype(np.float64), path=str(v)))
+    return grids
 
 
 # ----------------------------------------------------------------------------- STAR jobs

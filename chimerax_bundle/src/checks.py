@@ -1,9 +1,8 @@
-"""``cryogmm validate``: the engine's validation (``cryogmm.validate``) of an open model, as a
+"""``cryogmm validate``: the engine's validation (``cryogmm.model.validate``, in memory) of an open model, as a
 log table, residue colours and a selection of the outliers."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +27,25 @@ TABLE = (("bond RMSZ", "bond_rmsz", "{:.2f}"), ("angle RMSZ", "angle_rmsz", "{:.
 def validate_structure(session, structure, volume=None, resolution=None, color=True, select=True, out=None):
     bridge.engine()
     from cryogmm.errors import CryoGMMError
-    from cryogmm.validate import ValidateConfig, validate
+    from cryogmm.model.density import check_overlap
+    from cryogmm.model.topology import build_topology
+    from cryogmm.model.validate import validate_model, write_validation
 
     if volume is not None and resolution is None:
         raise UserError("cryogmm validate: give the map's resolution with a map, e.g. `map #2 resolution 4`")
     if resolution is not None and not resolution > 0:
         raise UserError(f"cryogmm validate: resolution must be positive, got {resolution}")
-    tmp = Path(tempfile.mkdtemp(prefix="cryogmm_validate_"))
     frame = volume.scene_position if volume is not None else structure.scene_position
-    bridge.write_structure_pdb(structure, tmp / "model.pdb", frame_position=frame)
-    map_path = None
-    if volume is not None:
-        bridge.check_overlap(structure, volume)
-        map_path = tmp / "map.mrc"
-        bridge.write_volume_mrc(volume, map_path)
+    st, _ = bridge.structure_to_gemmi(structure, frame_position=frame)
     try:
-        rep = validate(ValidateConfig(model=tmp / "model.pdb", map=map_path, resolution_A=resolution,
-                                      out=Path(out) if out else None))
+        topo = build_topology(st)
+        grid = None
+        if volume is not None:
+            grid = bridge.volume_to_grid(volume)
+            check_overlap(topo, grid, f"map {volume}")
+        rep, restraints = validate_model(topo, grid, resolution, name=str(structure))
+        if out:
+            write_validation(Path(out), topo, rep, restraints, title=str(structure))
     except CryoGMMError as e:
         raise bridge.engine_error(e) from None
     res = bridge.residue_lookup(structure)
@@ -68,9 +69,6 @@ def validate_structure(session, structure, volume=None, resolution=None, color=T
         session.selection.clear()
         for r in outliers:
             r.atoms.selected = True
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
     session.logger.info(table_html(rep, structure, flagged), is_html=True)
     session.logger.info(f"cryogmm validate: {len(flagged['rama_outlier'])} Ramachandran outliers (red), "
                         f"{len(flagged['rotamer_outlier'])} rotamer outliers (orange), {len(flagged['clash'])} "

@@ -4,7 +4,7 @@
                 [updateEvery K] [wait true|false] [out DIR] [threads T] [seed N]
     cryogmm stop
     cryogmm validate #model [map #map resolution R] [color true|false] [select true|false] [out DIR]
-    cryogmm series #model maps #maps resolution R [stages ...] [steps N] [out DIR]
+    cryogmm series #model maps #maps resolution R [steps N] [out DIR] [seed N]
     cryogmm open RUN [pcs K]
     cryogmm gmm #map [resolution R] [n N] [iterations N] [threshold T]
     cryogmm simulate #model [resolution R] [spacing S] [noise F] [seed N] [particles N out DIR]
@@ -90,12 +90,12 @@ def cryogmm_validate(session, structure, map=None, resolution=None, color=True, 
 
 # ----------------------------------------------------------------------------- series / open
 
-def cryogmm_series(session, structure, maps=None, resolution=None, stages=None, steps=60, out=None, seed=0):
+def cryogmm_series(session, structure, maps=None, resolution=None, steps=60, out=None, seed=0):
     from .series import refine_series
 
     if not maps:
         raise UserError("cryogmm series: give the maps, e.g. `cryogmm series #1 maps #2-6 resolution 4`")
-    return refine_series(session, structure, maps, resolution, stages=_stages(stages), steps=steps, out=out, seed=seed)
+    return refine_series(session, structure, maps, resolution, steps=steps, out=out, seed=seed)
 
 
 def cryogmm_open(session, run, pcs=None):
@@ -150,10 +150,10 @@ def register_all(logger):
         synopsis="validation table; colour and select outliers"), cryogmm_validate, logger=logger)
     register("cryogmm series", CmdDesc(
         required=[("structure", S)],
-        keyword=[("maps", MapsArg), ("resolution", FloatArg), ("stages", StringArg), ("steps", IntArg),
-                 ("out", SaveFolderNameArg), ("seed", IntArg)],
+        keyword=[("maps", MapsArg), ("resolution", FloatArg), ("steps", IntArg), ("out", SaveFolderNameArg),
+                 ("seed", IntArg)],
         required_arguments=["maps", "resolution"],
-        synopsis="refine a model into each map of a series: one model with a coordinate set per map"),
+        synopsis="the engine's model series over a set of maps: one model with a coordinate set per map"),
         cryogmm_series, logger=logger)
     register("cryogmm open", CmdDesc(
         required=[("run", OpenFolderNameArg)], keyword=[("pcs", ListOf(IntArg))],

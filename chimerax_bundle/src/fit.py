@@ -1,17 +1,16 @@
-"""``cryogmm fit``: the engine's model refinement (``cryogmm.model_refine.refine_model``) run on a
-worker thread, its coordinates applied to the ChimeraX atoms from the main thread.
+"""``cryogmm fit``: the engine's model refinement run in memory on a worker thread
+(``cryogmm.model.refine.job.refine_coords``: the open model as a gemmi structure, the open map
+as a grid, no files), its coordinates applied to the ChimeraX atoms from the main thread.
 
 With a GUI the atoms are updated from the ``new frame`` trigger (the display never waits on
 torch); headless (``--nogui``) the command waits for the refinement and applies coordinates as
 they arrive. ``cryogmm stop`` ends the run at its next step and keeps the current coordinates.
-The whole change is one undo step.
+The whole change is one undo step. With ``out DIR`` the engine also writes refine-model's files
+(refined.pdb/.cif, trajectory.pdb, report.json) there.
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,81 +29,62 @@ SUMMARY_KEYS = (("map CC (mask)", "map_cc_mask", "{:.3f}"), ("map-model FSC 0.5 
                 ("rotamer outliers %", "rotamer_outlier_pct", "{:.2f}"), ("clashscore", "clashscore", "{:.2f}"))
 
 
-# An interactive fit starts from a model already placed in its map: the engine's "local" motion
-# preset (small, careful steps with the geometry weight kept up, no motion-domain regrouping).
-# Engines before the preset existed get the same settings as extra options.
-LOCAL_FIT = {"rigid_lr": 0.2, "residue_lr": 0.05, "rigid_min_weight": 0.05, "adaptive_scaling": True,
-             "motion_domains": False}
-
-
-def _local_motion(mr):
-    """The engine's local-fit preset, by name when it has one."""
-    if "local" in getattr(mr, "MOTION_PRESETS", {}):
-        return {"motion": "local"}
-    return {"extra": dict(LOCAL_FIT)}
-
-
-class _Stopped(Exception):
-    """Raised inside the engine's progress callback to end the run (``cryogmm stop``)."""
-
-
 def current_job(session):
     return getattr(session, _ATTR, None)
 
 
 class FitJob:
+    """One ``cryogmm fit``: the structure in the map's frame, refined by the engine in memory
+    (an interactive fit starts from a model already placed in its map: the engine's ``local``
+    motion preset)."""
+
     def __init__(self, session, structure, volume, resolution, similarity="fsc", stages=None,
                  steps=100, update_every=5, out=None, threads=2, seed=0, geometry_weight=1.0):
-        cg = bridge.engine()
-        from cryogmm import model_refine as mr
+        bridge.engine()
         from cryogmm.errors import CryoGMMError
-        from cryogmm.topology import build_topology
+        from cryogmm.model.density import check_overlap
+        from cryogmm.model.refine.config import SIMILARITIES, STAGES, RefineModelConfig
+        from cryogmm.model.refine.job import checked_config
+        from cryogmm.model.topology import build_topology
 
         self.session, self.structure, self.volume = session, structure, volume
         if resolution is None or not resolution > 0:
             raise UserError(f"cryogmm fit: resolution must be a positive number of Å, got {resolution}")
-        if similarity not in mr.SIMILARITIES:
-            raise UserError(f"cryogmm fit: unknown similarity {similarity!r}; expected one of {', '.join(mr.SIMILARITIES)}")
-        stages = tuple(stages) if stages else mr.RefineModelConfig.stages
-        bad = [s for s in stages if s not in mr.STAGES]
+        if similarity not in SIMILARITIES:
+            raise UserError(f"cryogmm fit: unknown similarity {similarity!r}; expected one of {', '.join(SIMILARITIES)}")
+        stages = tuple(stages) if stages else RefineModelConfig.stages
+        bad = [s for s in stages if s not in STAGES]
         if bad:
-            raise UserError(f"cryogmm fit: unknown stage(s) {', '.join(bad)}; expected some of {', '.join(mr.STAGES)}")
+            raise UserError(f"cryogmm fit: unknown stage(s) {', '.join(bad)}; expected some of {', '.join(STAGES)}")
         if steps < 1:
             raise UserError(f"cryogmm fit: steps must be >= 1, got {steps}")
-        bridge.check_overlap(structure, volume)
-        m, apix, _ = bridge.volume_grid(volume)
-        if resolution < 2 * apix - 1e-6:
+        self.grid = bridge.volume_to_grid(volume)
+        if resolution < 2 * self.grid.apix - 1e-6:
             raise UserError(f"cryogmm fit: resolution {resolution:g} Å is finer than the Nyquist limit of {volume} "
-                            f"({2 * apix:g} Å)")
-        self.out = Path(out) if out else Path(tempfile.mkdtemp(prefix="cryogmm_fit_"))
-        self.out.mkdir(parents=True, exist_ok=True)
-        inp = Path(tempfile.mkdtemp(prefix="cryogmm_fit_in_"))
-        self.model_path, self.map_path = inp / "model.pdb", inp / "map.mrc"
-        # the engine works in the map's frame: the model is written there, coordinates come back from it
+                            f"({2 * self.grid.apix:g} Å)")
+        self.out = Path(out) if out else None
+        # the engine works in the map's frame: the model goes there, coordinates come back from it
         self.frame = volume.scene_position
-        self.atoms = bridge.write_structure_pdb(structure, self.model_path, frame_position=self.frame)
-        bridge.write_volume_mrc(volume, self.map_path)
+        st, self.atoms = bridge.structure_to_gemmi(structure, frame_position=self.frame)
         try:
-            topo = build_topology(self.model_path)
+            self.topo = build_topology(st)
+            check_overlap(self.topo, self.grid, f"map {volume}")
+            self.cfg = checked_config(RefineModelConfig(
+                model=Path(str(structure)), map=None, out=self.out, resolution_A=float(resolution),
+                similarity=similarity, stages=stages, steps=int(steps), trajectory_every=max(1, int(update_every)),
+                seed=int(seed), threads=int(threads), geometry_weight=float(geometry_weight), motion="local"))
         except CryoGMMError as e:
             raise bridge.engine_error(e) from None
-        self.topo_i, self.atom_i = bridge.topology_index(topo, self.atoms)
+        self.topo_i, self.atom_i = bridge.topology_index(self.topo, self.atoms)
         if len(self.topo_i) == 0:
             raise UserError(f"cryogmm fit: none of the atoms of {structure} is a residue the engine refines")
         self.moved_atoms = self.atoms[self.atom_i]
         self.start_coords = self.moved_atoms.coords.copy()
-        self.cfg = mr.RefineModelConfig(model=self.model_path, map=self.map_path, out=self.out,
-                                        resolution_A=float(resolution), similarity=similarity, stages=stages,
-                                        steps=int(steps), trajectory_every=max(1, int(update_every)), seed=int(seed),
-                                        threads=int(threads), geometry_weight=float(geometry_weight),
-                                        **_local_motion(mr))
-        self._refine = mr.refine_model
-        self._engine_streams = "on_coords" in inspect.signature(mr.refine_model).parameters
         self._lock = threading.Lock()
         self._latest, self._version, self._applied = None, 0, 0
         self.updates = 0  # coordinate updates applied to the atoms
         self.phase = ("starting", 0, 0)
-        self.report, self.error, self.stopped, self.finished = None, None, False, False
+        self.result, self.report, self.error, self.stopped, self.finished = None, None, None, False, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cryogmm-fit", daemon=True)
         self._handler = None
@@ -118,23 +98,17 @@ class FitJob:
 
     def _progress(self, phase, step, n):
         self.phase = (phase, step, n)
-        if self._stop.is_set():
-            raise _Stopped()
-        if not self._engine_streams:
-            # Engine without ``on_coords``: read the refiner's latest trajectory frame (the
-            # progress callback is called from the refiner's phase loop).
-            caller = sys._getframe(1).f_locals.get("self")
-            traj = getattr(caller, "trajectory", None)
-            if traj and len(traj) != getattr(self, "_seen_frames", 0):
-                self._seen_frames = len(traj)
-                self._coords(traj[-1])
 
     def _run(self):
+        from cryogmm.model.refine.job import refine_coords, write_outputs
+
         try:
-            kw = {"on_coords": self._coords} if self._engine_streams else {}
-            self.report = self._refine(self.cfg, progress=self._progress, **kw)
-        except _Stopped:
-            self.stopped = True
+            self.result = refine_coords(self.topo, self.grid, self.cfg, progress=self._progress,
+                                        on_coords=self._coords, stop=self._stop)
+            self.stopped = self.result.stopped
+            if not self.stopped:
+                self.report = (write_outputs(self.topo, self.result, self.cfg) if self.out is not None
+                               else self.result.summary())
         except Exception as e:  # reported on the main thread
             self.error = e
 
@@ -186,9 +160,6 @@ class FitJob:
         if self.finished:
             return
         self.finished = True
-        import shutil
-
-        shutil.rmtree(self.model_path.parent, ignore_errors=True)  # the inputs written for the engine
         if self._handler is not None and not from_trigger:
             self.session.triggers.remove_handler(self._handler)
         self._handler = None
@@ -199,13 +170,8 @@ class FitJob:
             log.warning("cryogmm fit: the model was closed before the refinement ended")
             return
         if self.report is not None:
-            final = bridge.read_pdb_coords(self.out / "refined.pdb")
-            keys = bridge.atom_keys(self.moved_atoms)
-            have = np.array([k in final for k in keys])
-            xyz = np.array([final[k] for k, h in zip(keys, have) if h], dtype=np.float64).reshape(-1, 3)
-            cur = self.moved_atoms.coords.copy()
-            cur[have] = bridge.to_frame(xyz, self.frame, self.structure.scene_position)
-            self.moved_atoms.coords = cur
+            self.moved_atoms.coords = bridge.to_frame(self.result.coords[self.topo_i], self.frame,
+                                                      self.structure.scene_position)
         else:
             self.apply_latest()
         self._register_undo()
@@ -222,8 +188,9 @@ class FitJob:
                      f"the current coordinates were kept ({self.updates} updates)")
             return
         log.info(summary_html(self.report, f"cryogmm fit of {self.structure} into {self.volume}"), is_html=True)
+        where = f"; outputs in {self.out}" if self.out is not None else ""
         log.info(f"cryogmm fit: {secs:.1f} s, {self.updates} coordinate updates, RMS move "
-                 f"{self.report['rms_moved_A']:.2f} Å; outputs in {self.out}")
+                 f"{self.report['rms_moved_A']:.2f} Å{where}")
 
     def _register_undo(self):
         from chimerax.core.undo import UndoState

@@ -3,7 +3,6 @@ simulated map of a model, optionally a particle set), both through the engine.""
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ def map_gmm(session, volume, resolution=None, n=None, iterations=200, threshold=
     bridge.engine()
     import torch
     from cryogmm.errors import CryoGMMError
-    from cryogmm.fitmap import gaussians_from_map
+    from cryogmm.gmmfit.fit import gaussians_from_map
 
     m, apix, origin = bridge.volume_grid(volume)
     if resolution is None:
@@ -62,36 +61,24 @@ def map_gmm(session, volume, resolution=None, n=None, iterations=200, threshold=
 
 def simulate_map(session, structure, resolution=4.0, spacing=None, noise=0.1, seed=0, particles=None, out=None,
                  snr=0.1):
-    """A map of ``structure`` (heavy atoms as Gaussians of ``cryogmm.gmm.sigma_from_resolution``,
-    amplitudes = electrons) on a cubic grid around it, plus Gaussian noise of ``noise`` x the map's
-    standard deviation; opened as a volume in the model's frame. With ``particles N`` the engine's
+    """A map of ``structure`` (the engine's ``cryogmm.simulate.maps.simulate_map``: heavy atoms as
+    Gaussians of molmap width, amplitudes = electrons, on a cubic grid around it, plus Gaussian
+    noise of ``noise`` x the map's standard deviation); opened as a volume in the model's frame. With ``particles N`` the engine's
     ``simulate`` job also writes a particle set with known truth into ``out``."""
     bridge.engine()
-    import torch
     from cryogmm.errors import CryoGMMError
-    from cryogmm.gmm import ELECTRONS, sigma_from_resolution
-    from cryogmm.model_density import splat
+    from cryogmm.simulate.maps import simulate_map as engine_simulate_map
 
-    if not resolution > 0:
-        raise UserError(f"cryogmm simulate: resolution must be positive, got {resolution}")
-    apix = float(spacing) if spacing else round(resolution / 3.0, 3)
-    if resolution < 2 * apix - 1e-6:
-        raise UserError(f"cryogmm simulate: resolution {resolution:g} Å is finer than Nyquist for spacing {apix:g} Å")
-    if noise < 0:
-        raise UserError(f"cryogmm simulate: noise must be >= 0, got {noise}")
     atoms = structure.atoms
     heavy = atoms[atoms.element_names != "H"]
     if len(heavy) == 0:
         raise UserError(f"cryogmm simulate: {structure} has no heavy atoms")
-    xyz = heavy.coords.astype(np.float64)
-    pad = 3 * resolution + 4.0
-    lo = xyz.min(0) - pad
-    nbox = int(math.ceil((xyz.max(0) + pad - lo).max() / apix))
-    nbox += nbox % 2
-    amp = torch.tensor([ELECTRONS.get(e.upper(), 6) for e in heavy.element_names], dtype=torch.float64)
-    m = splat(torch.as_tensor(xyz), amp, sigma_from_resolution(resolution), (nbox,) * 3, apix, lo).numpy()
-    if noise > 0:
-        m = m + np.random.default_rng(seed).normal(scale=noise * m.std(), size=m.shape)
+    try:
+        g = engine_simulate_map(heavy.coords, heavy.element_names, float(resolution), apix=spacing, noise=float(noise),
+                                seed=int(seed))
+    except CryoGMMError as e:
+        raise UserError(f"cryogmm simulate: {e}") from None
+    m, apix, lo, nbox = g.data, g.apix, g.origin_A, g.data.shape[0]
     from chimerax.map import volume_from_grid_data
     from chimerax.map_data import ArrayGridData
 
@@ -107,7 +94,7 @@ def simulate_map(session, structure, resolution=4.0, spacing=None, noise=0.1, se
         tmp = Path(tempfile.mkdtemp(prefix="cryogmm_sim_"))
         bridge.write_structure_pdb(structure, tmp / "model.pdb")
         if bridge.star_in_process():
-            from cryogmm.simulate import SimulateConfig, simulate
+            from cryogmm.simulate.particles import SimulateConfig, simulate
 
             try:
                 rep = simulate(SimulateConfig(out=Path(out), model=tmp / "model.pdb", n=int(particles), snr=float(snr),

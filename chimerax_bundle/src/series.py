@@ -1,10 +1,9 @@
-"""``cryogmm series`` (a model refined into each map of a series, one model with a coordinate set
-per map) and ``cryogmm open RUN`` (a heterogeneity run's PC trajectories as coordinate sets).
-Both play with ChimeraX's ``coordset`` command and slider."""
+"""``cryogmm series`` (the engine's model series over a set of maps, in memory: one network maps a
+latent coordinate to the model; one coordinate set per map) and ``cryogmm open RUN`` (a
+heterogeneity run's PC trajectories as coordinate sets). Both play with ChimeraX's ``coordset``
+command and slider."""
 
 from __future__ import annotations
-
-from .fit import _local_motion
 
 import re
 import tempfile
@@ -17,67 +16,55 @@ from chimerax.core.errors import UserError
 from . import bridge
 
 
-def refine_series(session, structure, volumes, resolution, stages=None, steps=60, out=None, seed=0):
-    """Refine ``structure`` into every map of ``volumes`` in turn (each from the previous result,
-    so the series stays continuous), the engine's ``refine_model`` in each; returns the new
-    structure with one coordinate set per map."""
+def refine_series(session, structure, volumes, resolution, steps=60, out=None, seed=0):
+    """The engine's ``refine-series`` (``cryogmm.model.series.job.fit_series``) of ``structure``
+    into ``volumes`` (in their order along the latent); returns a copy of the structure with one
+    coordinate set per map: the series' frame at that map's latent."""
     bridge.engine()
-    from cryogmm import model_refine as mr
     from cryogmm.errors import CryoGMMError
-    from cryogmm.topology import build_topology
+    from cryogmm.model.series.config import RefineSeriesConfig
+    from cryogmm.model.series.job import fit_series, write_series
+    from cryogmm.model.topology import build_topology
 
     if resolution is None or not resolution > 0:
         raise UserError(f"cryogmm series: resolution must be a positive number of Å, got {resolution}")
-    stages = tuple(stages) if stages else ("residue", "full")
-    bad = [s for s in stages if s not in mr.STAGES]
-    if bad:
-        raise UserError(f"cryogmm series: unknown stage(s) {', '.join(bad)}; expected some of {', '.join(mr.STAGES)}")
-    for v in volumes:
-        bridge.check_overlap(structure, v)
-    root = Path(out) if out else Path(tempfile.mkdtemp(prefix="cryogmm_series_"))
-    root.mkdir(parents=True, exist_ok=True)
-    all_atoms = structure.atoms
-    frames = []
-    cur = all_atoms.coords.copy()
+    if len(volumes) < 2:
+        raise UserError(f"cryogmm series: give at least 2 maps, got {len(volumes)}")
+    if steps < 1:
+        raise UserError(f"cryogmm series: steps must be >= 1, got {steps}")
     t0 = time.time()
-    figures = []
-    for k, v in enumerate(volumes):
-        d = root / f"frame_{k + 1:03d}"
-        d.mkdir(parents=True, exist_ok=True)
-        # the current frame's coordinates, in this map's frame
-        saved = all_atoms.coords.copy()
-        all_atoms.coords = cur
-        try:
-            atoms = bridge.write_structure_pdb(structure, d / "start.pdb", frame_position=v.scene_position)
-        finally:
-            all_atoms.coords = saved
-        bridge.write_volume_mrc(v, d / "map.mrc")
-        cfg = mr.RefineModelConfig(model=d / "start.pdb", map=d / "map.mrc", out=d, resolution_A=float(resolution),
-                                   similarity="relative-entropy", stages=stages, steps=int(steps), seed=int(seed),
-                                   **_local_motion(mr))
-        try:
-            rep = mr.refine_model(cfg)
-        except CryoGMMError as e:
-            raise bridge.engine_error(e) from None
-        final = bridge.read_pdb_coords(d / "refined.pdb")
-        keys = bridge.atom_keys(atoms)
-        idx = np.array([all_atoms.index(a) for a in atoms])
-        have = np.array([kk in final for kk in keys])
-        xyz = np.array([final[kk] for kk, h in zip(keys, have) if h], dtype=np.float64).reshape(-1, 3)
-        cur = cur.copy()
-        cur[idx[have]] = bridge.to_frame(xyz, v.scene_position, structure.scene_position)
-        frames.append(cur.copy())
-        figures.append((v, rep["before"].get("map_cc_mask"), rep["after"].get("map_cc_mask")))
-        session.logger.status(f"cryogmm series: {k + 1}/{len(volumes)} maps")
+    grids = bridge.volumes_to_grids(volumes)
+    frame = volumes[0].scene_position
+    st, atoms = bridge.structure_to_gemmi(structure, frame_position=frame)
+    cfg = RefineSeriesConfig(model=Path(str(structure)), maps=tuple(str(v) for v in volumes),
+                             out=Path(out) if out else None, resolution_A=float(resolution), frames=len(volumes),
+                             steps=int(steps), capture_steps=int(steps), seed=int(seed))
+    try:
+        topo = build_topology(st)
+        res = fit_series(topo, grids, cfg, progress=lambda phase, i, n: session.logger.status(
+            f"cryogmm series: {phase} {i}/{n}"))
+        if out:
+            write_series(topo, res, cfg)
+    except CryoGMMError as e:
+        raise bridge.engine_error(e) from None
+    topo_i, atom_i = bridge.topology_index(topo, atoms)
+    all_atoms = structure.atoms
+    idx = np.array([all_atoms.index(a) for a in atoms[atom_i]])
+    frames = []
+    for x in res.map_frames:
+        cur = all_atoms.coords.copy()
+        cur[idx] = bridge.to_frame(x[topo_i], frame, structure.scene_position)
+        frames.append(cur)
     s2 = structure.copy(f"{structure.name} series ({len(frames)} maps)")
     s2.add_coordsets(np.array(frames), replace=True)
     s2.active_coordset_id = 1
     session.models.add([s2])
-    lines = "".join(f"<tr><td>{i + 1}</td><td>{v}</td><td>{b:.3f}</td><td>{a:.3f}</td></tr>"
-                    for i, (v, b, a) in enumerate(figures))
+    lines = "".join(f"<tr><td>{i + 1}</td><td>{v}</td><td>{r['start']['map_cc_mask']:.3f}</td>"
+                    f"<td>{r['frame']['map_cc_mask']:.3f}</td></tr>" for i, (v, r) in enumerate(zip(volumes, res.per_map)))
+    where = f", outputs in {out}" if out else ""
     session.logger.info(f"<b>cryogmm series</b>: {s2} holds {len(frames)} coordinate sets (`coordset {s2.atomspec}` "
-                        f"plays them); {time.time() - t0:.1f} s, outputs in {root}<table border=1 cellpadding=2>"
-                        f"<tr><th>set</th><th>map</th><th>map CC before</th><th>after</th></tr>{lines}</table>",
+                        f"plays them); {time.time() - t0:.1f} s{where}<table border=1 cellpadding=2>"
+                        f"<tr><th>set</th><th>map</th><th>map CC start</th><th>frame</th></tr>{lines}</table>",
                         is_html=True)
     return s2
 
@@ -108,7 +95,7 @@ def open_run(session, run, pcs=None, frames=10):
         if bridge.star_in_process():
             bridge.engine()
             from cryogmm.errors import CryoGMMError
-            from cryogmm.hetero import AnalyzeConfig, analyze_hetero
+            from cryogmm.hetero.analyze import AnalyzeConfig, analyze_hetero
 
             try:
                 analyze_hetero(AnalyzeConfig(run=run, out=tmp, pcs=k, frames=frames, backproject=False, device="cpu"))

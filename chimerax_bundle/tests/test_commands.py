@@ -264,7 +264,7 @@ def test_series_is_one_model_with_a_coordset_per_map(session, adk_paths):
         s.atoms.coords = truth + np.array([dx, 0, 0])
         run(session, "cryogmm simulate #1 resolution 6 noise 0.05")
     s.atoms.coords = truth
-    s2 = run(session, "cryogmm series #1 maps #2-4 resolution 6 stages rigid steps 8")
+    s2 = run(session, "cryogmm series #1 maps #2-4 resolution 6 steps 8")
     assert s2.num_coordsets == 3 and len(s2.coordset_ids) == 3
     ca = s2.atoms.names == "CA"
     got = []
@@ -285,7 +285,7 @@ def hetero_run(tmp_path_factory):
     from importlib import resources
 
     data = Path(str(resources.files("cryogmm.data")))
-    from cryogmm.hetero_truth import ADK_CORE, superpose_file
+    from cryogmm.hetero.truth import ADK_CORE, superpose_file
 
     closed = d / "closed_on_open.pdb"
     superpose_file(data / "adk_closed.pdb", data / "adk_open.pdb", closed, ADK_CORE)
@@ -316,7 +316,7 @@ def test_open_hetero_run_as_coordsets(session, hetero_run):
     assert len(models) == 1
     m = models[0]
     assert m.num_coordsets == 4  # the 4 frames along PC1
-    from cryogmm.gmm import read_model
+    from cryogmm.io.structures import read_model
 
     ref = read_model(hetero_run / "analyze" / "pc1_trajectory.pdb")
     assert m.num_atoms == len(ref.element)

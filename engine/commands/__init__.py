@@ -1,5 +1,7 @@
 """The CLI jobs, one module per command (module docstring = ``--help``, ``add_args``, ``main``)."""
 
+from pathlib import Path
+
 TORCHRUN_DEVICE_HELP = "auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)"
 
 
@@ -11,3 +13,13 @@ def add_stream_args(p):
                         "independent of the sharding), float32 on one process")
     p.add_argument("--prefetch", type=int, default=1, help="batches read ahead in a background thread (0: off; default 1)")
     p.add_argument("--device", default="auto", help=TORCHRUN_DEVICE_HELP)
+
+
+DEVICE_HELP = "auto, cpu or cuda[:N] (default auto)"
+
+
+def add_seed_device_out(p, seed_help: str = "random seed (default 0); equal seeds give equal results"):
+    """``--seed``, ``--device`` (auto) and ``--out`` (a folder, required) of the one-process jobs."""
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--out", type=Path, required=True, help="output folder")

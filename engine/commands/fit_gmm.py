@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryogmm.commands import add_seed_device_out
+
 
 def add_args(p):
     p.add_argument("map", type=Path, help="cubic MRC map")
@@ -39,9 +41,7 @@ def add_args(p):
     p.add_argument("--iterations", type=int, default=1000,
                    help="most optimisation steps; the fit stops earlier when it plateaus (default 1000; 0: k-means only)")
     p.add_argument("--batch", type=int, default=16, help="orientations per step (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); equal seeds give equal results")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_seed_device_out(p)
 
 
 def main(args) -> int:

@@ -112,10 +112,10 @@ def add_args(p):
 
 
 def main(args) -> int:
-    from cryogmm.hetero import train as hetero_train
-    from cryogmm.hetero import run as hetero_run
     from cryogmm.hetero import analyze as hetero_analyze
     from cryogmm.hetero import config as hetero_config
+    from cryogmm.hetero import run as hetero_run
+    from cryogmm.hetero import train as hetero_train
     from cryogmm.runtime import Progress, pick_device
 
     if args.action == "train":

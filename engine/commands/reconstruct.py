@@ -45,8 +45,8 @@ def add_args(p):
 
 def main(args) -> int:
     from cryogmm import distributed
-    from cryogmm.runtime import Progress
     from cryogmm.recon.job import ReconstructConfig, reconstruct
+    from cryogmm.runtime import Progress
 
     cfg = ReconstructConfig(star=args.star, out=args.out, project_dir=args.project_dir, batch=args.batch,
                             reg=args.reg, wiener=not args.no_wiener, ctf=not args.no_ctf,

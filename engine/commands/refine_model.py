@@ -76,7 +76,6 @@ def add_args(p):
 
 
 def main(args) -> int:
-    from cryogmm.runtime import Progress
     from cryogmm.model.refine.config import (
         DEFAULT_STAGES,
         QUICK_EXTRA,
@@ -86,6 +85,7 @@ def main(args) -> int:
     )
     from cryogmm.model.refine.job import refine_model
     from cryogmm.model.validate import summary_table
+    from cryogmm.runtime import Progress
 
     stages = tuple(args.stages) if args.stages else (QUICK_STAGES if args.quick else DEFAULT_STAGES)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else RefineModelConfig.steps)

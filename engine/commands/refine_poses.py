@@ -97,8 +97,8 @@ def add_args(p):
 
 def main(args) -> int:
     from cryogmm import distributed
-    from cryogmm.runtime import Progress
     from cryogmm.poses.job import RefineConfig, refine_poses
+    from cryogmm.runtime import Progress
 
     cfg = RefineConfig(star=args.star, out=args.out, half_maps=tuple(args.half_maps) if args.half_maps else None,
                        model=args.model, map=args.map, mask=args.mask, hetero=args.hetero, patches=args.patches,

@@ -61,9 +61,9 @@ def add_args(p):
 
 
 def main(args) -> int:
-    from cryogmm.runtime import Progress
-    from cryogmm.model.series.job import refine_series
     from cryogmm.model.series.config import RefineSeriesConfig
+    from cryogmm.model.series.job import refine_series
+    from cryogmm.runtime import Progress
 
     cfg = RefineSeriesConfig(model=args.model, maps=tuple(args.maps), out=args.out, resolution_A=args.resolution,
                              frames=args.frames, latent=args.latent, similarity=args.similarity, steps=args.steps,

@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from cryogmm.commands import add_seed_device_out
+
 
 def add_args(p):
     src = p.add_argument_group("structure (exactly one)")
@@ -51,10 +53,8 @@ def add_args(p):
     p.add_argument("--resolution", type=float, help="resolution of the model's Gaussians in Å (default 2 x apix)")
     p.add_argument("--gaussians", choices=("atoms", "ca", "residue2"), default="atoms",
                    help="atoms: every heavy atom; ca: one per residue; residue2: backbone + side chain")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch", type=int, default=128, help="particles per batch (default 128)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_seed_device_out(p)
 
 
 def main(args) -> int:

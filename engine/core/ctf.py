@@ -15,8 +15,8 @@ volts); ``deltaf(angle) = -(dU + dV)/2 - (dU - dV)/2 cos(2 (atan2(ky, kx) - azim
 from __future__ import annotations
 
 import math
-import torch
 
+import torch
 
 
 def rfft2_frequencies(box: int, apix: float, device=None, dtype=torch.float32):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-import torch
 
+import torch
 
 # electrons per element (neutral atoms); hydrogens are not modelled
 ELECTRONS = {"C": 6, "N": 7, "O": 8, "S": 16, "P": 15, "SE": 34, "MG": 12, "ZN": 30,

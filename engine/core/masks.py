@@ -4,9 +4,8 @@ extend, soft edge)."""
 from __future__ import annotations
 
 import torch
+
 from cryogmm.core.fourier import as_real_tensor, raised_cosine
-
-
 
 # --------------------------------------------------------------------------- masks
 

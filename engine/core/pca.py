@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def pca(z: np.ndarray, k: int):
     mean = z.mean(0)
     zc = z - mean

@@ -9,9 +9,10 @@ voxels along the beam, the scale ``relion_project`` writes.
 from __future__ import annotations
 
 import math
-import torch
-from cryogmm.core.gaussians import Gaussians, axis_factors
 
+import torch
+
+from cryogmm.core.gaussians import Gaussians, axis_factors
 
 
 def rotate_centers(centers: torch.Tensor, rotmat: torch.Tensor, shift_A: torch.Tensor | None = None):

@@ -79,6 +79,7 @@ def kabsch(P: np.ndarray, Q: np.ndarray):
                              torch.ones(len(P), dtype=torch.float64))
     return Rot[0].numpy(), t[0].numpy()
 
+
 def dihedral(p0, p1, p2, p3) -> torch.Tensor:
     """Dihedral angle (radians, (-pi, pi]) of points ``[..., 3]``; atan2 form, smooth
     gradients except at collinear atoms."""

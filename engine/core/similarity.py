@@ -27,18 +27,20 @@ cannot be told apart from a map by its shape.
 from __future__ import annotations
 
 import math
+
 import torch
-from cryogmm.core.fourier import as_real_pair
-from cryogmm.core.fourier import as_real_tensor
-from cryogmm.core.fourier import check_square
-from cryogmm.core.fourier import half_spectrum_weights
-from cryogmm.core.fourier import reduce_dims
-from cryogmm.core.fourier import shell_of_grid
-from cryogmm.core.fourier import shell_sums
-from cryogmm.core.fourier import spatial_ndim
-from cryogmm.core.fourier import n_shells
 
-
+from cryogmm.core.fourier import (
+    as_real_pair,
+    as_real_tensor,
+    check_square,
+    half_spectrum_weights,
+    n_shells,
+    reduce_dims,
+    shell_of_grid,
+    shell_sums,
+    spatial_ndim,
+)
 
 # --------------------------------------------------------------------------- FRC / FSC
 

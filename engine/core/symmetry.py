@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 import re
+
 import numpy as np
 import torch
-from cryogmm.errors import OptionError
 
+from cryogmm.errors import OptionError
 
 
 def _rot_z(a: float) -> np.ndarray:

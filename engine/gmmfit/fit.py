@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import math
 import time
+
 import numpy as np
 import torch
-from cryogmm.errors import MapError, OptionError
+
 from cryogmm.core.gaussians import Gaussians, gaussians_to_map, sigma_from_resolution
-from cryogmm.core.similarity import frc_loss
+from cryogmm.core.kmeans import weighted_kmeans
 from cryogmm.core.projection import project, project_map
 from cryogmm.core.rotations import random_rotations
-from cryogmm.core.similarity import fsc, resolution_at
-from cryogmm.core.kmeans import weighted_kmeans
-
+from cryogmm.core.similarity import frc_loss, fsc, resolution_at
+from cryogmm.errors import MapError, OptionError
 
 N_MIN, N_MAX = 8, 50000
 NOISE_SD = 3.0  # significance cut, in robust noise SDs above the median
@@ -224,7 +224,6 @@ def fit_gaussians_frc(g: Gaussians, volume: torch.Tensor, apix: float, resolutio
 
 
 def _fsc_figures(g: Gaussians, volume: torch.Tensor, apix: float, resolution_A: float) -> dict:
-
     box = volume.shape[-1]
     with torch.no_grad():
         curve = fsc(gaussians_to_map(g, box, apix), volume).cpu()

@@ -6,17 +6,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from cryogmm.errors import MapError, OptionError
+
 from cryogmm.core.gaussians import gaussians_to_map
-from cryogmm.io import maps as mapio
-from cryogmm.io.outputs import OutputDir
-from cryogmm.runtime import pick_device
-from cryogmm.io.outputs import write_report
+from cryogmm.errors import MapError, OptionError
 from cryogmm.gmmfit.fit import gaussians_from_map
+from cryogmm.io import maps as mapio
 from cryogmm.io.maps import map_origin_A
+from cryogmm.io.outputs import OutputDir, write_report
 from cryogmm.io.structures import write_gaussians_pdb
-
-
+from cryogmm.runtime import pick_device
 
 # --------------------------------------------------------------------------- the CLI job
 

@@ -5,27 +5,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.errors import OptionError, StarError
-from cryogmm.io import maps as mapio
-from cryogmm.io.outputs import OutputDir
-from cryogmm.bridge.images import ImageSource
-from cryogmm.bridge.io import write_particles
-from cryogmm.bridge.results import with_results
-from cryogmm.io.structures import gaussians_from_coords
-from cryogmm.core.gaussians import gaussians_to_map
-from cryogmm.io.structures import write_models
-from cryogmm.runtime import Timer, pick_device
-from cryogmm.io.outputs import write_report
-from cryogmm.recon.job import reconstruct_table
-from cryogmm.io.outputs import atomic_output
-from cryogmm.bridge.io import read_particles
-from cryogmm.io.structures import read_model
-from cryogmm.hetero.truth import atom_keys, match_atoms, truth_figures
-from cryogmm.hetero.run import Run
-from cryogmm.core.pca import pca
 
+from cryogmm.bridge.images import ImageSource
+from cryogmm.bridge.io import read_particles, write_particles
+from cryogmm.bridge.results import with_results
+from cryogmm.core.gaussians import gaussians_to_map
+from cryogmm.core.pca import pca
+from cryogmm.errors import OptionError, StarError
+from cryogmm.hetero.run import Run
+from cryogmm.hetero.truth import atom_keys, match_atoms, truth_figures
+from cryogmm.io import maps as mapio
+from cryogmm.io.outputs import OutputDir, atomic_output, write_report
+from cryogmm.io.plots import latent_plot
+from cryogmm.io.structures import gaussians_from_coords, read_model, write_models
+from cryogmm.recon.job import reconstruct_table
+from cryogmm.runtime import Timer, pick_device
 
 
 # --------------------------------------------------------------------------- analysis
@@ -46,7 +43,8 @@ class AnalyzeConfig:
 
 
 def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
-    """Write into ``cfg.out`` (default ``RUN/analyze``): ``z.npy``, ``particles_latent.star``
+    """Write into ``cfg.out`` (default ``RUN/analyze``): ``z.npy``, ``pca.npz`` (mean, components,
+    projection of every particle, explained variance), ``particles_latent.star``
     (and ``.cs``), ``pcN_trajectory.pdb``, ``pcN_model_XX.mrc`` and ``pcN_backproj_XX.mrc``,
     ``cluster_K.star``/``.cs``, ``latent.png``, ``segments.csv`` and ``segments.pdb``
     (segments decoder), ``report.json`` (with truth figures when ``truth`` is given)."""
@@ -67,10 +65,12 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
     origin = ref.center_A - (box // 2) * apix
     with OutputDir(out) as od:
         np.save(od.path("z.npy"), z)
+        # the one PCA of the run: Scipion and ChimeraX read it rather than recomputing (signs and axes agree)
+        np.savez(od.path("pca.npz"), mean=mean, components=comps, projection=proj, explained_variance=ratio)
         table = with_results(data.table, latent=z)
         write_particles(table, od.path("particles_latent.star"))
         write_particles(table, od.path("particles_latent.cs"))
-        rep["outputs"] += ["z.npy", "particles_latent.star", "particles_latent.cs"]
+        rep["outputs"] += ["z.npy", "pca.npz", "particles_latent.star", "particles_latent.cs"]
         # ---- trajectories along the principal components
         traj = {}
         for k in range(comps.shape[0]):
@@ -116,7 +116,7 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
         write_models(od.path("cluster_centers.pdb"), ref.model, run.decode_atoms(centers))
         np.savetxt(od.path("cluster_centers_z.txt"), centers, fmt="%.6f")
         rep["clusters"] = clusters
-        _latent_plot(od.path("latent.png"), proj, labels, ratio)
+        latent_plot(od.path("latent.png"), proj, labels, ratio)
         rep["outputs"] += ["cluster_centers.pdb", "latent.png"]
         # ---- segments
         if run.cfg.decoder == "segments":
@@ -130,29 +130,7 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
     return rep
 
 
-def _latent_plot(path, proj, labels, ratio):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 4))
-    y = proj[:, 1] if proj.shape[1] > 1 else np.zeros(len(proj))
-    ax[0].scatter(proj[:, 0], y, c=labels, s=3, cmap="tab10")
-    ax[0].set_xlabel(f"PC1 ({100 * ratio[0]:.0f}%)")
-    ax[0].set_ylabel(f"PC2 ({100 * ratio[1]:.0f}%)" if len(ratio) > 1 else "")
-    ax[1].hist(proj[:, 0], bins=50)
-    ax[1].set_xlabel("PC1")
-    ax[1].set_ylabel("particles")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-
-
 def _write_segments(od, run) -> list:
-
     ref = run.ref
     with torch.no_grad():
         hard = run.vae.deformer.hard_segments().cpu().numpy()
@@ -178,7 +156,6 @@ def _write_segments(od, run) -> list:
 
 
 def _truth_report(run, z, pc1, truth_star, truth_models=None) -> dict:
-
     truth_star = Path(truth_star)
     t = read_particles(truth_star)
     if "rlnCryogmmTrueFrame" not in t.particles.columns:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.errors import OptionError, StarError
-from cryogmm.core.gaussians import Gaussians
+
 from cryogmm.bridge.images import ImageSource
 from cryogmm.bridge.io import read_particles
-from cryogmm.core.ctf import rfft2_frequencies
+from cryogmm.core.ctf import CtfParams, ctf_rfft2, rfft2_frequencies
+from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.projection import rotate_centers
-from cryogmm.core.ctf import CtfParams, ctf_rfft2
-
+from cryogmm.errors import OptionError, StarError
 
 
 # --------------------------------------------------------------------------- particles
@@ -58,7 +58,6 @@ class ParticleData:
         return self.apix * self.box / self.crop
 
     def ctf(self, idx) -> torch.Tensor:
-
         return ctf_rfft2(CtfParams.from_table(self.table, np.asarray(idx)), self.crop, self.apix_crop)
 
     def images_real(self, ft: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,12 @@ modules only hold parameters.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
+
 from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.rotations import rotvec_to_rotmat
-
 
 
 def mlp(n_in: int, n_out: int, hidden: int = 256, layers: int = 2, zero_last: bool = True) -> nn.Sequential:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.errors import ModelError
-from cryogmm.core.gaussians import Gaussians
-from cryogmm.errors import MapError
-from cryogmm.io.structures import coarse_grain, gaussians_from_coords, read_model
 
+from cryogmm.core.gaussians import Gaussians
+from cryogmm.errors import MapError, ModelError
+from cryogmm.io.structures import coarse_grain, gaussians_from_coords, read_model
 
 
 # --------------------------------------------------------------------------- reference
@@ -45,7 +45,6 @@ class Reference:
 def map_center(path, box: int, apix: float) -> np.ndarray:
     """File-frame position (Å) of the centre voxel of a map, from its header origin."""
     import mrcfile
-
 
     path = Path(path)
     if not path.is_file():

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.hetero.deform import make_deformer
-from cryogmm.errors import InputError
-from cryogmm.io.structures import write_models
-from cryogmm.hetero.config import CHECKPOINT
-from cryogmm.hetero.config import HeteroConfig
-from cryogmm.hetero.vae import HeteroVAE
-from cryogmm.hetero.vae import ForwardModel
-from cryogmm.hetero.train import load_checkpoint
-from cryogmm.hetero.data import load_particles
-from cryogmm.hetero.reference import load_reference
 
+from cryogmm.errors import InputError
+from cryogmm.hetero.config import CHECKPOINT, HeteroConfig
+from cryogmm.hetero.data import load_particles
+from cryogmm.hetero.deform import make_deformer
+from cryogmm.hetero.reference import load_reference
+from cryogmm.hetero.train import load_checkpoint
+from cryogmm.hetero.vae import ForwardModel, HeteroVAE
+from cryogmm.io.structures import write_models
 
 
 # --------------------------------------------------------------------------- loading a run

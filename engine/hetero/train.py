@@ -50,26 +50,19 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.errors import InputError, OptionError
-from cryogmm.io.outputs import atomic_output
-from cryogmm import distributed
-from cryogmm.runtime import Timer, pick_device, set_matmul_precision
-from cryogmm.io.outputs import write_report
-from cryogmm.hetero.config import CHECKPOINT
-from cryogmm.hetero.config import CONFIG
-from cryogmm.hetero.config import HeteroConfig
-from cryogmm.hetero.vae import ForwardModel
-from cryogmm.hetero.vae import TrainStep
-from cryogmm.hetero.vae import build_vae
-from cryogmm.hetero.reference import map_center
-from cryogmm.hetero.vae import rank_loss
-from cryogmm.hetero.vae import rank_share
-from cryogmm.hetero.data import load_particles
-from cryogmm.hetero.reference import load_reference
-from cryogmm.hetero.vae import restraint_pairs
 
+from cryogmm import distributed
+from cryogmm.errors import InputError, OptionError
+from cryogmm.hetero.config import CHECKPOINT, CONFIG, HeteroConfig
+from cryogmm.hetero.data import load_particles
+from cryogmm.hetero.reference import load_reference, map_center
+from cryogmm.hetero.vae import ForwardModel, TrainStep, build_vae, rank_loss, rank_share, restraint_pairs
+from cryogmm.io.outputs import atomic_output, write_report
+from cryogmm.io.plots import loss_plot
+from cryogmm.runtime import Timer, pick_device, set_matmul_precision
 
 
 def _check_config(cfg: HeteroConfig):
@@ -107,7 +100,6 @@ _PATHS = ("star", "model", "out", "map", "project_dir")
 
 
 def _save_checkpoint(path, vae, opt, epoch, history, cfg, data, ref, rng):
-
     state = {
         "epoch": epoch,
         "model": vae.state_dict(),
@@ -133,25 +125,66 @@ def load_checkpoint(path):
         raise InputError(path, f"is not a readable cryogmm hetero checkpoint ({str(e).splitlines()[0]})") from None
 
 
+def _resume_state(cfg: HeteroConfig):
+    """The checkpoint to continue from (``--resume``, with the settings it was trained with), or
+    None for a new run in an empty folder."""
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT
+    if not cfg.resume:
+        if ckpt_path.exists():
+            raise OptionError("--out", f"{out} already holds a training run ({CHECKPOINT}); use --resume or a new --out")
+        return None
+    state = load_checkpoint(ckpt_path)
+    old = json.loads(state["config"])
+    for k in ("decoder", "zdim", "segments", "gaussians", "lowpass_A", "hidden", "per_chain"):
+        if str(old[k]) != str(getattr(cfg, k)):
+            raise OptionError(f"--{k.replace('_', '-')}", f"{getattr(cfg, k)} differs from the checkpoint's "
+                              f"{old[k]} in {ckpt_path}: resume with the same settings")
+    return state
+
+
+def _train_epoch(epoch: int, cfg: HeteroConfig, step, opt, rng, n: int, dev, progress) -> dict:
+    """One pass over the particles (each rank its share of every batch); the epoch's record."""
+    r, w = distributed.rank(), distributed.world()
+    t0 = time.perf_counter()
+    beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.kl_warmup))
+    order = rng.permutation(n)
+    sums = {"loss": 0.0, "data": 0.0, "kl": 0.0}
+    for b0 in range(0, n, cfg.batch):
+        idx_all = np.sort(order[b0:b0 + cfg.batch])
+        # the batch's latent noise, drawn whole on every rank (the one-process stream), then split
+        eps_all = torch.randn(len(idx_all), cfg.zdim, device=dev)
+        idx, eps, weight = rank_share(idx_all, eps_all, r, w)
+        per, dterm, kl, terms = step(idx, eps, beta)
+        loss = rank_loss(per, weight, len(idx_all), w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        k = len(idx) if weight else 0
+        sums["loss"] += float(per.detach().mean()) * k
+        sums["data"] += float(dterm.detach().mean()) * k
+        sums["kl"] += float(kl.detach().mean()) * k
+        for name, v in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(v.detach().mean()) * k
+        progress(f"epoch {epoch + 1}/{cfg.epochs}", b0 + len(idx_all), n)
+    if w > 1:
+        keys = sorted(sums)
+        tot = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        sums = dict(zip(keys, tot.tolist()))
+    sec = time.perf_counter() - t0
+    rec = {"epoch": epoch + 1, "beta": beta, "seconds": sec, "images_per_s": n / sec}
+    rec.update({k: v / n for k, v in sums.items()})
+    return rec
+
+
 def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     """Train; write ``checkpoint.pt`` (every epoch), ``config.json``, ``loss.png`` and
     ``report.json`` into ``cfg.out``. Returns the report."""
-
     timer = Timer()
     progress = progress or (lambda *a: None)
     _check_config(cfg)
     out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT
-    state = None
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path)
-        old = json.loads(state["config"])
-        for k in ("decoder", "zdim", "segments", "gaussians", "lowpass_A", "hidden", "per_chain"):
-            if str(old[k]) != str(getattr(cfg, k)):
-                raise OptionError(f"--{k.replace('_', '-')}", f"{getattr(cfg, k)} differs from the checkpoint's "
-                                  f"{old[k]} in {ckpt_path}: resume with the same settings")
-    elif ckpt_path.exists():
-        raise OptionError("--out", f"{out} already holds a training run ({CHECKPOINT}); use --resume or a new --out")
+    state = _resume_state(cfg)
     dev = pick_device(cfg.device)
     set_matmul_precision(dev, cfg.matmul_precision)
     dev = distributed.setup(dev)
@@ -178,7 +211,7 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
         with torch.no_grad():
             vae.log_scale.fill_(math.log(fw.ref_scale))
     step = distributed.ddp(TrainStep(vae, fw, pairs, cfg, elastic_weight), dev)
-    r, w = distributed.rank(), distributed.world()
+    w = distributed.world()
     main = distributed.is_main()
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -187,39 +220,12 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     n = data.n
     seconds_train = sum(h["seconds"] for h in history)
     for epoch in range(first, cfg.epochs):
-        t0 = time.perf_counter()
         vae.train()
-        beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.kl_warmup))
-        order = rng.permutation(n)
-        sums = {"loss": 0.0, "data": 0.0, "kl": 0.0}
-        for b0 in range(0, n, cfg.batch):
-            idx_all = np.sort(order[b0:b0 + cfg.batch])
-            # the batch's latent noise, drawn whole on every rank (the one-process stream), then split
-            eps_all = torch.randn(len(idx_all), cfg.zdim, device=dev)
-            idx, eps, weight = rank_share(idx_all, eps_all, r, w)
-            per, dterm, kl, terms = step(idx, eps, beta)
-            loss = rank_loss(per, weight, len(idx_all), w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            k = len(idx) if weight else 0
-            sums["loss"] += float(per.detach().mean()) * k
-            sums["data"] += float(dterm.detach().mean()) * k
-            sums["kl"] += float(kl.detach().mean()) * k
-            for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(v.detach().mean()) * k
-            progress(f"epoch {epoch + 1}/{cfg.epochs}", b0 + len(idx_all), n)
-        if w > 1:
-            keys = sorted(sums)
-            tot = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-            sums = dict(zip(keys, tot.tolist()))
-        sec = time.perf_counter() - t0
-        seconds_train += sec
-        rec = {"epoch": epoch + 1, "beta": beta, "seconds": sec, "images_per_s": n / sec}
-        rec.update({k: v / n for k, v in sums.items()})
+        rec = _train_epoch(epoch, cfg, step, opt, rng, n, dev, progress)
+        seconds_train += rec["seconds"]
         history.append(rec)
         if main:
-            _save_checkpoint(ckpt_path, vae, opt, epoch, history, cfg, data, ref, rng)
+            _save_checkpoint(out / CHECKPOINT, vae, opt, epoch, history, cfg, data, ref, rng)
     report = {
         "job": "hetero train",
         "decoder": cfg.decoder,
@@ -244,28 +250,7 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     if w > 1:
         report["processes"] = w
     if main:
-        _loss_plot(out / "loss.png", history)
+        loss_plot(out / "loss.png", history)
         write_report(out / "report.json", report)
     distributed.barrier()
     return report
-
-
-def _loss_plot(path, history):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
-    ax[0].plot(ep, [h["data"] for h in history])
-    ax[0].set_xlabel("epoch")
-    ax[0].set_ylabel("data term (per image)")
-    ax[1].plot(ep, [h["kl"] for h in history])
-    ax[1].set_xlabel("epoch")
-    ax[1].set_ylabel("KL (nats per image)")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)

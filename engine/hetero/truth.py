@@ -13,11 +13,10 @@
 from __future__ import annotations
 
 import numpy as np
-from cryogmm.io.structures import write_models
-from cryogmm.errors import ModelError
-from cryogmm.io.structures import read_model
-from cryogmm.core.rotations import kabsch
 
+from cryogmm.core.rotations import kabsch
+from cryogmm.errors import ModelError
+from cryogmm.io.structures import read_model, write_models
 
 # adenylate kinase CORE domain (E. coli numbering): NMP is 30-59, LID 122-159
 ADK_CORE = tuple(range(1, 30)) + tuple(range(60, 122)) + tuple(range(160, 215))

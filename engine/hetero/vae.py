@@ -5,16 +5,16 @@ torchrun."""
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 from torch import nn
-from cryogmm.hetero.deform import Deformer, make_deformer, mlp
+
 from cryogmm.errors import InputError
 from cryogmm.hetero.config import HeteroConfig
-from cryogmm.hetero.data import ParticleData
+from cryogmm.hetero.data import ParticleData, project_fourier
+from cryogmm.hetero.deform import Deformer, make_deformer, mlp
 from cryogmm.hetero.reference import Reference
-from cryogmm.hetero.data import project_fourier
-
 
 
 # --------------------------------------------------------------------------- restraints

@@ -6,12 +6,13 @@ Maps are returned as float32 numpy arrays indexed ``[z, y, x]`` with their pixel
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-import numpy as np
-from cryogmm.io.outputs import atomic_output
-from cryogmm.errors import MapError
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+
+from cryogmm.errors import MapError
+from cryogmm.io.outputs import atomic_output
 
 
 def read_mrc(path):

@@ -6,15 +6,16 @@ temporary name in the same folder and renamed into place only when writing succe
 
 from __future__ import annotations
 
-import json
-import platform
-from pathlib import Path
-import numpy as np
 import contextlib
+import json
 import os
+import platform
 import tempfile
-from cryogmm import __version__
+from pathlib import Path
 
+import numpy as np
+
+from cryogmm import __version__
 
 
 def _jsonable(x):

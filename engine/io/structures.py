@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
+
+from cryogmm.core.gaussians import B_PER_SIGMA2, ELECTRONS, Gaussians, sigma_from_resolution
 from cryogmm.errors import ModelError
-from cryogmm.core.gaussians import Gaussians, sigma_from_resolution
 from cryogmm.io.outputs import atomic_output
-from cryogmm.core.gaussians import ELECTRONS
-from cryogmm.core.gaussians import B_PER_SIGMA2
 
 BACKBONE = ("N", "CA", "C", "O", "OXT")
 MODES = ("atoms", "ca", "residue2")
@@ -54,6 +54,19 @@ def _atom_key(chain, res, atom):
     return (chain.name, res.seqid.num, res.seqid.icode, res.name, atom.name, atom.altloc)
 
 
+def read_structure_file(path):
+    """The gemmi Structure of a PDB or mmCIF file, or a ModelError naming the file."""
+    import gemmi
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(path, "no such file")
+    try:
+        return gemmi.read_structure(str(path))
+    except Exception as e:  # gemmi raises RuntimeError/ValueError with its own text
+        raise ModelError(path, f"cannot be read as PDB or mmCIF ({str(e).splitlines()[0]})") from None
+
+
 def read_model(path, others=()) -> Model:
     """Read heavy atoms of every model in ``path`` (PDB or mmCIF, via gemmi), plus the first
     model of each file in ``others`` as further frames.
@@ -61,16 +74,10 @@ def read_model(path, others=()) -> Model:
     Frames are matched atom for atom by (chain, residue number, residue name, atom name);
     only atoms present in every frame are kept. First altloc only.
     """
-    import gemmi
 
     def load(p):
         p = Path(p)
-        if not p.is_file():
-            raise ModelError(p, "no such file")
-        try:
-            st = gemmi.read_structure(str(p))
-        except Exception as e:  # gemmi raises RuntimeError/ValueError with its own text
-            raise ModelError(p, f"cannot be read as PDB or mmCIF ({str(e).splitlines()[0]})") from None
+        st = read_structure_file(p)
         st.remove_hydrogens()
         st.remove_alternative_conformations()
         frames = []

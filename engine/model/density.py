@@ -10,11 +10,12 @@ with respect to the coordinates comes from torch.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
+
 from cryogmm.errors import MapError
 from cryogmm.model.topology import Topology
-
 
 
 def blau_lindahl_sigma(resolution_A: float) -> float:
@@ -68,7 +69,6 @@ def sample(vol: torch.Tensor, x: torch.Tensor, apix: float, origin_A) -> torch.T
 
 
 def check_overlap(topo: Topology, grid, path):
-
     lo, hi = grid.extent_A()
     x = topo.coords[~topo.is_h]
     inside = np.all((x >= lo) & (x <= hi), axis=1).mean()

@@ -26,11 +26,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+
 import numpy as np
 import torch
-from cryogmm.model.topology import RAMA_CLASSES, Topology
-from cryogmm.core.rotations import dihedral
 
+from cryogmm.core.rotations import dihedral
+from cryogmm.model.topology import RAMA_CLASSES, Topology
 
 HBOND_RELIEF = 0.6  # Å subtracted from the overlap of a polar H with an acceptor
 CLASH_OVERLAP = 0.4  # Å: a serious clash (MolProbity clashscore)

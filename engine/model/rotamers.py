@@ -25,17 +25,21 @@ allowed conformation (modes with chi1/chi2 offsets) that adds no clash.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
-from cryogmm.model.restraints import ROTAMER_OUTLIER, grid_value
-from cryogmm.model.restraints import reference_tables
-from cryogmm.model.restraints import CLASH_OVERLAP, HBOND_RELIEF, is_excluded
-from cryogmm.core.gaussians import ELECTRONS
-from cryogmm.model.validate import rama_table
-from cryogmm.core.rotations import rotvec_to_rotmat
-from cryogmm.core.rotations import axis_rotation
-from cryogmm.core.rotations import dihedral_deg
 
+from cryogmm.core.gaussians import ELECTRONS
+from cryogmm.core.rotations import axis_rotation, dihedral_deg, rotvec_to_rotmat
+from cryogmm.model.restraints import (
+    CLASH_OVERLAP,
+    HBOND_RELIEF,
+    ROTAMER_OUTLIER,
+    grid_value,
+    is_excluded,
+    reference_tables,
+)
+from cryogmm.model.validate import rama_table
 
 
 def _bond_graph(topo):
@@ -44,6 +48,19 @@ def _bond_graph(topo):
     for i, j in topo.bonds:
         nbr[i].append(j); nbr[j].append(i)
     return nbr
+
+
+def _movable_chis(topo, tabs):
+    """(rotamer table, χ atom quadruples) of every side chain with χ angles that may move."""
+    for tname, (quads, res) in topo.chis.items():
+        for k in range(len(res)):
+            if topo.movable[int(quads[k][0, 2])]:
+                yield tabs[tname], quads[k]
+
+
+def _chi_angles(xn, q) -> np.ndarray:
+    """χ angles (degrees) of one side chain at coordinates ``xn``."""
+    return np.array([dihedral_deg(*xn[q[c]]) for c in range(q.shape[0])])
 
 
 def _is_outlier(tb, chi_deg) -> bool:
@@ -66,32 +83,27 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
     x = rs.with_h(rf.x_all.detach().clone())
     xn = x.detach().cpu().numpy().copy()
     n_rebuilt = n_left = 0
-    for tname, (quads, res) in topo.chis.items():
-        tb = tabs[tname]
-        for k in range(len(res)):
-            q = quads[k]
-            if not topo.movable[int(q[0, 2])]:
-                continue
-            chi = np.array([dihedral_deg(*xn[q[c]]) for c in range(q.shape[0])])
-            if not _is_outlier(tb, chi):
-                continue
-            local, _, S, built = _chi_candidates(xn, q, nbr, topo, tb, chi_offsets)
-            heavy = ~topo.is_h[local]
-            p0 = xn[local]
-            cands = sorted(((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos) for pos in built),
-                           key=lambda c: c[0])
-            base = _local_clashes(rs, xn, S)
-            for _, pos in cands:
-                y = x.clone()
-                y[torch.as_tensor(local)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-                y = rs.with_h(y)
-                yn = y.detach().cpu().numpy()
-                if _local_clashes(rs, yn, S) <= base:
-                    x, xn = y, yn.copy()
-                    n_rebuilt += 1
-                    break
-            else:
-                n_left += 1
+    for tb, q in _movable_chis(topo, tabs):
+        chi = _chi_angles(xn, q)
+        if not _is_outlier(tb, chi):
+            continue
+        local, _, S, built = _chi_candidates(xn, q, nbr, topo, tb, chi_offsets)
+        heavy = ~topo.is_h[local]
+        p0 = xn[local]
+        cands = sorted(((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos) for pos in built),
+                       key=lambda c: c[0])
+        base = _local_clashes(rs, xn, S)
+        for _, pos in cands:
+            y = x.clone()
+            y[torch.as_tensor(local)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
+            y = rs.with_h(y)
+            yn = y.detach().cpu().numpy()
+            if _local_clashes(rs, yn, S) <= base:
+                x, xn = y, yn.copy()
+                n_rebuilt += 1
+                break
+        else:
+            n_left += 1
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None:
         rf.on_coords(rf.x_all.detach().cpu().numpy().copy())
@@ -127,7 +139,6 @@ def _allowed_targets(tb, chi_offsets, n_off: int) -> np.ndarray:
     turned by ``chi_offsets`` (every combination), those that leave the allowed region
     dropped; the same for every residue of a type, so computed once per table."""
     import itertools
-
 
     key = (id(tb), tuple(chi_offsets), n_off)
     if key not in _TARGETS:
@@ -218,43 +229,37 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
     x = rs.with_h(x)
     xn = x.detach().cpu().numpy().copy()
     n_res = n_changed = n_rejected = 0
-    for tname, (quads, res) in topo.chis.items():
-        tb = tabs[tname]
-        for k in range(len(res)):
-            q = quads[k]
-            if not topo.movable[int(q[0, 2])]:
-                continue
-            chi = np.array([dihedral_deg(*xn[q[c]]) for c in range(q.shape[0])])
-            is_outlier = _is_outlier(tb, chi)
-            if outliers_only and not is_outlier:
-                continue
-            sc = _side_chain_atoms(topo, topo.res_index[int(q[0, 2])])
-            if not len(sc):
-                continue
-            n_res += 1
-            local, lut, S, built = _chi_candidates(xn, q, nbr, topo, tb, chi_offsets)
-            lsc = np.array([lut[int(a)] for a in sc], dtype=np.int64)
-            w = zw[sc]
-            current = float((w * density(xn[local][lsc])).sum())
-            scores = (density(built[:, lsc].reshape(-1, 3)).reshape(len(built), -1) * w).sum(1) if len(built) else []
-            cands = [(float(sc_), pos) for sc_, pos in zip(scores, built)]
-            cands.sort(key=lambda c: -c[0])
-            base = None
-            for score, pos in cands:
-                if not is_outlier and score <= current + 1e-9 * abs(current):
-                    break  # an outlier leaves its conformation for the best allowed one
-                y = x.clone()
-                y[torch.as_tensor(local, device=y.device)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-                y = rs.with_h(y)
-                yn = y.detach().cpu().numpy()
-                if base is None:
-                    base = _local_clashes(rs, xn, S)
-                if _local_clashes(rs, yn, S) <= base:
-                    x = y
-                    xn = yn.copy()
-                    n_changed += 1
-                    break
-                n_rejected += 1
+    for tb, q in _movable_chis(topo, tabs):
+        is_outlier = _is_outlier(tb, _chi_angles(xn, q))
+        if outliers_only and not is_outlier:
+            continue
+        sc = _side_chain_atoms(topo, topo.res_index[int(q[0, 2])])
+        if not len(sc):
+            continue
+        n_res += 1
+        local, lut, S, built = _chi_candidates(xn, q, nbr, topo, tb, chi_offsets)
+        lsc = np.array([lut[int(a)] for a in sc], dtype=np.int64)
+        w = zw[sc]
+        current = float((w * density(xn[local][lsc])).sum())
+        scores = (density(built[:, lsc].reshape(-1, 3)).reshape(len(built), -1) * w).sum(1) if len(built) else []
+        cands = [(float(sc_), pos) for sc_, pos in zip(scores, built)]
+        cands.sort(key=lambda c: -c[0])
+        base = None
+        for score, pos in cands:
+            if not is_outlier and score <= current + 1e-9 * abs(current):
+                break  # an outlier leaves its conformation for the best allowed one
+            y = x.clone()
+            y[torch.as_tensor(local, device=y.device)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
+            y = rs.with_h(y)
+            yn = y.detach().cpu().numpy()
+            if base is None:
+                base = _local_clashes(rs, xn, S)
+            if _local_clashes(rs, yn, S) <= base:
+                x = y
+                xn = yn.copy()
+                n_changed += 1
+                break
+            n_rejected += 1
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None:
         rf.on_coords(rf.x_all.detach().cpu().numpy().copy())

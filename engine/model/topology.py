@@ -21,10 +21,12 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-import numpy as np
-from cryogmm.errors import ModelError
-from cryogmm.core.rotations import dihedral_deg
 
+import numpy as np
+
+from cryogmm.core.rotations import dihedral_deg
+from cryogmm.errors import ModelError
+from cryogmm.io.structures import read_structure_file
 
 KNOWN_RESIDUES = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET",
                   "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL", "MSE")
@@ -81,15 +83,8 @@ def _monlib_dir() -> str:
 
 def read_structure(path):
     """gemmi Structure of the first model, or ModelError naming the file."""
-    import gemmi
-
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(path, "no such file")
-    try:
-        st = gemmi.read_structure(str(path))
-    except Exception as e:
-        raise ModelError(path, f"cannot be read as PDB or mmCIF ({str(e).splitlines()[0]})") from None
+    st = read_structure_file(path)
     if len(st) == 0 or st[0].count_atom_sites() == 0:
         raise ModelError(path, "holds no atoms")
     while len(st) > 1:
@@ -189,8 +184,8 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
                 del ch[i]
     st.remove_empty_chains()
     fixed_store.reverse()
-    import io
     import contextlib
+    import io
 
     mon = gemmi.MonLib()
     names = sorted({r.name for ch in st[0] for r in ch})

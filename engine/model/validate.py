@@ -20,8 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
+
+from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+from cryogmm.core.similarity import fsc, resolution_at
+from cryogmm.errors import OptionError
+from cryogmm.io.maps import MapGrid, read_map_grid
+from cryogmm.io.outputs import write_report
+from cryogmm.model.density import check_overlap, splat
 from cryogmm.model.restraints import (
     CLASH_OVERLAP,
     RAMA_ALLOWED,
@@ -31,16 +39,7 @@ from cryogmm.model.restraints import (
     grid_value,
     reference_tables,
 )
-from cryogmm.model.topology import RAMA_CLASSES, Topology, build_topology
-from cryogmm.errors import OptionError
-from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
-from cryogmm.model.density import splat
-from cryogmm.io.outputs import write_report
-from cryogmm.model.topology import read_structure
-from cryogmm.model.density import check_overlap
-from cryogmm.core.similarity import fsc, resolution_at
-from cryogmm.io.maps import read_map_grid
-
+from cryogmm.model.topology import RAMA_CLASSES, Topology, build_topology, read_structure
 
 # the issue's goals for refined models
 GOALS = dict(rama_outlier_pct=0.0, rotamer_outlier_pct=1.0, clashscore=2.0, bond_rmsz=1.0, angle_rmsz=1.0)
@@ -184,7 +183,6 @@ def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
     from scipy.ndimage import map_coordinates
     from scipy.spatial import cKDTree
 
-
     heavy = ~topo.is_h
     xa = np.asarray(coords, dtype=np.float64)[heavy]
     amp = torch.tensor([ELECTRONS.get(e, 6) for e in topo.element[heavy]], dtype=torch.float64)
@@ -245,10 +243,39 @@ def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
     return out
 
 
-def validate(cfg: ValidateConfig, progress=None) -> dict:
-    """Validate a model file; writes ``report.json`` and ``ramachandran.png`` into ``cfg.out``
-    when given. Returns the report."""
+def validate_model(topo: Topology, grid: MapGrid | None = None, resolution_A: float | None = None, *,
+                   name: str = "") -> tuple[dict, Restraints]:
+    """Every validation figure of ``topo``'s coordinates (and its fit to ``grid`` at
+    ``resolution_A``), in memory: the report and the restraints used (the engine API the
+    ChimeraX door calls on its open model)."""
+    if grid is not None and resolution_A is None:
+        raise OptionError("--resolution", "is needed with --map (the model map's resolution in Å)")
+    if resolution_A is not None and not resolution_A > 0:
+        raise OptionError("--resolution", f"must be positive, got {resolution_A}")
+    r = Restraints(topo)
+    rep = {"model": name}
+    rep.update(validate_coords(topo, topo.coords, r, details=True))
+    rep["warnings"] = list(topo.warnings)
+    if grid is not None:
+        rep["map"] = str(grid.path)
+        rep["resolution_A"] = resolution_A
+        rep.update(map_figures(topo, topo.coords, grid, resolution_A))
+    return rep, r
 
+
+def write_validation(out: Path, topo: Topology, rep: dict, restraints: Restraints, title: str = "") -> None:
+    """``report.json`` and ``ramachandran.png`` of a validation into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    x = restraints.with_h(torch.as_tensor(topo.coords))
+    pp, _, _, verdict = rama_table(restraints, x)
+    rama_plot(pp, verdict, out / "ramachandran.png", title=title)
+    write_report(out / "report.json", rep)
+
+
+def validate(cfg: ValidateConfig, progress=None) -> dict:
+    """The ``validate`` job: validate a model file (with its map); writes ``report.json`` and
+    ``ramachandran.png`` into ``cfg.out`` when given. Returns the report."""
     if cfg.map is not None and cfg.resolution_A is None:
         raise OptionError("--resolution", "is needed with --map (the model map's resolution in Å)")
     if cfg.resolution_A is not None and not cfg.resolution_A > 0:
@@ -256,24 +283,13 @@ def validate(cfg: ValidateConfig, progress=None) -> dict:
     topo = build_topology(cfg.model)
     grid = None
     if cfg.map is not None:
-
         grid = read_map_grid(cfg.map)
         check_overlap(topo, grid, cfg.map)
-    r = Restraints(topo)
-    rep = {"model": str(cfg.model)}
-    rep.update(validate_coords(topo, topo.coords, r, details=True))
-    rep["warnings"] = list(topo.warnings)
+    rep, r = validate_model(topo, grid, cfg.resolution_A, name=str(cfg.model))
     if grid is not None:
         rep["map"] = str(cfg.map)
-        rep["resolution_A"] = cfg.resolution_A
-        rep.update(map_figures(topo, topo.coords, grid, cfg.resolution_A))
     if cfg.out is not None:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        x = r.with_h(torch.as_tensor(topo.coords))
-        pp, _, _, verdict = rama_table(r, x)
-        rama_plot(pp, verdict, out / "ramachandran.png", title=f"{Path(cfg.model).name}")
-        write_report(out / "report.json", rep)
+        write_validation(Path(cfg.out), topo, rep, r, title=Path(cfg.model).name)
     return rep
 
 

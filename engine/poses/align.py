@@ -4,12 +4,13 @@ score, focus widths from a mask, and the Adam refinement of rotations and shifts
 from __future__ import annotations
 
 import math
+
 import torch
+
 from cryogmm.core.gaussians import Gaussians
-from cryogmm.runtime import autocast
 from cryogmm.core.projection import project
 from cryogmm.core.rotations import rotvec_to_rotmat
-
+from cryogmm.runtime import autocast
 
 
 class BandFrc:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from cryogmm.core.rotations import rotmat_angle_deg, weighted_kabsch
 from cryogmm.errors import MapError, OptionError
-from cryogmm.core.rotations import rotmat_angle_deg
 from cryogmm.hetero.run import Run
 from cryogmm.poses.align import focus_widths
-from cryogmm.core.rotations import weighted_kabsch
-
 
 
 def conformation_to_orientation(R, S, deformed, neutral, weights):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def expand_table(table, ops, R=None, S=None):
     """Symmetry-expanded copy of a ``ParticleTable``: ``K`` rows per particle (same image,
     same half set) with poses ``A R_k``; ``rlnCryogmmSymCopy`` (1..K) and

@@ -40,39 +40,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.errors import MapError, OptionError
-from cryogmm.runtime import Timer
-from cryogmm.core.rotations import rotmat_angle_deg
-from cryogmm.io.maps import read_map
-from cryogmm.io import maps as mapio
-from cryogmm.bridge.images import ImageSource
-from cryogmm.recon.job import reconstruct_table
-from cryogmm.poses.expand import expand_table
-from cryogmm import distributed
-from cryogmm.gmmfit.fit import auto_n, auto_threshold, fit_gaussians_frc, gaussians_from_map
-from cryogmm.io.maps import map_origin_A
-from cryogmm.io.structures import gaussians_from_coords
-from cryogmm.core.fourier import lowpass
-from cryogmm.core.ctf import CtfParams, ctf_rfft2
-from cryogmm.core.similarity import fsc, resolution_at
-from cryogmm.bridge.conventions import rotmat_to_euler_zyz_deg
-from cryogmm.io.outputs import OutputDir
-from cryogmm.bridge.io import read_particles, write_particles
-from cryogmm.io.structures import read_model
-from cryogmm.runtime import pick_device, set_matmul_precision
-from cryogmm.io.outputs import write_report
-from cryogmm.io.plots import fsc_plot
-from cryogmm.core.masks import soft_sphere_mask
-from cryogmm.core.symmetry import symmetrize_map, symmetry_operators
-from cryogmm.poses.align import BandFrc
-from cryogmm.poses.conformation import hetero_poses
-from cryogmm.poses.patches import composite
-from cryogmm.poses.align import focus_widths
-from cryogmm.poses.patches import patch_masks
-from cryogmm.poses.align import refine_batch
 
+from cryogmm import distributed
+from cryogmm.bridge.conventions import rotmat_to_euler_zyz_deg
+from cryogmm.bridge.images import ImageSource
+from cryogmm.bridge.io import read_particles, write_particles
+from cryogmm.core.ctf import CtfParams, ctf_rfft2
+from cryogmm.core.fourier import lowpass
+from cryogmm.core.masks import soft_sphere_mask
+from cryogmm.core.rotations import rotmat_angle_deg
+from cryogmm.core.similarity import fsc, resolution_at
+from cryogmm.core.symmetry import symmetrize_map, symmetry_operators
+from cryogmm.errors import MapError, OptionError
+from cryogmm.gmmfit.fit import auto_n, auto_threshold, fit_gaussians_frc, gaussians_from_map
+from cryogmm.io import maps as mapio
+from cryogmm.io.maps import map_origin_A, read_map
+from cryogmm.io.outputs import OutputDir, write_report
+from cryogmm.io.plots import fsc_plot
+from cryogmm.io.structures import gaussians_from_coords, read_model
+from cryogmm.poses.align import BandFrc, focus_widths, refine_batch
+from cryogmm.poses.conformation import hetero_poses
+from cryogmm.poses.expand import expand_table
+from cryogmm.poses.patches import composite, patch_masks
+from cryogmm.recon.job import reconstruct_table
+from cryogmm.runtime import Timer, pick_device, set_matmul_precision
 
 
 @dataclass
@@ -106,7 +100,6 @@ class RefineConfig:
 
 
 def _read_half_maps(paths, box, apix):
-
     maps = []
     for p in paths:
         m, a = read_map(p, expect_apix=apix)
@@ -117,7 +110,6 @@ def _read_half_maps(paths, box, apix):
 
 
 def _read_mask(path, box, apix, device):
-
     m, _ = mapio.read_map(path, expect_apix=apix)
     if m.shape[0] != box:
         raise MapError(path, f"mask box {m.shape[0]} differs from the particles' box {box}")
@@ -168,7 +160,6 @@ def _fit_mixtures(ctx: _Ctx, gmms, halves, res, it):
 
 
 def _fit_mixtures_here(ctx: _Ctx, gmms, halves, res, it):
-
     cfg, apix, box, dev = ctx.cfg, ctx.apix, ctx.box, ctx.dev
     out = list(gmms)
     for h in (0, 1):
@@ -200,7 +191,6 @@ def _fit_mixtures_here(ctx: _Ctx, gmms, halves, res, it):
 
 def _align_all(ctx: _Ctx, refs, band: BandFrc, R, S, label):
     """Refine every particle's pose against its half's mixture; returns new ``R, S, frc``."""
-
 
     cfg, dev = ctx.cfg, ctx.dev
     R_new, S_new = R.clone(), S.clone()
@@ -276,13 +266,7 @@ def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label):
             "history": history, "curves": curves, "frc": frc}
 
 
-def refine_poses(cfg: RefineConfig, progress=None) -> dict:
-    """Run the refinement; write ``refined.star``, ``half1.mrc``, ``half2.mrc``, ``map.mrc``,
-    ``fsc.png`` (every iteration), ``report.json`` (and with patches ``composite*.mrc`` and
-    ``patches/``) into ``cfg.out``. Returns the report."""
-
-    timer = Timer()
-    progress = progress or (lambda *a: None)
+def _check_options(cfg: RefineConfig):
     for name, v, lo in (("--iterations", cfg.iterations, 1), ("--steps", cfg.steps, 1), ("--batch", cfg.batch, 1),
                         ("--patch-iterations", cfg.patch_iterations, 1), ("--patches", cfg.patches, 0)):
         if v < lo:
@@ -298,13 +282,21 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
         raise OptionError("--patches/--mask", "patches make their own masks; give one or the other")
     if cfg.prefetch < 0:
         raise OptionError("--prefetch", f"{cfg.prefetch}; expected 0 (off) or a number of batches")
-    ops = symmetry_operators(cfg.sym)
-    dev = pick_device(cfg.device)
-    set_matmul_precision(dev, cfg.matmul_precision)
-    dev = distributed.setup(dev)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
 
+
+@dataclass
+class _Inputs:
+    ctx: _Ctx
+    n_input: int  # particles before symmetry expansion
+    mask: torch.Tensor | None
+    halves: list | None
+    consensus: torch.Tensor | None
+    expanded: bool  # symmetry-expanded for focused or patch work
+
+
+def _read_inputs(cfg: RefineConfig, ops, dev, rng, progress) -> _Inputs:
+    """Particles (with half sets, expanded by the symmetry for focused or patch work), mask,
+    starting maps or model, and the refinement context over them."""
     table = read_particles(cfg.star, project_dir=cfg.project_dir)
     table.require(poses=True, ctf=True, why="pose refinement")
     table = table.with_half_sets(seed=cfg.seed)
@@ -321,12 +313,101 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     expanded = len(ops) > 1 and (mask is not None or cfg.patches > 0)
     if expanded:
         table = expand_table(table, ops)
-    recon_ops = ops[:1] if expanded else ops
-    source = ImageSource.from_table(table)
     sphere = soft_sphere_mask(box, box // 2 - 6, edge_px=3)
-    ctx = _Ctx(cfg=cfg, table=table, source=source, box=box, apix=apix, dev=dev, sets=table.half_set - 1,
-               lo_shell=max(1, int(round(box * apix / cfg.low_res_A))), sphere=sphere, recon_ops=recon_ops,
-               model=model, rng=rng, progress=progress)
+    ctx = _Ctx(cfg=cfg, table=table, source=ImageSource.from_table(table), box=box, apix=apix, dev=dev,
+               sets=table.half_set - 1, lo_shell=max(1, int(round(box * apix / cfg.low_res_A))), sphere=sphere,
+               recon_ops=ops[:1] if expanded else ops, model=model, rng=rng, progress=progress)
+    return _Inputs(ctx=ctx, n_input=n_input, mask=mask, halves=halves, consensus=consensus, expanded=expanded)
+
+
+def _start_maps(inp: _Inputs, R, S):
+    """Starting half maps (given, a low-passed consensus map, or reconstructed from the poses),
+    the resolution the alignment starts at, and the starting FSC resolution to report."""
+    ctx, cfg = inp.ctx, inp.ctx.cfg
+    box, apix, halves = ctx.box, ctx.apix, inp.halves
+    if inp.consensus is not None:
+        lp = lowpass(inp.consensus, cfg.start_res_A, apix)
+        halves = [lp, lp.clone()]
+    elif halves is None or cfg.hetero is not None:  # new poses: their own starting maps
+        h1, h2, _, _ = _reconstruct(ctx, R, S, wiener=False)
+        halves = [h1, h2]
+    fmask = ctx.sphere if inp.mask is None else ctx.sphere * inp.mask.cpu()
+    start_curve = fsc(halves[0], halves[1], mask=fmask)
+    res = resolution_at(start_curve, box, apix)
+    if cfg.start_res_A:
+        res = max(float(cfg.start_res_A), 2 * apix)
+    start_res = resolution_at(start_curve, box, apix) if inp.consensus is None else None
+    return halves, res, start_res
+
+
+def _refine_patches(inp: _Inputs, run: dict, ops, curves: dict) -> dict:
+    """Patch by patch: k-means patches of the mixture as masks, each refined from the global
+    result, then the composite maps (symmetrised by the patches' masks)."""
+    ctx, cfg = inp.ctx, inp.ctx.cfg
+    box, apix, sphere = ctx.box, ctx.apix, ctx.sphere
+    h1, h2 = run["halves"]
+    masks, patch_info = patch_masks(run["gmms"][0], cfg.patches, box, apix, seed=cfg.seed)
+    patch_runs = []
+    for j in range(cfg.patches):
+        mj = masks[j]
+        curve0 = fsc(h1, h2, mask=sphere * mj)
+        res0 = resolution_at(curve0, box, apix)
+        pr = _iterate(ctx, run["R"], run["S"], [h1, h2], run["gmms"], res0, mj.to(ctx.dev), cfg.patch_iterations,
+                      f"patch {j + 1}")
+        curve1 = fsc(pr["halves"][0], pr["halves"][1], mask=sphere * mj)
+        patch_info[j].update({"masked_resolution_before_A": res0,
+                              "masked_resolution_A": resolution_at(curve1, box, apix),
+                              "iterations": pr["history"]})
+        curves[f"patch {j + 1} (masked)"] = curve1.numpy()
+        patch_runs.append(pr)
+    comp = [composite([pr["halves"][i] for pr in patch_runs], masks, (h1, h2)[i]) for i in (0, 1)]
+    comp.append(composite([pr["final"] for pr in patch_runs], masks, run["final"]))
+    if len(ops) > 1:
+        msum = masks.sum(0).clamp(0, 1)
+        comp = [symmetrize_map(v, ops, weight=msum) for v in comp]
+    comp_curve = fsc(comp[0], comp[1], mask=sphere)
+    curves["composite"] = comp_curve.numpy()
+    return {"runs": patch_runs, "info": patch_info, "masks": masks, "maps": comp, "curve": comp_curve}
+
+
+def _write_maps_and_patches(od, inp: _Inputs, table, extra: dict, h1, h2, final, patches: dict | None):
+    apix = inp.ctx.apix
+    mapio.write_map(od.path("half1.mrc"), h1.numpy(), apix)
+    mapio.write_map(od.path("half2.mrc"), h2.numpy(), apix)
+    mapio.write_map(od.path("map.mrc"), final.numpy(), apix)
+    if patches is None:
+        return
+    comp = patches["maps"]
+    mapio.write_map(od.path("composite_half1.mrc"), comp[0].numpy(), apix)
+    mapio.write_map(od.path("composite_half2.mrc"), comp[1].numpy(), apix)
+    mapio.write_map(od.path("composite.mrc"), comp[2].numpy(), apix)
+    for j, pr in enumerate(patches["runs"]):
+        d = Path("patches") / f"patch_{j + 1:02d}"
+        pt = table.with_poses(rotmat=pr["R"].double().numpy(), shift_A=pr["S"].double().numpy())
+        write_particles(pt.with_columns(**{**extra, "rlnCryogmmFrc": pr["frc"].double().numpy()}),
+                        od.path(str(d / "refined.star")))
+        mapio.write_map(od.path(str(d / "mask.mrc")), patches["masks"][j].numpy(), apix)
+        mapio.write_map(od.path(str(d / "half1.mrc")), pr["halves"][0].numpy(), apix)
+        mapio.write_map(od.path(str(d / "half2.mrc")), pr["halves"][1].numpy(), apix)
+        mapio.write_map(od.path(str(d / "map.mrc")), pr["final"].numpy(), apix)
+
+
+def refine_poses(cfg: RefineConfig, progress=None) -> dict:
+    """Run the refinement; write ``refined.star``, ``half1.mrc``, ``half2.mrc``, ``map.mrc``,
+    ``fsc.png`` (every iteration), ``report.json`` (and with patches ``composite*.mrc`` and
+    ``patches/``) into ``cfg.out``. Returns the report."""
+    timer = Timer()
+    progress = progress or (lambda *a: None)
+    _check_options(cfg)
+    ops = symmetry_operators(cfg.sym)
+    dev = pick_device(cfg.device)
+    set_matmul_precision(dev, cfg.matmul_precision)
+    dev = distributed.setup(dev)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    inp = _read_inputs(cfg, ops, dev, rng, progress)
+    ctx, mask, expanded = inp.ctx, inp.mask, inp.expanded
+    table, box, apix, sphere = ctx.table, ctx.box, ctx.apix, ctx.sphere
 
     R = torch.as_tensor(table.rotmat, dtype=torch.float32)
     S = torch.as_tensor(table.shift_A, dtype=torch.float32)
@@ -336,55 +417,24 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
         if expanded:
             raise OptionError("--hetero/--sym", "conformation to orientation runs on unexpanded particles (C1)")
         R, S, hetero_figures = hetero_poses(cfg, table, mask, R, S, apix, dev, progress)
-    # ---- starting half maps: given, a low-passed consensus map, or reconstructed from the input poses
-    if consensus is not None:
-        lp = lowpass(consensus, cfg.start_res_A, apix)
-        halves = [lp, lp.clone()]
-    elif halves is None or cfg.hetero is not None:  # new poses: their own starting maps
-        h1, h2, _, _ = _reconstruct(ctx, R, S, wiener=False)
-        halves = [h1, h2]
-    fmask = sphere if mask is None else sphere * mask.cpu()
-    start_curve = fsc(halves[0], halves[1], mask=fmask)
-    res = resolution_at(start_curve, box, apix)
-    if cfg.start_res_A:
-        res = max(float(cfg.start_res_A), 2 * apix)
-    start_res = resolution_at(start_curve, box, apix) if consensus is None else None
-
+    halves, res, start_res = _start_maps(inp, R, S)
     run = _iterate(ctx, R, S, halves, [None, None], res, mask, cfg.iterations, "focused" if mask is not None else "global")
     curves = dict(run["curves"])
     R, S, frc_final = run["R"], run["S"], run["frc"]
     h1, h2 = run["halves"]
     final = run["final"]
-
-    patch_runs, patch_info, comp = [], [], None
+    patches = None
     if cfg.patches:
-        masks, patch_info = patch_masks(run["gmms"][0], cfg.patches, box, apix, seed=cfg.seed)
-        for j in range(cfg.patches):
-            mj = masks[j]
-            curve0 = fsc(h1, h2, mask=sphere * mj)
-            res0 = resolution_at(curve0, box, apix)
-            pr = _iterate(ctx, R, S, [h1, h2], run["gmms"], res0, mj.to(dev), cfg.patch_iterations, f"patch {j + 1}")
-            curve1 = fsc(pr["halves"][0], pr["halves"][1], mask=sphere * mj)
-            patch_info[j].update({"masked_resolution_before_A": res0,
-                                  "masked_resolution_A": resolution_at(curve1, box, apix),
-                                  "iterations": pr["history"]})
-            curves[f"patch {j + 1} (masked)"] = curve1.numpy()
-            patch_runs.append(pr)
-        comp = [composite([pr["halves"][i] for pr in patch_runs], masks, (h1, h2)[i]) for i in (0, 1)]
-        comp.append(composite([pr["final"] for pr in patch_runs], masks, final))
-        if len(ops) > 1:
-            msum = masks.sum(0).clamp(0, 1)
-            comp = [symmetrize_map(v, ops, weight=msum) for v in comp]
-        comp_curve = fsc(comp[0], comp[1], mask=sphere)
-        curves["composite"] = comp_curve.numpy()
+        patches = _refine_patches(inp, run, ops, curves)
     elif expanded:  # focused on a symmetric particle: put the sharp region back on its mates
         final = symmetrize_map(final, ops, weight=mask.cpu())
 
     if not distributed.is_main():  # rank 0 writes; the others return the figures they share
         distributed.barrier()
         return {"job": "refine-poses", "rank": distributed.rank(), "processes": distributed.world(),
-                "n_particles": int(n_input), "iterations": run["history"],
+                "n_particles": int(inp.n_input), "iterations": run["history"],
                 "resolution_A": run["history"][-1]["resolution_A"], "device": str(dev), "seconds": timer()}
+    patch_runs = patches["runs"] if patches else []
     with OutputDir(cfg.out) as od:
         eul_in = rotmat_to_euler_zyz_deg(R_in.double().numpy())
         extra = {
@@ -399,22 +449,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
         write_particles(out_table, od.path("refined.star"))
         if str(cfg.star).endswith(".cs") and not expanded:
             write_particles(out_table, od.path("refined.cs"))
-        mapio.write_map(od.path("half1.mrc"), h1.numpy(), apix)
-        mapio.write_map(od.path("half2.mrc"), h2.numpy(), apix)
-        mapio.write_map(od.path("map.mrc"), final.numpy(), apix)
-        if comp is not None:
-            mapio.write_map(od.path("composite_half1.mrc"), comp[0].numpy(), apix)
-            mapio.write_map(od.path("composite_half2.mrc"), comp[1].numpy(), apix)
-            mapio.write_map(od.path("composite.mrc"), comp[2].numpy(), apix)
-            for j, pr in enumerate(patch_runs):
-                d = Path("patches") / f"patch_{j + 1:02d}"
-                pt = table.with_poses(rotmat=pr["R"].double().numpy(), shift_A=pr["S"].double().numpy())
-                write_particles(pt.with_columns(**{**extra, "rlnCryogmmFrc": pr["frc"].double().numpy()}),
-                                od.path(str(d / "refined.star")))
-                mapio.write_map(od.path(str(d / "mask.mrc")), masks[j].numpy(), apix)
-                mapio.write_map(od.path(str(d / "half1.mrc")), pr["halves"][0].numpy(), apix)
-                mapio.write_map(od.path(str(d / "half2.mrc")), pr["halves"][1].numpy(), apix)
-                mapio.write_map(od.path(str(d / "map.mrc")), pr["final"].numpy(), apix)
+        _write_maps_and_patches(od, inp, table, extra, h1, h2, final, patches)
         fsc_plot(curves, box, apix, od.path("fsc.png"))
         n_align = table.n * (len(run["history"]) + sum(len(pr["history"]) for pr in patch_runs))
         t_align = sum(h["seconds_align"] for h in run["history"]) + sum(
@@ -422,7 +457,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
         report = {
             "job": "refine-poses",
             "star": str(cfg.star),
-            "n_particles": int(n_input),
+            "n_particles": int(inp.n_input),
             "n_aligned": int(table.n),
             "symmetry": cfg.sym.upper(),
             "symmetry_expanded": bool(expanded),
@@ -436,8 +471,8 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
             "iterations": run["history"],
             "resolution_A": run["history"][-1]["resolution_A"],
             "resolution_masked_by": "focus mask" if mask is not None else "sphere",
-            "patches": patch_info,
-            "composite_resolution_A": resolution_at(comp_curve, box, apix) if comp is not None else None,
+            "patches": patches["info"] if patches else [],
+            "composite_resolution_A": resolution_at(patches["curve"], box, apix) if patches else None,
             "particles_per_s": n_align / max(t_align, 1e-9),
             # the final half maps' FSC, shaped as `reconstruct` reports it
             "fsc": {"resolution_A": (box * apix / np.maximum(np.arange(box // 2 + 1), 1e-9)).tolist(),

@@ -4,10 +4,11 @@ map assembled from the patches' maps."""
 from __future__ import annotations
 
 import math
-import torch
-from cryogmm.errors import OptionError
-from cryogmm.core.kmeans import weighted_kmeans
 
+import torch
+
+from cryogmm.core.kmeans import weighted_kmeans
+from cryogmm.errors import OptionError
 
 
 def patch_masks(g, k: int, box: int, apix: float, *, edge_px: float = 4.0, seed: int = 0):

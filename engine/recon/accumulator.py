@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-import torch
-from cryogmm.core.ctf import CtfParams, ctf_rfft2
-from cryogmm import distributed
-from cryogmm.core.masks import soft_sphere_mask
 
+import torch
+
+from cryogmm import distributed
+from cryogmm.core.ctf import CtfParams, ctf_rfft2
+from cryogmm.core.masks import soft_sphere_mask
 
 
 def _fft_index(n: int, device=None, dtype=torch.float32):

@@ -25,23 +25,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.errors import OptionError, StarError
+
 from cryogmm import distributed
-from cryogmm.core.ctf import CtfParams
-from cryogmm.core.similarity import fsc as fsc_fn
-from cryogmm.recon.accumulator import FourierAccumulator
-from cryogmm.io import maps as mapio
-from cryogmm.io.outputs import OutputDir
 from cryogmm.bridge.images import ImageSource
 from cryogmm.bridge.io import read_particles
-from cryogmm.runtime import Timer, pick_device
-from cryogmm.io.outputs import write_report
-from cryogmm.io.plots import fsc_plot
-from cryogmm.core.similarity import resolution_at
+from cryogmm.core.ctf import CtfParams
 from cryogmm.core.masks import soft_sphere_mask
-
+from cryogmm.core.similarity import fsc as fsc_fn
+from cryogmm.core.similarity import resolution_at
+from cryogmm.errors import OptionError, StarError
+from cryogmm.io import maps as mapio
+from cryogmm.io.outputs import OutputDir, write_report
+from cryogmm.io.plots import fsc_plot
+from cryogmm.recon.accumulator import FourierAccumulator
+from cryogmm.runtime import Timer, pick_device
 
 
 @dataclass

@@ -1,20 +1,60 @@
-"""Simulated maps: a model series' maps along a known path (test data for refine-series)."""
+"""Simulated maps of atomic models: :func:`model_map` (atoms as molmap-width Gaussians on a grid),
+:func:`simulate_map` (a noisy map around a model, in memory: ChimeraX's ``cryogmm simulate``)
+and a model series' maps along a known path (test data for refine-series)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
-from cryogmm.io.maps import write_map
+
 from cryogmm.core.fourier import lowpass
+from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+from cryogmm.errors import OptionError
+from cryogmm.io.maps import MapGrid, write_map
 from cryogmm.model.density import splat
 from cryogmm.model.topology import build_topology, write_model
 
 
+def model_map(coords, elements, resolution_A: float, apix: float, origin_A, shape) -> torch.Tensor:
+    """Noise-free map of atoms on a grid (``[z, y, x]``, voxel (0, 0, 0) at ``origin_A`` (x, y, z)
+    Å): each atom a Gaussian of ``sigma_from_resolution`` (molmap widths) with its electron count
+    as amplitude, float64."""
+    amp = torch.tensor([ELECTRONS.get(str(e).upper(), 6) for e in elements], dtype=torch.float64)
+    return splat(torch.as_tensor(np.asarray(coords, dtype=np.float64)), amp, sigma_from_resolution(resolution_A),
+                 tuple(shape), apix, np.asarray(origin_A, dtype=np.float64))
+
+
+def simulate_map(coords, elements, resolution_A: float, *, apix: float | None = None, pad_A: float | None = None,
+                 noise: float = 0.0, seed: int = 0) -> MapGrid:
+    """A map of atoms in memory: a cubic box around them (``pad_A`` on every side, default
+    3 x resolution + 4 Å; voxels of ``apix``, default resolution / 3), :func:`model_map` plus white
+    noise of ``noise`` x the map's standard deviation (``seed``). Returns a :class:`MapGrid`
+    (float32) in the atoms' frame; what ``cryogmm simulate`` in ChimeraX opens as a volume."""
+    if not resolution_A > 0:
+        raise OptionError("resolution", f"must be positive, got {resolution_A}")
+    apix = float(apix) if apix else round(resolution_A / 3.0, 3)
+    if resolution_A < 2 * apix - 1e-6:
+        raise OptionError("resolution", f"{resolution_A:g} Å is finer than Nyquist for spacing {apix:g} Å")
+    if noise < 0:
+        raise OptionError("noise", f"must be >= 0, got {noise}")
+    xyz = np.asarray(coords, dtype=np.float64).reshape(-1, 3)
+    if len(xyz) == 0:
+        raise OptionError("model", "has no atoms")
+    pad = 3 * resolution_A + 4.0 if pad_A is None else float(pad_A)
+    lo = xyz.min(0) - pad
+    n = int(math.ceil((xyz.max(0) + pad - lo).max() / apix))
+    n += n % 2
+    m = model_map(xyz, elements, resolution_A, apix, lo, (n, n, n)).numpy()
+    if noise > 0:
+        m = m + np.random.default_rng(seed).normal(scale=noise * m.std(), size=m.shape)
+    return MapGrid(data=m.astype(np.float32), apix=apix, origin_A=lo)
+
 
 # ----------------------------------------------------------------------------- a worked example
+
 
 def series_example(out_dir, n_maps: int = 10, resolution_A: float = 4.0, apix: float = 1.0, noise: float = 0.3,
                    residues: tuple | None = None, seed: int = 0, pad_A: float = 10.0, start: str = "closed") -> dict:
@@ -28,7 +68,6 @@ def series_example(out_dir, n_maps: int = 10, resolution_A: float = 4.0, apix: f
     ``open`` (the first map's). Writes ``start.pdb``,
     ``truth_XX.pdb`` and ``map_XX.mrc`` into ``out_dir``; returns their paths and ``t``."""
     from importlib import resources
-
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +93,6 @@ def series_example(out_dir, n_maps: int = 10, resolution_A: float = 4.0, apix: f
     lo = allx.min(0) - pad_A
     n = int(math.ceil((allx.max(0) - lo).max() / apix + pad_A / apix))
     n += n % 2
-    amp = torch.tensor([ELECTRONS.get(e, 6) for e in a.element], dtype=torch.float64)
     rng = np.random.default_rng(seed)
     start_path = out / "start.pdb"
     write_model(a, xb if start == "closed" else xa, start_path)
@@ -62,7 +100,7 @@ def series_example(out_dir, n_maps: int = 10, resolution_A: float = 4.0, apix: f
     for k, x in enumerate(truths):
         tp = out / f"truth_{k + 1:02d}.pdb"
         write_model(a, x, tp)
-        mm = splat(torch.as_tensor(x), amp, sigma_from_resolution(resolution_A), (n, n, n), apix, lo)
+        mm = model_map(x, a.element, resolution_A, apix, lo, (n, n, n))
         noisy = mm + torch.as_tensor(rng.normal(scale=noise * float(mm.std()), size=mm.shape))
         noisy = lowpass(noisy, resolution_A, apix)
         mp = out / f"map_{k + 1:02d}.mrc"

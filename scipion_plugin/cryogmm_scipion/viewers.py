@@ -81,13 +81,14 @@ class CryoGmmLatentViewer(Viewer):
 
     @classmethod
     def createPlot(cls, prot):
-        from .protocols.protocol_hetero import latentPca
+        from .protocols.protocol_hetero import enginePcs, projectOnPcs
 
         z, labels = cls.latentData(prot)
         frames = os.path.join(prot._getAnalyzeDir(), "pc1_z.txt")
         traj = np.loadtxt(frames, ndmin=2) if os.path.exists(frames) else z[:0]
-        k = min(2, z.shape[1])
-        proj, tproj = latentPca(z, k, traj)
+        mean, comps, _, _ = enginePcs(prot._getAnalyzeDir())
+        k = min(2, len(comps))
+        proj, tproj = projectOnPcs(z, mean, comps[:k]), projectOnPcs(traj, mean, comps[:k])
         plotter = EmPlotter(x=1, y=1, windowTitle="cryogmm latent space", figsize=(6, 5))
         title = "Latent space (%d particles, z in %d dimensions)" % z.shape
         if k == 2:

@@ -23,10 +23,10 @@ DATA = Path(str(resources.files("cryogmm.data")))
 
 
 def hetero(out):
-    from cryogmm.hetero_truth import ADK_CORE, superpose_file
-    from cryogmm.mapio import read_mrc, write_map
-    from cryogmm.simulate import SimulateConfig, simulate
-    from cryogmm.topology import build_topology
+    from cryogmm.hetero.truth import ADK_CORE, superpose_file
+    from cryogmm.io.maps import read_mrc, write_map
+    from cryogmm.simulate.particles import SimulateConfig, simulate
+    from cryogmm.model.topology import build_topology
 
     out.mkdir(parents=True, exist_ok=True)
     closed = out / "closed_on_open.pdb"
@@ -49,10 +49,10 @@ def hetero(out):
 def model(out):
     import torch
 
-    from cryogmm.gmm import ELECTRONS, sigma_from_resolution
-    from cryogmm.mapio import write_map
-    from cryogmm.model_density import splat
-    from cryogmm.topology import build_topology, write_model
+    from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+    from cryogmm.io.maps import write_map
+    from cryogmm.model.density import splat
+    from cryogmm.model.topology import build_topology, write_model
 
     out.mkdir(parents=True, exist_ok=True)
     lines = [line for line in (DATA / "adk_closed.pdb").read_text().splitlines()
@@ -73,7 +73,7 @@ def model(out):
 
 
 def series(out):
-    from cryogmm.model_series import series_example
+    from cryogmm.simulate.maps import series_example
 
     series_example(out, n_maps=3, resolution_A=5.0, apix=1.5, residues=(1, 40), seed=0)
 

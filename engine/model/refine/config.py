@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 SIMILARITIES = ("relative-entropy", "cross-correlation", "inner-product", "fsc", "frc")
 STAGES = ("rigid", "residue", "rotamers", "full")
 DEFAULT_STAGES = ("rigid", "residue", "rotamers", "full", "rotamers", "full", "rotamers", "full")

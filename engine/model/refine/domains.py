@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from cryogmm.core.rotations import weighted_kabsch
-from cryogmm.model.refine.mapterm import MapTerm
-from cryogmm.model.refine.config import RefineModelConfig
-from cryogmm.model.refine.refiner import Refiner
 
+from cryogmm.core.rotations import weighted_kabsch
+from cryogmm.model.refine.config import RefineModelConfig
+from cryogmm.model.refine.mapterm import MapTerm
+from cryogmm.model.refine.refiner import Refiner
 
 
 def motion_domains(x0: np.ndarray, x1: np.ndarray, labels: np.ndarray, res_of_atom: np.ndarray,
@@ -23,7 +23,6 @@ def motion_domains(x0: np.ndarray, x1: np.ndarray, labels: np.ndarray, res_of_at
     cut at ``threshold_A``; domains under ``min_residues`` residues join the domain whose motion
     is closest. Returns domain labels per atom (``0..D-1``) and the pairwise distances."""
     from scipy.cluster.hierarchy import fcluster, linkage
-
 
     k = int(labels.max()) + 1
     Rs, ts = [], []

@@ -47,67 +47,104 @@ Residues outside the monomer library (ligands, waters) stay fixed and are report
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+
 import numpy as np
 import torch
+
 from cryogmm.errors import OptionError
-from cryogmm.model.restraints import Restraints
-from cryogmm.model.topology import build_topology, write_model
+from cryogmm.io.maps import MapGrid, read_map_grid
 from cryogmm.io.outputs import write_report
-from cryogmm.io.maps import read_map_grid
-from cryogmm.model.validate import map_figures, validate_coords
-from cryogmm.model.refine.config import MOTION_PRESETS
-from cryogmm.model.refine.mapterm import MapTerm
-from cryogmm.model.refine.config import RefineModelConfig
-from cryogmm.model.refine.config import SIMILARITIES
-from cryogmm.model.refine.config import STAGES
-from cryogmm.model.refine.refiner import Refiner
 from cryogmm.model.density import check_overlap
-from cryogmm.model.refine.polish import polish_rounds
-from cryogmm.model.refine.polish import rama_guard
+from cryogmm.model.refine.config import MOTION_PRESETS, SIMILARITIES, STAGES, RefineModelConfig
 from cryogmm.model.refine.domains import rigid_stage
-from cryogmm.model.validate import ca_rmsd
-from cryogmm.model.refine.polish import rama_repair
+from cryogmm.model.refine.mapterm import MapTerm
+from cryogmm.model.refine.polish import polish_rounds, rama_guard, rama_repair
+from cryogmm.model.refine.refiner import Refiner
+from cryogmm.model.restraints import Restraints
 from cryogmm.model.rotamers import fit_peptides, fit_side_chains, rebuild_rotamers
+from cryogmm.model.topology import Topology, build_topology, write_model
+from cryogmm.model.validate import ca_rmsd, map_figures, validate_coords
 
 
+class RefinementStopped(Exception):
+    """Raised inside a refinement when its ``stop`` event is set (``cryogmm stop`` in ChimeraX)."""
 
-def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
-    """Refine ``cfg.model`` (into ``cfg.map`` unless ``geometry_only``); writes refined.pdb,
-    refined.cif, trajectory.pdb and report.json into ``cfg.out``. Returns the report.
 
-    ``on_coords(xyz)``, if given, receives every trajectory frame as it is made (all atoms in
-    topology order, riding H included, ``[M, 3]`` Å): how ChimeraX moves atoms on screen."""
+@dataclass
+class RefineResult:
+    """What :func:`refine_coords` made, in memory."""
 
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    coords: np.ndarray  # [M, 3] Å, every atom of the topology (riding H included), the refined model
+    before: dict  # validation (and map) figures of the start
+    after: dict  # the same of the result (of the last coordinates when stopped)
+    stages: list
+    log: list
+    trajectory: list  # frames ([M, 3]) along the run
+    stage_seconds: dict
+    rms_moved_A: float  # heavy movable atoms
+    stopped: bool = False
+
+    def summary(self) -> dict:
+        """The figures of report.json that describe the refinement itself (no files)."""
+        return {"before": self.before, "after": self.after, "rms_moved_A": self.rms_moved_A, "stages": self.stages,
+                "log": self.log, "stage_seconds": self.stage_seconds, "stopped": self.stopped}
+
+
+def checked_config(cfg: RefineModelConfig) -> RefineModelConfig:
+    """``cfg`` with its options checked (one line naming the option, exit 2 on the command line)
+    and its motion preset merged into ``extra``."""
     if cfg.similarity not in SIMILARITIES:
         raise OptionError("--similarity", f"unknown {cfg.similarity!r}; expected one of {', '.join(SIMILARITIES)}")
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise OptionError("--stages", f"unknown stage(s) {', '.join(bad)}; expected some of {', '.join(STAGES)}")
-    if not cfg.geometry_only:
-        if cfg.map is None:
-            raise OptionError("--map", "is required unless --geometry-only")
-        if cfg.resolution_A is None or not cfg.resolution_A > 0:
-            raise OptionError("--resolution", f"must be a positive resolution in Å with --map, got {cfg.resolution_A}")
+    if not cfg.geometry_only and (cfg.resolution_A is None or not cfg.resolution_A > 0):
+        raise OptionError("--resolution", f"must be a positive resolution in Å with --map, got {cfg.resolution_A}")
     if cfg.steps < 1:
         raise OptionError("--steps", f"must be >= 1, got {cfg.steps}")
     if cfg.motion not in MOTION_PRESETS:
         raise OptionError("--motion", f"unknown {cfg.motion!r}; expected one of {', '.join(MOTION_PRESETS)}")
-    from dataclasses import replace
+    return replace(cfg, extra={**MOTION_PRESETS[cfg.motion], **cfg.extra})
 
-    cfg = replace(cfg, extra={**MOTION_PRESETS[cfg.motion], **cfg.extra})
+
+def read_inputs(cfg: RefineModelConfig):
+    """The topology of ``cfg.model`` and the grid of ``cfg.map`` (None with ``geometry_only``),
+    checked against each other."""
+    if not cfg.geometry_only and cfg.map is None:
+        raise OptionError("--map", "is required unless --geometry-only")
     topo = build_topology(cfg.model)
     grid = None
     if not cfg.geometry_only:
         grid = read_map_grid(cfg.map)
         check_overlap(topo, grid, cfg.map)
-        if cfg.resolution_A < 2 * grid.apix - 1e-6:
-            raise OptionError("--resolution", f"{cfg.resolution_A:g} Å is finer than Nyquist of {cfg.map} "
-                                              f"({2 * grid.apix:g} Å)")
+    return topo, grid
+
+
+def refine_coords(topo: Topology, grid: MapGrid | None, cfg: RefineModelConfig, *, progress=None, on_coords=None,
+                  stop=None) -> RefineResult:
+    """Refine the coordinates of ``topo`` into ``grid`` (None: geometry only), in memory: the
+    engine API the doors call (ChimeraX passes its open model as a gemmi structure and its map
+    as a :class:`~cryogmm.io.maps.MapGrid`, no files). ``cfg`` as :func:`checked_config` returns
+    it (its ``model``/``map``/``out`` paths are not read). ``progress(phase, step, n)`` reports
+    steps; ``on_coords(xyz)`` receives every trajectory frame (all atoms in topology order,
+    riding H included, ``[M, 3]`` Å); ``stop`` (a ``threading.Event``) ends the run at its next
+    step with the current coordinates (``stopped`` in the result)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if grid is not None and cfg.resolution_A < 2 * grid.apix - 1e-6:
+        raise OptionError("--resolution", f"{cfg.resolution_A:g} Å is finer than Nyquist of {grid.path or 'the map'} "
+                                          f"({2 * grid.apix:g} Å)")
+    if stop is not None:
+        outer = progress
+
+        def progress(phase, step, n):
+            if stop.is_set():
+                raise RefinementStopped()
+            if outer is not None:
+                outer(phase, step, n)
     ref = Restraints(topo)
     before = validate_coords(topo, topo.coords, ref)
     if grid is not None:
@@ -119,57 +156,12 @@ def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
     stages = list(cfg.stages)
     if cfg.rebuild_rotamers and "rotamers" not in stages:
         stages.insert(stages.index("full") if "full" in stages else len(stages), "rotamers")
-    n = cfg.steps
     stage_times = {}
-    guard_ref = None  # the model before the residue stage, for rama_guard
-    for si, st in enumerate(stages):
-        ts = time.time()
-        if cfg.geometry_only and st in ("rigid", "residue"):
-            continue
-        if st == "rigid":
-            rigid_stage(rf, cfg, grid)
-        elif st == "residue":
-            for blur in (1.5,):
-                mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, blur_A=blur, dtype=rf.dt, device=rf.dev)
-                rf.map_k = 1.0
-                guard_ref = rf.x_all.detach().clone()
-                rf.rigid_bodies(rf.residue_labels(), f"residue_blur{blur:g}", n, mt, lr_t=cfg.extra.get("residue_lr", 0.2),
-                                floor=cfg.extra.get("residue_min_weight", cfg.extra.get("rigid_min_weight", 1e-3)))
-        elif st == "rotamers":
-
-            if grid is None:
-                x_prev = rf.x_all.detach().clone()
-                rebuild_rotamers(rf)
-                if rf.anchor:
-                    # the anchor holds atoms near the start: a rebuilt side chain is anchored
-                    # where it now is (else the anchor drags it back and strains its Cβ: 1AKE
-                    # Gln160 χ1 55° -> 300° left a 0.38 Å Cβ deviation)
-                    moved = ((rf.x_all - x_prev).norm(dim=1) > 1e-6)[:, None]
-                    rf.start = torch.where(moved, rf.x_all.detach(), rf.start)
-            else:
-                # the carbonyl O shows beyond ~3.5 Å; at 4 Å the scan turned two peptides of
-                # the open model in its own map (Thr31, Leu45), at 3 Å none
-                if cfg.extra.get("peptide_flips", True) and cfg.resolution_A <= cfg.extra.get("peptide_max_res", 3.5):
-                    fit_peptides(rf, grid, min_gain=cfg.extra.get("peptide_min_gain", 0.25))
-                fit_side_chains(rf, grid, outliers_only=cfg.extra.get("rotamers_outliers_only", False))
-        elif st == "full":
-            if grid is None:
-                rf.lbfgs_phase("geometry", None, 1.0, max(2 * n, 100))
-                if "full" not in stages[si + 1:] and cfg.extra.get("rama_repair", True):
-                    x_prev = rf.x_all
-                    rf.x_all = rama_repair(rf.rs, rf.assemble, rf.x_all, rf.move_t, rf.n_geo,
-                                           anchor_A=rf.anchor or 0.15, iters=max(2 * n, 100))
-                    rf.log.append(dict(phase="rama_repair", rms_moved_A=float(
-                        (rf.x_all - x_prev)[rf.move_t].norm(dim=1).pow(2).mean().sqrt())))
-            else:
-                mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, dtype=rf.dt, device=rf.dev)
-                rf.map_k = 1.0
-                w = rf.full_atom("full", cfg.extra.get("full_steps", n), mt, lr=0.02)
-                polish_rounds(rf, cfg, mt, w, n)
-                if guard_ref is not None and "full" in stages[si + 1:] and cfg.extra.get("rama_guard", True):
-                    rama_guard(rf, guard_ref)
-                    guard_ref = None
-        stage_times[st] = stage_times.get(st, 0.0) + time.time() - ts
+    stopped = False
+    try:
+        _run_stages(rf, cfg, grid, stages, stage_times)
+    except RefinementStopped:
+        stopped = True
     final = rf.x_all.detach().cpu().numpy()
     after = validate_coords(topo, final, ref)
     if grid is not None:
@@ -179,22 +171,102 @@ def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
         after["ca_rmsd_to_reference_A"] = ca_rmsd(topo, final, cfg.reference)
     mv = topo.movable & ~topo.is_h
     rms_move = float(np.sqrt(((final[mv] - topo.coords[mv]) ** 2).sum(1).mean()))
+    return RefineResult(coords=final, before=before, after=after, stages=stages, log=rf.log, trajectory=rf.trajectory,
+                        stage_seconds=stage_times, rms_moved_A=rms_move, stopped=stopped)
+
+
+def _run_stages(rf: Refiner, cfg: RefineModelConfig, grid, stages: list, stage_times: dict):
+    """The stages in order (see the module docstring), timing each into ``stage_times``."""
+    n = cfg.steps
+    guard_ref = None  # the model before the residue stage, for rama_guard
+    for si, st in enumerate(stages):
+        ts = time.time()
+        if cfg.geometry_only and st in ("rigid", "residue"):
+            continue
+        if st == "rigid":
+            rigid_stage(rf, cfg, grid)
+        elif st == "residue":
+            mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, blur_A=1.5, dtype=rf.dt, device=rf.dev)
+            rf.map_k = 1.0
+            guard_ref = rf.x_all.detach().clone()
+            rf.rigid_bodies(rf.residue_labels(), "residue_blur1.5", n, mt, lr_t=cfg.extra.get("residue_lr", 0.2),
+                            floor=cfg.extra.get("residue_min_weight", cfg.extra.get("rigid_min_weight", 1e-3)))
+        elif st == "rotamers":
+            _rotamer_stage(rf, cfg, grid)
+        elif st == "full":
+            if grid is None:
+                _geometry_full_stage(rf, cfg, last="full" not in stages[si + 1:])
+            else:
+                mt = MapTerm(grid, cfg.resolution_A, cfg.similarity, rf.amp, dtype=rf.dt, device=rf.dev)
+                rf.map_k = 1.0
+                w = rf.full_atom("full", cfg.extra.get("full_steps", n), mt, lr=0.02)
+                polish_rounds(rf, cfg, mt, w, n)
+                if guard_ref is not None and "full" in stages[si + 1:] and cfg.extra.get("rama_guard", True):
+                    rama_guard(rf, guard_ref)
+                    guard_ref = None
+        stage_times[st] = stage_times.get(st, 0.0) + time.time() - ts
+
+
+def _rotamer_stage(rf: Refiner, cfg: RefineModelConfig, grid):
+    if grid is None:
+        x_prev = rf.x_all.detach().clone()
+        rebuild_rotamers(rf)
+        if rf.anchor:
+            # the anchor holds atoms near the start: a rebuilt side chain is anchored where it
+            # now is (else the anchor drags it back and strains its Cβ: 1AKE Gln160 χ1 55° ->
+            # 300° left a 0.38 Å Cβ deviation)
+            moved = ((rf.x_all - x_prev).norm(dim=1) > 1e-6)[:, None]
+            rf.start = torch.where(moved, rf.x_all.detach(), rf.start)
+        return
+    # the carbonyl O shows beyond ~3.5 Å; at 4 Å the scan turned two peptides of the open model
+    # in its own map (Thr31, Leu45), at 3 Å none
+    if cfg.extra.get("peptide_flips", True) and cfg.resolution_A <= cfg.extra.get("peptide_max_res", 3.5):
+        fit_peptides(rf, grid, min_gain=cfg.extra.get("peptide_min_gain", 0.25))
+    fit_side_chains(rf, grid, outliers_only=cfg.extra.get("rotamers_outliers_only", False))
+
+
+def _geometry_full_stage(rf: Refiner, cfg: RefineModelConfig, last: bool):
+    n = cfg.steps
+    rf.lbfgs_phase("geometry", None, 1.0, max(2 * n, 100))
+    if last and cfg.extra.get("rama_repair", True):
+        x_prev = rf.x_all
+        rf.x_all = rama_repair(rf.rs, rf.assemble, rf.x_all, rf.move_t, rf.n_geo, anchor_A=rf.anchor or 0.15,
+                               iters=max(2 * n, 100))
+        rf.log.append(dict(phase="rama_repair", rms_moved_A=float(
+            (rf.x_all - x_prev)[rf.move_t].norm(dim=1).pow(2).mean().sqrt())))
+
+
+def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, seconds: float | None = None) -> dict:
+    """refined.pdb, refined.cif, trajectory.pdb and report.json into ``cfg.out``; returns the report."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_model(topo, final, out / "refined.pdb")
-    write_model(topo, final, out / "refined.cif")
-    _write_trajectory(topo, rf.trajectory, out / "trajectory.pdb")
+    write_model(topo, res.coords, out / "refined.pdb")
+    write_model(topo, res.coords, out / "refined.cif")
+    _write_trajectory(topo, res.trajectory, out / "trajectory.pdb")
     rep = {
         "model": str(cfg.model), "map": None if cfg.map is None else str(cfg.map), "resolution_A": cfg.resolution_A,
-        "similarity": None if cfg.geometry_only else cfg.similarity, "stages": stages,
-        "geometry_only": cfg.geometry_only, "steps_per_phase": n, "n_patches": cfg.n_patches, "motion": cfg.motion,
-        "before": before, "after": after, "rms_moved_A": rms_move, "fixed_residues": topo.fixed_residues,
-        "missing_atoms": topo.missing_atoms, "warnings": topo.warnings, "log": rf.log,
-        "trajectory_frames": len(rf.trajectory), "stage_seconds": stage_times, "seconds": time.time() - t0,
-        "seed": cfg.seed,
+        "similarity": None if cfg.geometry_only else cfg.similarity, "stages": res.stages,
+        "geometry_only": cfg.geometry_only, "steps_per_phase": cfg.steps, "n_patches": cfg.n_patches,
+        "motion": cfg.motion, "before": res.before, "after": res.after, "rms_moved_A": res.rms_moved_A,
+        "fixed_residues": topo.fixed_residues, "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
+        "log": res.log, "trajectory_frames": len(res.trajectory), "stage_seconds": res.stage_seconds,
+        "seconds": seconds, "seed": cfg.seed,
     }
+    if res.stopped:
+        rep["stopped"] = True
     write_report(out / "report.json", rep)
     return rep
+
+
+def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
+    """The ``refine-model`` job: refine ``cfg.model`` (into ``cfg.map`` unless ``geometry_only``);
+    writes refined.pdb, refined.cif, trajectory.pdb and report.json into ``cfg.out``. Returns
+    the report. ``on_coords`` as in :func:`refine_coords`."""
+    t0 = time.time()
+    cfg = checked_config(cfg)
+    topo, grid = read_inputs(cfg)
+    res = refine_coords(topo, grid, cfg, progress=progress, on_coords=on_coords)
+    return write_outputs(topo, res, cfg, seconds=time.time() - t0)
 
 
 def _write_trajectory(topo, frames, path):

@@ -5,21 +5,17 @@ cropping."""
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
-from cryogmm.errors import OptionError
-from cryogmm.model.density import blau_lindahl_sigma
-from cryogmm.core.projection import project_map
-from cryogmm.core.fourier import half_spectrum_weights, shell_of_grid, n_shells
-from cryogmm.model.density import splat
-from cryogmm.model.refine.config import SIMILARITIES
-from cryogmm.core.fourier import fourier_crop
+
 from cryogmm.core import similarity as core_similarity
-from cryogmm.core.gaussians import sigma_from_resolution
-from cryogmm.core.gaussians import Gaussians
-from cryogmm.core.projection import project
-
-
+from cryogmm.core.fourier import fourier_crop, half_spectrum_weights, n_shells, shell_of_grid
+from cryogmm.core.gaussians import Gaussians, sigma_from_resolution
+from cryogmm.core.projection import project, project_map
+from cryogmm.errors import OptionError
+from cryogmm.model.density import blau_lindahl_sigma, splat
+from cryogmm.model.refine.config import SIMILARITIES
 
 
 class MapTerm:
@@ -28,7 +24,6 @@ class MapTerm:
     def __init__(self, grid, resolution_A: float, similarity: str, amp: torch.Tensor, blur_A: float = 0.0,
                  dtype=torch.float64, device="cpu", resample: bool = True):
         from scipy.ndimage import gaussian_filter
-
 
         self.similarity = similarity
         data = grid.data.astype(np.float64)
@@ -85,7 +80,6 @@ class MapTerm:
             self._setup_fsc()
 
     def _setup_frc(self, dtype, device):
-
         rng = np.random.default_rng(0)
         q = rng.normal(size=(24, 4))
         q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -130,7 +124,6 @@ class MapTerm:
         return (cross / (torch.sqrt(t1) * math.sqrt(self._t2)) / den).mean()
 
     def model_map(self, x):
-
         return splat(x, self.amp, self.sigma, tuple(self.ref.shape), self.apix, self.origin, cut=self.cut)
 
     def score(self, x) -> torch.Tensor:

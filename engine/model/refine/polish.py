@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from cryogmm.model.restraints import Restraints
-from cryogmm.model.validate import rama_table
-from cryogmm.model.restraints import ROTAMER_OUTLIER
-from cryogmm.model.validate import rmsz, clashes, rotamer_table
-from cryogmm.model.rotamers import flip_for_rama
+
 from cryogmm.model.refine.config import RefineModelConfig
 from cryogmm.model.refine.refiner import Refiner
 from cryogmm.model.refine.relax import lbfgs_relax
-
-
-
+from cryogmm.model.restraints import ROTAMER_OUTLIER, Restraints
+from cryogmm.model.rotamers import flip_for_rama
+from cryogmm.model.validate import clashes, rama_table, rmsz, rotamer_table
 
 
 def rama_guard(rf: "Refiner", x_before: torch.Tensor, max_rounds: int = 3):

@@ -5,25 +5,24 @@ from __future__ import annotations
 
 import math
 import time
+
 import numpy as np
 import torch
-from cryogmm.model.restraints import Restraints
-from cryogmm.model.topology import Topology
+
 from cryogmm.core.gaussians import ELECTRONS
-from cryogmm.runtime import pick_device
-from cryogmm.model.refine.config import RefineModelConfig
-from cryogmm.core.rotations import rotvec_to_rotmat
 from cryogmm.core.kmeans import kmeans_patches
+from cryogmm.core.rotations import rotvec_to_rotmat
+from cryogmm.model.refine.config import RefineModelConfig
 from cryogmm.model.refine.relax import lbfgs_relax
-from cryogmm.model.topology import read_structure
-
-
+from cryogmm.model.restraints import Restraints
+from cryogmm.model.topology import Topology, read_structure
+from cryogmm.runtime import pick_device
 
 # ----------------------------------------------------------------------------- the refinement
 
+
 class Refiner:
     def __init__(self, topo: Topology, cfg: RefineModelConfig, grid=None, progress=None, on_coords=None):
-
         self.topo, self.cfg, self.grid, self.progress = topo, cfg, grid, progress
         self.t0 = time.time()  # log rows carry t_s, seconds since the refiner was made
         self.on_coords = on_coords

@@ -2,7 +2,9 @@
 polish of refine-model and the frame polish of refine-series)."""
 
 from __future__ import annotations
+
 import torch
+
 from cryogmm.model.restraints import Restraints
 
 

@@ -1,9 +1,12 @@
 """Options and geometry goals of refine-series, and the geometry summary of a frame."""
 
 from __future__ import annotations
+
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-import math
+
+from cryogmm.model.validate import GOALS  # the geometry goals of refined models (issue #6)
 
 
 @dataclass
@@ -35,8 +38,6 @@ class RefineSeriesConfig:
     extra: dict = field(default_factory=dict)
 
 
-# the geometry goals of the series proof (issue #6)
-GOALS = {"rama_outlier_pct": 0.0, "rotamer_outlier_pct": 1.0, "clashscore": 2.0, "bond_rmsz": 1.0, "angle_rmsz": 1.0}
 
 
 def passes_goals(fig: dict) -> bool:

@@ -6,31 +6,29 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
+
 from cryogmm.core.gaussians import ELECTRONS
-from cryogmm.runtime import pick_device
-from cryogmm.model.restraints import Restraints
-from cryogmm.model.refine.mapterm import MapTerm
 from cryogmm.model.refine.config import RefineModelConfig
-from cryogmm.model.validate import ca_rmsd
-from cryogmm.model.refine.job import refine_model
-from cryogmm.model.topology import build_topology, write_model
-from cryogmm.model.refine.relax import lbfgs_relax
+from cryogmm.model.refine.job import checked_config, refine_coords, write_outputs
+from cryogmm.model.refine.mapterm import MapTerm
 from cryogmm.model.refine.polish import rama_repair
-from cryogmm.model.series.config import RefineSeriesConfig
-from cryogmm.model.series.net import SeriesModel
-from cryogmm.model.series.config import geometry_summary
-from cryogmm.model.series.net import random_path_points
+from cryogmm.model.refine.relax import lbfgs_relax
+from cryogmm.model.restraints import Restraints
 from cryogmm.model.rotamers import rebuild_rotamers
-
-
+from cryogmm.model.series.config import RefineSeriesConfig, geometry_summary
+from cryogmm.model.series.net import SeriesModel, random_path_points
+from cryogmm.model.topology import build_topology, write_model
+from cryogmm.model.validate import ca_rmsd
+from cryogmm.runtime import pick_device
 
 # ----------------------------------------------------------------------------- training
 
+
 class SeriesFit:
     def __init__(self, topo, cfg: RefineSeriesConfig, grids, z: np.ndarray, progress=None):
-
         self.topo, self.cfg, self.grids, self.progress = topo, cfg, grids, progress
         self.dt = torch.float64
         self.dev = pick_device(cfg.device)
@@ -66,7 +64,6 @@ class SeriesFit:
         return self.rs.energy(x_full, place_h=False) / self.n_geo
 
     def mapterms(self, blur):
-
         return [MapTerm(g, self.cfg.resolution_A, self.cfg.similarity, self.amp, blur_A=blur, dtype=self.dt,
                         device=self.dev) for g in self.grids]
 
@@ -198,11 +195,15 @@ class SeriesFit:
             extra = dict(polish_iters=2 * cfg.capture_steps, polish_order="relax", polish_schedule=(1.0,))
             extra.update(cfg.extra.get("capture_extra", {}))
             t0 = time.time()
-            rep = refine_model(RefineModelConfig(
+            # the map in memory (the grids the series was given); the model through its PDB file,
+            # as refine-model reads one
+            ccfg = checked_config(RefineModelConfig(
                 model=src, map=Path(cfg.maps[i]), resolution_A=cfg.resolution_A, out=work / f"capture_{i:03d}",
                 stages=cfg.extra.get("capture_stages", ("rigid", "residue", "full")),
                 similarity=cfg.similarity, n_patches=cfg.n_patches, steps=cfg.capture_steps, seed=cfg.seed,
                 device=cfg.device, threads=cfg.threads, extra=extra))
+            src_topo = build_topology(src)
+            rep = write_outputs(src_topo, refine_coords(src_topo, self.grids[i], ccfg), ccfg)
             xt = build_topology(work / f"capture_{i:03d}" / "refined.pdb").coords
             if xt.shape != self.topo.coords.shape:
                 raise RuntimeError(f"capture of map {i}: atom count changed ({xt.shape} vs {self.topo.coords.shape})")
@@ -299,7 +300,6 @@ class SeriesFit:
                              iters=max(self.cfg.polish_iters, 100), rounds=rounds, window=window, rama_factor=rama_factor)
         if rotamers:
             from types import SimpleNamespace
-
 
             rf = SimpleNamespace(topo=self.topo, rs=self.rs, x_all=x_full, on_coords=None, log=[])
             rebuild_rotamers(rf)

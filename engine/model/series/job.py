@@ -42,41 +42,31 @@ series the tethered polish left 1-7 Rama outliers per frame; the repair left non
 
 from __future__ import annotations
 
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
+
 from cryogmm.errors import InputError, MapError, OptionError
-from cryogmm.model.refine.config import SIMILARITIES
 from cryogmm.io.maps import read_map_grid
-from cryogmm.model.density import check_overlap
-from cryogmm.model.validate import map_figures
-from cryogmm.io.outputs import OutputDir
+from cryogmm.io.outputs import OutputDir, write_report
 from cryogmm.io.structures import write_models
-from cryogmm.io.outputs import write_report
-from cryogmm.model.validate import ca_rmsd
+from cryogmm.model.density import check_overlap
+from cryogmm.model.refine.config import SIMILARITIES
 from cryogmm.model.restraints import Restraints
-from cryogmm.model.topology import build_topology, write_model
-from cryogmm.model.validate import validate_coords
+from cryogmm.model.series.config import GOALS, RefineSeriesConfig, geometry_summary
 from cryogmm.model.series.fit import SeriesFit
-from cryogmm.model.series.net import latent_path
-from cryogmm.model.series.net import normalise_latent
-from cryogmm.model.series.net import read_latent
-from cryogmm.model.series.config import RefineSeriesConfig
-from cryogmm.model.series.config import GOALS
-from cryogmm.model.series.config import geometry_summary
-
-
-
-
-
-
-
+from cryogmm.model.series.net import latent_path, normalise_latent, read_latent
+from cryogmm.model.topology import build_topology, write_model
+from cryogmm.model.validate import ca_rmsd, map_figures, validate_coords
 
 # ----------------------------------------------------------------------------- the job
 
-def _check_inputs(cfg: RefineSeriesConfig):
 
+def _check_options(cfg: RefineSeriesConfig):
     if cfg.similarity not in SIMILARITIES:
         raise OptionError("--similarity", f"unknown {cfg.similarity!r}; expected one of {', '.join(SIMILARITIES)}")
     if len(cfg.maps) < 2:
@@ -89,14 +79,23 @@ def _check_inputs(cfg: RefineSeriesConfig):
         raise OptionError("--steps", f"must be >= 1, got {cfg.steps}")
     if cfg.references is not None and len(cfg.references) != len(cfg.maps):
         raise OptionError("--references", f"{len(cfg.references)} models for {len(cfg.maps)} maps; give one per map")
+
+
+def _check_inputs(cfg: RefineSeriesConfig):
+    _check_options(cfg)
     for p in cfg.maps:
         if not Path(p).is_file():
             raise MapError(p, "does not exist")
 
 
 def _read_grids(cfg: RefineSeriesConfig, topo):
-
     grids = [read_map_grid(p) for p in cfg.maps]
+    check_grids(topo, grids, cfg)
+    return grids
+
+
+def check_grids(topo, grids, cfg: RefineSeriesConfig):
+    """The maps of a series share box and sampling, overlap the model and allow the resolution."""
     g0 = grids[0]
     for p, g in zip(cfg.maps, grids):
         if g.shape != g0.shape or abs(g.apix - g0.apix) > 1e-4 or np.abs(g.origin_A - g0.origin_A).max() > 1e-3:
@@ -106,13 +105,9 @@ def _read_grids(cfg: RefineSeriesConfig, topo):
         check_overlap(topo, g, p)
     if cfg.resolution_A < 2 * g0.apix - 1e-6:
         raise OptionError("--resolution", f"{cfg.resolution_A:g} Å is finer than Nyquist of the maps ({2 * g0.apix:g} Å)")
-    return grids
-
-
 
 
 def _map_fit(topo, coords, grid, res) -> dict:
-
     mf = map_figures(topo, coords, grid, res)
     return {k: v for k, v in mf.items() if k != "qscore_per_residue"}
 
@@ -126,34 +121,38 @@ class _HeavyView:
         self.seq_id, self.element = topo.seq_id[h], topo.element[h]
 
 
-def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
-    """Fit one latent-to-model network to the maps ``cfg.maps``; write ``series.pdb``
-    (``cfg.frames`` models evenly along the latent path), ``frame_XX.pdb``, ``map_XX.pdb``
-    (the frame at each map's latent), ``network.pt`` and ``report.json`` into ``cfg.out``.
-    Returns the report."""
+@dataclass
+class SeriesResult:
+    """What :func:`fit_series` made, in memory."""
 
-    t0 = time.time()
-    _check_inputs(cfg)
-    topo = build_topology(cfg.model)
-    grids = _read_grids(cfg, topo)
+    fit: SeriesFit
+    z_raw: np.ndarray  # the maps' latents as given [m, d]
+    z: np.ndarray  # normalised
+    map_frames: list  # polished model at each map's latent, [M, 3] each (all topology atoms)
+    frames: list  # polished models evenly along the latent path
+    per_map: list
+    per_frame: list
+    steps_between: list
+    seconds: dict
+
+
+def fit_series(topo, grids: list, cfg: RefineSeriesConfig, z_raw: np.ndarray | None = None,
+               progress=None) -> SeriesResult:
+    """The model series of ``topo`` over ``grids`` (one :class:`~cryogmm.io.maps.MapGrid` per map,
+    all on one box; ``cfg.maps`` names them), in memory: the engine API the ChimeraX door calls.
+    ``z_raw``: one latent row per map (default: the maps' order spread over [0, 1])."""
+    _check_options(cfg)
+    check_grids(topo, grids, cfg)
     m = len(grids)
-    if cfg.latent is not None:
-        z_raw = read_latent(cfg.latent, m)
-    else:
+    if z_raw is None:
         z_raw = np.linspace(0.0, 1.0, m)[:, None]
     z = normalise_latent(z_raw)
-    if cfg.references is not None:
-        for p in cfg.references:
-            if not Path(p).is_file():
-                raise InputError(p, "does not exist")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
     fit = SeriesFit(topo, cfg, grids, z, progress)
     t_train = time.time()
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="cryogmm-series-") as work:
         fit.train(Path(work))
     t_train = time.time() - t_train
@@ -196,28 +195,55 @@ def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
     mv = topo.movable & ~topo.is_h
     steps_between = [float(np.sqrt(((frames[f + 1][mv] - frames[f][mv]) ** 2).sum(1).mean()))
                      for f in range(cfg.frames - 1)]
+    return SeriesResult(fit=fit, z_raw=z_raw, z=z, map_frames=map_frames, frames=frames, per_map=per_map,
+                        per_frame=per_frame, steps_between=steps_between,
+                        seconds={"train": t_train, "polish": t_pol, "validate": t_val})
 
+
+def write_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, t0: float | None = None) -> dict:
+    """series.pdb, frame_XX.pdb, map_XX.pdb, network.pt and report.json into ``cfg.out``;
+    returns the report."""
+    fit, per_map, per_frame = res.fit, res.per_map, res.per_frame
     heavy = ~topo.is_h
     with OutputDir(cfg.out) as d:
-        write_models(d.path("series.pdb"), _HeavyView(topo), np.stack([f[heavy] for f in frames]))
-        for f, x in enumerate(frames):
+        write_models(d.path("series.pdb"), _HeavyView(topo), np.stack([f[heavy] for f in res.frames]))
+        for f, x in enumerate(res.frames):
             write_model(topo, x, d.path(f"frame_{f + 1:02d}.pdb"))
-        for i, x in enumerate(map_frames):
+        for i, x in enumerate(res.map_frames):
             write_model(topo, x, d.path(f"map_{i + 1:02d}.pdb"))
-        torch.save({"state_dict": fit.model.net.state_dict(), "latent": z_raw, "latent_normalised": z,
+        torch.save({"state_dict": fit.model.net.state_dict(), "latent": res.z_raw, "latent_normalised": res.z,
                     "n_patches": fit.model.n_patches, "hidden": cfg.hidden}, d.path("network.pt"))
         rep = {
             "model": str(cfg.model), "maps": [str(p) for p in cfg.maps], "resolution_A": cfg.resolution_A,
             "similarity": cfg.similarity, "latent": None if cfg.latent is None else str(cfg.latent),
-            "latent_dim": int(z.shape[1]), "frames": cfg.frames, "steps_per_phase": cfg.steps,
+            "latent_dim": int(res.z.shape[1]), "frames": cfg.frames, "steps_per_phase": cfg.steps,
             "n_patches": fit.model.n_patches, "latent_noise": cfg.latent_noise, "geometry_rounds": cfg.geometry_rounds,
             "goals": GOALS, "curriculum_order": [int(i) for i in fit.order],
             "all_frames_pass_goals": all(r["passes_goals"] for r in per_frame),
             "all_map_frames_pass_goals": all(r["frame_geometry"]["passes_goals"] for r in per_map),
-            "capture": getattr(fit, "capture_log", None), "per_map": per_map, "per_frame": per_frame, "rms_step_between_frames_A": steps_between,
+            "capture": getattr(fit, "capture_log", None), "per_map": per_map, "per_frame": per_frame,
+            "rms_step_between_frames_A": res.steps_between,
             "fixed_residues": topo.fixed_residues, "warnings": topo.warnings, "log": fit.log,
-            "seconds": {"train": t_train, "polish": t_pol, "validate": t_val, "total": time.time() - t0},
+            "seconds": {**res.seconds, "total": None if t0 is None else time.time() - t0},
             "seed": cfg.seed,
         }
         rep = write_report(d.path("report.json"), rep)
     return rep
+
+
+def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
+    """The ``refine-series`` job: fit one latent-to-model network to the maps ``cfg.maps``; write
+    ``series.pdb`` (``cfg.frames`` models evenly along the latent path), ``frame_XX.pdb``,
+    ``map_XX.pdb`` (the frame at each map's latent), ``network.pt`` and ``report.json`` into
+    ``cfg.out``. Returns the report."""
+    t0 = time.time()
+    _check_inputs(cfg)
+    topo = build_topology(cfg.model)
+    grids = _read_grids(cfg, topo)
+    z_raw = read_latent(cfg.latent, len(grids)) if cfg.latent is not None else None
+    if cfg.references is not None:
+        for p in cfg.references:
+            if not Path(p).is_file():
+                raise InputError(p, "does not exist")
+    res = fit_series(topo, grids, cfg, z_raw, progress)
+    return write_series(topo, res, cfg, t0)

@@ -4,16 +4,17 @@ and the latent path helpers (reading, normalising, arc-length placement)."""
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import torch
-from cryogmm.errors import InputError
+
 from cryogmm.core.kmeans import kmeans_patches
 from cryogmm.core.rotations import rotvec_to_rotmat
+from cryogmm.errors import InputError
 from cryogmm.model.series.config import RefineSeriesConfig
 
-
-
 # ----------------------------------------------------------------------------- latent
+
 
 def read_latent(path, n_maps: int) -> np.ndarray:
     """Latent coordinates ``[n_maps, d]`` from a text file (one row per map, whitespace or
@@ -114,7 +115,6 @@ class SeriesModel:
     the moving heavy atoms (patch motions blended per residue, plus residuals)."""
 
     def __init__(self, topo, move: np.ndarray, d: int, cfg: RefineSeriesConfig, dtype, device):
-
         self.dt, self.dev = dtype, device
         x0 = topo.coords[move]
         res = topo.res_index[move]
@@ -146,7 +146,6 @@ class SeriesModel:
         self.use_resid = False
 
     def coords(self, z: torch.Tensor) -> torch.Tensor:
-
         p, r = self.net(z)
         p = p * self.motion_scale
         R = rotvec_to_rotmat(p[..., :3] / self.rad)  # [B, K, 3, 3]

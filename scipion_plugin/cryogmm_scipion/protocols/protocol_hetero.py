@@ -187,17 +187,18 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
         report = readReport(an)
 
         # latent coordinates by rlnImageId
-        z = {}
+        z, order = {}, []
         for r in readStarRows(os.path.join(an, "particles_latent.star")):
             z[int(r.rlnImageId)] = [float(getattr(r, "rlnCryogmmLatent%d" % k))
                                     for k in range(self.zdim.get())]
+            order.append(int(r.rlnImageId))
         missing = [p.getObjId() for p in inputSet.iterItems() if p.getObjId() not in z]
         if self.maxParticles.get() <= 0 and missing:
             raise ValueError("particles_latent.star lacks %d input particles (first id %d)"
                              % (len(missing), missing[0]))
-        ids = sorted(z)
-        zs = np.array([z[i] for i in ids])
-        zred = dict(zip(ids, latentPca(zs, min(self.pcs.get(), zs.shape[1]))))
+        # the engine's own principal components (pca.npz, rows in particles_latent.star order)
+        _, _, proj, _ = enginePcs(an)
+        zred = {pid: proj[j].tolist() for j, pid in enumerate(order)}
         cluster = {}
         for c in report.get("clusters", []):
             for r in readStarRows(os.path.join(an, c["star"])):
@@ -343,18 +344,18 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
         return self._getExtraPath("analyze")
 
 
-def latentPca(z, k, extra=None):
-    """Coordinates of ``z`` [n, d] on its first ``k`` principal components (centred; SVD,
-    sign fixed so each component's largest loading is positive). With ``extra`` [m, d]
-    (e.g. trajectory points), returns their coordinates on the same axes as well."""
-    mean = z.mean(0)
-    _, _, vt = np.linalg.svd(z - mean, full_matrices=False)
-    vt = vt[:k]
-    vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])[:, None]
-    if extra is None:
-        return (z - mean) @ vt.T
-    return (z - mean) @ vt.T, (np.asarray(extra) - mean) @ vt.T
+def enginePcs(analyzeDir):
+    """The principal components ``hetero analyze`` computed (``pca.npz`` in its folder): mean [d],
+    components [k, d], projection of every particle [n, k] (rows in ``particles_latent.star``
+    order) and explained-variance ratios [k]. Read, never recomputed, so the PC signs and axes
+    Scipion shows are those of the engine's trajectories."""
+    d = np.load(os.path.join(analyzeDir, "pca.npz"))
+    return d["mean"], d["components"], d["projection"], d["explained_variance"]
 
+
+def projectOnPcs(x, mean, components):
+    """Coordinates of latent points ``x`` [m, d] on the engine's principal axes."""
+    return (np.asarray(x, dtype=float).reshape(-1, len(mean)) - mean) @ np.asarray(components).T
 
 def _keepOnly(members, label):
     def update(item, _row=None):
