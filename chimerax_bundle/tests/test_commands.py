@@ -264,7 +264,7 @@ def test_series_is_one_model_with_a_coordset_per_map(session, adk_paths):
         s.atoms.coords = truth + np.array([dx, 0, 0])
         run(session, "cryogmm simulate #1 resolution 6 noise 0.05")
     s.atoms.coords = truth
-    s2 = run(session, "cryogmm series #1 maps #2-4 resolution 6 steps 8")
+    s2 = run(session, "cryogmm series #1 maps #2-4 resolution 6 steps 20")
     assert s2.num_coordsets == 3 and len(s2.coordset_ids) == 3
     ca = s2.atoms.names == "CA"
     got = []
