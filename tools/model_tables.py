@@ -8,7 +8,9 @@ Run once by a maintainer (not at run time)::
 contour grids, Richardson lab, github.com/rlabduke/reference_data, CC-BY-4.0; Williams et
 al. 2018 Protein Sci 27:293) and ``mon_lib/`` (CCP4 monomer library 5.x, LGPL-3; Vagin et
 al. 2004 Acta Cryst D60:2184; amino-acid bond and angle targets after Engh & Huber 1991,
-2001). Outputs:
+2001). The npm package moorhen 0.22.7 carries that library's 5.60 subset this script reads
+(``npm pack moorhen@0.22.7``, then ``package/public/baby-gru/data.tar.gz`` ->
+``data/ccp4_lib/data/monomers``: use it as ``mon_lib``). Outputs:
 
 ``rama_top8000.npz``
     per Ramachandran class the percentile grid (2° bins, φ, ψ in [-180, 180)) quantised to
@@ -17,8 +19,9 @@ al. 2004 Acta Cryst D60:2184; amino-acid bond and angle targets after Engh & Hub
 ``rotamer_top8000.npz``
     per residue type the same for the χ angles (bins as in the source grids).
 ``geom_monlib.json``
-    the CCP4 monomer-library files for the 20 amino acids and MSE plus the link and
-    modification blocks of ``mon_lib_list.cif`` needed for peptide links and termini,
+    the CCP4 monomer-library files for the 20 amino acids and MSE, the RNA/DNA nucleotides
+    and the ligands of ``LIGANDS``, plus every link and modification block of
+    ``mon_lib_list.cif`` (peptide and phosphodiester links, termini, glycosidic links),
     verbatim (LGPL-3 data, redistributed with its notice).
 
 Citations and licences are written into each table.
@@ -45,13 +48,20 @@ ROTA_FILES = {k: f"rota8000-{k}.data" for k in (
     "thr", "trp", "val")}
 AMINO = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET", "PHE",
          "PRO", "SER", "THR", "TRP", "TYR", "VAL", "MSE")
+# RNA and DNA nucleotides (their links and termini are in mon_lib_list.cif)
+NUCLEOTIDES = ("A", "C", "G", "U", "DA", "DC", "DG", "DT")
+# ligands, cofactors, ions and additives shipped with their dictionaries (every one the source
+# folder holds; a residue without one is kept fixed and reported)
+LIGANDS = ("ATP", "ADP", "SO4", "PO4", "GOL", "EDO", "PEG", "CIT", "NA")
 RAMA_CITATION = ("Top8000 Ramachandran/rotamer percentile contours: Williams CJ et al. (2018) MolProbity: More and "
                  "better reference data for improved all-atom structure validation. Protein Sci 27:293-315. "
                  "Data: github.com/rlabduke/reference_data (commit cbe3006), licence CC-BY-4.0; arg/lys grids "
                  "regenerated with Silk from the Top8000 source data. Adapted here: quantised grids and fitted "
                  "Gaussian mixtures.")
 GEOM_CITATION = ("CCP4 monomer library 5.60: Vagin AA et al. (2004) Acta Cryst D60:2184-2195; amino-acid targets "
-                 "after Engh RA & Huber R (1991) Acta Cryst A47:392-400 and (2001) Int Tables F 18.3. Licence "
+                 "after Engh RA & Huber R (1991) Acta Cryst A47:392-400 and (2001) Int Tables F 18.3; nucleotide "
+                 "and ligand targets from the library's AceDRG dictionaries (Long F et al. (2017) Acta Cryst "
+                 "D73:112-122). Licence "
                  "LGPL-3 (GNU Lesser General Public License v3), redistributed unmodified.")
 Q_SCALE = 25.0  # uint8 code = round(-log10(pct) * Q_SCALE); 255 = empty cell
 
@@ -192,7 +202,7 @@ def _build_rotamer(rr, out):
 def _build_geom(chem, out):
     ml = chem / "mon_lib"
     files = {}
-    for res in AMINO:
+    for res in AMINO + NUCLEOTIDES + LIGANDS:
         files[f"{res[0].lower()}/{res}.cif"] = (ml / res[0].lower() / f"{res}.cif").read_text()
     lst = (ml / "list" / "mon_lib_list.cif").read_text()
     blocks = lst.split("\ndata_")
@@ -204,5 +214,6 @@ def _build_geom(chem, out):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    build_tables(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent / "data",
+    default_out = Path(__file__).resolve().parents[1] / "engine" / "data"
+    build_tables(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else default_out,
                  tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("rama", "rotamer", "geom"))

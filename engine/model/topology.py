@@ -1,14 +1,17 @@
 """Topology of an atomic model: restraint index arrays, riding hydrogens, torsion tables.
 
 Built once from a PDB/mmCIF file with gemmi and the shipped CCP4 monomer-library subset
-(``cryogmm/data/geom_monlib.json``: the 20 amino acids and MSE, peptide links, termini;
-targets after Engh & Huber). The result is a set of plain index arrays that the
-restraint terms in :mod:`cryogmm.restraints` evaluate on any coordinates.
+(``cryogmm/data/geom_monlib.json``: the 20 amino acids and MSE, the RNA and DNA nucleotides,
+ATP, ADP and a few ions and additives; every link and modification block: peptide and
+phosphodiester links, termini; amino-acid targets after Engh & Huber). The result is a set
+of plain index arrays that the restraint terms in :mod:`cryogmm.model.restraints` evaluate
+on any coordinates.
 
 Atoms are ordered as in the model, with riding hydrogens added by gemmi after each
-residue's heavy atoms. Residues the library does not know (ligands, waters, modified
-residues) are kept, fixed, as clash partners, and listed in ``Topology.fixed_residues``;
-nothing is dropped. Alternate conformations keep the first altloc (reported). Missing heavy
+residue's heavy atoms. Every residue with a dictionary is restrained and moves; residues the
+library does not know (other ligands, waters, modified residues) are kept, fixed, as clash
+partners, and listed in ``Topology.fixed_residues``; nothing is dropped. Which residues had a
+dictionary, by kind, is in ``Topology.dictionary_counts``. Alternate conformations keep the first altloc (reported). Missing heavy
 atoms are reported per residue and their restraints are left out.
 
 Coordinates are Å in the file's frame.
@@ -28,8 +31,9 @@ from cryogmm.core.rotations import dihedral_deg
 from cryogmm.errors import ModelError
 from cryogmm.io.structures import read_structure_file
 
-KNOWN_RESIDUES = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET",
-                  "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL", "MSE")
+AMINO_ACIDS = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET",
+               "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL", "MSE")
+NUCLEOTIDES = ("A", "C", "G", "U", "DA", "DC", "DG", "DT")
 
 # side-chain chi angles (IUPAC); these define the rotamer tables' axes
 CHI_ATOMS = {
@@ -68,13 +72,28 @@ ACCEPTOR_ELEMENTS = ("O", "N")
 
 
 @functools.lru_cache(maxsize=1)
-def _monlib_dir() -> str:
-    """The shipped monomer-library subset unpacked once into a private temporary folder."""
+def _monlib_files() -> dict:
     from importlib import resources
 
-    data = json.loads(resources.files("cryogmm.data").joinpath("geom_monlib.json").read_text())
+    return json.loads(resources.files("cryogmm.data").joinpath("geom_monlib.json").read_text())["files"]
+
+
+@functools.lru_cache(maxsize=1)
+def dictionary_residues() -> frozenset:
+    """Residue names with a shipped monomer-library dictionary (they are restrained and move)."""
+    return frozenset(Path(rel).stem for rel in _monlib_files() if "/" in rel and not rel.startswith("list/"))
+
+
+def residue_kind(name: str) -> str:
+    """``protein``, ``nucleic acid`` or ``ligand`` (any other residue with a dictionary)."""
+    return "protein" if name in AMINO_ACIDS else "nucleic acid" if name in NUCLEOTIDES else "ligand"
+
+
+@functools.lru_cache(maxsize=1)
+def monomer_library_dir() -> str:
+    """The shipped monomer-library subset unpacked once into a private temporary folder."""
     d = Path(tempfile.mkdtemp(prefix="cryogmm_monlib_"))
-    for rel, text in data["files"].items():
+    for rel, text in _monlib_files().items():
         p = d / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
@@ -139,6 +158,7 @@ class Topology:
     donor: np.ndarray  # [M] bool: N/O/S carrying H
     rotors: list  # (parent, axis atom, [H]) rotatable polar H groups
     fixed_residues: list = field(default_factory=list)
+    dictionary_counts: dict = field(default_factory=dict)  # kind -> {residue name: count} of restrained residues
     missing_atoms: list = field(default_factory=list)
     altloc_atoms: int = 0
     warnings: list = field(default_factory=list)
@@ -176,10 +196,11 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
         warnings.append(f"{n_alt} atoms had alternate conformations; the first altloc was kept")
     # residues the library does not know are set aside and re-attached as fixed atoms
     fixed_store = []
+    library = dictionary_residues()
     for ch in st[0]:
         for i in range(len(ch) - 1, -1, -1):
             r = ch[i]
-            if r.name not in KNOWN_RESIDUES:
+            if r.name not in library:
                 fixed_store.append((ch.name, i, r.clone()))
                 del ch[i]
     st.remove_empty_chains()
@@ -189,7 +210,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
 
     mon = gemmi.MonLib()
     names = sorted({r.name for ch in st[0] for r in ch})
-    mon.read_monomer_lib(_monlib_dir(), names)
+    mon.read_monomer_lib(monomer_library_dir(), names)
     # missing heavy atoms (reported; restraints on them are absent)
     missing = []
     for ch in st[0]:
@@ -198,7 +219,8 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
                 continue
             cc = mon.monomers[r.name]
             have = {a.name for a in r}
-            want = [a.id for a in cc.atoms if not a.is_hydrogen() and a.id != "OXT"]
+            # OXT and OP3 exist only at a free terminus (the peptide and phosphodiester links remove them)
+            want = [a.id for a in cc.atoms if not a.is_hydrogen() and a.id not in ("OXT", "OP3")]
             lost = [a for a in want if a not in have]
             if lost:
                 missing.append(f"{ch.name}/{r.name}{r.seqid.num}: {' '.join(lost)}")
@@ -233,9 +255,10 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
     residues = []
     serial = 0
     fixed_labels = []
+    dict_counts = {}
     for ch in st[0]:
         for r in ch:
-            known = r.name in KNOWN_RESIDUES
+            known = r.name in library
             ri = len(residues)
             idx = []
             for a in r:
@@ -255,11 +278,15 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
                                  atoms=np.array(idx)))
             if not known:
                 fixed_labels.append(f"{ch.name}/{r.name}{r.seqid.num}")
+            else:
+                kind = dict_counts.setdefault(residue_kind(r.name), {})
+                kind[r.name] = kind.get(r.name, 0) + 1
     m = len(coords)
     if m == 0:
         raise ModelError(src, "holds no atoms")
     if not any(movable):
-        raise ModelError(src, f"holds no residue of the monomer library ({', '.join(KNOWN_RESIDUES[:20])}); "
+        raise ModelError(src, f"holds no residue of the monomer library (amino acids, RNA/DNA nucleotides, "
+                              f"{', '.join(sorted(dictionary_residues() - set(AMINO_ACIDS) - set(NUCLEOTIDES)))}); "
                               f"found {', '.join(sorted(set(res_name)))}")
     coords = np.array(coords, dtype=np.float64)
     element = np.array(element)
@@ -442,7 +469,8 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
         rama=np.array(rama, dtype=np.int64).reshape(-1, 5), rama_class=np.array(rcls, dtype=np.int64),
         rama_res=np.array(rres, dtype=np.int64), chis=chis, cb=np.array(cb, dtype=np.int64).reshape(-1, 4),
         excluded=excluded, vdw=vdw, polar_h=polar_h, acceptor=acceptor, donor=donor, rotors=rotors,
-        fixed_residues=fixed_labels, missing_atoms=missing, altloc_atoms=n_alt, warnings=warnings,
+        fixed_residues=fixed_labels, dictionary_counts=dict_counts, missing_atoms=missing, altloc_atoms=n_alt,
+        warnings=warnings,
     )
 
 

@@ -166,6 +166,7 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
         "n_clashes": len(cl),
         "cbeta_deviations": int((np.asarray(cb_dev) > 0.25).sum()),
         "fixed_residues": list(topo.fixed_residues),
+        "restrained_residues": topo.dictionary_counts,
         "missing_atoms": list(topo.missing_atoms),
     }
     if details:
@@ -300,9 +301,12 @@ def summary_table(rep: dict) -> str:
             ("rotamer outliers %", "rotamer_outlier_pct", "{:.2f}"), ("clashscore", "clashscore", "{:.2f}"),
             ("Cβ deviations", "cbeta_deviations", "{}"), ("chirality outliers", "chiral_outliers", "{}"),
             ("map CC (mask)", "map_cc_mask", "{:.3f}"), ("Q-score", "qscore_mean", "{:.3f}")]
+    # Ramachandran and rotamer figures of a model without amino acids say nothing: left out
+    empty = {"rama_favoured_pct": rep.get("n_rama", 1) == 0, "rama_outlier_pct": rep.get("n_rama", 1) == 0,
+             "rotamer_outlier_pct": rep.get("n_rotamers", 1) == 0, "cbeta_deviations": rep.get("n_rama", 1) == 0}
     lines = []
     for label, k, fmt in rows:
-        if k in rep:
+        if k in rep and not empty.get(k):
             lines.append(f"  {label:<20s} {fmt.format(rep[k])}")
     return "\n".join(lines)
 

@@ -248,7 +248,8 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
         "similarity": None if cfg.geometry_only else cfg.similarity, "stages": res.stages,
         "geometry_only": cfg.geometry_only, "steps_per_phase": cfg.steps, "n_patches": cfg.n_patches,
         "motion": cfg.motion, "before": res.before, "after": res.after, "rms_moved_A": res.rms_moved_A,
-        "fixed_residues": topo.fixed_residues, "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
+        "fixed_residues": topo.fixed_residues, "restrained_residues": topo.dictionary_counts,
+        "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
         "log": res.log, "trajectory_frames": len(res.trajectory), "stage_seconds": res.stage_seconds,
         "seconds": seconds, "seed": cfg.seed,
     }
