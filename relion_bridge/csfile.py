@@ -44,9 +44,9 @@ import numpy as np
 import pandas as pd
 
 from cryogmm.bridge import conventions
-from cryogmm.io.outputs import atomic_output
 from cryogmm.bridge.table import ParticleTable, StarLayout
 from cryogmm.errors import CsError
+from cryogmm.io.outputs import atomic_output
 
 __all__ = ["read_cs", "write_cs", "cs_field_for_column", "column_for_cs_field"]
 

@@ -20,11 +20,10 @@ import numpy as np
 import pandas as pd
 
 from cryogmm.bridge import conventions
+from cryogmm.bridge.csfile import read_cs, write_cs
 from cryogmm.bridge.star import read_star_blocks, write_star_blocks
 from cryogmm.bridge.table import OPTICS_LABELS, ParticleTable, StarLayout
 from cryogmm.errors import InputError, OptionError, StarError
-from cryogmm.bridge.csfile import read_cs
-from cryogmm.bridge.csfile import write_cs
 
 __all__ = ["read_particles", "write_particles", "describe_star_blocks", "STAR_VERSIONS"]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryogmm.io.outputs import atomic_output
 from cryogmm.errors import StarError
+from cryogmm.io.outputs import atomic_output
 
 __all__ = ["read_star_blocks", "write_star_blocks", "format_column"]
 

@@ -134,12 +134,70 @@ def test_atp_is_restrained_and_regularised(tmp_path):
     assert rep["after"]["bond_rmsz"] < 1.0 and rep["rms_moved_A"] > 0.05
 
 
-def test_residue_without_dictionary_stays_fixed_and_listed(tmp_path):
-    """HEM has no shipped dictionary: kept as a fixed clash partner and reported, never dropped."""
-    lines = [ln for ln in RNA.read_text().splitlines() if ln.startswith("ATOM")]
-    lines.append("HETATM 9001 FE   HEM A 101      40.000  40.000  40.000  1.00 20.00          FE")
-    p = tmp_path / "with_hem.pdb"
+def test_ligand_without_dictionary_restrained_to_its_own_geometry(tmp_path):
+    """A ligand no dictionary knows (ATP's atoms under another name) is restrained to its input
+    geometry and moves; a one-atom ion moves free; waters stay fixed; all of it reported."""
+    lig = _ideal_ligand("ATP", tmp_path / "atp.pdb")
+    lines = [ln.replace("ATP B", "ZZQ B") for ln in lig.read_text().splitlines() if ln.startswith(("ATOM", "HETATM"))]
+    lines += ["HETATM 9001 MG    MG B 202       0.000   0.000   8.000  1.00 20.00          MG",
+              "HETATM 9002  O   HOH B 301       9.000   9.000   9.000  1.00 20.00           O"]
+    p = tmp_path / "mix.pdb"
     p.write_text("\n".join(lines) + "\nEND\n")
     t = build_topology(p)
-    assert t.fixed_residues == ["A/HEM101"]
-    assert not t.movable[t.res_name == "HEM"].any() and t.movable[t.res_name != "HEM"].all()
+    assert t.fixed_residues == ["B/HOH301"]
+    assert t.dictionary_counts["self-restrained"] == {"ZZQ": 1, "MG": 1}
+    row = {r["residue"]: r for r in t.self_restrained}
+    assert row["ZZQ"]["bonds"] == 33 and row["ZZQ"]["planes"] >= 1 and row["ZZQ"]["chiral_centres"] >= 4
+    assert row["MG"]["bonds"] == 0
+    assert t.movable[t.res_name == "ZZQ"].all() and not t.movable[t.res_name == "HOH"].any()
+    assert validate_coords(t, t.coords)["bond_rmsz"] < 0.05  # targets are its own geometry (to 0.001 Å)
+    # the phosphate chain's atoms keep their hand (chiral restraints from the input)
+    assert validate_coords(t, t.coords)["chiral_outliers"] == 0
+
+
+def test_user_dictionary_and_its_bad_inputs(tmp_path, capsys):
+    """--restraints FILE.cif: a residue the file defines is restrained by it; a missing file, a
+    file that is no monomer dictionary, a residue defined twice or a residue with atoms the
+    dictionary lacks each give one line and exit 2, nothing written."""
+    from cryogmm.model.topology import monomer_library_dir
+
+    text = (Path(monomer_library_dir()) / "a" / "ATP.cif").read_text().replace("ATP", "XY1")
+    d1 = tmp_path / "xy1.cif"
+    d1.write_text(text)
+    model = tmp_path / "xy1.pdb"
+    atoms = _ideal_ligand("ATP", tmp_path / "atp.pdb").read_text().replace("ATP B", "XY1 B")
+    model.write_text(atoms)
+    t = build_topology(model, dictionaries=[d1])
+    assert t.dictionary_counts == {"user dictionary": {"XY1": 1}} and t.self_restrained == []
+    out = tmp_path / "out"
+    assert cli(["refine-model", str(model), "--geometry-only", "--restraints", str(d1), "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["restrained_residues"] == {"user dictionary": {"XY1": 1}}
+    capsys.readouterr()
+    notcif = tmp_path / "not.cif"
+    notcif.write_text("this is not CIF\n")
+    nocomp = tmp_path / "nocomp.cif"
+    nocomp.write_text("data_x\n_cell.length_a 10\n")
+    extra = tmp_path / "extra.pdb"
+    extra.write_text(atoms.replace("END", "HETATM 9999  XX  XY1 B   1       1.000   1.000   1.000  1.00 20.00           C\nEND"))
+    cases = [([str(model), "--restraints", str(tmp_path / "none.cif")], "none.cif"),
+             ([str(model), "--restraints", str(notcif)], "not.cif"),
+             ([str(model), "--restraints", str(nocomp)], "not a monomer dictionary"),
+             ([str(model), "--restraints", str(d1), "--restraints", str(d1)], "defines XY1"),
+             ([str(extra), "--restraints", str(d1)], "B/XY11")]
+    for args, msg in cases:
+        bad_out = tmp_path / "bad"
+        assert cli(["refine-model", *args, "--geometry-only", "--out", str(bad_out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (msg, err)
+        assert not bad_out.exists()
+
+
+def test_residue_without_dictionary_stays_fixed_and_listed(tmp_path):
+    """Waters have no dictionary and get none: kept as fixed clash partners and reported, never dropped."""
+    lines = [ln for ln in RNA.read_text().splitlines() if ln.startswith("ATOM")]
+    lines.append("HETATM 9001  O   HOH A 101      40.000  40.000  40.000  1.00 20.00           O")
+    p = tmp_path / "with_water.pdb"
+    p.write_text("\n".join(lines) + "\nEND\n")
+    t = build_topology(p)
+    assert t.fixed_residues == ["A/HOH101"]
+    assert not t.movable[t.res_name == "HOH"].any() and t.movable[t.res_name != "HOH"].all()

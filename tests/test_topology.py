@@ -67,16 +67,25 @@ def _edit_pdb(tmp_path, fn):
     return p
 
 
-def test_unknown_ligand_kept_fixed(tmp_path):
+def test_unknown_ligand_restrained_to_its_geometry_water_kept_fixed(tmp_path):
     def add_ligand(lines):
         lig = ["HETATM 9001  C1  XYZ A 301      10.000  10.000  10.000  1.00 20.00           C",
-               "HETATM 9002  O1  XYZ A 301      11.200  10.000  10.000  1.00 20.00           O"]
+               "HETATM 9002  O1  XYZ A 301      11.200  10.000  10.000  1.00 20.00           O",
+               "HETATM 9003  O   HOH A 401      30.000  10.000  10.000  1.00 20.00           O"]
         return [l for l in lines if not l.startswith("END")] + lig + ["END"]
 
     t = build_topology(_edit_pdb(tmp_path, add_ligand))
-    assert t.fixed_residues == ["A/XYZ301"]
+    assert t.fixed_residues == ["A/HOH401"]
     sel = t.res_name == "XYZ"
-    assert sel.sum() == 2 and not t.movable[sel].any()
+    assert sel.sum() == 2 and t.movable[sel].all()
+    assert t.self_restrained == [{"residue": "XYZ", "from": "A/XYZ301", "atoms": 2, "group": "non-polymer",
+                                  "bonds": 1, "angles": 0, "planes": 0, "chiral_centres": 0}]
+    i, j = np.nonzero(sel)[0]
+    k = [n for n, b in enumerate(t.bonds) if set(b) == {i, j}]
+    assert len(k) == 1 and abs(t.bond_ideal[k[0]] - 1.2) < 1e-6
+    write_model(t, t.coords, tmp_path / "out.pdb")  # writing keeps the ligand and the water
+    text = (tmp_path / "out.pdb").read_text()
+    assert "XYZ" in text and "HOH" in text
     # writing keeps the ligand
     write_model(t, t.coords, tmp_path / "out.pdb")
     assert "XYZ" in (tmp_path / "out.pdb").read_text()

@@ -56,6 +56,7 @@ def add_args(p):
                    help="geometry polish iterations per output frame (default 40; 0: none)")
     p.add_argument("--references", type=Path, nargs="+",
                    help="one model per map to report the Cα RMSD of each map's frame against (benchmarks)")
+    p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
 
@@ -66,6 +67,7 @@ def main(args) -> int:
     from cryogmm.runtime import Progress
 
     cfg = RefineSeriesConfig(model=args.model, maps=tuple(args.maps), out=args.out, resolution_A=args.resolution,
+                             restraints=tuple(args.restraints),
                              frames=args.frames, latent=args.latent, similarity=args.similarity, steps=args.steps,
                              n_patches=args.patches, geometry_weight=args.geometry_weight,
                              polish_iters=args.polish_iters, capture=not args.no_capture,

@@ -28,6 +28,7 @@ from pathlib import Path
 def add_args(p):
     p.add_argument("model", type=Path, help="PDB or mmCIF model")
     p.add_argument("--map", type=Path, help="MRC map in the model's frame (origin in the header)")
+    p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--resolution", type=float, help="map resolution in Å (needed with --map)")
     p.add_argument("--out", type=Path, help="output folder for report.json and ramachandran.png")
 
@@ -35,7 +36,8 @@ def add_args(p):
 def main(args) -> int:
     from cryogmm.model.validate import ValidateConfig, summary_table, validate
 
-    rep = validate(ValidateConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution))
+    rep = validate(ValidateConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution,
+                                  restraints=tuple(args.restraints)))
     print(f"{args.model}: {rep['n_residues']} residues, {rep['n_atoms']} heavy atoms")
     print(summary_table(rep))
     if rep["fixed_residues"]:

@@ -4,8 +4,9 @@ dictionaries made from a residue's own coordinates for residues no dictionary kn
 and ISOLDE do for unknown ligands): bonds between atoms within covalent reach, the angles
 between them, planes of flat three-connected centres and the hand of chiral ones, all at
 their input values, so the residue keeps its shape and moves with its neighbours. A residue
-named ``UNK`` with a backbone gets the peptide group, so it links to its neighbours and is
-refined as the backbone (and Cβ) it carries.
+with a peptide backbone (``N``, ``CA``, ``C``: UNK, modified amino acids) gets the peptide
+group, and one with a sugar-phosphate backbone the RNA or DNA group, so it links to its
+neighbours in the chain (an UNK helix is refined as the backbone and Cβ it carries).
 """
 
 from __future__ import annotations
@@ -56,10 +57,19 @@ def _covalent_r(el) -> float:
     return r if r > 0 else 0.77
 
 
-def self_dictionary(name: str, res, peptide: bool = False) -> tuple[str, list]:
+def polymer_group(atom_names) -> str:
+    """The monomer-library group a residue's atoms imply: peptide, RNA, DNA or non-polymer."""
+    n = set(atom_names)
+    if {"N", "CA", "C"} <= n:
+        return "peptide"
+    if {"P", "O5'", "C5'", "C4'", "C3'", "O3'"} <= n:
+        return "RNA" if "O2'" in n else "DNA"
+    return "non-polymer"
+
+
+def self_dictionary(name: str, res) -> tuple[str, list]:
     """CIF text of a dictionary for residue ``res`` (a gemmi Residue) from its own heavy-atom
-    geometry, and the list of restraint counts made (for the report). ``peptide`` sets the
-    peptide group (UNK with N, CA, C)."""
+    geometry, and the restraint counts made (bonds, angles, planes, chiral centres)."""
     import gemmi
 
     atoms = [a for a in res if not a.is_hydrogen()]
@@ -88,7 +98,7 @@ def self_dictionary(name: str, res, peptide: bool = False) -> tuple[str, list]:
             vol = float(np.dot(xyz[a] - xyz[j], np.cross(xyz[b] - xyz[j], xyz[c] - xyz[j])))
             chirs.append((j, a, b, c, "positive" if vol > 0 else "negative"))
     q = gemmi.cif.quote
-    group = "peptide" if peptide else "non-polymer"
+    group = polymer_group(names)
     lines = ["data_comp_list", "loop_", "_chem_comp.id", "_chem_comp.three_letter_code", "_chem_comp.name",
              "_chem_comp.group", "_chem_comp.number_atoms_all", "_chem_comp.number_atoms_nh", "_chem_comp.desc_level",
              f"{q(name)} {q(name)} 'restrained to its input geometry' {group} {len(atoms)} {len(atoms)} .", "",

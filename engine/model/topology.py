@@ -30,6 +30,7 @@ import numpy as np
 from cryogmm.core.rotations import dihedral_deg
 from cryogmm.errors import ModelError
 from cryogmm.io.structures import read_structure_file
+from cryogmm.model.dictionaries import WATERS, polymer_group, read_user_dictionaries, self_dictionary
 
 AMINO_ACIDS = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET",
                "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL", "MSE")
@@ -159,6 +160,7 @@ class Topology:
     rotors: list  # (parent, axis atom, [H]) rotatable polar H groups
     fixed_residues: list = field(default_factory=list)
     dictionary_counts: dict = field(default_factory=dict)  # kind -> {residue name: count} of restrained residues
+    self_restrained: list = field(default_factory=list)  # residue names restrained to their own geometry
     missing_atoms: list = field(default_factory=list)
     altloc_atoms: int = 0
     warnings: list = field(default_factory=list)
@@ -179,8 +181,47 @@ class Topology:
         return f"{d['chain']}/{d['name']}{d['seq']}{d['icode'].strip()}"
 
 
-def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
-    """Topology of the first model of a PDB/mmCIF file (or a gemmi Structure, copied)."""
+def _self_dictionaries(st, library, warnings) -> tuple[dict, list]:
+    """``{name: (cif text, heavy atom names)}`` made from the first residue of each name that no
+    dictionary knows (waters excepted), and the report rows."""
+    made, rows = {}, []
+    for ch in st[0]:
+        for r in ch:
+            if r.name in library or r.name in WATERS or r.name in made:
+                continue
+            heavy = {a.name for a in r if not a.is_hydrogen()}
+            if not heavy:
+                continue
+            text, (nb, na, npl, nch) = self_dictionary(r.name, r)
+            made[r.name] = (text, heavy)
+            rows.append({"residue": r.name, "from": f"{ch.name}/{r.name}{r.seqid.num}", "atoms": len(heavy),
+                         "group": polymer_group(heavy),
+                         "bonds": nb, "angles": na, "planes": npl, "chiral_centres": nch})
+            if nb == 0 and len(heavy) > 1:
+                warnings.append(f"{ch.name}/{r.name}{r.seqid.num}: no dictionary and no bonded atoms; its atoms move "
+                                "freely with the map")
+    return made, rows
+
+
+def _check_user_atoms(st, mon, user_owner):
+    """A residue whose atoms a user dictionary does not define: one line naming both."""
+    for ch in st[0]:
+        for r in ch:
+            if r.name not in user_owner or r.name not in mon.monomers:
+                continue
+            known = {a.id for a in mon.monomers[r.name].atoms}
+            extra = sorted(a.name for a in r if a.name not in known and not a.is_hydrogen())
+            if extra:
+                raise ModelError(f"{ch.name}/{r.name}{r.seqid.num}", f"has atoms {' '.join(extra)} that the "
+                                 f"dictionary {user_owner[r.name]} does not define")
+
+
+def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=()) -> Topology:
+    """Topology of the first model of a PDB/mmCIF file (or a gemmi Structure, copied).
+
+    Residues are restrained by, in order: the user's ``dictionaries`` (monomer CIF files), the
+    shipped monomer library, or a dictionary made from their own geometry
+    (:mod:`cryogmm.model.dictionaries`); waters stay fixed."""
     import gemmi
 
     if isinstance(path_or_structure, (str, Path)):
@@ -194,13 +235,18 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
     if n_alt:
         st.remove_alternative_conformations()
         warnings.append(f"{n_alt} atoms had alternate conformations; the first altloc was kept")
-    # residues the library does not know are set aside and re-attached as fixed atoms
+    user_docs, user_owner = read_user_dictionaries(dictionaries)
+    shipped = dictionary_residues() - set(user_owner)
+    self_made, self_restrained = _self_dictionaries(st, shipped | set(user_owner), warnings)
+    library = shipped | set(user_owner) | set(self_made)
+    # residues without a dictionary (waters, residues whose atoms differ from their namesake's
+    # self-made one) are set aside and re-attached as fixed atoms
     fixed_store = []
-    library = dictionary_residues()
     for ch in st[0]:
         for i in range(len(ch) - 1, -1, -1):
             r = ch[i]
-            if r.name not in library:
+            if r.name not in library or (r.name in self_made and
+                                          {a.name for a in r if not a.is_hydrogen()} != self_made[r.name][1]):
                 fixed_store.append((ch.name, i, r.clone()))
                 del ch[i]
     st.remove_empty_chains()
@@ -210,7 +256,12 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
 
     mon = gemmi.MonLib()
     names = sorted({r.name for ch in st[0] for r in ch})
-    mon.read_monomer_lib(monomer_library_dir(), names)
+    mon.read_monomer_lib(monomer_library_dir(), [n for n in names if n in shipped])
+    for doc in user_docs:
+        mon.read_monomer_doc(doc)
+    for text, _ in self_made.values():
+        mon.read_monomer_doc(gemmi.cif.read_string(text))
+    _check_user_atoms(st, mon, user_owner)
     # missing heavy atoms (reported; restraints on them are absent)
     missing = []
     for ch in st[0]:
@@ -258,7 +309,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
     dict_counts = {}
     for ch in st[0]:
         for r in ch:
-            known = r.name in library
+            known = r.name in library and r.name in mon.monomers
             ri = len(residues)
             idx = []
             for a in r:
@@ -279,7 +330,9 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
             if not known:
                 fixed_labels.append(f"{ch.name}/{r.name}{r.seqid.num}")
             else:
-                kind = dict_counts.setdefault(residue_kind(r.name), {})
+                how = ("self-restrained" if r.name in self_made else "user dictionary" if r.name in user_owner
+                       else residue_kind(r.name))
+                kind = dict_counts.setdefault(how, {})
                 kind[r.name] = kind.get(r.name, 0) + 1
     m = len(coords)
     if m == 0:
@@ -469,7 +522,8 @@ def build_topology(path_or_structure, add_hydrogens: bool = True) -> Topology:
         rama=np.array(rama, dtype=np.int64).reshape(-1, 5), rama_class=np.array(rcls, dtype=np.int64),
         rama_res=np.array(rres, dtype=np.int64), chis=chis, cb=np.array(cb, dtype=np.int64).reshape(-1, 4),
         excluded=excluded, vdw=vdw, polar_h=polar_h, acceptor=acceptor, donor=donor, rotors=rotors,
-        fixed_residues=fixed_labels, dictionary_counts=dict_counts, missing_atoms=missing, altloc_atoms=n_alt,
+        fixed_residues=fixed_labels, dictionary_counts=dict_counts, self_restrained=self_restrained,
+        missing_atoms=missing, altloc_atoms=n_alt,
         warnings=warnings,
     )
 

@@ -51,6 +51,7 @@ class ValidateConfig:
     out: Path | None = None
     map: Path | None = None
     resolution_A: float | None = None
+    restraints: tuple = ()  # user monomer dictionaries (CIF paths)
 
 
 def rmsz(z):
@@ -167,6 +168,7 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
         "cbeta_deviations": int((np.asarray(cb_dev) > 0.25).sum()),
         "fixed_residues": list(topo.fixed_residues),
         "restrained_residues": topo.dictionary_counts,
+        "self_restrained": topo.self_restrained,
         "missing_atoms": list(topo.missing_atoms),
     }
     if details:
@@ -281,7 +283,7 @@ def validate(cfg: ValidateConfig, progress=None) -> dict:
         raise OptionError("--resolution", "is needed with --map (the model map's resolution in Å)")
     if cfg.resolution_A is not None and not cfg.resolution_A > 0:
         raise OptionError("--resolution", f"must be positive, got {cfg.resolution_A}")
-    topo = build_topology(cfg.model)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints)
     grid = None
     if cfg.map is not None:
         grid = read_map_grid(cfg.map)

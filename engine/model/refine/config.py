@@ -38,6 +38,7 @@ class RefineModelConfig:
     threads: int = 2
     quiet: bool = True
     motion: str = "domains"  # or "local": see MOTION_PRESETS
+    restraints: tuple = ()  # user monomer dictionaries (CIF paths)
     extra: dict = field(default_factory=dict)
 
 

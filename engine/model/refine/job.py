@@ -114,7 +114,7 @@ def read_inputs(cfg: RefineModelConfig):
     checked against each other."""
     if not cfg.geometry_only and cfg.map is None:
         raise OptionError("--map", "is required unless --geometry-only")
-    topo = build_topology(cfg.model)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints)
     grid = None
     if not cfg.geometry_only:
         grid = read_map_grid(cfg.map)
@@ -249,6 +249,7 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
         "geometry_only": cfg.geometry_only, "steps_per_phase": cfg.steps, "n_patches": cfg.n_patches,
         "motion": cfg.motion, "before": res.before, "after": res.after, "rms_moved_A": res.rms_moved_A,
         "fixed_residues": topo.fixed_residues, "restrained_residues": topo.dictionary_counts,
+        "self_restrained": topo.self_restrained, "restraints": [str(p) for p in cfg.restraints],
         "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
         "log": res.log, "trajectory_frames": len(res.trajectory), "stage_seconds": res.stage_seconds,
         "seconds": seconds, "seed": cfg.seed,

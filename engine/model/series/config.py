@@ -35,6 +35,7 @@ class RefineSeriesConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1  # many small tensors: one thread is fastest on a shared CPU
+    restraints: tuple = ()  # user monomer dictionaries (CIF paths)
     extra: dict = field(default_factory=dict)
 
 

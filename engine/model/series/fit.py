@@ -201,10 +201,10 @@ class SeriesFit:
                 model=src, map=Path(cfg.maps[i]), resolution_A=cfg.resolution_A, out=work / f"capture_{i:03d}",
                 stages=cfg.extra.get("capture_stages", ("rigid", "residue", "full")),
                 similarity=cfg.similarity, n_patches=cfg.n_patches, steps=cfg.capture_steps, seed=cfg.seed,
-                device=cfg.device, threads=cfg.threads, extra=extra))
-            src_topo = build_topology(src)
+                device=cfg.device, threads=cfg.threads, restraints=cfg.restraints, extra=extra))
+            src_topo = build_topology(src, dictionaries=cfg.restraints)
             rep = write_outputs(src_topo, refine_coords(src_topo, self.grids[i], ccfg), ccfg)
-            xt = build_topology(work / f"capture_{i:03d}" / "refined.pdb").coords
+            xt = build_topology(work / f"capture_{i:03d}" / "refined.pdb", dictionaries=cfg.restraints).coords
             if xt.shape != self.topo.coords.shape:
                 raise RuntimeError(f"capture of map {i}: atom count changed ({xt.shape} vs {self.topo.coords.shape})")
             done[i] = xt

@@ -238,7 +238,7 @@ def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
     ``cfg.out``. Returns the report."""
     t0 = time.time()
     _check_inputs(cfg)
-    topo = build_topology(cfg.model)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints)
     grids = _read_grids(cfg, topo)
     z_raw = read_latent(cfg.latent, len(grids)) if cfg.latent is not None else None
     if cfg.references is not None:
