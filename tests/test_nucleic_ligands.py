@@ -201,3 +201,25 @@ def test_residue_without_dictionary_stays_fixed_and_listed(tmp_path):
     t = build_topology(p)
     assert t.fixed_residues == ["A/HOH101"]
     assert not t.movable[t.res_name == "HOH"].any() and t.movable[t.res_name != "HOH"].all()
+
+
+def test_validation_by_molecule_kind_and_sugar_puckers(tmp_path):
+    """validate reports RMSZ per molecule kind, base planarity and MolProbity's pucker test: the
+    deposited hairpin has no pucker outlier among its 22 checkable sugars; a phosphate moved onto
+    the glycosidic line of a C3'-endo sugar makes it one."""
+    from cryogmm.model.validate import pucker_table
+
+    t = build_topology(RNA)
+    v = validate_coords(t, t.coords)
+    assert set(v["by_kind"]) == {"nucleic acid"} and v["by_kind"]["nucleic acid"]["n_residues"] == 23
+    assert v["n_puckers"] == 22 and v["n_pucker_outliers"] == 0
+    assert v["base_plane_rmsz"] > 0
+    x = t.coords.copy()
+    key = {(int(t.res_index[i]), str(t.atom_name[i])): i for i in range(t.n_atoms)}
+    c1, n9 = x[key[(4, "C1'")]], x[key[(4, "N9" if (4, "N9") in key else "N1")]]
+    u = (n9 - c1) / np.linalg.norm(n9 - c1)
+    side = np.cross(u, [0.0, 0.0, 1.0])
+    x[key[(5, "P")]] = c1 + 3.0 * u + 1.0 * side / np.linalg.norm(side)
+    rows = {lab: (pp, ex, bad) for lab, _, pp, ex, bad in pucker_table(t, x)}
+    lab = t.res_label(4)
+    assert rows[lab][0] < 2.9 and rows[lab][1] == "C2'-endo" and rows[lab][2]

@@ -325,8 +325,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
                 seq_id.append(r.seqid.num)
                 is_h.append(a.is_hydrogen())
                 movable.append(known)
-            residues.append(dict(chain=ch.name, seq=r.seqid.num, icode=r.seqid.icode, name=r.name, known=known,
-                                 atoms=np.array(idx)))
+            how = "fixed"
             if not known:
                 fixed_labels.append(f"{ch.name}/{r.name}{r.seqid.num}")
             else:
@@ -334,6 +333,8 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
                        else residue_kind(r.name))
                 kind = dict_counts.setdefault(how, {})
                 kind[r.name] = kind.get(r.name, 0) + 1
+            residues.append(dict(chain=ch.name, seq=r.seqid.num, icode=r.seqid.icode, name=r.name, known=known,
+                                 kind=how, atoms=np.array(idx)))
     m = len(coords)
     if m == 0:
         raise ModelError(src, "holds no atoms")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+from cryogmm.core.rotations import dihedral_deg
 from cryogmm.core.similarity import fsc, resolution_at
 from cryogmm.errors import OptionError
 from cryogmm.io.maps import MapGrid, read_map_grid
@@ -171,6 +172,7 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
         "self_restrained": topo.self_restrained,
         "missing_atoms": list(topo.missing_atoms),
     }
+    out.update(molecule_figures(topo, x.detach().cpu().numpy(), bz, az, r))
     if details:
         out["rama_residues"] = [
             dict(residue=topo.res_label(int(topo.rama_res[k])), cls=names[k], phi=float(pp[k, 0]), psi=float(pp[k, 1]),
@@ -178,6 +180,73 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
         out["rotamer_outliers"] = [dict(residue=topo.res_label(ri), chis=[float(c) for c in chi], pct=p)
                                    for ri, _, chi, p in rot if p < ROTAMER_OUTLIER]
         out["clashes"] = [dict(a=topo.label(i), b=topo.label(j), overlap=round(o, 3)) for i, j, o in cl]
+    return out
+
+
+# MolProbity's sugar-pucker test (Richardson lab; mmtbx rna_validate defaults): the 3' phosphate's
+# perpendicular distance to the line of the glycosidic bond tells C2'-endo (< 2.9 Å) from C3'-endo;
+# the sugar's delta torsion must agree (C2'-endo: 129-162°)
+PPERP_2P_MAX_A = 2.9
+DELTA_2P_DEG = (129.0, 162.0)
+
+
+def pucker_table(topo: Topology, xn: np.ndarray) -> list:
+    """Per nucleotide with a following phosphate: (residue, delta°, Pperp Å, expected pucker,
+    outlier)."""
+    key = {(int(topo.res_index[i]), str(topo.atom_name[i])): i for i in np.nonzero(~topo.is_h)[0]}
+    bonded = {(int(i), int(j)) for i, j in topo.bonds} | {(int(j), int(i)) for i, j in topo.bonds}
+    rows = []
+    for ri, d in enumerate(topo.residues):
+        if d.get("kind") != "nucleic acid" or ri + 1 >= len(topo.residues):
+            continue
+        glyco = "N9" if (ri, "N9") in key else "N1"
+        need = [(ri, "C5'"), (ri, "C4'"), (ri, "C3'"), (ri, "O3'"), (ri, "C1'"), (ri, glyco), (ri + 1, "P")]
+        if any(k not in key for k in need) or topo.residues[ri + 1]["chain"] != d["chain"]:
+            continue
+        if (key[(ri, "O3'")], key[(ri + 1, "P")]) not in bonded:  # no phosphodiester link (chain break)
+            continue
+        c5, c4, c3, o3, c1, n, p = (xn[key[k]] for k in need)
+        delta = float(dihedral_deg(c5, c4, c3, o3)) % 360.0
+        u = (n - c1) / np.linalg.norm(n - c1)
+        v = p - c1
+        pperp = float(np.linalg.norm(v - (v @ u) * u))
+        two_p = pperp < PPERP_2P_MAX_A
+        in_2p = DELTA_2P_DEG[0] <= delta <= DELTA_2P_DEG[1]
+        rows.append((topo.res_label(ri), delta, pperp, "C2'-endo" if two_p else "C3'-endo", two_p != in_2p))
+    return rows
+
+
+def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndarray, r: Restraints) -> dict:
+    """Bond/angle RMSZ per molecule kind (protein, nucleic acid, ligand, self-restrained, user
+    dictionary); per ligand residue; nucleic-acid base planarity and sugar puckers."""
+    kinds = np.array([d.get("kind", "protein") for d in topo.residues])
+    res_of = topo.res_index
+    bonds, angles = r.bonds.cpu().numpy().reshape(-1, 2), r.angles.cpu().numpy().reshape(-1, 3)
+    bk, ak = kinds[res_of[bonds[:, 0]]], kinds[res_of[angles[:, 1]]]
+    by_kind = {}
+    for k in sorted(set(kinds) - {"fixed"}):
+        by_kind[k] = {"n_residues": int((kinds == k).sum()), "bond_rmsz": rmsz(bz[bk == k]),
+                      "angle_rmsz": rmsz(az[ak == k]), "n_bonds": int((bk == k).sum()), "n_angles": int((ak == k).sum())}
+    out = {"by_kind": by_kind}
+    lig = [ri for ri, d in enumerate(topo.residues) if d.get("kind") in ("ligand", "self-restrained", "user dictionary")]
+    if lig:
+        rb, ra = res_of[bonds[:, 0]], res_of[angles[:, 1]]
+        out["ligands"] = [{"residue": topo.res_label(ri), "bond_rmsz": rmsz(bz[rb == ri]),
+                           "angle_rmsz": rmsz(az[ra == ri]), "n_atoms": int((~topo.is_h[topo.residues[ri]["atoms"]]).sum())}
+                          for ri in lig]
+    if "nucleic acid" in by_kind:
+        if len(r.planes):
+            pl = r.planes.cpu().numpy()
+            mask = r.plane_mask.cpu().numpy() > 0
+            dev = r.plane_dev(torch.as_tensor(xn, dtype=r.dtype, device=r.device)).detach().cpu().numpy()
+            na = np.array([kinds[res_of[row[row >= 0][0]]] == "nucleic acid" for row in pl])
+            z = (dev / r.plane_sigma.cpu().numpy()[:, None])[na][mask[na]]
+            out["base_plane_rmsz"] = rmsz(z)
+        rows = pucker_table(topo, xn)
+        out["n_puckers"] = len(rows)
+        out["n_pucker_outliers"] = int(sum(row[-1] for row in rows))
+        out["pucker_outliers"] = [dict(residue=lab, delta=round(dl, 1), pperp_A=round(pp, 2), expected=ex)
+                                  for lab, dl, pp, ex, bad in rows if bad]
     return out
 
 
@@ -302,6 +371,7 @@ def summary_table(rep: dict) -> str:
             ("Rama favoured %", "rama_favoured_pct", "{:.1f}"), ("Rama outliers %", "rama_outlier_pct", "{:.2f}"),
             ("rotamer outliers %", "rotamer_outlier_pct", "{:.2f}"), ("clashscore", "clashscore", "{:.2f}"),
             ("Cβ deviations", "cbeta_deviations", "{}"), ("chirality outliers", "chiral_outliers", "{}"),
+            ("base plane RMSZ", "base_plane_rmsz", "{:.2f}"), ("pucker outliers", "n_pucker_outliers", "{}"),
             ("map CC (mask)", "map_cc_mask", "{:.3f}"), ("Q-score", "qscore_mean", "{:.3f}")]
     # Ramachandran and rotamer figures of a model without amino acids say nothing: left out
     empty = {"rama_favoured_pct": rep.get("n_rama", 1) == 0, "rama_outlier_pct": rep.get("n_rama", 1) == 0,
