@@ -223,3 +223,30 @@ def test_validation_by_molecule_kind_and_sugar_puckers(tmp_path):
     rows = {lab: (pp, ex, bad) for lab, _, pp, ex, bad in pucker_table(t, x)}
     lab = t.res_label(4)
     assert rows[lab][0] < 2.9 and rows[lab][1] == "C2'-endo" and rows[lab][2]
+
+
+def test_nothing_lost_order_b_occupancy_links(tmp_path):
+    """A water between two nucleotides and a Mg linked to a phosphate: the refined file holds
+    every residue and atom in input order with B-factors and occupancies, and the LINK record."""
+    lines = [ln for ln in RNA.read_text().splitlines() if ln.startswith("ATOM")]
+    at = next(k for k, ln in enumerate(lines) if int(ln[22:26]) == 6)
+    lines[at:at] = ["HETATM 9001  O   HOH A 101      30.000  30.000  30.000  0.50 41.00           O"]
+    lines.append("HETATM 9002 MG    MG A 102      45.000  45.000  45.000  1.00 33.00          MG")
+    op1 = next(ln for ln in lines if ln[12:16].strip() == "OP1" and int(ln[22:26]) == 7)
+    mg = np.array([float(op1[30:38]), float(op1[38:46]), float(op1[46:54])]) + [2.1, 0.0, 0.0]
+    lines[-1] = lines[-1][:30] + "".join(f"{v:8.3f}" for v in mg) + lines[-1][54:]
+    link = ("LINK" + " " * 8 + " OP1" + " " + op1[17:20] + " A" + "   7" + " " + " " * 15 + "MG  " + " " + " MG" + " A"
+            + " 102" + " " + "  " + "  1555" + " " + "  1555" + " " + " 2.10")
+    p = tmp_path / "in.pdb"
+    p.write_text("\n".join([link] + lines) + "\nEND\n")
+    assert cli(["refine-model", str(p), "--geometry-only", "--steps", "20", "--out", str(tmp_path / "out")]) == 0
+
+    def rows(path):
+        st = gemmi.read_structure(str(path))
+        st.remove_hydrogens()
+        return [(c.chain.name, c.residue.seqid.num, c.residue.name, c.atom.name, round(c.atom.b_iso, 2),
+                 round(c.atom.occ, 2)) for c in st[0].all()]
+
+    for out in ("refined.pdb", "refined.cif"):
+        assert rows(tmp_path / "out" / out) == rows(p), out
+        assert len(gemmi.read_structure(str(tmp_path / "out" / out)).connections) == 1, out

@@ -182,24 +182,27 @@ class Topology:
 
 
 def _self_dictionaries(st, library, warnings) -> tuple[dict, list]:
-    """``{name: (cif text, heavy atom names)}`` made from the first residue of each name that no
-    dictionary knows (waters excepted), and the report rows."""
-    made, rows = {}, []
+    """``{name: (cif text, heavy atom names)}`` for each residue name no dictionary knows (waters
+    excepted), made from its instance with the most heavy atoms (instances with fewer atoms are
+    restrained over the atoms they have), and the report rows."""
+    template = {}
     for ch in st[0]:
         for r in ch:
-            if r.name in library or r.name in WATERS or r.name in made:
+            if r.name in library or r.name in WATERS:
                 continue
-            heavy = {a.name for a in r if not a.is_hydrogen()}
-            if not heavy:
-                continue
-            text, (nb, na, npl, nch) = self_dictionary(r.name, r)
-            made[r.name] = (text, heavy)
-            rows.append({"residue": r.name, "from": f"{ch.name}/{r.name}{r.seqid.num}", "atoms": len(heavy),
-                         "group": polymer_group(heavy),
-                         "bonds": nb, "angles": na, "planes": npl, "chiral_centres": nch})
-            if nb == 0 and len(heavy) > 1:
-                warnings.append(f"{ch.name}/{r.name}{r.seqid.num}: no dictionary and no bonded atoms; its atoms move "
-                                "freely with the map")
+            n = sum(1 for a in r if not a.is_hydrogen())
+            if n and (r.name not in template or n > template[r.name][0]):
+                template[r.name] = (n, ch.name, r)
+    made, rows = {}, []
+    for name, (_, chname, r) in template.items():
+        heavy = {a.name for a in r if not a.is_hydrogen()}
+        text, (nb, na, npl, nch) = self_dictionary(name, r)
+        made[name] = (text, heavy)
+        rows.append({"residue": name, "from": f"{chname}/{name}{r.seqid.num}", "atoms": len(heavy),
+                     "group": polymer_group(heavy), "bonds": nb, "angles": na, "planes": npl, "chiral_centres": nch})
+        if nb == 0 and len(heavy) > 1:
+            warnings.append(f"{chname}/{name}{r.seqid.num}: no dictionary and no bonded atoms; its atoms move "
+                            "freely with the map")
     return made, rows
 
 
@@ -242,15 +245,14 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
     # residues without a dictionary (waters, residues whose atoms differ from their namesake's
     # self-made one) are set aside and re-attached as fixed atoms
     fixed_store = []
-    for ch in st[0]:
+    for ci, ch in enumerate(st[0]):
         for i in range(len(ch) - 1, -1, -1):
             r = ch[i]
             if r.name not in library or (r.name in self_made and
-                                          {a.name for a in r if not a.is_hydrogen()} != self_made[r.name][1]):
-                fixed_store.append((ch.name, i, r.clone()))
+                                          not {a.name for a in r if not a.is_hydrogen()} <= self_made[r.name][1]):
+                fixed_store.append((ci, ch.name, i, r.clone()))
                 del ch[i]
-    st.remove_empty_chains()
-    fixed_store.reverse()
+    fixed_store.sort(key=lambda f: (f[0], f[2]))
     import contextlib
     import io
 
@@ -290,17 +292,11 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
                 warnings.append(w.strip())
     else:
         topo = None
-    # re-attach fixed residues as their own chain(s) so nothing is lost
-    if fixed_store:
-        for chname, _, res in fixed_store:
-            target = None
-            for ch in st[0]:
-                if ch.name == chname:
-                    target = ch
-            if target is None:
-                st[0].add_chain(gemmi.Chain(chname))
-                target = st[0][len(st[0]) - 1]
-            target.add_residue(res)
+    # re-attach fixed residues where they stood, so the model keeps its order and nothing is lost
+    # (chains emptied by the removal stayed in place, empty, for this)
+    for ci, _, i, res in fixed_store:  # ascending chain and residue index
+        st[0][ci].add_residue(res, pos=i)
+    st.remove_empty_chains()
     # flatten
     coords, element, atom_name, res_index, res_name, chain, seq_id, is_h, movable = ([] for _ in range(9))
     residues = []
