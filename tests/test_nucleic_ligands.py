@@ -204,15 +204,16 @@ def test_residue_without_dictionary_stays_fixed_and_listed(tmp_path):
 
 
 def test_validation_by_molecule_kind_and_sugar_puckers(tmp_path):
-    """validate reports RMSZ per molecule kind, base planarity and MolProbity's pucker test: the
-    deposited hairpin has no pucker outlier among its 22 checkable sugars; a phosphate moved onto
-    the glycosidic line of a C3'-endo sugar makes it one."""
+    """validate reports RMSZ per molecule kind, base planarity and MolProbity's pucker test: on
+    the deposited hairpin it flags what MolProbity (mmtbx rna_validate_puckers) flags, U21 alone
+    (delta 64.9°, below the C3'-endo range) of 23 sugars; a phosphate moved onto the glycosidic
+    line of a C3'-endo sugar makes that sugar one too."""
     from cryogmm.model.validate import pucker_table
 
     t = build_topology(RNA)
     v = validate_coords(t, t.coords)
     assert set(v["by_kind"]) == {"nucleic acid"} and v["by_kind"]["nucleic acid"]["n_residues"] == 23
-    assert v["n_puckers"] == 22 and v["n_pucker_outliers"] == 0
+    assert v["n_puckers"] == 23 and [o["residue"] for o in v["pucker_outliers"]] == ["A/U21"]
     assert v["base_plane_rmsz"] > 0
     x = t.coords.copy()
     key = {(int(t.res_index[i]), str(t.atom_name[i])): i for i in range(t.n_atoms)}

@@ -183,36 +183,45 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
     return out
 
 
-# MolProbity's sugar-pucker test (Richardson lab; mmtbx rna_validate defaults): the 3' phosphate's
-# perpendicular distance to the line of the glycosidic bond tells C2'-endo (< 2.9 Å) from C3'-endo;
-# the sugar's delta torsion must agree (C2'-endo: 129-162°)
+# MolProbity's sugar-pucker test (Richardson lab; the published thresholds mmtbx uses): the
+# perpendicular distance of the 3' phosphate (or, at a 3' end, of O3') to the line of the
+# glycosidic bond decides C2'-endo (P < 2.9 Å, O3' < 2.4 Å) or C3'-endo; the delta torsion must
+# then lie in that pucker's range, and epsilon in 155-310°
 PPERP_2P_MAX_A = 2.9
+O3PERP_2P_MAX_A = 2.4
 DELTA_2P_DEG = (129.0, 162.0)
+DELTA_3P_DEG = (65.0, 104.0)
+EPSILON_DEG = (155.0, 310.0)
 
 
 def pucker_table(topo: Topology, xn: np.ndarray) -> list:
-    """Per nucleotide with a following phosphate: (residue, delta°, Pperp Å, expected pucker,
-    outlier)."""
+    """Per nucleotide: (residue, delta°, perpendicular distance Å, pucker the distance implies,
+    outlier: delta out of that pucker's range or epsilon out of its range)."""
     key = {(int(topo.res_index[i]), str(topo.atom_name[i])): i for i in np.nonzero(~topo.is_h)[0]}
     bonded = {(int(i), int(j)) for i, j in topo.bonds} | {(int(j), int(i)) for i, j in topo.bonds}
     rows = []
     for ri, d in enumerate(topo.residues):
-        if d.get("kind") != "nucleic acid" or ri + 1 >= len(topo.residues):
+        if d.get("kind") != "nucleic acid":
             continue
         glyco = "N9" if (ri, "N9") in key else "N1"
-        need = [(ri, "C5'"), (ri, "C4'"), (ri, "C3'"), (ri, "O3'"), (ri, "C1'"), (ri, glyco), (ri + 1, "P")]
-        if any(k not in key for k in need) or topo.residues[ri + 1]["chain"] != d["chain"]:
+        need = [(ri, "C5'"), (ri, "C4'"), (ri, "C3'"), (ri, "O3'"), (ri, "C1'"), (ri, glyco)]
+        if any(k not in key for k in need):
             continue
-        if (key[(ri, "O3'")], key[(ri + 1, "P")]) not in bonded:  # no phosphodiester link (chain break)
-            continue
-        c5, c4, c3, o3, c1, n, p = (xn[key[k]] for k in need)
-        delta = float(dihedral_deg(c5, c4, c3, o3)) % 360.0
+        c5, c4, c3, o3, c1, n = (xn[key[k]] for k in need)
+        nxt = key.get((ri + 1, "P"))
+        linked = nxt is not None and (key[(ri, "O3'")], nxt) in bonded  # no link: a 3' end or a chain break
         u = (n - c1) / np.linalg.norm(n - c1)
-        v = p - c1
-        pperp = float(np.linalg.norm(v - (v @ u) * u))
-        two_p = pperp < PPERP_2P_MAX_A
-        in_2p = DELTA_2P_DEG[0] <= delta <= DELTA_2P_DEG[1]
-        rows.append((topo.res_label(ri), delta, pperp, "C2'-endo" if two_p else "C3'-endo", two_p != in_2p))
+        probe = xn[nxt] if linked else o3
+        v = probe - c1
+        perp = float(np.linalg.norm(v - (v @ u) * u))
+        two_p = perp < (PPERP_2P_MAX_A if linked else O3PERP_2P_MAX_A)
+        delta = float(dihedral_deg(c5, c4, c3, o3)) % 360.0
+        lo, hi = DELTA_2P_DEG if two_p else DELTA_3P_DEG
+        bad = not lo <= delta <= hi
+        if linked:
+            eps = float(dihedral_deg(c4, c3, o3, xn[nxt])) % 360.0
+            bad = bad or not EPSILON_DEG[0] <= eps <= EPSILON_DEG[1]
+        rows.append((topo.res_label(ri), delta, perp, "C2'-endo" if two_p else "C3'-endo", bad))
     return rows
 
 
@@ -245,7 +254,7 @@ def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndar
         rows = pucker_table(topo, xn)
         out["n_puckers"] = len(rows)
         out["n_pucker_outliers"] = int(sum(row[-1] for row in rows))
-        out["pucker_outliers"] = [dict(residue=lab, delta=round(dl, 1), pperp_A=round(pp, 2), expected=ex)
+        out["pucker_outliers"] = [dict(residue=lab, delta=round(dl, 1), perp_A=round(pp, 2), expected=ex)
                                   for lab, dl, pp, ex, bad in rows if bad]
     return out
 
