@@ -251,3 +251,27 @@ def test_nothing_lost_order_b_occupancy_links(tmp_path):
     for out in ("refined.pdb", "refined.cif"):
         assert rows(tmp_path / "out" / out) == rows(p), out
         assert len(gemmi.read_structure(str(tmp_path / "out" / out)).connections) == 1, out
+
+
+def test_motion_auto_chooses_by_the_start_fit(tmp_path):
+    """--motion auto: the deposited hairpin in its own map fits (local preset); its stem turned
+    12° does not (motion domains)."""
+    from dataclasses import replace
+
+    from cryogmm.model.refine.config import RefineModelConfig
+    from cryogmm.model.refine.job import checked_config, read_inputs, refine_coords
+
+    target = _splat(RNA, tmp_path / "target.mrc")
+    st = gemmi.read_structure(str(RNA))
+    for c in st[0].all():
+        if c.residue.seqid.num >= 13:
+            c.atom.pos = gemmi.Position(*(np.array(c.atom.pos.tolist()) + [0.0, 2.5, 0.0]))
+    st.write_pdb(str(tmp_path / "moved.pdb"))
+    chose = {}
+    for name, model in (("deposited", RNA), ("moved", tmp_path / "moved.pdb")):
+        cfg = checked_config(RefineModelConfig(model=model, map=target, out=tmp_path / name, resolution_A=4.0,
+                                               stages=(), motion="auto"))
+        topo, grid = read_inputs(cfg)
+        res = refine_coords(topo, grid, replace(cfg), progress=None)
+        chose[name] = (res.motion, round(res.before["map_cc_mask"], 3))
+    assert chose["deposited"][0] == "local" and chose["moved"][0] == "domains", chose

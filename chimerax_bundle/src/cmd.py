@@ -1,7 +1,7 @@
 """The ``cryogmm`` command word and its subcommands (registered together, ISOLDE's pattern).
 
     cryogmm fit #model #map resolution R    (or  cryogmm fit #model map #map resolution R) [similarity S] [stages rigid,residue,full] [steps N]
-                [updateEvery K] [wait true|false] [out DIR] [threads T] [seed N]
+                [updateEvery K] [wait true|false] [out DIR] [threads T] [seed N] [motion auto|domains|local]
     cryogmm stop
     cryogmm validate #model [map #map resolution R] [color true|false] [select true|false] [out DIR]
     cryogmm series #model maps #maps resolution R [steps N] [out DIR] [seed N]
@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from chimerax.core.commands import (BoolArg, CmdDesc, FloatArg, IntArg, ListOf, ModelsArg, OpenFolderNameArg,
+from chimerax.core.commands import (BoolArg, CmdDesc, EnumOf, FloatArg, IntArg, ListOf, ModelsArg, OpenFolderNameArg,
                                     SaveFolderNameArg, StringArg, register)
 from chimerax.core.errors import UserError
 
@@ -48,7 +48,7 @@ def _model_and_map(models, map=None, what="cryogmm fit"):
 
 
 def cryogmm_fit(session, models, map=None, resolution=None, similarity="fsc", stages=None, steps=100,
-                update_every=5, wait=None, out=None, threads=2, seed=0, geometry_weight=1.0):
+                update_every=5, wait=None, out=None, threads=2, seed=0, geometry_weight=1.0, motion="auto"):
     """Refine ``structure`` into ``volume``; returns the FitJob (its ``report`` when finished)."""
     from .fit import FitJob, current_job
 
@@ -61,7 +61,8 @@ def cryogmm_fit(session, models, map=None, resolution=None, similarity="fsc", st
     if wait is None:
         wait = not session.ui.is_gui
     job = FitJob(session, structure, volume, resolution, similarity=similarity, stages=_stages(stages), steps=steps,
-                 update_every=update_every, out=out, threads=threads, seed=seed, geometry_weight=geometry_weight)
+                 update_every=update_every, out=out, threads=threads, seed=seed, geometry_weight=geometry_weight,
+                 motion=motion)
     session.logger.info(f"cryogmm fit: refining {structure} ({len(job.moved_atoms)} atoms) into {volume} at "
                         f"{resolution:g} Å, stages {', '.join(job.cfg.stages)}, {steps} steps per phase"
                         + ("" if wait else "; `cryogmm stop` ends it"))
@@ -139,7 +140,7 @@ def register_all(logger):
         required=[("models", ModelsArg)],
         keyword=[("map", MapArg), ("resolution", FloatArg), ("similarity", StringArg), ("stages", StringArg), ("steps", IntArg),
                  ("update_every", IntArg), ("wait", BoolArg), ("out", SaveFolderNameArg), ("threads", IntArg),
-                 ("seed", IntArg), ("geometry_weight", FloatArg)],
+                 ("seed", IntArg), ("geometry_weight", FloatArg), ("motion", EnumOf(("auto", "domains", "local")))],
         synopsis="refine a model into a map (atoms move as it runs)"), cryogmm_fit, logger=logger)
     register("cryogmm stop", CmdDesc(synopsis="stop a running cryogmm fit, keeping the current coordinates"),
              cryogmm_stop, logger=logger)

@@ -34,16 +34,16 @@ def current_job(session):
 
 
 class FitJob:
-    """One ``cryogmm fit``: the structure in the map's frame, refined by the engine in memory
-    (an interactive fit starts from a model already placed in its map: the engine's ``local``
-    motion preset)."""
+    """One ``cryogmm fit``: the structure in the map's frame, refined by the engine in memory.
+    ``motion``: the engine's ``auto`` by default (its ``local`` preset for a model that already
+    fits the map, motion domains otherwise), or ``domains`` / ``local``."""
 
     def __init__(self, session, structure, volume, resolution, similarity="fsc", stages=None,
-                 steps=100, update_every=5, out=None, threads=2, seed=0, geometry_weight=1.0):
+                 steps=100, update_every=5, out=None, threads=2, seed=0, geometry_weight=1.0, motion="auto"):
         bridge.engine()
         from cryogmm.errors import CryoGMMError
         from cryogmm.model.density import check_overlap
-        from cryogmm.model.refine.config import SIMILARITIES, STAGES, RefineModelConfig
+        from cryogmm.model.refine.config import MOTIONS, SIMILARITIES, STAGES, RefineModelConfig
         from cryogmm.model.refine.job import checked_config
         from cryogmm.model.topology import build_topology
 
@@ -58,6 +58,8 @@ class FitJob:
             raise UserError(f"cryogmm fit: unknown stage(s) {', '.join(bad)}; expected some of {', '.join(STAGES)}")
         if steps < 1:
             raise UserError(f"cryogmm fit: steps must be >= 1, got {steps}")
+        if motion not in MOTIONS:
+            raise UserError(f"cryogmm fit: unknown motion {motion!r}; expected one of {', '.join(MOTIONS)}")
         self.grid = bridge.volume_to_grid(volume)
         if resolution < 2 * self.grid.apix - 1e-6:
             raise UserError(f"cryogmm fit: resolution {resolution:g} Å is finer than the Nyquist limit of {volume} "
@@ -72,7 +74,7 @@ class FitJob:
             self.cfg = checked_config(RefineModelConfig(
                 model=Path(str(structure)), map=None, out=self.out, resolution_A=float(resolution),
                 similarity=similarity, stages=stages, steps=int(steps), trajectory_every=max(1, int(update_every)),
-                seed=int(seed), threads=int(threads), geometry_weight=float(geometry_weight), motion="local"))
+                seed=int(seed), threads=int(threads), geometry_weight=float(geometry_weight), motion=motion))
         except CryoGMMError as e:
             raise bridge.engine_error(e) from None
         self.topo_i, self.atom_i = bridge.topology_index(self.topo, self.atoms)

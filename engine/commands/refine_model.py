@@ -61,9 +61,10 @@ def add_args(p):
     p.add_argument("--rebuild-rotamers", action="store_true", help="add the rotamer stage before full if absent")
     p.add_argument("--geometry-only", action="store_true", help="no map: regularise the geometry only")
     p.add_argument("--patches", type=int, default=64, help="rigid patches (default 64)")
-    p.add_argument("--motion", choices=["domains", "local"], default="domains",
+    p.add_argument("--motion", choices=["domains", "local", "auto"], default="domains",
                    help="domains (default): large moves, patches regrouped into motion domains; "
-                        "local: a model already placed in its map (smaller steps, firmer geometry)")
+                        "local: a model already placed in its map (smaller steps, firmer geometry); "
+                        "auto: local when the start fits the map (masked CC >= 0.8), else domains")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per phase (default 100; 50 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="one rotamer + full-atom round, 50 steps per phase, full atoms straight to the L-BFGS polish "

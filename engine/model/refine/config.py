@@ -37,7 +37,7 @@ class RefineModelConfig:
     device: str = "cpu"
     threads: int = 2
     quiet: bool = True
-    motion: str = "domains"  # or "local": see MOTION_PRESETS
+    motion: str = "domains"  # or "local", or "auto": see MOTION_PRESETS
     restraints: tuple = ()  # user monomer dictionaries (CIF paths)
     extra: dict = field(default_factory=dict)
 
@@ -51,3 +51,9 @@ MOTION_PRESETS = {
     "local": {"rigid_lr": 0.2, "residue_lr": 0.05, "rigid_min_weight": 0.05, "adaptive_scaling": True,
               "motion_domains": False},
 }
+MOTIONS = (*MOTION_PRESETS, "auto")
+# "auto" chooses "local" for a model that already fits its map (masked map-model correlation at
+# the map's resolution at least this) and "domains" otherwise. Measured starts: parts moved
+# 10-12° (an HIV protease monomer with its inhibitor, an RNA stem) 0.68-0.69, deposited models in
+# their own maps 0.90-0.99.
+AUTO_LOCAL_MIN_CC = 0.8

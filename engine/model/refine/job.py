@@ -57,7 +57,14 @@ from cryogmm.errors import OptionError
 from cryogmm.io.maps import MapGrid, read_map_grid
 from cryogmm.io.outputs import write_report
 from cryogmm.model.density import check_overlap
-from cryogmm.model.refine.config import MOTION_PRESETS, SIMILARITIES, STAGES, RefineModelConfig
+from cryogmm.model.refine.config import (
+    AUTO_LOCAL_MIN_CC,
+    MOTION_PRESETS,
+    MOTIONS,
+    SIMILARITIES,
+    STAGES,
+    RefineModelConfig,
+)
 from cryogmm.model.refine.domains import rigid_stage
 from cryogmm.model.refine.mapterm import MapTerm
 from cryogmm.model.refine.polish import polish_rounds, rama_guard, rama_repair
@@ -85,10 +92,12 @@ class RefineResult:
     stage_seconds: dict
     rms_moved_A: float  # heavy movable atoms
     stopped: bool = False
+    motion: str = ""  # the motion preset used (what "auto" chose)
 
     def summary(self) -> dict:
         """The figures of report.json that describe the refinement itself (no files)."""
         return {"before": self.before, "after": self.after, "rms_moved_A": self.rms_moved_A, "stages": self.stages,
+                "motion": self.motion,
                 "log": self.log, "stage_seconds": self.stage_seconds, "stopped": self.stopped}
 
 
@@ -104,8 +113,10 @@ def checked_config(cfg: RefineModelConfig) -> RefineModelConfig:
         raise OptionError("--resolution", f"must be a positive resolution in Å with --map, got {cfg.resolution_A}")
     if cfg.steps < 1:
         raise OptionError("--steps", f"must be >= 1, got {cfg.steps}")
-    if cfg.motion not in MOTION_PRESETS:
-        raise OptionError("--motion", f"unknown {cfg.motion!r}; expected one of {', '.join(MOTION_PRESETS)}")
+    if cfg.motion not in MOTIONS:
+        raise OptionError("--motion", f"unknown {cfg.motion!r}; expected one of {', '.join(MOTIONS)}")
+    if cfg.motion == "auto":  # decided by refine_coords from the start's fit to the map
+        return cfg
     return replace(cfg, extra={**MOTION_PRESETS[cfg.motion], **cfg.extra})
 
 
@@ -152,6 +163,9 @@ def refine_coords(topo: Topology, grid: MapGrid | None, cfg: RefineModelConfig, 
                        if k != "qscore_per_residue"})
     if cfg.reference is not None:
         before["ca_rmsd_to_reference_A"] = ca_rmsd(topo, topo.coords, cfg.reference)
+    if cfg.motion == "auto":
+        fits = grid is None or before.get("map_cc_mask", 0.0) >= AUTO_LOCAL_MIN_CC
+        cfg = checked_config(replace(cfg, motion="local" if fits else "domains"))
     rf = Refiner(topo, cfg, grid, progress, on_coords)
     stages = list(cfg.stages)
     if cfg.rebuild_rotamers and "rotamers" not in stages:
@@ -172,7 +186,7 @@ def refine_coords(topo: Topology, grid: MapGrid | None, cfg: RefineModelConfig, 
     mv = topo.movable & ~topo.is_h
     rms_move = float(np.sqrt(((final[mv] - topo.coords[mv]) ** 2).sum(1).mean()))
     return RefineResult(coords=final, before=before, after=after, stages=stages, log=rf.log, trajectory=rf.trajectory,
-                        stage_seconds=stage_times, rms_moved_A=rms_move, stopped=stopped)
+                        stage_seconds=stage_times, rms_moved_A=rms_move, stopped=stopped, motion=cfg.motion)
 
 
 def _run_stages(rf: Refiner, cfg: RefineModelConfig, grid, stages: list, stage_times: dict):
@@ -247,13 +261,16 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
         "model": str(cfg.model), "map": None if cfg.map is None else str(cfg.map), "resolution_A": cfg.resolution_A,
         "similarity": None if cfg.geometry_only else cfg.similarity, "stages": res.stages,
         "geometry_only": cfg.geometry_only, "steps_per_phase": cfg.steps, "n_patches": cfg.n_patches,
-        "motion": cfg.motion, "before": res.before, "after": res.after, "rms_moved_A": res.rms_moved_A,
+        "motion": res.motion, "before": res.before, "after": res.after, "rms_moved_A": res.rms_moved_A,
         "fixed_residues": topo.fixed_residues, "restrained_residues": topo.dictionary_counts,
         "self_restrained": topo.self_restrained, "restraints": [str(p) for p in cfg.restraints],
         "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
         "log": res.log, "trajectory_frames": len(res.trajectory), "stage_seconds": res.stage_seconds,
         "seconds": seconds, "seed": cfg.seed,
     }
+    if cfg.motion == "auto":
+        rep["motion_auto"] = {"chose": res.motion, "start_map_cc_mask": res.before.get("map_cc_mask"),
+                              "local_from_cc": AUTO_LOCAL_MIN_CC}
     if res.stopped:
         rep["stopped"] = True
     write_report(out / "report.json", rep)
