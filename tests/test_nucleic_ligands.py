@@ -93,30 +93,17 @@ def test_rna_stem_turned_12_degrees_refines_back(tmp_path):
 
 
 def _ideal_ligand(code: str, path: Path, distort: float = 0.0, seed: int = 0) -> Path:
-    """A ligand at its dictionary's own coordinates (heavy atoms), optionally with noise."""
+    """A ligand at its dictionary's own coordinates (heavy atoms, chain B), optionally with noise."""
     from cryogmm.model.topology import monomer_library_dir
 
     block = gemmi.cif.read(str(Path(monomer_library_dir()) / code[0].lower() / f"{code}.cif")).find_block(f"comp_{code}")
     table = block.find("_chem_comp_atom.", ["atom_id", "type_symbol", "x", "y", "z"])
     rng = np.random.default_rng(seed)
-    res = gemmi.Residue()
-    res.name, res.seqid, res.het_flag = code, gemmi.SeqId(1, " "), "H"
-    for row in table:
-        if row[1] == "H":
-            continue
-        a = gemmi.Atom()
-        a.name, a.element = gemmi.cif.as_string(row[0]), gemmi.Element(row[1])
-        a.pos = gemmi.Position(*(np.array([float(row[2]), float(row[3]), float(row[4])]) + rng.normal(scale=distort, size=3)))
-        a.occ, a.b_iso = 1.0, 20.0
-        res.add_atom(a)
-    st = gemmi.Structure()
-    model = gemmi.Model("1")
-    ch = gemmi.Chain("B")
-    ch.add_residue(res)
-    model.add_chain(ch)
-    st.add_model(model)
-    st.setup_entities()
-    st.write_pdb(str(path))
+    rows = [(gemmi.cif.as_string(r[0]), r[1], np.array([float(r[2]), float(r[3]), float(r[4])])) for r in table]
+    lines = [f"HETATM{k + 1:5d} {name:<4s} {code:>3s} B   1    "
+             + "".join(f"{v:8.3f}" for v in xyz + rng.normal(scale=distort, size=3)) + f"  1.00 20.00          {el:>2s}"
+             for k, (name, el, xyz) in enumerate(row for row in rows if row[1] != "H")]
+    path.write_text("\n".join(lines) + "\nEND\n")
     return path
 
 
