@@ -158,6 +158,9 @@ class Topology:
     acceptor: np.ndarray  # [M] bool
     donor: np.ndarray  # [M] bool: N/O/S carrying H
     rotors: list  # (parent, axis atom, [H]) rotatable polar H groups
+    # sugar puckers: per nucleotide C5' C4' C3' O3' C1' N9/N1 and the linked next P (-1 at a 3' end or break)
+    puckers: np.ndarray = field(default_factory=lambda: np.zeros((0, 7), dtype=np.int64))
+    pucker_res: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     fixed_residues: list = field(default_factory=list)
     dictionary_counts: dict = field(default_factory=dict)  # kind -> {residue name: count} of restrained residues
     self_restrained: list = field(default_factory=list)  # residue names restrained to their own geometry
@@ -477,6 +480,17 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         chis.setdefault(tab, ([], []))
         chis[tab][0].append(quad); chis[tab][1].append(r)
     chis = {k: (np.array(v[0], dtype=np.int64), np.array(v[1], dtype=np.int64)) for k, v in chis.items()}
+    puckers, pucker_res = [], []
+    for r, rd in enumerate(residues):
+        if rd["kind"] != "nucleic acid":
+            continue
+        glyco = "N9" if (r, "N9") in key else "N1"
+        at = [key.get((r, n)) for n in ("C5'", "C4'", "C3'", "O3'", "C1'", glyco)]
+        if any(x is None for x in at):
+            continue
+        p = key.get((r + 1, "P"))
+        puckers.append(at + [p if p is not None and p in nbr[at[3]] else -1])
+        pucker_res.append(r)
     # contact radii and H-bond roles
     vdw = np.array([VDW.get(e, 1.7) for e in element])
     polar_h = np.zeros(m, dtype=bool)
@@ -517,7 +531,8 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         planes=plane_arr, plane_sigma=np.array(ps),
         omegas=np.array(om, dtype=np.int64).reshape(-1, 4), omega_ideal=np.array(omi), omega_sigma=np.array(oms),
         rama=np.array(rama, dtype=np.int64).reshape(-1, 5), rama_class=np.array(rcls, dtype=np.int64),
-        rama_res=np.array(rres, dtype=np.int64), chis=chis, cb=np.array(cb, dtype=np.int64).reshape(-1, 4),
+        rama_res=np.array(rres, dtype=np.int64), chis=chis,
+        puckers=np.array(puckers, dtype=np.int64).reshape(-1, 7), pucker_res=np.array(pucker_res, dtype=np.int64), cb=np.array(cb, dtype=np.int64).reshape(-1, 4),
         excluded=excluded, vdw=vdw, polar_h=polar_h, acceptor=acceptor, donor=donor, rotors=rotors,
         fixed_residues=fixed_labels, dictionary_counts=dict_counts, self_restrained=self_restrained,
         missing_atoms=missing, altloc_atoms=n_alt,

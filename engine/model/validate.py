@@ -172,7 +172,7 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
         "self_restrained": topo.self_restrained,
         "missing_atoms": list(topo.missing_atoms),
     }
-    out.update(molecule_figures(topo, x.detach().cpu().numpy(), bz, az, r))
+    out.update(molecule_figures(topo, x.detach().cpu().numpy(), bz, az, pd, r))
     if details:
         out["rama_residues"] = [
             dict(residue=topo.res_label(int(topo.rama_res[k])), cls=names[k], phi=float(pp[k, 0]), psi=float(pp[k, 1]),
@@ -197,37 +197,32 @@ EPSILON_DEG = (155.0, 310.0)
 def pucker_table(topo: Topology, xn: np.ndarray) -> list:
     """Per nucleotide: (residue, delta°, perpendicular distance Å, pucker the distance implies,
     outlier: delta out of that pucker's range or epsilon out of its range)."""
-    key = {(int(topo.res_index[i]), str(topo.atom_name[i])): i for i in np.nonzero(~topo.is_h)[0]}
-    bonded = {(int(i), int(j)) for i, j in topo.bonds} | {(int(j), int(i)) for i, j in topo.bonds}
-    rows = []
-    for ri, d in enumerate(topo.residues):
-        if d.get("kind") != "nucleic acid":
-            continue
-        glyco = "N9" if (ri, "N9") in key else "N1"
-        need = [(ri, "C5'"), (ri, "C4'"), (ri, "C3'"), (ri, "O3'"), (ri, "C1'"), (ri, glyco)]
-        if any(k not in key for k in need):
-            continue
-        c5, c4, c3, o3, c1, n = (xn[key[k]] for k in need)
-        nxt = key.get((ri + 1, "P"))
-        linked = nxt is not None and (key[(ri, "O3'")], nxt) in bonded  # no link: a 3' end or a chain break
-        u = (n - c1) / np.linalg.norm(n - c1)
-        probe = xn[nxt] if linked else o3
-        v = probe - c1
-        perp = float(np.linalg.norm(v - (v @ u) * u))
-        two_p = perp < (PPERP_2P_MAX_A if linked else O3PERP_2P_MAX_A)
-        delta = float(dihedral_deg(c5, c4, c3, o3)) % 360.0
-        lo, hi = DELTA_2P_DEG if two_p else DELTA_3P_DEG
-        bad = not lo <= delta <= hi
-        if linked:
-            eps = float(dihedral_deg(c4, c3, o3, xn[nxt])) % 360.0
-            bad = bad or not EPSILON_DEG[0] <= eps <= EPSILON_DEG[1]
-        rows.append((topo.res_label(ri), delta, perp, "C2'-endo" if two_p else "C3'-endo", bad))
-    return rows
+    q = topo.puckers
+    if not len(q):
+        return []
+    c5, c4, c3, o3, c1, n = (xn[q[:, k]] for k in range(6))
+    linked = q[:, 6] >= 0  # no link: a 3' end or a chain break, decided from O3'
+    probe = xn[np.where(linked, q[:, 6], q[:, 3])]
+    u = (n - c1) / np.linalg.norm(n - c1, axis=1, keepdims=True)
+    v = probe - c1
+    perp = np.linalg.norm(v - (v * u).sum(1, keepdims=True) * u, axis=1)
+    two_p = perp < np.where(linked, PPERP_2P_MAX_A, O3PERP_2P_MAX_A)
+    delta = np.mod(dihedral_deg(c5, c4, c3, o3), 360.0)
+    lo = np.where(two_p, DELTA_2P_DEG[0], DELTA_3P_DEG[0])
+    hi = np.where(two_p, DELTA_2P_DEG[1], DELTA_3P_DEG[1])
+    bad = (delta < lo) | (delta > hi)
+    if linked.any():
+        eps = np.mod(dihedral_deg(c4[linked], c3[linked], o3[linked], probe[linked]), 360.0)
+        bad[linked] |= (eps < EPSILON_DEG[0]) | (eps > EPSILON_DEG[1])
+    return [(topo.res_label(int(r)), float(d), float(pp), "C2'-endo" if t else "C3'-endo", bool(b))
+            for r, d, pp, t, b in zip(topo.pucker_res, delta, perp, two_p, bad)]
 
 
-def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndarray, r: Restraints) -> dict:
+def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndarray, pd: np.ndarray,
+                     r: Restraints) -> dict:
     """Bond/angle RMSZ per molecule kind (protein, nucleic acid, ligand, self-restrained, user
-    dictionary); per ligand residue; nucleic-acid base planarity and sugar puckers."""
+    dictionary); per ligand residue; nucleic-acid base planarity (from the plane deviations
+    ``pd`` of ``validate_coords``) and sugar puckers."""
     kinds = np.array([d.get("kind", "protein") for d in topo.residues])
     res_of = topo.res_index
     bonds, angles = r.bonds.cpu().numpy().reshape(-1, 2), r.angles.cpu().numpy().reshape(-1, 3)
@@ -247,9 +242,8 @@ def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndar
         if len(r.planes):
             pl = r.planes.cpu().numpy()
             mask = r.plane_mask.cpu().numpy() > 0
-            dev = r.plane_dev(torch.as_tensor(xn, dtype=r.dtype, device=r.device)).detach().cpu().numpy()
-            na = np.array([kinds[res_of[row[row >= 0][0]]] == "nucleic acid" for row in pl])
-            z = (dev / r.plane_sigma.cpu().numpy()[:, None])[na][mask[na]]
+            na = kinds[res_of[pl[:, 0]]] == "nucleic acid"  # a plane's first atom is always real
+            z = (pd / r.plane_sigma.cpu().numpy()[:, None])[na][mask[na]]
             out["base_plane_rmsz"] = rmsz(z)
         rows = pucker_table(topo, xn)
         out["n_puckers"] = len(rows)
