@@ -19,6 +19,7 @@ from cryogmm.hetero.truth import ADK_CORE, superpose_file
 from cryogmm.io import maps as mapio
 from cryogmm.io.maps import write_map
 from cryogmm.io.outputs import write_report
+from cryogmm.model.density import model_map
 from cryogmm.model.refine.config import RefineModelConfig
 from cryogmm.model.refine.job import refine_model
 from cryogmm.model.series.config import RefineSeriesConfig
@@ -27,7 +28,7 @@ from cryogmm.model.topology import build_topology, write_model
 from cryogmm.poses.job import RefineConfig, refine_poses
 from cryogmm.recon.job import ReconstructConfig, reconstruct
 from cryogmm.runtime import Timer
-from cryogmm.simulate.maps import model_map, series_example
+from cryogmm.simulate.maps import series_example
 from cryogmm.simulate.particles import SimulateConfig, simulate
 
 

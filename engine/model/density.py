@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
 from cryogmm.errors import MapError
 from cryogmm.model.topology import Topology
 
@@ -53,6 +54,15 @@ def splat(x: torch.Tensor, amp: torch.Tensor, sigma, shape, apix: float, origin_
     out = torch.zeros(nz * ny * nx, dtype=dt, device=dev)
     out = out.index_add(0, flat.reshape(-1), w.reshape(-1))
     return out.reshape(nz, ny, nx)
+
+
+def model_map(coords, elements, resolution_A: float, apix: float, origin_A, shape) -> torch.Tensor:
+    """Noise-free map of atoms on a grid (``[z, y, x]``, voxel (0, 0, 0) at ``origin_A`` (x, y, z)
+    Å): each atom a Gaussian of ``sigma_from_resolution`` (molmap widths) with its electron count
+    as amplitude, float64."""
+    amp = torch.tensor([ELECTRONS.get(str(e).upper(), 6) for e in elements], dtype=torch.float64)
+    return splat(torch.as_tensor(np.asarray(coords, dtype=np.float64)), amp, sigma_from_resolution(resolution_A),
+                 tuple(shape), apix, np.asarray(origin_A, dtype=np.float64))
 
 
 def sample(vol: torch.Tensor, x: torch.Tensor, apix: float, origin_A) -> torch.Tensor:

@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
 from cryogmm.core.rotations import dihedral_deg
 from cryogmm.core.similarity import fsc, resolution_at
 from cryogmm.errors import OptionError
 from cryogmm.io.maps import MapGrid, read_map_grid
 from cryogmm.io.outputs import write_report
-from cryogmm.model.density import check_overlap, splat
+from cryogmm.model.density import check_overlap, model_map
 from cryogmm.model.restraints import (
     CLASH_OVERLAP,
     RAMA_ALLOWED,
@@ -260,9 +259,7 @@ def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
 
     heavy = ~topo.is_h
     xa = np.asarray(coords, dtype=np.float64)[heavy]
-    amp = torch.tensor([ELECTRONS.get(e, 6) for e in topo.element[heavy]], dtype=torch.float64)
-    x = torch.as_tensor(xa)
-    mm = splat(x, amp, sigma_from_resolution(resolution_A), grid.shape, grid.apix, grid.origin_A).numpy()
+    mm = model_map(xa, topo.element[heavy], resolution_A, grid.apix, grid.origin_A, grid.shape).numpy()
     data = grid.data.astype(np.float64)
     nz, ny, nx = data.shape
     zz, yy, xx = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")

@@ -1,5 +1,5 @@
-"""Simulated maps of atomic models: :func:`model_map` (atoms as molmap-width Gaussians on a grid),
-:func:`simulate_map` (a noisy map around a model, in memory: ChimeraX's ``cryogmm simulate``)
+"""Simulated maps of atomic models: :func:`simulate_map` (a noisy map around a model, in memory,
+from :func:`cryogmm.model.density.model_map`: ChimeraX's ``cryogmm simulate``)
 and a model series' maps along a known path (test data for refine-series)."""
 
 from __future__ import annotations
@@ -11,26 +11,16 @@ import numpy as np
 import torch
 
 from cryogmm.core.fourier import lowpass
-from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
 from cryogmm.errors import OptionError
 from cryogmm.io.maps import MapGrid, write_map
-from cryogmm.model.density import splat
+from cryogmm.model.density import model_map
 from cryogmm.model.topology import build_topology, write_model
-
-
-def model_map(coords, elements, resolution_A: float, apix: float, origin_A, shape) -> torch.Tensor:
-    """Noise-free map of atoms on a grid (``[z, y, x]``, voxel (0, 0, 0) at ``origin_A`` (x, y, z)
-    Å): each atom a Gaussian of ``sigma_from_resolution`` (molmap widths) with its electron count
-    as amplitude, float64."""
-    amp = torch.tensor([ELECTRONS.get(str(e).upper(), 6) for e in elements], dtype=torch.float64)
-    return splat(torch.as_tensor(np.asarray(coords, dtype=np.float64)), amp, sigma_from_resolution(resolution_A),
-                 tuple(shape), apix, np.asarray(origin_A, dtype=np.float64))
 
 
 def simulate_map(coords, elements, resolution_A: float, *, apix: float | None = None, pad_A: float | None = None,
                  noise: float = 0.0, seed: int = 0) -> MapGrid:
     """A map of atoms in memory: a cubic box around them (``pad_A`` on every side, default
-    3 x resolution + 4 Å; voxels of ``apix``, default resolution / 3), :func:`model_map` plus white
+    3 x resolution + 4 Å; voxels of ``apix``, default resolution / 3), ``model_map`` plus white
     noise of ``noise`` x the map's standard deviation (``seed``). Returns a :class:`MapGrid`
     (float32) in the atoms' frame; what ``cryogmm simulate`` in ChimeraX opens as a volume."""
     if not resolution_A > 0:
