@@ -41,7 +41,7 @@ def main(args) -> int:
     print(f"{args.model}: {rep['n_residues']} residues, {rep['n_atoms']} heavy atoms")
     print(summary_table(rep))
     if rep["fixed_residues"]:
-        print(f"  not validated (outside the monomer library): {', '.join(rep['fixed_residues'][:10])}"
+        print(f"  not validated (fixed: waters, residues without restraints): {', '.join(rep['fixed_residues'][:10])}"
               + (" ..." if len(rep["fixed_residues"]) > 10 else ""))
     for w in rep.get("warnings", []):
         print(f"  note: {w}")

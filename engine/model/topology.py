@@ -8,11 +8,13 @@ of plain index arrays that the restraint terms in :mod:`cryogmm.model.restraints
 on any coordinates.
 
 Atoms are ordered as in the model, with riding hydrogens added by gemmi after each
-residue's heavy atoms. Every residue with a dictionary is restrained and moves; residues the
-library does not know (other ligands, waters, modified residues) are kept, fixed, as clash
-partners, and listed in ``Topology.fixed_residues``; nothing is dropped. Which residues had a
-dictionary, by kind, is in ``Topology.dictionary_counts``. Alternate conformations keep the first altloc (reported). Missing heavy
-atoms are reported per residue and their restraints are left out.
+residue's heavy atoms. Every residue is restrained and moves: by a user dictionary, the
+shipped library, or one made from its own geometry (:mod:`cryogmm.model.dictionaries`); only
+waters (and residues whose atoms their self-made namesake lacks) are kept, fixed, as clash
+partners, in place, and listed in ``Topology.fixed_residues``; nothing is dropped. Which
+residues were restrained how is in ``Topology.dictionary_counts`` and
+``Topology.self_restrained``. Alternate conformations keep the first altloc (reported).
+Missing heavy atoms are reported per residue and their restraints are left out.
 
 Coordinates are Å in the file's frame.
 """
@@ -127,7 +129,7 @@ class Topology:
     seq_id: np.ndarray
     is_h: np.ndarray  # [M] bool
     movable: np.ndarray  # [M] bool: False for atoms of fixed (unknown) residues
-    residues: list  # per residue: dict(chain, seq, icode, name, known, atoms=[indices])
+    residues: list  # per residue: dict(chain, seq, icode, name, known, kind, atoms=[indices])
     # hydrogens ride on heavy atoms: H = P + c0 e1 + c1 e2 + c2 e3 with a frame from (P, A, B)
     h_index: np.ndarray  # [nh]
     h_frame: np.ndarray  # [nh, 3] (P, A, B)

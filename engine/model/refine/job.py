@@ -41,7 +41,8 @@ full-atom stage (``extra={"adaptive_scaling": True}``) and off by default: on th
 adenylate kinase benchmark it drove the map force to its floor and stalled the stage.
 
 Riding hydrogens are rebuilt from the heavy atoms at every step for the clash term.
-Residues outside the monomer library (ligands, waters) stay fixed and are reported.
+Residues outside the monomer library are restrained to their own geometry and move with
+their neighbours; waters stay fixed; both are reported (``self_restrained``, ``fixed_residues``).
 """
 
 from __future__ import annotations
