@@ -88,12 +88,6 @@ def _check_inputs(cfg: RefineSeriesConfig):
             raise MapError(p, "does not exist")
 
 
-def _read_grids(cfg: RefineSeriesConfig, topo):
-    grids = [read_map_grid(p) for p in cfg.maps]
-    check_grids(topo, grids, cfg)
-    return grids
-
-
 def check_grids(topo, grids, cfg: RefineSeriesConfig):
     """The maps of a series share box and sampling, overlap the model and allow the resolution."""
     g0 = grids[0]
@@ -239,7 +233,7 @@ def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
     t0 = time.time()
     _check_inputs(cfg)
     topo = build_topology(cfg.model, dictionaries=cfg.restraints)
-    grids = _read_grids(cfg, topo)
+    grids = [read_map_grid(p) for p in cfg.maps]  # checked against each other by fit_series
     z_raw = read_latent(cfg.latent, len(grids)) if cfg.latent is not None else None
     if cfg.references is not None:
         for p in cfg.references:
