@@ -315,15 +315,19 @@ def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
     return out
 
 
+def _check_resolution(with_map: bool, resolution_A):
+    if with_map and resolution_A is None:
+        raise OptionError("--resolution", "is needed with --map (the model map's resolution in Å)")
+    if resolution_A is not None and not resolution_A > 0:
+        raise OptionError("--resolution", f"must be positive, got {resolution_A}")
+
+
 def validate_model(topo: Topology, grid: MapGrid | None = None, resolution_A: float | None = None, *,
                    name: str = "") -> tuple[dict, Restraints]:
     """Every validation figure of ``topo``'s coordinates (and its fit to ``grid`` at
     ``resolution_A``), in memory: the report and the restraints used (the engine API the
     ChimeraX door calls on its open model)."""
-    if grid is not None and resolution_A is None:
-        raise OptionError("--resolution", "is needed with --map (the model map's resolution in Å)")
-    if resolution_A is not None and not resolution_A > 0:
-        raise OptionError("--resolution", f"must be positive, got {resolution_A}")
+    _check_resolution(grid is not None, resolution_A)
     r = Restraints(topo)
     rep = {"model": name}
     rep.update(validate_coords(topo, topo.coords, r, details=True))
@@ -348,10 +352,7 @@ def write_validation(out: Path, topo: Topology, rep: dict, restraints: Restraint
 def validate(cfg: ValidateConfig, progress=None) -> dict:
     """The ``validate`` job: validate a model file (with its map); writes ``report.json`` and
     ``ramachandran.png`` into ``cfg.out`` when given. Returns the report."""
-    if cfg.map is not None and cfg.resolution_A is None:
-        raise OptionError("--resolution", "is needed with --map (the model map's resolution in Å)")
-    if cfg.resolution_A is not None and not cfg.resolution_A > 0:
-        raise OptionError("--resolution", f"must be positive, got {cfg.resolution_A}")
+    _check_resolution(cfg.map is not None, cfg.resolution_A)  # before any file is read
     topo = build_topology(cfg.model, dictionaries=cfg.restraints)
     grid = None
     if cfg.map is not None:
