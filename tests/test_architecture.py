@@ -213,3 +213,17 @@ def test_bridge_imports_no_torch():
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
                 heavy.append(m)
     assert not heavy, f"the bridge reaches torch through {heavy}"
+
+
+def test_every_package_is_installed():
+    """pyproject lists packages explicitly (the source folders are renamed on install): a
+    subpackage missing there is missing from every non-editable install (`pip install .`)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for pkg, base in SOURCES.items():
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base).parts
+            found.add(".".join((pkg, *rel)))
+    assert found <= listed, f"pyproject.toml does not install: {sorted(found - listed)}"
