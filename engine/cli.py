@@ -1,15 +1,18 @@
 """The ``cryogmm`` command line: one subcommand per job, each a module with
 ``add_args(parser)`` and ``main(args)``; the module docstring is its ``--help``.
 
-A :class:`cryogmm.errors.CryoGMMError` raised by a job is printed as one line on stderr
-and the process exits with code 2.
+A :class:`cryogmm.errors.CryoGMMError` raised by a job, a bad option (argparse's error,
+an unknown command) are printed as one line on stderr and the process exits with code 2.
+SIGTERM (what a batch scheduler sends) unwinds like Ctrl-C: no partial output is left.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 # name -> module; imported lazily so `cryogmm info` never pays for torch
 COMMANDS = {
@@ -28,6 +31,22 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) that names the option."""
+
+    def error(self, message):
+        msg = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {msg} (see {self.prog} --help)\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so every ``with`` block cleans up as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc else ""
 
@@ -35,7 +54,7 @@ def _first_line(doc: str | None) -> str:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from cryogmm import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cryogmm",
         description="Gaussian-mixture methods for cryo-EM. Run `cryogmm <command> --help` for each job.",
     )
@@ -63,18 +82,36 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     only = next((a for a in argv if a in COMMANDS), None)
     if only is None and not any(a in ("-h", "--help", "--version") for a in argv):
-        build_parser(only="__none__").print_help()
-        return 2 if argv else 0
+        if not argv:
+            build_parser(only="__none__").print_help()
+            return 0
+        first = next((a for a in argv if not a.startswith("-")), None)
+        what = f"unknown command {first!r}" if first else f"no command given (got {' '.join(argv)!r})"
+        print(f"cryogmm: error: {what}; choose from {', '.join(COMMANDS)} (see cryogmm --help)", file=sys.stderr)
+        return 2
     parser = build_parser(only=only)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    name = " ".join(a for a in (args.command, getattr(args, "action", None)) if a)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         ret = args._module.main(args)
     except CryoGMMError as e:
-        print(f"cryogmm {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())
+        print(f"cryogmm {name}: error: {msg}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"cryogmm {name}: terminated (SIGTERM); partial outputs removed", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"cryogmm {args.command}: interrupted", file=sys.stderr)
+        print(f"cryogmm {name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return int(ret or 0)
 
 

@@ -4,7 +4,9 @@ A STAR file is read into an ordered ``dict`` of blocks, ``{name: block}``, where
 is what follows ``data_`` (``""`` for a bare ``data_``) and ``block`` is either a
 ``pandas.DataFrame`` (a ``loop_``; columns named without the leading underscore, in file
 order) or a ``dict`` (``_key value`` pairs). Numbers become ``int64``/``float64``;
-everything else stays text.
+everything else stays text, except in the labels RELION defines as numbers
+(:data:`NUMERIC_LABELS`: poses, origins, CTF, optics, half sets, cryogmm's latents), where a
+value that is not a number is an error naming the file, the column and the line.
 
 Why not ``starfile`` here: we need a reader that refuses a truncated or ragged loop (with
 the line number) instead of filling it with NaN, and a writer that writes every float
@@ -25,7 +27,24 @@ import pandas as pd
 from cryogmm.errors import StarError
 from cryogmm.io.outputs import atomic_output
 
-__all__ = ["read_star_blocks", "write_star_blocks", "format_column"]
+__all__ = ["NUMERIC_LABELS", "format_column", "read_star_blocks", "write_star_blocks"]
+
+#: Loop labels that must hold numbers (RELION's doubles and integers among those cryogmm reads).
+NUMERIC_LABELS = frozenset((
+    "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnAngleRotPrior", "rlnAngleTiltPrior",
+    "rlnAnglePsiPrior", "rlnOriginX", "rlnOriginY", "rlnOriginZ", "rlnOriginXAngst", "rlnOriginYAngst",
+    "rlnOriginZAngst", "rlnOriginXPrior", "rlnOriginYPrior", "rlnOriginXPriorAngst",
+    "rlnOriginYPriorAngst", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift",
+    "rlnCtfBfactor", "rlnCtfScalefactor", "rlnVoltage", "rlnSphericalAberration",
+    "rlnAmplitudeContrast", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality",
+    "rlnMicrographPixelSize", "rlnMicrographOriginalPixelSize", "rlnDetectorPixelSize",
+    "rlnMagnification", "rlnBeamTiltX", "rlnBeamTiltY", "rlnCtfDataAreCtfPremultiplied", "rlnMagMat00",
+    "rlnMagMat01", "rlnMagMat10", "rlnMagMat11", "rlnOpticsGroup", "rlnRandomSubset", "rlnClassNumber",
+    "rlnGroupNumber", "rlnCoordinateX", "rlnCoordinateY", "rlnNormCorrection",
+    "rlnLogLikeliContribution", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples",
+    "rlnImageId", "rlnCryogmmFrc", "rlnCryogmmTrueFrame",
+))
+_NUMERIC_RE = re.compile(r"rlnCryogmmLatent\d+|rlnCryogmmOrig\w+")
 
 _STR = np.dtypes.StringDType()
 _CHUNK_ROWS = 200_000
@@ -232,6 +251,17 @@ def _read_loop(path: Path, data: bytes, pos: int):
         for c in df.columns[df.isna().any().to_numpy()]:
             df[c] = df[c].astype(object).where(df[c].notna(), "")
     df.columns = columns
+    for k, c in enumerate(columns):
+        if df[c].dtype.kind in "iufb" or not (c in NUMERIC_LABELS or _NUMERIC_RE.fullmatch(c)):
+            continue
+        num = pd.to_numeric(df[c], errors="coerce")
+        bad = np.flatnonzero(num.isna().to_numpy())
+        if bad.size:
+            row = int(bad[0])
+            line = first_line + _blank_adjusted(body, row + 1) - 1
+            raise StarError(path, f"line {line}: column {c} (#{k + 1}) holds {str(df[c].iloc[row])!r}, "
+                                  f"which is not a number")
+        df[c] = num
     return df, end
 
 

@@ -186,18 +186,32 @@ class ParticleTable:
         t._row_of_group = self._row_of_group if optics is None and particles is None else t._group_rows()
         return t
 
+    def _numbers(self, frame, name: str, dtype, what: str) -> np.ndarray:
+        """``frame[name]`` as ``dtype``; a value that is not a finite number is an error naming
+        the file, the column and the particle (or optics group)."""
+        col = frame[name]
+        try:
+            a = col.to_numpy(dtype=dtype)
+        except (TypeError, ValueError):
+            a = None
+        if a is not None and (a.dtype.kind != "f" or np.isfinite(a).all()):
+            return a
+        num = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+        row = int(np.argmax(~np.isfinite(num)))
+        self._fail(f"column {name}: {what} {row + 1} holds {str(col.iloc[row])!r}, which is not a finite number")
+
     def _col(self, name: str, default=None, dtype=np.float64) -> np.ndarray:
         if name in self.particles.columns:
-            return self.particles[name].to_numpy(dtype=dtype)
+            return self._numbers(self.particles, name, dtype, "particle")
         if default is None:
             self._fail(f"missing column {name}")
         return np.full(self.n, default, dtype=dtype)
 
     def _optics_col(self, name: str, dtype=np.float64) -> np.ndarray:
         if name in self.optics.columns:
-            return self.optics[name].to_numpy(dtype=dtype)[self._row_of_group]
+            return self._numbers(self.optics, name, dtype, "optics row")[self._row_of_group]
         if name in self.particles.columns:  # tolerated: per-particle optics value
-            return self.particles[name].to_numpy(dtype=dtype)
+            return self._numbers(self.particles, name, dtype, "particle")
         self._fail(f"missing {name} (needed per optics group)")
 
     def __len__(self) -> int:

@@ -30,6 +30,7 @@ LAYERS = (
     ("cryogmm.demo",),
     ("cryogmm.commands", "cryogmm.bridge.commands"),
     ("cryogmm.cli",),
+    ("cryogmm.__main__",),
 )
 # the command-line shell imports its jobs lazily, so `cryogmm info` and `--help` never load torch
 LAZY_OK = ("cryogmm.cli", "cryogmm.commands", "cryogmm.bridge.commands")

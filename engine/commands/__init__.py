@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+from cryogmm.errors import InputError, device_name, nonnegative_int
+from cryogmm.io.outputs import check_output
+
 TORCHRUN_DEVICE_HELP = "auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)"
 
 
@@ -11,8 +14,9 @@ def add_stream_args(p):
     p.add_argument("--accumulate", choices=("auto", "float32", "float64"), default="auto",
                    help="precision of the reconstructions' Fourier sums: auto = float64 under torchrun (results "
                         "independent of the sharding), float32 on one process")
-    p.add_argument("--prefetch", type=int, default=1, help="batches read ahead in a background thread (0: off; default 1)")
-    p.add_argument("--device", default="auto", help=TORCHRUN_DEVICE_HELP)
+    p.add_argument("--prefetch", type=nonnegative_int, default=1,
+                   help="batches read ahead in a background thread (0: off; default 1)")
+    p.add_argument("--device", type=device_name, default="auto", help=TORCHRUN_DEVICE_HELP)
 
 
 DEVICE_HELP = "auto, cpu or cuda[:N] (default auto)"
@@ -20,6 +24,29 @@ DEVICE_HELP = "auto, cpu or cuda[:N] (default auto)"
 
 def add_seed_device_out(p, seed_help: str = "random seed (default 0); equal seeds give equal results"):
     """``--seed``, ``--device`` (auto) and ``--out`` (a folder, required) of the one-process jobs."""
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help=seed_help)
+    p.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_force(p)
+
+
+def add_force(p, what: str = "folder"):
+    """``--force``: write into an existing non-empty output (refused without it)."""
+    p.add_argument("--force", action="store_true",
+                   help=f"write into an output {what} that already holds files (replacing those of the same name); "
+                        f"without it an existing non-empty output is refused")
+
+
+def check_out(args, *inputs, folder: bool = True, resumable: bool = False, option: str = "--out"):
+    """The one output check of every job (before any work): see :func:`cryogmm.io.outputs.check_output`.
+    ``inputs``: the job's input paths (None is skipped; lists are flattened); a missing one is an
+    :class:`~cryogmm.errors.InputError` before anything is read."""
+    flat = []
+    for x in inputs:
+        flat.extend(x if isinstance(x, (list, tuple)) else [x])
+    for x in flat:
+        if x is not None and not Path(x).exists():
+            raise InputError(x, "no such file or folder")
+    out = getattr(args, option.lstrip("-").replace("-", "_"))
+    return check_output(out, inputs=flat, force=getattr(args, "force", False), folder=folder, option=option,
+                        resume=getattr(args, "resume", False), resumable=resumable)

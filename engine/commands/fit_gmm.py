@@ -29,22 +29,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryogmm.commands import add_seed_device_out
+from cryogmm.commands import add_seed_device_out, check_out
+from cryogmm.errors import finite_float, nonnegative_int, positive_float, positive_int
 
 
 def add_args(p):
     p.add_argument("map", type=Path, help="cubic MRC map")
-    p.add_argument("--resolution", type=float, required=True,
+    p.add_argument("--resolution", type=positive_float, required=True,
                    help="target resolution in Å (>= 2 x pixel size): Gaussian widths, default N, FRC rings fitted")
-    p.add_argument("--n", type=int, help="number of Gaussians (default: from the resolution and the volume)")
-    p.add_argument("--threshold", type=float, help="density level for seeding, map units (default: automatic)")
-    p.add_argument("--iterations", type=int, default=1000,
+    p.add_argument("--n", type=positive_int, help="number of Gaussians (default: from the resolution and the volume)")
+    p.add_argument("--threshold", type=finite_float, help="density level for seeding, map units (default: automatic)")
+    p.add_argument("--iterations", type=nonnegative_int, default=1000,
                    help="most optimisation steps; the fit stops earlier when it plateaus (default 1000; 0: k-means only)")
-    p.add_argument("--batch", type=int, default=16, help="orientations per step (default 16)")
+    p.add_argument("--batch", type=positive_int, default=16, help="orientations per step (default 16)")
     add_seed_device_out(p)
 
 
 def main(args) -> int:
+    check_out(args, args.map)
     from cryogmm.gmmfit.job import FitGmmConfig, fit_gmm
     from cryogmm.runtime import Progress
 

@@ -45,70 +45,117 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from cryogmm.commands import TORCHRUN_DEVICE_HELP
+from cryogmm.commands import DEVICE_HELP, TORCHRUN_DEVICE_HELP, add_force, check_out
+from cryogmm.errors import (
+    device_name,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+
+TRAIN_HELP = """Train the VAE on particles with poses and CTF: an encoder maps each image to a latent
+coordinate, a decoder moves the reference model (rigid segments or per-Gaussian offsets),
+and the moved model's CTF-modulated projection is compared with the image.
+
+Writes RUN/checkpoint.pt after every epoch (continue with --resume), config.json, loss.png
+and report.json. An existing non-empty RUN is refused unless --resume or --force.
+
+Examples:
+  cryogmm hetero train particles.star --model ref.pdb --map consensus.mrc --out run --epochs 30
+  cryogmm hetero train particles.star --model ref.pdb --decoder displacement --out run2
+  cryogmm hetero train particles.star --model ref.pdb --out run --epochs 40 --resume
+"""
+
+ANALYZE_HELP = """Analyze a trained run: every particle's latent, PCA trajectories as multi-model PDBs and
+maps, k-means clusters as STAR/.cs subsets, the segment table, and with --truth (a
+simulation's truth.star) the figures against the true conformations.
+
+Writes RUN/analyze/ (or --out): z.npy, particles_latent.star/.cs, pcN_trajectory.pdb,
+pcN_model_XX.mrc, pcN_backproj_XX.mrc, cluster_K.star/.cs, cluster_centers.pdb, latent.png,
+segments.csv, segments.pdb, report.json.
+
+Examples:
+  cryogmm hetero analyze run --pcs 2 --frames 10 --clusters 4
+  cryogmm hetero analyze run --truth sim/truth.star --out run_vs_truth
+"""
+
+DECODE_HELP = """Decode latent coordinates of a trained run into models: one MODEL of the multi-model PDB
+per latent row (text, whitespace separated, or .npy of shape [K, zdim]).
+
+Example:
+  cryogmm hetero decode run --z run/analyze/pc1_z.txt --out pc1.pdb
+"""
 
 
 def add_args(p):
     sub = p.add_subparsers(dest="action", metavar="<train|analyze|decode>", required=True)
-    t = sub.add_parser("train", help="train the VAE on particles with poses and CTF")
+    raw = argparse.RawDescriptionHelpFormatter
+    t = sub.add_parser("train", help="train the VAE on particles with poses and CTF", description=TRAIN_HELP,
+                       formatter_class=raw)
     t.add_argument("star", type=Path, help="particles (STAR or .cs) with poses and CTF")
     t.add_argument("--model", type=Path, required=True, help="reference atomic model (PDB/mmCIF)")
     t.add_argument("--out", type=Path, required=True, help="run folder")
     t.add_argument("--map", type=Path, help="consensus map (MRC) whose header origin places the model in the box")
     t.add_argument("--decoder", choices=("segments", "displacement"), default="segments",
                    help="segments (rigid bodies) or displacement (per-Gaussian offsets); default segments")
-    t.add_argument("--segments", type=int, default=20, help="number of segments (default 20)")
+    t.add_argument("--segments", type=positive_int, default=20, help="number of segments (default 20)")
     t.add_argument("--per-chain", action="store_true", help="segments never span two chains")
-    t.add_argument("--zdim", type=int, default=8, help="latent dimensions (default 8)")
-    t.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
-    t.add_argument("--batch", type=int, default=64, help="particles per batch (default 64)")
-    t.add_argument("--lowpass-A", type=float, default=8.0, help="highest resolution used, Å (default 8)")
+    t.add_argument("--zdim", type=positive_int, default=8, help="latent dimensions (default 8)")
+    t.add_argument("--epochs", type=positive_int, default=20, help="epochs (default 20)")
+    t.add_argument("--batch", type=positive_int, default=64, help="particles per batch (default 64)")
+    t.add_argument("--lowpass-A", type=positive_float, default=8.0, help="highest resolution used, Å (default 8)")
     t.add_argument("--gaussians", choices=("ca", "residue2"), default="ca",
                    help="coarse model: one Gaussian per residue (ca) or backbone + side chain (residue2)")
     t.add_argument("--loss", choices=("gaussian", "correlation"), default="gaussian",
                    help="Gaussian likelihood (atomic VAE) or correlation (cryoSPHERE); default gaussian")
-    t.add_argument("--kl-warmup", type=int, default=5, help="epochs over which the KL weight ramps to --beta")
-    t.add_argument("--beta", type=float, default=1.0, help="final KL weight (default 1)")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    t.add_argument("--hidden", type=int, default=256, help="width of the networks (default 256)")
-    t.add_argument("--temperature", type=float, default=0.1, help="segment softmax temperature (default 0.1)")
-    t.add_argument("--bond-weight", type=float, default=1.0, help="weight of the 3.8 Å Cα bond restraint")
-    t.add_argument("--clash-weight", type=float, default=1.0, help="weight of the clash restraint")
-    t.add_argument("--sidechain-weight", type=float, default=1.0, help="weight of the side-chain distance restraint")
-    t.add_argument("--elastic-weight", type=float,
+    t.add_argument("--kl-warmup", type=nonnegative_int, default=5, help="epochs over which the KL weight ramps to --beta")
+    t.add_argument("--beta", type=nonnegative_float, default=1.0, help="final KL weight (default 1)")
+    t.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--hidden", type=positive_int, default=256, help="width of the networks (default 256)")
+    t.add_argument("--temperature", type=positive_float, default=0.1, help="segment softmax temperature (default 0.1)")
+    t.add_argument("--bond-weight", type=nonnegative_float, default=1.0, help="weight of the 3.8 Å Cα bond restraint")
+    t.add_argument("--clash-weight", type=nonnegative_float, default=1.0, help="weight of the clash restraint")
+    t.add_argument("--sidechain-weight", type=nonnegative_float, default=1.0, help="weight of the side-chain distance restraint")
+    t.add_argument("--elastic-weight", type=nonnegative_float,
                    help="weight of the elastic network on neighbour pairs (default 0.1 displacement, 0 segments)")
-    t.add_argument("--elastic-seq", type=int, default=4,
+    t.add_argument("--elastic-seq", type=nonnegative_int, default=4,
                    help="elastic pairs at most this many residues apart along the chain (0: all neighbours; "
                         "default 4: local geometry held, hinges free)")
     t.add_argument("--project-dir", type=Path, help="folder that image paths in STAR are relative to")
-    t.add_argument("--max-particles", type=int, help="use only the first N particles")
+    t.add_argument("--max-particles", type=positive_int, help="use only the first N particles")
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt up to --epochs")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    add_force(t)
     t.add_argument("--matmul-precision", choices=("highest", "tf32"), default="highest",
                    help="float32 matrix products on GPUs: float32 (highest, default) or TF32 tensor cores")
-    t.add_argument("--device", default="auto", help=TORCHRUN_DEVICE_HELP)
+    t.add_argument("--device", type=device_name, default="auto", help=TORCHRUN_DEVICE_HELP)
 
-    a = sub.add_parser("analyze", help="latents, trajectories, maps, clusters, segments")
+    a = sub.add_parser("analyze", help="latents, trajectories, maps, clusters, segments", description=ANALYZE_HELP,
+                       formatter_class=raw)
     a.add_argument("run", type=Path, help="run folder of `hetero train`")
     a.add_argument("--out", type=Path, help="output folder (default RUN/analyze)")
-    a.add_argument("--pcs", type=int, default=2, help="principal components to traverse (default 2)")
-    a.add_argument("--frames", type=int, default=10, help="points along each trajectory (default 10)")
-    a.add_argument("--clusters", type=int, default=4, help="k-means clusters in latent space (default 4)")
+    a.add_argument("--pcs", type=positive_int, default=2, help="principal components to traverse (default 2)")
+    a.add_argument("--frames", type=positive_int, default=10, help="points along each trajectory (default 10)")
+    a.add_argument("--clusters", type=positive_int, default=4, help="k-means clusters in latent space (default 4)")
     a.add_argument("--no-backproject", action="store_true", help="skip the back-projected maps")
     a.add_argument("--truth", type=Path, help="truth.star of a simulation: figures against the true frames")
     a.add_argument("--truth-models", type=Path, help="the simulation's frames (default truth_models.pdb beside --truth)")
     a.add_argument("--star", type=Path, help="particles, when they moved since training")
     a.add_argument("--project-dir", type=Path, help="folder that image paths in STAR are relative to")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    a.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    a.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+    add_force(a)
 
-    d = sub.add_parser("decode", help="one model per latent row")
+    d = sub.add_parser("decode", help="one model per latent row", description=DECODE_HELP, formatter_class=raw)
     d.add_argument("run", type=Path, help="run folder of `hetero train`")
     d.add_argument("--z", type=Path, required=True, help="latent rows: text (whitespace separated) or .npy [K, zdim]")
     d.add_argument("--out", type=Path, required=True, help="multi-model PDB to write")
-    d.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    d.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+    add_force(d, "file")
 
 
 def main(args) -> int:
@@ -119,6 +166,7 @@ def main(args) -> int:
     from cryogmm.runtime import Progress, pick_device
 
     if args.action == "train":
+        check_out(args, args.star, args.model, args.map, resumable=True)
         cfg = hetero_config.HeteroConfig(
             star=args.star, model=args.model, out=args.out, map=args.map, decoder=args.decoder,
             segments=args.segments, per_chain=args.per_chain, zdim=args.zdim, epochs=args.epochs, batch=args.batch,
@@ -138,12 +186,15 @@ def main(args) -> int:
         print(f"trained {rep['epochs']} epochs on {rep['n_particles']} particles ({rep['images_per_s']:.0f} images/s); "
               f"data term {last['data']:.1f}, KL {last['kl']:.2f}; run in {args.out}")
     elif args.action == "analyze":
+        if args.out is None:
+            args.out = args.run / "analyze"
+        check_out(args, args.run, args.star, args.truth, args.truth_models)
         cfg = hetero_analyze.AnalyzeConfig(run=args.run, out=args.out, pcs=args.pcs, frames=args.frames,
                                    clusters=args.clusters, backproject=not args.no_backproject, truth=args.truth,
                                    truth_models=args.truth_models, star=args.star, project_dir=args.project_dir,
                                    seed=args.seed, device=args.device)
         rep = hetero_analyze.analyze_hetero(cfg, progress=Progress(bar=True))
-        msg = f"analyzed {rep['n_particles']} particles into {args.out or args.run / 'analyze'}"
+        msg = f"analyzed {rep['n_particles']} particles into {args.out}"
         t = rep.get("truth")
         if t:
             msg += f"; |Spearman(PC1, true frame)| = {t['abs_spearman_pc1_vs_frame']:.3f}"
@@ -151,6 +202,7 @@ def main(args) -> int:
                 msg += f", median Cα RMSD to truth {t['median_ca_rmsd_decoded_vs_true_A']:.2f} Å"
         print(msg)
     else:
+        check_out(args, args.run, args.z, folder=False)
         rep = hetero_run.decode_hetero(args.run, args.z, args.out, device=pick_device(args.device))
         print(f"wrote {rep['models']} models to {args.out}")
     return 0

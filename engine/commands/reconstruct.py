@@ -24,26 +24,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryogmm.commands import add_force, add_stream_args, check_out
+from cryogmm.errors import nonnegative_int, positive_float, positive_int
+
 
 def add_args(p):
-    from cryogmm.commands import add_stream_args
-
     p.add_argument("star", type=Path, help="particles STAR (RELION 3.0/3.1+) or cryoSPARC .cs")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--project-dir", type=Path, help="folder the image paths are relative to (default: the STAR's)")
     p.add_argument("--no-ctf", action="store_true", help="images are not CTF-modulated: do not correct")
     p.add_argument("--no-wiener", action="store_true", help="final map without the FSC-based Wiener filter")
-    p.add_argument("--reg", type=float, default=1e-3,
+    p.add_argument("--reg", type=positive_float, default=1e-3,
                    help="regularisation: fraction of each shell's mean CTF^2 weight added to it (default 1e-3)")
-    p.add_argument("--mask-radius-A", type=float, help="radius of the soft spherical FSC mask (default: box/2 - 4 px)")
-    p.add_argument("--batch", type=int, default=256, help="particles per batch (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed for half-set assignment when the STAR has none")
-    p.add_argument("--max-memory-gb", type=float,
+    p.add_argument("--mask-radius-A", type=positive_float, help="radius of the soft spherical FSC mask (default: box/2 - 4 px)")
+    p.add_argument("--batch", type=positive_int, default=256, help="particles per batch (default 256)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for half-set assignment when the STAR has none")
+    p.add_argument("--max-memory-gb", type=positive_float,
                    help="host memory budget in GB: the batch is lowered until the job's estimate fits")
     add_stream_args(p)
+    add_force(p)
 
 
 def main(args) -> int:
+    check_out(args, args.star)
     from cryogmm import distributed
     from cryogmm.recon.job import ReconstructConfig, reconstruct
     from cryogmm.runtime import Progress

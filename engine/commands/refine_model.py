@@ -47,11 +47,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryogmm.commands import add_force, check_out
+from cryogmm.errors import device_name, nonnegative_float, nonnegative_int, positive_float, positive_int
+
 
 def add_args(p):
     p.add_argument("model", type=Path, help="PDB or mmCIF model")
     p.add_argument("--map", type=Path, help="MRC map in the model's frame")
-    p.add_argument("--resolution", type=float, help="map resolution in Å")
+    p.add_argument("--resolution", type=positive_float, help="map resolution in Å")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--similarity", default="fsc",
                    choices=["fsc", "frc", "relative-entropy", "cross-correlation", "inner-product"],
@@ -60,24 +63,26 @@ def add_args(p):
                    help="stages to run, in order (default: rigid residue rotamers full rotamers full rotamers full)")
     p.add_argument("--rebuild-rotamers", action="store_true", help="add the rotamer stage before full if absent")
     p.add_argument("--geometry-only", action="store_true", help="no map: regularise the geometry only")
-    p.add_argument("--patches", type=int, default=64, help="rigid patches (default 64)")
+    p.add_argument("--patches", type=positive_int, default=64, help="rigid patches (default 64)")
     p.add_argument("--motion", choices=["domains", "local", "auto"], default="domains",
                    help="domains (default): large moves, patches regrouped into motion domains; "
                         "local: a model already placed in its map (smaller steps, firmer geometry); "
                         "auto: local when the start fits the map (masked CC >= 0.8), else domains")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps per phase (default 100; 50 with --quick)")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps per phase (default 100; 50 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="one rotamer + full-atom round, 50 steps per phase, full atoms straight to the L-BFGS polish "
                         "(stages: rigid residue rotamers full)")
-    p.add_argument("--geometry-weight", type=float, default=1.0,
+    p.add_argument("--geometry-weight", type=nonnegative_float, default=1.0,
                    help="multiplies the automatic geometry weight (default 1)")
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--reference", type=Path, help="model to report the Cα RMSD against (benchmarks)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    add_force(p)
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda[:N] (default cpu)")
 
 
 def main(args) -> int:
+    check_out(args, args.model, args.map, args.restraints, args.reference)
     from cryogmm.model.refine.config import (
         DEFAULT_STAGES,
         QUICK_EXTRA,

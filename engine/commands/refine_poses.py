@@ -56,10 +56,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryogmm.commands import add_force, add_stream_args, check_out
+from cryogmm.errors import nonnegative_int, positive_float, positive_int
+
 
 def add_args(p):
-    from cryogmm.commands import add_stream_args
-
     p.add_argument("star", type=Path, help="particles with starting poses and CTF (STAR or cryoSPARC .cs)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--half-maps", type=Path, nargs=2, metavar=("HALF1", "HALF2"),
@@ -71,31 +72,33 @@ def add_args(p):
                    help="conformation to orientation: a `cryogmm hetero train` run on these particles; with --mask, "
                         "each particle's pose is first changed so its own conformation of the masked region lines "
                         "up with the neutral model, then focused iterations refine from there")
-    p.add_argument("--patches", type=int, default=0,
+    p.add_argument("--patches", type=nonnegative_int, default=0,
                    help="patch-by-patch: after the global iterations, split the mixture into K patches (k-means), "
                         "refine focused on each patch, and write the mask-weighted composite map (default 0: off)")
-    p.add_argument("--patch-iterations", type=int, default=2, help="focused iterations per patch (default 2)")
+    p.add_argument("--patch-iterations", type=positive_int, default=2, help="focused iterations per patch (default 2)")
     p.add_argument("--sym", default="C1", help="point group Cn or Dn (RELION's axes: n-fold along z, D's two-fold "
                    "along x); imposed in reconstruction; with --mask or --patches the particles are "
                    "symmetry-expanded and the composite is re-symmetrised (default C1)")
     p.add_argument("--project-dir", type=Path, help="folder the image paths are relative to")
-    p.add_argument("--iterations", type=int, default=5, help="most iterations (default 5; stops early when the FSC stops improving)")
-    p.add_argument("--low-res-A", type=float, default=30.0, help="lower bound of the FRC band, Å (default 30)")
-    p.add_argument("--start-res-A", type=float, help="upper bound of the first band, Å (default: FSC of the starting halves)")
-    p.add_argument("--steps", type=int, default=40, help="Adam steps per particle and iteration (default 40)")
-    p.add_argument("--lr-deg", type=float, default=1.0, help="initial rotation step, degrees (default 1.0, cosine decay)")
-    p.add_argument("--lr-A", type=float, default=0.3, help="initial shift step, Å (default 0.3)")
-    p.add_argument("--n-gaussians", type=int, help="Gaussians per half (default: from volume and resolution, at most --max-gaussians)")
-    p.add_argument("--max-gaussians", type=int, default=1000, help="cap on the automatic number (default 1000)")
-    p.add_argument("--fit-iterations", type=int, default=300, help="Adam steps fitting each mixture (default 300)")
-    p.add_argument("--batch", type=int, default=128, help="particles per batch; memory scales with it (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=positive_int, default=5, help="most iterations (default 5; stops early when the FSC stops improving)")
+    p.add_argument("--low-res-A", type=positive_float, default=30.0, help="lower bound of the FRC band, Å (default 30)")
+    p.add_argument("--start-res-A", type=positive_float, help="upper bound of the first band, Å (default: FSC of the starting halves)")
+    p.add_argument("--steps", type=positive_int, default=40, help="Adam steps per particle and iteration (default 40)")
+    p.add_argument("--lr-deg", type=positive_float, default=1.0, help="initial rotation step, degrees (default 1.0, cosine decay)")
+    p.add_argument("--lr-A", type=positive_float, default=0.3, help="initial shift step, Å (default 0.3)")
+    p.add_argument("--n-gaussians", type=positive_int, help="Gaussians per half (default: from volume and resolution, at most --max-gaussians)")
+    p.add_argument("--max-gaussians", type=positive_int, default=1000, help="cap on the automatic number (default 1000)")
+    p.add_argument("--fit-iterations", type=positive_int, default=300, help="Adam steps fitting each mixture (default 300)")
+    p.add_argument("--batch", type=positive_int, default=128, help="particles per batch; memory scales with it (default 128)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     p.add_argument("--matmul-precision", choices=("highest", "tf32", "bf16"), default="highest",
                    help="projection matrix products on GPUs: float32 (highest, default), TF32 or bf16 autocast")
     add_stream_args(p)
+    add_force(p)
 
 
 def main(args) -> int:
+    check_out(args, args.star, args.half_maps, args.model, args.map, args.mask, args.hetero)
     from cryogmm import distributed
     from cryogmm.poses.job import RefineConfig, refine_poses
     from cryogmm.runtime import Progress

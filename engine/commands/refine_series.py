@@ -32,36 +32,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryogmm.commands import add_force, check_out
+from cryogmm.errors import device_name, nonnegative_float, nonnegative_int, positive_float, positive_int
+
 
 def add_args(p):
     p.add_argument("model", type=Path, help="starting PDB or mmCIF model (in the maps' frame)")
     p.add_argument("--maps", type=Path, nargs="+", required=True,
                    help="MRC maps of the series, in trajectory order (same box and sampling)")
     p.add_argument("--latent", type=Path, help="text file: one latent row per map (default: map order on [0, 1])")
-    p.add_argument("--resolution", type=float, required=True, help="map resolution in Å")
-    p.add_argument("--frames", type=int, default=20, help="models in series.pdb (default 20)")
+    p.add_argument("--resolution", type=positive_float, required=True, help="map resolution in Å")
+    p.add_argument("--frames", type=positive_int, default=20, help="models in series.pdb (default 20)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--similarity", default="relative-entropy",
                    choices=["relative-entropy", "cross-correlation", "inner-product", "fsc", "frc"],
                    help="map similarity (default relative-entropy)")
-    p.add_argument("--steps", type=int, default=60, help="optimiser steps per phase (default 60)")
-    p.add_argument("--capture-steps", type=int, default=30,
+    p.add_argument("--steps", type=positive_int, default=60, help="optimiser steps per phase (default 60)")
+    p.add_argument("--capture-steps", type=positive_int, default=30,
                    help="refine-model steps per phase in the per-map capture curriculum (default 30)")
     p.add_argument("--no-capture", action="store_true",
                    help="skip the per-map capture: the network alone, blurred maps and a latent curriculum")
-    p.add_argument("--patches", type=int, default=24, help="k-means patches of the coarse motion (default 24)")
-    p.add_argument("--geometry-weight", type=float, default=1.0,
+    p.add_argument("--patches", type=positive_int, default=24, help="k-means patches of the coarse motion (default 24)")
+    p.add_argument("--geometry-weight", type=nonnegative_float, default=1.0,
                    help="multiplies the automatic geometry weight (default 1)")
-    p.add_argument("--polish-iters", type=int, default=40,
+    p.add_argument("--polish-iters", type=nonnegative_int, default=40,
                    help="geometry polish iterations per output frame (default 40; 0: none)")
     p.add_argument("--references", type=Path, nargs="+",
                    help="one model per map to report the Cα RMSD of each map's frame against (benchmarks)")
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    add_force(p)
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
 
 
 def main(args) -> int:
+    check_out(args, args.model, args.maps, args.latent, args.references, args.restraints)
     from cryogmm.model.series.config import RefineSeriesConfig
     from cryogmm.model.series.job import refine_series
     from cryogmm.runtime import Progress

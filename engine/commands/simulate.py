@@ -24,7 +24,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from cryogmm.commands import add_seed_device_out
+from cryogmm.commands import add_seed_device_out, check_out
+from cryogmm.errors import (
+    OptionError,
+    finite_float,
+    fraction,
+    nonnegative_float,
+    positive_float,
+    positive_float_or_inf,
+    positive_int,
+)
 
 
 def add_args(p):
@@ -34,26 +43,26 @@ def add_args(p):
     src.add_argument("--trajectory", type=Path, help="multi-model PDB: each MODEL is a frame")
     src.add_argument("--endpoints", type=Path, nargs=2, metavar=("A.pdb", "B.pdb"),
                      help="two conformations; --frames models linearly interpolated between them")
-    src.add_argument("--frames", type=int, default=10, help="frames between --endpoints, ends included (default 10)")
-    p.add_argument("--n", type=int, default=1000, help="number of particles (default 1000)")
-    p.add_argument("--box", type=int, help="box size in pixels (default: the map's, or 64)")
-    p.add_argument("--apix", type=float, help="pixel size in Å (default: the map's, or 2.0)")
-    p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio (default 0.1; 'inf' for none)")
-    p.add_argument("--defocus", type=float, nargs=2, default=(1.0, 2.5), metavar=("MIN", "MAX"),
+    src.add_argument("--frames", type=positive_int, default=10, help="frames between --endpoints, ends included (default 10)")
+    p.add_argument("--n", type=positive_int, default=1000, help="number of particles (default 1000)")
+    p.add_argument("--box", type=positive_int, help="box size in pixels (default: the map's, or 64)")
+    p.add_argument("--apix", type=positive_float, help="pixel size in Å (default: the map's, or 2.0)")
+    p.add_argument("--snr", type=positive_float_or_inf, default=0.1, help="signal-to-noise ratio (default 0.1; 'inf' for none)")
+    p.add_argument("--defocus", type=positive_float, nargs=2, default=(1.0, 2.5), metavar=("MIN", "MAX"),
                    help="defocus range in µm, uniform per particle (default 1.0 2.5)")
-    p.add_argument("--astigmatism", type=float, default=300.0, help="max |DefocusU - DefocusV| in Å (default 300)")
-    p.add_argument("--voltage", type=float, default=300.0, help="kV (default 300)")
-    p.add_argument("--cs", type=float, default=2.7, help="spherical aberration, mm (default 2.7)")
-    p.add_argument("--amp-contrast", type=float, default=0.1, help="amplitude contrast (default 0.1)")
-    p.add_argument("--bfactor", type=float, default=0.0, help="CTF B-factor, Å² (default 0)")
-    p.add_argument("--shift-sd", type=float, default=2.0, help="true origin shifts ~ N(0, sd) Å per axis (default 2)")
-    p.add_argument("--pose-noise-deg", type=float, default=0.0, help="perturb the written rotations by ~N(0, D) degrees")
-    p.add_argument("--shift-noise-A", type=float, default=0.0, help="perturb the written shifts by ~N(0, T) Å")
+    p.add_argument("--astigmatism", type=nonnegative_float, default=300.0, help="max |DefocusU - DefocusV| in Å (default 300)")
+    p.add_argument("--voltage", type=positive_float, default=300.0, help="kV (default 300)")
+    p.add_argument("--cs", type=nonnegative_float, default=2.7, help="spherical aberration, mm (default 2.7)")
+    p.add_argument("--amp-contrast", type=fraction, default=0.1, help="amplitude contrast (default 0.1)")
+    p.add_argument("--bfactor", type=finite_float, default=0.0, help="CTF B-factor, Å² (default 0)")
+    p.add_argument("--shift-sd", type=nonnegative_float, default=2.0, help="true origin shifts ~ N(0, sd) Å per axis (default 2)")
+    p.add_argument("--pose-noise-deg", type=nonnegative_float, default=0.0, help="perturb the written rotations by ~N(0, D) degrees")
+    p.add_argument("--shift-noise-A", type=nonnegative_float, default=0.0, help="perturb the written shifts by ~N(0, T) Å")
     p.add_argument("--poses", type=Path, help="take poses from this STAR instead of random ones")
-    p.add_argument("--resolution", type=float, help="resolution of the model's Gaussians in Å (default 2 x apix)")
+    p.add_argument("--resolution", type=positive_float, help="resolution of the model's Gaussians in Å (default 2 x apix)")
     p.add_argument("--gaussians", choices=("atoms", "ca", "residue2"), default="atoms",
                    help="atoms: every heavy atom; ca: one per residue; residue2: backbone + side chain")
-    p.add_argument("--batch", type=int, default=128, help="particles per batch (default 128)")
+    p.add_argument("--batch", type=positive_int, default=128, help="particles per batch (default 128)")
     add_seed_device_out(p)
 
 
@@ -61,6 +70,9 @@ def main(args) -> int:
     from cryogmm.runtime import Progress
     from cryogmm.simulate.particles import SimulateConfig, simulate
 
+    if args.defocus[0] > args.defocus[1]:
+        raise OptionError("--defocus", f"MIN {args.defocus[0]:g} is above MAX {args.defocus[1]:g}")
+    check_out(args, args.model, args.map, args.trajectory, args.endpoints, args.poses)
     cfg = SimulateConfig(
         out=args.out, model=args.model, map=args.map, trajectory=args.trajectory,
         endpoints=tuple(args.endpoints) if args.endpoints else None, frames=args.frames, n=args.n,

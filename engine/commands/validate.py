@@ -24,16 +24,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryogmm.commands import add_force, check_out
+from cryogmm.errors import positive_float
+
 
 def add_args(p):
     p.add_argument("model", type=Path, help="PDB or mmCIF model")
     p.add_argument("--map", type=Path, help="MRC map in the model's frame (origin in the header)")
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
-    p.add_argument("--resolution", type=float, help="map resolution in Å (needed with --map)")
+    p.add_argument("--resolution", type=positive_float, help="map resolution in Å (needed with --map)")
     p.add_argument("--out", type=Path, help="output folder for report.json and ramachandran.png")
+    add_force(p)
 
 
 def main(args) -> int:
+    if args.out is not None:
+        check_out(args, args.model, args.map, args.restraints)
     from cryogmm.model.validate import ValidateConfig, summary_table, validate
 
     rep = validate(ValidateConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution,

@@ -2,6 +2,10 @@
 
 Every output of cryogmm goes through :func:`atomic_output`: the file is written under a
 temporary name in the same folder and renamed into place only when writing succeeded.
+:func:`check_output` is the one check every job's ``--out`` passes before any work starts
+(a path that can be created, is not an input, and holds no earlier results unless
+``--force``); a folder or temporary file that cannot be created is an
+:class:`~cryogmm.errors.OutputError`, one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cryogmm import __version__
+from cryogmm.errors import OutputError
 
 
 def _jsonable(x):
@@ -56,10 +61,13 @@ def atomic_output(path, suffix: str | None = None):
     the extension (starfile, mrcfile) still work on the temporary name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=path.suffix if suffix is None else suffix, dir=path.parent
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=path.suffix if suffix is None else suffix, dir=path.parent
+        )
+    except OSError as e:
+        raise OutputError(path, f"cannot be written ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(tmp)  # let the writer create it (some refuse to overwrite)
     try:
@@ -84,8 +92,14 @@ class OutputDir:
 
     def __enter__(self):
         self._created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.out))
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.out))
+        except OSError as e:
+            if self._created:
+                with contextlib.suppress(OSError):
+                    self.out.rmdir()
+            raise OutputError(self.out, f"output folder cannot be created ({e.strerror or e})") from None
         return self
 
     def path(self, name: str) -> Path:
@@ -114,3 +128,60 @@ class OutputDir:
                 except OSError:
                     pass
         return False
+
+
+def _nearest_existing(p: Path) -> Path:
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output(path, *, inputs=(), force: bool = False, folder: bool = True, option: str = "--out",
+                 resume: bool = False, resumable: bool = False) -> Path:
+    """Refuse an output path before a job does any work; return it.
+
+    Raises :class:`~cryogmm.errors.OutputError` (one line naming ``option`` and the path)
+    when the path lies under a file, is a file where a folder is expected (or the reverse),
+    cannot be created or written in, is one of ``inputs`` (or, for a folder, holds one of
+    them), or already holds something and neither ``force`` nor ``resume`` is given
+(``resumable``: the job has a ``--resume``, which the message then offers).
+    Nothing is created: the check writes only a probe folder that it removes at once.
+    """
+    out = Path(path)
+    real = out.resolve()
+    near = _nearest_existing(real)
+
+    def fail(problem):
+        raise OutputError(out, problem, option)
+
+    exists = near == real
+    if not exists and not near.is_dir():
+        fail(f"cannot be created: {near} is a file, not a folder")
+    if exists and folder and not real.is_dir():
+        fail("is a file; expected an output folder")
+    if exists and not folder and real.is_dir():
+        fail("is a folder; expected an output file name")
+    for inp in inputs:
+        if inp is None:
+            continue
+        r = Path(inp).resolve()
+        if r == real:
+            fail(f"is also an input ({inp}); choose another output")
+        if folder and r.is_relative_to(real):
+            fail(f"holds the input {inp}; choose another output folder")
+    if exists and not (force or resume):
+        if folder:
+            entries = sorted(os.listdir(real))
+            if entries:
+                fail(f"folder exists and is not empty ({len(entries)} entries, e.g. {entries[0]}); "
+                     + ("pass --resume to continue a run or --force to write into it" if resumable
+                        else "pass --force to write into it (files of the same name are replaced)"))
+        else:
+            fail("exists; pass --force to replace it")
+    where = real if exists and folder else (real.parent if exists else near)
+    try:
+        probe = tempfile.mkdtemp(prefix=".cryogmm-probe-", dir=where)
+        os.rmdir(probe)
+    except OSError as e:
+        fail(f"cannot be {'written' if exists else 'created'} in {where} ({e.strerror or e})")
+    return out

@@ -11,7 +11,8 @@ examples:
 
 Image paths are written as they are in the input; relative paths are relative to the
 project folder (--project-dir; default: the STAR file's folder, or for a .cs inside a
-J<n>/ job folder, that folder's parent). Nothing is written if anything goes wrong.
+J<n>/ job folder, that folder's parent). Nothing is written if anything goes wrong; an
+existing OUT is replaced only with --force, and OUT may never be IN.
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ def add_args(parser) -> None:
         "or 3.0 (one table, origins in pixels) (default: 3.1)",
     )
     parser.add_argument("--project-dir", metavar="D", default=None, help="folder that image paths are relative to")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists (refused without it)")
 
 
 def main(args) -> int:
     from cryogmm.bridge.io import read_particles, write_particles
     from cryogmm.errors import OptionError
+    from cryogmm.io.outputs import check_output
 
     out = Path(args.output)
     if out.suffix.lower() not in (".star", ".cs"):
         raise OptionError("OUT", f"{out}: expected a .star or .cs file name")
+    check_output(out, inputs=[args.input], force=args.force, folder=False, option="OUT")
     table = read_particles(args.input, project_dir=args.project_dir)
     write_particles(table, out, star_version=args.star_version)
     kind = f"RELION {args.star_version} STAR" if out.suffix.lower() == ".star" else "cryoSPARC .cs"

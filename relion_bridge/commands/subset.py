@@ -24,6 +24,7 @@ from pathlib import Path
 
 def _latent_box(text: str):
     import argparse
+    import math
 
     parts = text.split(":")
     try:
@@ -32,6 +33,8 @@ def _latent_box(text: str):
             raise ValueError
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(f"expected DIM:LO:HI (e.g. 0:-1.5:2), got {text!r}") from None
+    if d < 0 or math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise argparse.ArgumentTypeError(f"expected DIM >= 0 and LO <= HI (numbers), got {text!r}")
     return d, lo, hi
 
 
@@ -54,16 +57,19 @@ def add_args(parser) -> None:
         help="STAR flavour to write (default: the input's; 3.1 for a .cs input)",
     )
     parser.add_argument("--project-dir", metavar="D", default=None, help="folder that image paths are relative to")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists (refused without it)")
 
 
 def main(args) -> int:
     from cryogmm.bridge.io import read_particles, write_particles
     from cryogmm.bridge.results import read_index_file, select_indices, select_label, select_latent_box
     from cryogmm.errors import OptionError
+    from cryogmm.io.outputs import check_output
 
     out = Path(args.out)
     if out.suffix.lower() not in (".star", ".cs"):
         raise OptionError("--out", f"{out}: expected a .star or .cs file name")
+    check_output(out, inputs=[args.input, args.indices], force=args.force, folder=False)
     table = read_particles(args.input, project_dir=args.project_dir)
     if args.indices is not None:
         sub = select_indices(table, read_index_file(args.indices, table.n))
