@@ -1,7 +1,8 @@
 """cryoSPARC ``.cs`` particle files <-> :class:`~cryogmm.bridge.table.ParticleTable`.
 
 Read and written with ``cryosparc.dataset.Dataset`` (cryosparc-tools), saved in the numpy
-format that cryoSPARC, cryoDRGN and ``numpy.load`` all read.
+format that cryoSPARC, cryoDRGN and ``numpy.load`` all read. Every ``.cs`` written comes with its ``.csg``
+group file, which cryoSPARC's *Import Result Group* job reads (:func:`write_csg`).
 
 Field mapping (conventions from :mod:`cryogmm.bridge.conventions`):
 
@@ -48,7 +49,7 @@ from cryogmm.bridge.table import ParticleTable, StarLayout
 from cryogmm.errors import CsError
 from cryogmm.io.outputs import atomic_output
 
-__all__ = ["read_cs", "write_cs", "cs_field_for_column", "column_for_cs_field"]
+__all__ = ["column_for_cs_field", "cs_field_for_column", "csg_results", "read_cs", "write_cs", "write_csg"]
 
 _STR = np.dtypes.StringDType()
 _CLASS_RE = re.compile(r"^alignments_class_(\d+)/pose$")
@@ -286,11 +287,62 @@ def _same_partition(a, b) -> bool:
 
 
 def write_cs(table: ParticleTable, path) -> None:
-    """Write ``table`` as a cryoSPARC ``.cs`` (numpy format), atomically."""
+    """Write ``table`` as a cryoSPARC ``.cs`` (numpy format), atomically, and beside it the
+    ``.csg`` group file that cryoSPARC's *Import Result Group* job reads (:func:`write_csg`)."""
     from cryosparc.dataset import NUMPY_FORMAT, Dataset
 
     fields = cs_fields_of(table)
     ds = Dataset({k: v for k, v in fields.items()})
-    with atomic_output(Path(path)) as tmp:
-        with open(tmp, "wb") as f:
-            ds.save(f, format=NUMPY_FORMAT)
+    with atomic_output(Path(path)) as tmp, open(tmp, "wb") as f:
+        ds.save(f, format=NUMPY_FORMAT)
+    write_csg(path, fields, table.n)
+
+
+def _yaml_quote(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def csg_results(fields) -> list[str]:
+    """The result groups (field prefixes) a ``.csg`` names for these ``.cs`` fields: every
+    prefix cryoSPARC knows (``blob``, ``ctf``, ``alignments3D``, ``location``, ...); our own
+    ``cryogmm/*`` fields stay readable in the ``.cs`` but are not a cryoSPARC result type."""
+    out = []
+    for f in fields:
+        if "/" in f:
+            prefix = f.split("/", 1)[0]
+            if prefix != "cryogmm" and prefix not in out:
+                out.append(prefix)
+    return out
+
+
+def write_csg(cs_path, fields, n: int, name: str = "particles", title: str = "Particles") -> Path:
+    """Write ``<stem>.csg`` beside ``cs_path``: the YAML group file cryoSPARC exports and
+    imports (``group`` with type ``particle``; under ``results`` one entry per result
+    group with ``metafile: '>NAME.cs'`` (relative to the .csg), ``num_items`` and
+    ``type: particle.<group>``)."""
+    import datetime
+
+    import cryosparc
+
+    cs_path = Path(cs_path)
+    lines = [
+        f"created: {datetime.datetime.now().isoformat(sep=' ')}",
+        "group:",
+        f"  description: {_yaml_quote('particles written by cryogmm')}",
+        f"  name: {_yaml_quote(name)}",
+        f"  title: {_yaml_quote(title)}",
+        "  type: particle",
+        "results:",
+    ]
+    for prefix in csg_results(fields):
+        lines += [
+            f"  {prefix}:",
+            f"    metafile: {_yaml_quote('>' + cs_path.name)}",
+            f"    num_items: {int(n)}",
+            f"    type: particle.{prefix}",
+        ]
+    lines.append(f"version: v{getattr(cryosparc, '__version__', '4')}")
+    csg = cs_path.with_suffix(".csg")
+    with atomic_output(csg) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return csg

@@ -8,6 +8,10 @@ or by a box in latent space; write the result with
 
 Latent coordinates are columns ``rlnCryogmmLatent0, rlnCryogmmLatent1, ...``
 (``cryogmm/latent_0, ...`` in ``.cs``); labels ``rlnCryogmmLabel`` (``cryogmm/label``).
+
+Every subset carries ``rlnCryogmmSourceIndex`` (``cryogmm/source_index`` in ``.cs``): the
+0-based row of each particle in the file the first selection was made from, kept through
+subsets of subsets, so a subset's particles map back to the originals whatever the format.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from cryogmm.errors import InputError, OptionError
 
 __all__ = [
     "LABEL_COLUMN",
+    "SOURCE_INDEX_COLUMN",
     "merge_results",
     "with_results",
     "select_indices",
@@ -29,9 +34,19 @@ __all__ = [
     "select_latent_box",
     "read_index_file",
     "latent_of",
+    "with_source_index",
 ]
 
 LABEL_COLUMN = "rlnCryogmmLabel"
+SOURCE_INDEX_COLUMN = "rlnCryogmmSourceIndex"
+
+
+def with_source_index(table: ParticleTable) -> ParticleTable:
+    """``table`` with :data:`SOURCE_INDEX_COLUMN` = its row numbers, unless it has one
+    already (a subset of a subset keeps the indices of the first file)."""
+    if SOURCE_INDEX_COLUMN in table.particles.columns:
+        return table
+    return table.with_columns(**{SOURCE_INDEX_COLUMN: np.arange(table.n, dtype=np.int64)})
 
 
 def with_results(
@@ -97,8 +112,8 @@ def read_index_file(path, n: int) -> np.ndarray:
 
 
 def select_indices(table: ParticleTable, indices) -> ParticleTable:
-    """Particles at the given 0-based indices, in that order."""
-    return table.subset(np.asarray(indices, dtype=np.int64))
+    """Particles at the given 0-based indices, in that order (with their source index)."""
+    return with_source_index(table).subset(np.asarray(indices, dtype=np.int64))
 
 
 def select_label(table: ParticleTable, labels, column: str = LABEL_COLUMN) -> ParticleTable:
@@ -119,7 +134,7 @@ def select_label(table: ParticleTable, labels, column: str = LABEL_COLUMN) -> Pa
         mask = np.isin(col.to_numpy(dtype=np.float64), wanted)
     else:
         mask = col.astype(str).isin([str(v) for v in labels]).to_numpy()
-    return table.subset(mask)
+    return with_source_index(table).subset(mask)
 
 
 def latent_of(table: ParticleTable) -> np.ndarray:
@@ -142,4 +157,4 @@ def select_latent_box(table: ParticleTable, box: dict) -> ParticleTable:
         if lo > hi:
             raise OptionError("--latent-box", f"dimension {d}: lower bound {lo} is above upper bound {hi}")
         mask &= (z[:, d] >= lo) & (z[:, d] <= hi)
-    return table.subset(mask)
+    return with_source_index(table).subset(mask)

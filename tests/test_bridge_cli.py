@@ -131,11 +131,11 @@ def test_subset_by_indices_label_and_latent_box(shared_dir, tmp_path, capsys):
         keep = (z[:, 0] >= -0.5) & (z[:, 0] <= 1) & (z[:, 1] >= 0) & (z[:, 1] <= 2)
         assert s.n == keep.sum()
         np.testing.assert_allclose(s.particles["rlnCryogmmLatent0"], z[keep, 0], rtol=1e-6)
-    # a subset written as STAR keeps every column of the user's STAR
+    # a subset written as STAR keeps every column of the user's STAR, plus each particle's source row
     star = shared_dir / "data" / "metadata" / "relion31.6opticsgroups.star"
     assert run(capsys, "subset", star, "--label", "2", "--label-column", "rlnRandomSubset", "--out", tmp_path / "h2.star")[0] == 0
     h = read_particles(tmp_path / "h2.star")
-    assert list(h.particles.columns) == list(read_particles(star).particles.columns)
+    assert list(h.particles.columns) == list(read_particles(star).particles.columns) + ["rlnCryogmmSourceIndex"]
     assert set(h.half_set) == {2}
 
 
