@@ -25,6 +25,7 @@ COMMANDS = {
     "refine-model": "cryogmm.commands.refine_model",
     "refine-series": "cryogmm.commands.refine_series",
     "hetero": "cryogmm.commands.hetero",
+    "relion": "cryogmm.commands.relion_external",
     "convert": "cryogmm.bridge.commands.convert",
     "subset": "cryogmm.bridge.commands.subset",
     "info": "cryogmm.bridge.commands.info",
