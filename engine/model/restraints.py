@@ -10,6 +10,10 @@ into one weighted geometry energy (dimensionless, ~ 0.5 z^2 per restraint).
 - chirality: signed volume of the centre and three neighbours against its ideal;
 - planarity: distances of the atoms to their least-squares plane over sigma;
 - peptide omega: trans or cis (as found) with the library's sigma;
+- nucleic acids: each sugar's delta torsion restrained to the pucker its 3' phosphate implies
+  (MolProbity's perpendicular-distance rule, decided on the start model: C3'-endo 82°,
+  C2'-endo 146°, sigma ``PUCKER_SIGMA_DEG``), and each RNA backbone suite softly held in the
+  nearest of Richardson's suite conformers (``cryogmm.model.suites.SuiteTerm``);
 - Ramachandran and rotamer terms: -log of Gaussian mixtures fitted to the Top8000
   percentile contours (wrapped Gaussians on the torus, full covariance), with a floor so that
   far outliers stay outliers instead of being dragged through disallowed regions;
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 
 from cryogmm.core.rotations import dihedral
+from cryogmm.model.suites import DELTA_TARGET_DEG, SuiteTerm, pucker_geometry
 from cryogmm.model.topology import RAMA_CLASSES, Topology
 
 HBOND_RELIEF = 0.6  # Å subtracted from the overlap of a polar H with an acceptor
@@ -39,6 +44,7 @@ RAMA_ALLOWED = {"general": 0.0005, "gly": 0.001, "transpro": 0.001, "cispro": 0.
                 "ileval": 0.001}
 RAMA_FAVOURED = 0.02
 ROTAMER_OUTLIER = 0.003
+PUCKER_SIGMA_DEG = 8.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -217,7 +223,8 @@ class Restraints:
     ``weights``: per-term multipliers (keys bond, angle, chiral, plane, omega, rama, rotamer,
     clash)."""
 
-    DEFAULT_WEIGHTS = dict(bond=1.0, angle=1.0, chiral=1.0, plane=1.0, omega=1.0, rama=2.0, rotamer=5.0, clash=1.0)
+    DEFAULT_WEIGHTS = dict(bond=1.0, angle=1.0, chiral=1.0, plane=1.0, omega=1.0, rama=2.0, rotamer=5.0, clash=1.0,
+                           pucker=1.0, suite=5.0)
 
     def __init__(self, topo: Topology, dtype=torch.float64, device="cpu", weights: dict | None = None,
                  rama_floor: float = 1e-4, clash_start: float = 0.1, heavy_only_stats: bool = True,
@@ -246,6 +253,11 @@ class Restraints:
         self.plane_sigma = f(topo.plane_sigma[kp])
         self.omegas, self.omega_ideal, self.omega_sigma = t(topo.omegas), f(topo.omega_ideal), f(topo.omega_sigma)
         self.rama, self.rama_class = t(topo.rama), topo.rama_class
+        pk = topo.puckers
+        two_p = pucker_geometry(pk, topo.coords)[2] if len(pk) else np.zeros(0, bool)
+        self.puckers = t(pk[:, :4])
+        self.pucker_ideal = f(np.where(two_p, DELTA_TARGET_DEG["C2'-endo"], DELTA_TARGET_DEG["C3'-endo"]))
+        self.suites = SuiteTerm(topo, dtype=dtype, device=device)
         tabs = reference_tables()
         self.rama_gmm = {}
         for ci, cname in enumerate(RAMA_CLASSES):
@@ -331,6 +343,11 @@ class Restraints:
         o = self.omegas
         w = torch.rad2deg(dihedral(x[o[:, 0]], x[o[:, 1]], x[o[:, 2]], x[o[:, 3]]))
         return _wrap_deg(w - self.omega_ideal, 360.0) / self.omega_sigma
+
+    def pucker_z(self, x):
+        p = self.puckers
+        d = torch.rad2deg(dihedral(x[p[:, 0]], x[p[:, 1]], x[p[:, 2]], x[p[:, 3]]))
+        return _wrap_deg(d - self.pucker_ideal, 360.0) / PUCKER_SIGMA_DEG
 
     def phi_psi(self, x):
         r = self.rama
@@ -446,6 +463,8 @@ class Restraints:
             "omega": lambda: flat(self.omega_z(x)) if len(self.omegas) else zero(),
             "rama": lambda: self.rama_energy(x).sum() if len(self.rama) else zero(),
             "rotamer": lambda: self.rotamer_energy(x).sum(),
+            "pucker": lambda: flat(self.pucker_z(x)) if len(self.puckers) else zero(),
+            "suite": lambda: self.suites.energy(x).sum() if len(self.suites) else zero(),
             "clash": clash,
         }
         return {k: f() for k, f in fns.items() if only is None or k in only}

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryogmm.core.rotations import dihedral_deg
 from cryogmm.core.similarity import fsc, resolution_at
 from cryogmm.errors import OptionError
 from cryogmm.io.maps import MapGrid, read_map_grid
@@ -39,6 +38,7 @@ from cryogmm.model.restraints import (
     grid_value,
     reference_tables,
 )
+from cryogmm.model.suites import pucker_geometry, suite_summary
 from cryogmm.model.topology import RAMA_CLASSES, Topology, build_topology, read_structure
 
 # the issue's goals for refined models
@@ -182,37 +182,12 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
     return out
 
 
-# MolProbity's sugar-pucker test (Richardson lab; the published thresholds mmtbx uses): the
-# perpendicular distance of the 3' phosphate (or, at a 3' end, of O3') to the line of the
-# glycosidic bond decides C2'-endo (P < 2.9 Å, O3' < 2.4 Å) or C3'-endo; the delta torsion must
-# then lie in that pucker's range, and epsilon in 155-310°
-PPERP_2P_MAX_A = 2.9
-O3PERP_2P_MAX_A = 2.4
-DELTA_2P_DEG = (129.0, 162.0)
-DELTA_3P_DEG = (65.0, 104.0)
-EPSILON_DEG = (155.0, 310.0)
-
-
 def pucker_table(topo: Topology, xn: np.ndarray) -> list:
     """Per nucleotide: (residue, delta°, perpendicular distance Å, pucker the distance implies,
     outlier: delta out of that pucker's range or epsilon out of its range)."""
-    q = topo.puckers
-    if not len(q):
+    if not len(topo.puckers):
         return []
-    c5, c4, c3, o3, c1, n = (xn[q[:, k]] for k in range(6))
-    linked = q[:, 6] >= 0  # no link: a 3' end or a chain break, decided from O3'
-    probe = xn[np.where(linked, q[:, 6], q[:, 3])]
-    u = (n - c1) / np.linalg.norm(n - c1, axis=1, keepdims=True)
-    v = probe - c1
-    perp = np.linalg.norm(v - (v * u).sum(1, keepdims=True) * u, axis=1)
-    two_p = perp < np.where(linked, PPERP_2P_MAX_A, O3PERP_2P_MAX_A)
-    delta = np.mod(dihedral_deg(c5, c4, c3, o3), 360.0)
-    lo = np.where(two_p, DELTA_2P_DEG[0], DELTA_3P_DEG[0])
-    hi = np.where(two_p, DELTA_2P_DEG[1], DELTA_3P_DEG[1])
-    bad = (delta < lo) | (delta > hi)
-    if linked.any():
-        eps = np.mod(dihedral_deg(c4[linked], c3[linked], o3[linked], probe[linked]), 360.0)
-        bad[linked] |= (eps < EPSILON_DEG[0]) | (eps > EPSILON_DEG[1])
+    delta, perp, two_p, bad = pucker_geometry(topo.puckers, xn)
     return [(topo.res_label(int(r)), float(d), float(pp), "C2'-endo" if t else "C3'-endo", bool(b))
             for r, d, pp, t, b in zip(topo.pucker_res, delta, perp, two_p, bad)]
 
@@ -249,6 +224,7 @@ def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndar
         out["n_pucker_outliers"] = int(sum(row[-1] for row in rows))
         out["pucker_outliers"] = [dict(residue=lab, delta=round(dl, 1), perp_A=round(pp, 2), expected=ex)
                                   for lab, dl, pp, ex, bad in rows if bad]
+        out.update(suite_summary(topo, xn))
     return out
 
 
@@ -373,6 +349,7 @@ def summary_table(rep: dict) -> str:
             ("rotamer outliers %", "rotamer_outlier_pct", "{:.2f}"), ("clashscore", "clashscore", "{:.2f}"),
             ("Cβ deviations", "cbeta_deviations", "{}"), ("chirality outliers", "chiral_outliers", "{}"),
             ("base plane RMSZ", "base_plane_rmsz", "{:.2f}"), ("pucker outliers", "n_pucker_outliers", "{}"),
+            ("suite outliers", "suite_outliers", "{}"),
             ("map CC (mask)", "map_cc_mask", "{:.3f}"), ("Q-score", "qscore_mean", "{:.3f}")]
     # Ramachandran and rotamer figures of a model without amino acids say nothing: left out
     empty = {"rama_favoured_pct": rep.get("n_rama", 1) == 0, "rama_outlier_pct": rep.get("n_rama", 1) == 0,
