@@ -248,3 +248,17 @@ def test_motion_auto_chooses_by_the_start_fit(tmp_path):
         res = refine_coords(topo, grid, replace(cfg), progress=None)
         chose[name] = (res.motion, round(res.before["map_cc_mask"], 3))
     assert chose["deposited"][0] == "local" and chose["moved"][0] == "domains", chose
+
+
+def test_ligand_outside_the_map_is_a_warning_not_a_refusal(tmp_path):
+    """A model whose ion sits far outside the map: refinement goes on (the ion follows its
+    geometry) and report.json says which residue lies outside."""
+    lines = [ln for ln in RNA.read_text().splitlines() if ln.startswith(("ATOM", "HETATM"))]
+    lines.append("HETATM 9001 MG    MG B 301     200.000 200.000 200.000  1.00 20.00          MG")
+    model = tmp_path / "rna_mg.pdb"
+    model.write_text("\n".join(lines) + "\nEND\n")
+    _splat(RNA, tmp_path / "map.mrc")
+    assert cli(["refine-model", str(model), "--map", str(tmp_path / "map.mrc"), "--resolution", "4",
+                "--stages", "rigid", "full", "--steps", "5", "--out", str(tmp_path / "out")]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("outside the map box" in w and "B/MG301" in w for w in rep["warnings"]), rep["warnings"]

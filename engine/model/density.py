@@ -85,4 +85,18 @@ def check_overlap(topo: Topology, grid, path):
     if inside < 0.5:
         raise MapError(path, f"does not overlap the model: only {100 * inside:.0f}% of its atoms lie inside the map "
                              f"box (x,y,z {lo.round(1).tolist()} to {hi.round(1).tolist()} Å)")
+    # residues wholly outside the box (a ligand placed off the map, a chain the map does not
+    # cover) refine on geometry alone: said, not refused
+    heavy = ~topo.is_h
+    ok = np.all((topo.coords >= lo) & (topo.coords <= hi), axis=1) & heavy
+    n_in = np.bincount(topo.res_index, weights=ok, minlength=len(topo.residues))
+    out = [r for r, d in enumerate(topo.residues) if n_in[r] == 0 and d.get("kind") != "fixed"
+           and heavy[d["atoms"]].any()]
+    if out:
+        names = ", ".join(topo.res_label(r) for r in out[:10]) + (f" and {len(out) - 10} more" if len(out) > 10 else "")
+        msg = (f"{len(out)} residue(s) lie wholly outside the map box of {path}: {names}; they follow geometry "
+               "and their neighbours only")
+        if msg not in topo.warnings:
+            topo.warnings.append(msg)
+    return out
 
