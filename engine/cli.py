@@ -93,8 +93,10 @@ def main(argv=None) -> int:
     parser = build_parser(only=only)
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except SystemExit as e:  # a usage error, already printed as one line (--help and --version exit 0)
+        if not e.code:
+            raise
+        return e.code if isinstance(e.code, int) else 2
     name = " ".join(a for a in (args.command, getattr(args, "action", None)) if a)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None

@@ -161,6 +161,7 @@ CASES = [
     ("hetero-analyze-clusters-zero", ["hetero", "analyze", "empty", "--clusters", "0"], ["--clusters"]),
     ("hetero-analyze-frames-text", ["hetero", "analyze", "empty", "--frames", "ten"], ["--frames"]),
     ("hetero-analyze-no-run", ["hetero", "analyze", "empty", "--out", "o"], ["empty"]),
+    ("hetero-analyze-missing-run", ["hetero", "analyze", "nowhere"], ["nowhere", "checkpoint"]),
     ("hetero-analyze-out-under-file", ["hetero", "analyze", "empty", "--out", "notes.txt/a"], ["notes.txt"]),
     ("hetero-analyze-out-is-run", ["hetero", "analyze", "full", "--out", "full", "--force"], ["--out", "input"]),
     ("hetero-decode-out-exists", ["hetero", "decode", "empty", "--z", "z.txt", "--out", "notes.txt"],
@@ -278,7 +279,9 @@ def test_every_help_has_a_description_and_an_example(capsys):
 
     helps = [[c] for c in COMMANDS if c != "hetero"] + [["hetero", a] for a in ("train", "analyze", "decode")]
     for h in helps:
-        assert cli([*h, "--help"]) == 0
+        with pytest.raises(SystemExit) as e:
+            cli([*h, "--help"])
+        assert e.value.code == 0
         text = capsys.readouterr().out
         assert "xample" in text, h
         assert len(text.split("options:")[0].splitlines()) > 4, h  # usage plus a description

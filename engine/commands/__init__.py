@@ -37,10 +37,11 @@ def add_force(p, what: str = "folder"):
                         f"without it an existing non-empty output is refused")
 
 
-def check_out(args, *inputs, folder: bool = True, resumable: bool = False, option: str = "--out"):
+def check_out(args, *inputs, folder: bool = True, resumable: bool = False, option: str = "--out", others=()):
     """The one output check of every job (before any work): see :func:`cryogmm.io.outputs.check_output`.
     ``inputs``: the job's input paths (None is skipped; lists are flattened); a missing one is an
-    :class:`~cryogmm.errors.InputError` before anything is read."""
+    :class:`~cryogmm.errors.InputError` before anything is read. ``others``: inputs the output
+    may not be (or hold) whose absence the job itself reports (a run folder: "train first")."""
     flat = []
     for x in inputs:
         flat.extend(x if isinstance(x, (list, tuple)) else [x])
@@ -48,5 +49,5 @@ def check_out(args, *inputs, folder: bool = True, resumable: bool = False, optio
         if x is not None and not Path(x).exists():
             raise InputError(x, "no such file or folder")
     out = getattr(args, option.lstrip("-").replace("-", "_"))
-    return check_output(out, inputs=flat, force=getattr(args, "force", False), folder=folder, option=option,
+    return check_output(out, inputs=[*flat, *others], force=getattr(args, "force", False), folder=folder, option=option,
                         resume=getattr(args, "resume", False), resumable=resumable)

@@ -188,7 +188,7 @@ def main(args) -> int:
     elif args.action == "analyze":
         if args.out is None:
             args.out = args.run / "analyze"
-        check_out(args, args.run, args.star, args.truth, args.truth_models)
+        check_out(args, args.star, args.truth, args.truth_models, others=[args.run])
         cfg = hetero_analyze.AnalyzeConfig(run=args.run, out=args.out, pcs=args.pcs, frames=args.frames,
                                    clusters=args.clusters, backproject=not args.no_backproject, truth=args.truth,
                                    truth_models=args.truth_models, star=args.star, project_dir=args.project_dir,
@@ -202,7 +202,7 @@ def main(args) -> int:
                 msg += f", median Cα RMSD to truth {t['median_ca_rmsd_decoded_vs_true_A']:.2f} Å"
         print(msg)
     else:
-        check_out(args, args.run, args.z, folder=False)
+        check_out(args, args.z, folder=False, others=[args.run])
         rep = hetero_run.decode_hetero(args.run, args.z, args.out, device=pick_device(args.device))
         print(f"wrote {rep['models']} models to {args.out}")
     return 0
