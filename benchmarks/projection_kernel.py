@@ -1,0 +1,162 @@
+"""CPU roofline of the separable projection: ``project`` against ``torch.bmm`` of the same shapes.
+
+Usage: python benchmarks/projection_kernel.py [--threads T] [--repeat 7] [--quick] [--out PATH]
+
+For each case (box 64 and 128, 2,000 and 5,000 Gaussians, batch 16, 1 Å/px, widths 1.5 Å,
+centres in a ball of radius 0.3 box, float32; the mixture of ``gpu_throughput.py``) three
+things are timed in the same process, interleaved round by round, median of ``--repeat``:
+
+- ``bmm``: ``torch.bmm`` of ``[B, box, N] x [B, N, box]`` dense random operands (the
+  arithmetic the projection needs, at the machine's matrix-product speed); forward alone and
+  forward+backward (autograd, both operands requiring gradients: three products).
+- ``before``: the projection as it was up to commit e517cae (profiles ``exp`` over the full
+  box for every Gaussian, mostly denormal far from the centres, then one dense bmm), kept
+  here verbatim as ``reference_project``.
+- ``after``: ``cryogmm.core.projection.project`` (windowed profiles, scatter into a reused
+  buffer, closed-form backward).
+
+Forward+backward differentiates through centres and rotations (as pose refinement and
+mixture fitting do). Ratios are ``t_bmm / t_project`` (forward) and ``t_bmm_fb / t_project_fb``
+(forward+backward): the fraction of the same-shape bmm's throughput. The machine is shared;
+the load average at start and end is recorded. Writes ``benchmarks/results/projection_kernel.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CASES = [(64, 2000), (64, 5000), (128, 2000), (128, 5000)]
+
+
+def reference_project(centers, amplitudes, sigmas, rotmat, box, apix):
+    """The projection before the windowed kernel (dense profiles over the whole box)."""
+    xy = torch.matmul(centers, rotmat.transpose(-1, -2))[..., :2]
+    B = xy.shape[0]
+    s, a = sigmas.expand(B, -1), amplitudes.expand(B, -1)
+    w = a / (2.0 * math.pi * s**2 * apix)
+    x = (torch.arange(box, dtype=xy.dtype) - box // 2) * apix
+
+    def factors(coord):
+        return torch.exp(-0.5 * ((x - coord[..., None]) / s[..., None]) ** 2)
+
+    gx = factors(xy[..., 0])
+    gy = factors(xy[..., 1]) * w[..., None]
+    return torch.bmm(gy.transpose(1, 2), gx)
+
+
+def mixture(n, box, apix, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, 3, generator=g)
+    c = c / c.norm(dim=1, keepdim=True) * (0.3 * box * apix) * torch.rand(n, 1, generator=g) ** (1 / 3)
+    return c, torch.rand(n, generator=g) + 0.5, torch.full((n,), 1.5 * apix)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_case(box, n, batch, repeat, repeat_before):
+    from cryogmm.core.gaussians import Gaussians
+    from cryogmm.core.projection import project
+    from cryogmm.core.rotations import random_rotations
+
+    apix = 1.0
+    c, a, s = mixture(n, box, apix)
+    R = torch.tensor(random_rotations(batch, np.random.default_rng(1)), dtype=torch.float32)
+    Y = torch.rand(batch, box, n, requires_grad=True)
+    X = torch.rand(batch, n, box, requires_grad=True)
+
+    def bmm_f():
+        with torch.no_grad():
+            torch.bmm(Y, X)
+
+    def bmm_fb():
+        torch.bmm(Y, X).sum().backward()
+
+    def before_f():
+        with torch.no_grad():
+            reference_project(c, a, s, R, box, apix)
+
+    def before_fb():
+        cc, RR = c.clone().requires_grad_(), R.clone().requires_grad_()
+        reference_project(cc, a, s, RR, box, apix).sum().backward()
+
+    def after_f():
+        with torch.no_grad():
+            project(Gaussians(c, a, s), R, None, box, apix)
+
+    def after_fb():
+        cc, RR = c.clone().requires_grad_(), R.clone().requires_grad_()
+        project(Gaussians(cc, a, s), RR, None, box, apix).sum().backward()
+
+    fns = {"bmm_fwd": bmm_f, "bmm_fwdbwd": bmm_fb, "before_fwd": before_f, "before_fwdbwd": before_fb,
+           "after_fwd": after_f, "after_fwdbwd": after_fb}
+    times = {k: [] for k in fns}
+    for f in fns.values():  # warm-up
+        f()
+    for r in range(repeat):
+        for k, f in fns.items():
+            if k.startswith("before") and r >= repeat_before:
+                continue
+            times[k].append(timed(f))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    with torch.no_grad():
+        old = reference_project(c, a, s, R, box, apix)
+        new = project(Gaussians(c, a, s), R, None, box, apix)
+    row = {"box": box, "gaussians": n, "batch": batch,
+           "gflop_per_bmm": 2.0 * batch * n * box * box / 1e9,
+           "median_s": {k: round(v, 5) for k, v in med.items()},
+           "bmm_gflops": round(2.0 * batch * n * box * box / med["bmm_fwd"] / 1e9, 1)}
+    for which in ("before", "after"):
+        row[f"{which}_fwd_ratio"] = round(med["bmm_fwd"] / med[f"{which}_fwd"], 3)
+        row[f"{which}_fwdbwd_ratio"] = round(med["bmm_fwdbwd"] / med[f"{which}_fwdbwd"], 3)
+    row["after_vs_before_max_rel_diff"] = float((new - old).abs().max() / old.abs().max())
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat-before", type=int, default=3, help="repeats of the slow 'before' path")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="box 64 only")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "projection_kernel.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()
+    rows = []
+    for box, n in CASES:
+        if args.quick and box != 64:
+            continue
+        row = run_case(box, n, args.batch, args.repeat, min(args.repeat, args.repeat_before))
+        rows.append(row)
+        print(f"box {box:3d} N {n:5d}: bmm {row['bmm_gflops']:6.1f} GFLOP/s | before fwd {row['before_fwd_ratio']:.3f} "
+              f"fwd+bwd {row['before_fwdbwd_ratio']:.3f} | after fwd {row['after_fwd_ratio']:.3f} "
+              f"fwd+bwd {row['after_fwdbwd_ratio']:.3f} | max rel diff {row['after_vs_before_max_rel_diff']:.1e}",
+              flush=True)
+    out = {"what": "project() throughput as a fraction of a same-shape torch.bmm, same process (ratio = t_bmm / "
+                   "t_project; forward+backward against bmm forward+backward)",
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+           "goal": {"fwd_ratio": 0.5, "fwdbwd_ratio": 0.3}, "cases": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
