@@ -9,6 +9,10 @@ hetero OUT: adenylate kinase open (4AKE) -> closed (1AKE superposed on the open 
 model OUT: residues 1-25 of 1AKE (truth.pdb), a displaced noisy copy (start.pdb: shifted by
   (1.2, -0.8, 0.6) Å plus 0.25 Å noise per atom) and the truth's 4 Å map with 10 % noise
   (map.mrc, 48^3 at 1 Å, origin on the model).
+rna OUT / ligand OUT: the same for a model beyond proteins, from the repository's tests/data:
+  the 23-nt RNA hairpin of 1K5I, or HIV protease with its inhibitor XK2 (no shipped
+  dictionary), truth.pdb, start.pdb (shifted by (1.2, -0.8, 0.6) Å plus 0.1 Å noise per atom)
+  and the truth's 4 Å map with 10 % noise (1 Å voxels, origin on the model).
 series OUT: `cryogmm.model_series.series_example`: residues 1-40 of adenylate kinase, 3 maps
   at 5 Å (1.5 Å/px) along open -> closed (truth_01..03.pdb), starting model start.pdb.
 """
@@ -72,6 +76,45 @@ def model(out):
     write_model(t, start, out / "start.pdb")
 
 
+def _beyond_protein(source, out):
+    import shutil
+
+    import torch
+
+    from cryogmm.core.gaussians import ELECTRONS, sigma_from_resolution
+    from cryogmm.io.maps import write_map
+    from cryogmm.model.density import splat
+    from cryogmm.model.topology import build_topology, write_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    truth = out / "truth.pdb"
+    shutil.copyfile(source, truth)
+    t = build_topology(truth, add_hydrogens=False)
+    x = t.coords[~t.is_h]
+    lo = x.min(0) - 8.0
+    n = int(np.ceil((x.max(0) - lo + 8.0).max()))
+    n += n % 2
+    amp = torch.tensor([ELECTRONS.get(e, 6) for e in t.element[~t.is_h]], dtype=torch.float64)
+    m = splat(torch.as_tensor(x), amp, sigma_from_resolution(4.0), (n, n, n), 1.0, lo).numpy()
+    rng = np.random.default_rng(0)
+    m = m + rng.normal(scale=0.1 * m.std(), size=m.shape)
+    write_map(out / "map.mrc", m, 1.0, origin_A=lo)
+    start = t.coords.copy() + np.array([1.2, -0.8, 0.6])
+    start += rng.normal(scale=0.1, size=start.shape)
+    write_model(t, start, out / "start.pdb")
+
+
+REPO_DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
+
+
+def rna(out):
+    _beyond_protein(REPO_DATA / "rna_1k5i.pdb", out)
+
+
+def ligand(out):
+    _beyond_protein(REPO_DATA / "hivp_1hvr_xk2.pdb", out)
+
+
 def series(out):
     from cryogmm.simulate.maps import series_example
 
@@ -79,4 +122,4 @@ def series(out):
 
 
 if __name__ == "__main__":
-    {"hetero": hetero, "model": model, "series": series}[sys.argv[1]](Path(sys.argv[2]))
+    {"hetero": hetero, "model": model, "series": series, "rna": rna, "ligand": ligand}[sys.argv[1]](Path(sys.argv[2]))

@@ -53,6 +53,18 @@ def ca_coords(pdb):
                          for line in f if line.startswith("ATOM") and line[12:16].strip() == "CA"])
 
 
+def atom_coords(pdb, name, resname=None):
+    with open(pdb) as f:
+        return np.array([[float(line[30:38]), float(line[38:46]), float(line[46:54])]
+                         for line in f if line.startswith(("ATOM", "HETATM"))
+                         and (name is None or line[12:16].strip() == name)
+                         and (resname is None or line[17:20].strip() == resname)])
+
+
+def atom_rmsd(a, b, name, resname=None):
+    return float(np.sqrt(((atom_coords(a, name, resname) - atom_coords(b, name, resname)) ** 2).sum(1).mean()))
+
+
 def ca_rmsd(a, b):
     return float(np.sqrt(((ca_coords(a) - ca_coords(b)) ** 2).sum(1).mean()))
 
@@ -294,6 +306,37 @@ class TestCryoGmmHeteroModel(BaseTest):
         prot2.inputVolume.set(unset)
         self.assertTrue(any("no sampling rate" in e for e in prot2.validate()),
                         prot2.validate())
+
+    def test_04b_refine_model_nucleic_acid_and_ligand(self):
+        """The refine-model protocol on models beyond proteins (issue 17): an RNA hairpin and
+        HIV protease with its inhibitor (no shipped dictionary: restrained to its own
+        geometry), each displaced by 1.6 Å: P / Cα and the ligand move back towards the truth,
+        and the report says which residue got which restraints."""
+        for kind, atom, lig in (("rna", "P", None), ("ligand", "CA", "XK2")):
+            d = os.path.join(self.data, kind)
+            if not os.path.exists(os.path.join(HERE, "..", "..", "tests", "data")):
+                pytest.skip("the repository's tests/data is not in this checkout")
+            engine_data(kind, d)
+            start = self.importPdb(os.path.join(d, "start.pdb"))
+            vol = self.importVolume(os.path.join(d, "map.mrc"), 1.0)
+            prot = self.newProtocol(CryoGmmProtRefineModel, useGpu=False, numberOfThreads=2,
+                                    resolution=4.0, stageResidue=False, patches=2, steps=15, rounds=1)
+            prot.inputAtomStruct.set(start)
+            prot.inputVolume.set(vol)
+            self.launchProtocol(prot)
+            out = prot.outputAtomStruct.getFileName()
+            truth = os.path.join(d, "truth.pdb")
+            before, after = atom_rmsd(start.getFileName(), truth, atom), atom_rmsd(out, truth, atom)
+            print("refine-model %s: %s RMSD to truth %.2f -> %.2f Å" % (kind, atom, before, after))
+            self.assertLess(after, 0.5 * before)
+            rep = prot.getReport()
+            self.assertEqual(rep["fixed_residues"], [])
+            if lig:
+                self.assertIn(lig, [r["residue"] for r in rep["self_restrained"]])
+                lb, la = atom_rmsd(start.getFileName(), truth, None, lig), atom_rmsd(out, truth, None, lig)
+                self.assertLess(la, 0.5 * lb)
+            else:
+                self.assertEqual(sum(rep["restrained_residues"]["nucleic acid"].values()), 23)
 
     # ------------------------------------------------------------ model series
     def test_05_model_series(self):
