@@ -262,3 +262,22 @@ def test_ligand_outside_the_map_is_a_warning_not_a_refusal(tmp_path):
                 "--stages", "rigid", "full", "--steps", "5", "--out", str(tmp_path / "out")]) == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert any("outside the map box" in w and "B/MG301" in w for w in rep["warnings"]), rep["warnings"]
+
+
+def test_validate_reports_the_map_at_each_ligand(tmp_path):
+    """Per ligand the mean map value at its atoms (map SD) and its Q-score: high in the ligand's
+    own density, near the map's mean where the ligand is moved 6 Å off it."""
+    from cryogmm.io.maps import read_map_grid
+    from cryogmm.model.validate import map_figures
+
+    model = Path(__file__).parent / "data" / "hivp_1hvr_xk2.pdb"
+    _splat(model, tmp_path / "map.mrc")
+    t = build_topology(model)
+    grid = read_map_grid(tmp_path / "map.mrc")
+    placed = {r["residue"]: r for r in map_figures(t, t.coords, grid, 4.0)["ligand_map"]}
+    lig = next(k for k in placed if "XK2" in k)
+    moved = t.coords.copy()
+    moved[t.res_name == "XK2"] += np.array([6.0, 0.0, 0.0])
+    off = {r["residue"]: r for r in map_figures(t, moved, grid, 4.0)["ligand_map"]}
+    assert placed[lig]["map_sd_at_atoms"] > 3.0 and placed[lig]["qscore"] > 0.5
+    assert off[lig]["map_sd_at_atoms"] < 0.5 * placed[lig]["map_sd_at_atoms"]

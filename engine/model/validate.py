@@ -13,7 +13,11 @@ Figures (``validate_coords`` returns them as a flat dict):
   1000 atoms including H; ``cbeta_deviations`` (> 0.25 Å from the ideal Cβ);
 - with a map: ``map_cc_mask`` (model map at the resolution vs the map, voxels within 3 Å of
   an atom), ``map_model_fsc_0.5_A``, ``qscore_mean`` and per-residue Q-scores (Pintilie et al.
-  2020, sigma 0.6 Å reference, 0-2 Å shells).
+  2020, sigma 0.6 Å reference, 0-2 Å shells); per ligand (``ligand_map``) the mean map value
+  at its atoms in map standard deviations and its Q-score;
+- per molecule kind (``by_kind``) bond/angle RMSZ; per ligand its RMSZ (``ligands``); for
+  nucleic acids ``base_plane_rmsz``, MolProbity's sugar-pucker test (``n_pucker_outliers``)
+  and RNA backbone suites (``suites``, ``suite_outliers``, ``mean_suiteness``).
 """
 
 from __future__ import annotations
@@ -229,7 +233,8 @@ def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndar
 
 
 def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
-    """Map-model CC (mask within 3 Å of heavy atoms), FSC 0.5 crossing, Q-scores."""
+    """Map-model CC (mask within 3 Å of heavy atoms), FSC 0.5 crossing, Q-scores, the map at
+    each ligand's atoms."""
     from scipy.ndimage import map_coordinates
     from scipy.spatial import cKDTree
 
@@ -288,6 +293,15 @@ def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
     for ri in np.unique(res_idx):
         per_res[topo.res_label(int(ri))] = round(float(q[res_idx == ri].mean()), 4)
     out["qscore_per_residue"] = per_res
+    # ligands: the mean map value at their atoms, in standard deviations of the map about its
+    # mean (the figure cryo-EM papers quote for a ligand's density), beside their Q-score
+    lig = [ri for ri, d in enumerate(topo.residues) if d.get("kind") in ("ligand", "self-restrained", "user dictionary")]
+    if lig:
+        ua = (xa - grid.origin_A) / grid.apix
+        at = map_coordinates(data, [ua[:, 2], ua[:, 1], ua[:, 0]], order=1, mode="constant", cval=0.0)
+        sd = (at - data.mean()) / max(float(data.std()), 1e-12)
+        out["ligand_map"] = [{"residue": topo.res_label(ri), "map_sd_at_atoms": round(float(sd[res_idx == ri].mean()), 3),
+                              "qscore": round(float(q[res_idx == ri].mean()), 4)} for ri in lig if (res_idx == ri).any()]
     return out
 
 
