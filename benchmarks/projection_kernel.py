@@ -1,6 +1,6 @@
 """CPU roofline of the separable projection: ``project`` against ``torch.bmm`` of the same shapes.
 
-Usage: python benchmarks/projection_kernel.py [--threads T] [--repeat 7] [--quick] [--out PATH]
+Usage: python benchmarks/projection_kernel.py [--threads 2,1] [--repeat 7] [--quick] [--out PATH]
 
 For each case (box 64 and 128, 2,000 and 5,000 Gaussians, batch 16, 1 Å/px, widths 1.5 Å,
 centres in a ball of radius 0.3 box, float32; the mixture of ``gpu_throughput.py``) three
@@ -127,32 +127,37 @@ def run_case(box, n, batch, repeat, repeat_before):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", default="0,1", help="comma list of torch CPU thread counts, one run each "
+                    "(0: torch's choice); on a shared machine one thread is the steadier ratio")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--repeat-before", type=int, default=3, help="repeats of the slow 'before' path")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="box 64 only")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "projection_kernel.json"))
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
-    rows = []
-    for box, n in CASES:
-        if args.quick and box != 64:
-            continue
-        row = run_case(box, n, args.batch, args.repeat, min(args.repeat, args.repeat_before))
-        rows.append(row)
-        print(f"box {box:3d} N {n:5d}: bmm {row['bmm_gflops']:6.1f} GFLOP/s | before fwd {row['before_fwd_ratio']:.3f} "
-              f"fwd+bwd {row['before_fwdbwd_ratio']:.3f} | after fwd {row['after_fwd_ratio']:.3f} "
-              f"fwd+bwd {row['after_fwdbwd_ratio']:.3f} | max rel diff {row['after_vs_before_max_rel_diff']:.1e}",
-              flush=True)
+    default_threads = torch.get_num_threads()
+    runs = []
+    for nt in (int(x) for x in args.threads.split(",")):
+        torch.set_num_threads(nt or default_threads)
+        print(f"torch threads {torch.get_num_threads()}")
+        rows = []
+        for box, n in CASES:
+            if args.quick and box != 64:
+                continue
+            row = run_case(box, n, args.batch, args.repeat, min(args.repeat, args.repeat_before))
+            rows.append(row)
+            print(f"box {box:3d} N {n:5d}: bmm {row['bmm_gflops']:6.1f} GFLOP/s | before fwd {row['before_fwd_ratio']:.3f} "
+                  f"fwd+bwd {row['before_fwdbwd_ratio']:.3f} | after fwd {row['after_fwd_ratio']:.3f} "
+                  f"fwd+bwd {row['after_fwdbwd_ratio']:.3f} | max rel diff {row['after_vs_before_max_rel_diff']:.1e}",
+                  flush=True)
+        runs.append({"torch_threads": torch.get_num_threads(), "cases": rows})
     out = {"what": "project() throughput as a fraction of a same-shape torch.bmm, same process (ratio = t_bmm / "
                    "t_project; forward+backward against bmm forward+backward)",
-           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "torch": torch.__version__, "cpus": os.cpu_count(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-           "goal": {"fwd_ratio": 0.5, "fwdbwd_ratio": 0.3}, "cases": rows}
+           "goal": {"fwd_ratio": 0.5, "fwdbwd_ratio": 0.3}, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
