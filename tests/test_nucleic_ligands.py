@@ -281,3 +281,30 @@ def test_validate_reports_the_map_at_each_ligand(tmp_path):
     off = {r["residue"]: r for r in map_figures(t, moved, grid, 4.0)["ligand_map"]}
     assert placed[lig]["map_sd_at_atoms"] > 3.0 and placed[lig]["qscore"] > 0.5
     assert off[lig]["map_sd_at_atoms"] < 0.5 * placed[lig]["map_sd_at_atoms"]
+
+
+def test_a_flipped_base_is_turned_back(tmp_path):
+    """A base turned 180° about its glycosidic bond (anti -> syn) lies beyond gradient
+    refinement; the rotamer stage's base-flip scan turns it back into its density."""
+    from cryogmm.core.rotations import axis_rotation
+
+    st = gemmi.read_structure(str(RNA))
+    res = next(r for r in st[0]["A"] if r.seqid.num == 6)
+    c1, n = np.array(res["C1'"][0].pos.tolist()), np.array(res["N1"][0].pos.tolist())
+    axis = (n - c1) / np.linalg.norm(n - c1)
+    rot = axis_rotation(axis, 180.0)
+    base = [a for a in res if "'" not in a.name and a.name not in ("P", "OP1", "OP2", "N1")]
+    truth = {a.name: np.array(a.pos.tolist()) for a in base}
+    for a in base:
+        a.pos = gemmi.Position(*(rot @ (np.array(a.pos.tolist()) - n) + n))
+    st.write_pdb(str(tmp_path / "flipped.pdb"))
+    _splat(RNA, tmp_path / "map.mrc")
+    assert cli(["refine-model", str(tmp_path / "flipped.pdb"), "--map", str(tmp_path / "map.mrc"), "--resolution", "4",
+                "--stages", "rotamers", "--out", str(tmp_path / "out")]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    row = next(r for r in rep["log"] if r["phase"] == "bases")
+    assert row["residues"] == ["A/C6"], row
+    out = gemmi.read_structure(str(tmp_path / "out" / "refined.pdb"))[0]["A"]
+    got = next(r for r in out if r.seqid.num == 6)
+    d = [np.linalg.norm(np.array(got[k][0].pos.tolist()) - v) for k, v in truth.items()]
+    assert max(d) < 0.3, d

@@ -18,6 +18,9 @@ candidate.
 Peptide flips (:func:`fit_peptides`, run before the side chains at 3.5 Å or better): each
 trans peptide turned about its CA-CA axis, kept when its C, O and N gain density.
 
+Base flips (:func:`fit_bases`): each nucleotide's base turned about its glycosidic bond
+(anti <-> syn), kept when its atoms gain density without a new clash.
+
 Without a map (:func:`rebuild_rotamers`): only outlier side chains move, to the nearest
 allowed conformation (modes with chi1/chi2 offsets) that adds no clash.
 """
@@ -419,6 +422,65 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
     row = dict(phase="peptides", tested=n_tested, flipped=n_flipped, residues=flipped)
     rf.log.append(row)
     return row
+
+
+BACKBONE_NA = frozenset({"P", "OP1", "OP2", "OP3", "O1P", "O2P", "O3P"})
+
+
+def fit_bases(rf, grid, angles=(150.0, 165.0, 180.0, 195.0, 210.0), min_gain: float = 0.25) -> dict:
+    """Base flips, the nucleic-acid analogue of the rotamer fit: each nucleotide's base (with its
+    H) turned about the glycosidic bond C1'-N9/N1 by ``angles`` (anti <-> syn), kept when the
+    electron-weighted density at its heavy atoms rises by more than ``min_gain`` x the map's
+    standard deviation x their electrons and no clash is added. A base the wrong way round
+    lies outside the reach of gradient refinement (its ring must pass through the sugar)."""
+
+    topo, rs = rf.topo, rf.rs
+    if not len(topo.puckers):
+        return {}
+    density = _density_sampler(grid)
+    sd = float(np.asarray(grid.data, dtype=np.float64).std()) or 1.0
+    zw = np.array([ELECTRONS.get(e, 6) for e in topo.element], dtype=np.float64)
+    x = rs.with_h(rf.x_all.detach().clone())
+    xn = x.detach().cpu().numpy().copy()
+    n_tested, flipped = 0, []
+    for row, r in zip(topo.puckers, topo.pucker_res):
+        c1, nglyc = int(row[4]), int(row[5])
+        idx = topo.residues[int(r)]["atoms"]
+        base = np.array([i for i in idx if "'" not in topo.atom_name[i] and topo.atom_name[i] not in BACKBONE_NA
+                         and i != nglyc and topo.movable[i]], dtype=np.int64)
+        heavy = base[~topo.is_h[base]]
+        if len(heavy) < 3:
+            continue
+        n_tested += 1
+        w = zw[heavy]
+        current = float((w * density(xn[heavy])).sum())
+        axis = xn[nglyc] - xn[c1]
+        axis /= np.linalg.norm(axis)
+        cands = []
+        for a in angles:
+            pos = (xn[base] - xn[nglyc]) @ axis_rotation(axis, a).T + xn[nglyc]
+            score = float((w * density(pos[~topo.is_h[base]])).sum())
+            if score - current > min_gain * sd * w.sum():
+                cands.append((score, pos))
+        cands.sort(key=lambda c: -c[0])
+        before = None
+        for _, pos in cands:
+            y = x.clone()
+            y[torch.as_tensor(base)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
+            y = rs.with_h(y)
+            yn = y.detach().cpu().numpy()
+            if before is None:
+                before = _local_clashes(rs, xn, base)
+            if _local_clashes(rs, yn, base) <= before:
+                x, xn = y, yn.copy()
+                flipped.append(topo.res_label(int(r)))
+                break
+    rf.x_all = rs.with_h(x)
+    if rf.on_coords is not None and flipped:
+        rf.on_coords(rf.x_all.detach().cpu().numpy().copy())
+    out = dict(phase="bases", tested=n_tested, flipped=len(flipped), residues=flipped)
+    rf.log.append(out)
+    return out
 
 
 def set_torsion(x, quad, delta_deg, nbr, topo):

@@ -71,7 +71,7 @@ from cryogmm.model.refine.mapterm import MapTerm
 from cryogmm.model.refine.polish import polish_rounds, rama_guard, rama_repair
 from cryogmm.model.refine.refiner import Refiner
 from cryogmm.model.restraints import Restraints
-from cryogmm.model.rotamers import fit_peptides, fit_side_chains, rebuild_rotamers
+from cryogmm.model.rotamers import fit_bases, fit_peptides, fit_side_chains, rebuild_rotamers
 from cryogmm.model.topology import Topology, build_topology, write_model
 from cryogmm.model.validate import ca_rmsd, map_figures, validate_coords
 
@@ -237,6 +237,8 @@ def _rotamer_stage(rf: Refiner, cfg: RefineModelConfig, grid):
     # in its own map (Thr31, Leu45), at 3 Å none
     if cfg.extra.get("peptide_flips", True) and cfg.resolution_A <= cfg.extra.get("peptide_max_res", 3.5):
         fit_peptides(rf, grid, min_gain=cfg.extra.get("peptide_min_gain", 0.25))
+    if cfg.extra.get("base_flips", True):
+        fit_bases(rf, grid, min_gain=cfg.extra.get("base_min_gain", 0.25))
     fit_side_chains(rf, grid, outliers_only=cfg.extra.get("rotamers_outliers_only", False))
 
 
