@@ -42,3 +42,4 @@ class HeteroConfig:
     device: str | None = None
     max_particles: int | None = None
     matmul_precision: str = "highest"
+    calibrate: bool = True  # coarse Gaussians drawn where the reference's atoms put density (vae.calibrate_base)

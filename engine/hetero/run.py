@@ -15,7 +15,7 @@ from cryogmm.hetero.data import load_particles
 from cryogmm.hetero.deform import make_deformer
 from cryogmm.hetero.reference import load_reference
 from cryogmm.hetero.train import load_checkpoint
-from cryogmm.hetero.vae import ForwardModel, HeteroVAE
+from cryogmm.hetero.vae import ForwardModel, HeteroVAE, load_vae_state
 from cryogmm.io.structures import write_models
 
 
@@ -44,10 +44,12 @@ class Run:
                                  residue_of=self.ref.residue_of, chain_of_residue=self.ref.chain_of_residue,
                                  segments=self.cfg.segments, hidden=self.cfg.hidden,
                                  temperature=self.cfg.temperature, per_chain=self.cfg.per_chain)
-        self.vae = HeteroVAE(meta["crop"], self.cfg.zdim, deformer, hidden=self.cfg.hidden)
-        self.vae.load_state_dict(state["model"])
+        self.vae = HeteroVAE(meta["crop"], self.cfg.zdim, deformer, hidden=self.cfg.hidden,
+                             n_gaussians=self.ref.gaussians.n)
+        load_vae_state(self.vae, state["model"])
         self.vae.to(self.dev).eval()
         self.data = None
+        self._fw = None
         if need_data:
             self.data = load_particles(self.cfg.star, lowpass_A=self.cfg.lowpass_A, project_dir=self.cfg.project_dir,
                                        max_particles=self.cfg.max_particles)
@@ -55,15 +57,41 @@ class Run:
                 raise InputError(self.cfg.star, f"particles crop to {self.data.crop} px but the run used "
                                  f"{meta['crop']} px: not the particles this run was trained on")
 
+    def forward_model(self) -> ForwardModel:
+        """The run's forward model on its particles (built once)."""
+        if getattr(self, "_fw", None) is None:
+            self._fw = ForwardModel(self.vae, self.ref, self.data, self.dev)
+        return self._fw
+
     @torch.no_grad()
     def encode_all(self, batch: int = 512) -> np.ndarray:
-        fw = ForwardModel(self.vae, self.ref, self.data, self.dev)
+        fw = self.forward_model()
         zs = []
         for b0 in range(0, self.data.n, batch):
             idx = np.arange(b0, min(b0 + batch, self.data.n))
             mu, _ = fw.encode(fw.batch(idx)[4])
             zs.append(mu.cpu())
         return torch.cat(zs).numpy()
+
+    @torch.no_grad()
+    def fit_scores(self, z, batch: int = 512) -> np.ndarray:
+        """Per particle: how much better its image is explained by its decoded model (at latent
+        row ``z[i]``, projected at its pose with its CTF and the run's scale) than by an empty
+        image, in nats: ``(|x|^2 - |x - p|^2) / (2 sigma^2)`` over the training band (the
+        log-likelihood ratio of white Gaussian noise). A particle of the molecule scores about
+        its signal energy; noise, ice or another molecule about zero or below."""
+        fw = self.forward_model()
+        z = torch.as_tensor(np.asarray(z), dtype=torch.float32)
+        out = []
+        for b0 in range(0, self.data.n, batch):
+            idx = np.arange(b0, min(b0 + batch, self.data.n))
+            x, R, sh, ctf, _ = fw.batch(idx)
+            zz = z[idx].to(self.dev)
+            g = self.vae.drawn(fw.base, zz, self.vae.deformer(fw.base, zz))
+            p = fw.predict(g, R, sh, ctf)
+            gain = (fw.band * (x.abs() ** 2 - (x - p).abs() ** 2)).sum((-2, -1)) / (2.0 * self.data.noise_var)
+            out.append(gain.double().cpu())
+        return torch.cat(out).numpy()
 
     @torch.no_grad()
     def decode_atoms(self, z, batch: int = 256) -> np.ndarray:

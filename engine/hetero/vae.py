@@ -10,11 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from cryogmm.core.rotations import random_rotations
 from cryogmm.errors import InputError
 from cryogmm.hetero.config import HeteroConfig
+from cryogmm.core.gaussians import Gaussians
 from cryogmm.hetero.data import ParticleData, project_fourier
 from cryogmm.hetero.deform import Deformer, make_deformer, mlp
 from cryogmm.hetero.reference import Reference
+from cryogmm.io.structures import gaussians_from_coords
 
 
 # --------------------------------------------------------------------------- restraints
@@ -80,18 +83,72 @@ def restraint_terms(centers: torch.Tensor, pairs: dict, bond_A: float = 3.8) -> 
     return out
 
 
+# --------------------------------------------------------------------------- the zero point
+def calibrate_base(ref: Reference, data: ParticleData, resolution_A: float | None = None, views: int = 64,
+                   steps: int = 300, lr: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """Offsets ``[N, 3]`` (Å) of the reference's coarse Gaussians fitted to the reference's own
+    all-atom density: the coarse model that draws the unmoved reference.
+
+    One Gaussian per residue at its Cα (or backbone and side-chain centroids) is not where the
+    residue's density is; a decoder trained from that base learns a constant offset that moves
+    every atom by it (about 1 Å for a protein at 10 Å), even on particles of the reference
+    itself. Fitting the centres to the all-atom reference first (band-limited projections at
+    ``views`` random orientations, on the particles' cropped grid and band, no CTF) makes the
+    zero deformation the reference: decoded motion is then motion in the data, not
+    coarse-graining. The restraints still act on the Cα (or centroid) centres and atoms are
+    moved by the deformation from their own positions: only the drawing is calibrated
+    (:meth:`HeteroVAE.drawn`)."""
+    res = resolution_A or 2.0 * data.apix
+    atoms = gaussians_from_coords(ref.model, ref.model.coords[0], "atoms", resolution_A=res, center_A=ref.center_A)
+    R = torch.as_tensor(random_rotations(views, np.random.default_rng(seed)), dtype=torch.float32)
+    kx, ky, band = data.kx, data.ky, data.band
+    with torch.no_grad():
+        target = project_fourier(atoms, R, None, kx, ky)
+        norm = float((band * target.abs() ** 2).sum())
+    base = ref.gaussians
+    delta = torch.zeros_like(base.centers, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    for _ in range(steps):
+        p = project_fourier(base.with_centers(base.centers + delta), R, None, kx, ky)
+        loss = (band * (p - target).abs() ** 2).sum() / norm
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return delta.detach()
+
+
+def load_vae_state(vae: "HeteroVAE", state: dict) -> None:
+    """Load a checkpoint's network state; runs from before the calibration draw at the Cα."""
+    state = dict(state)
+    state.setdefault("draw_offsets", torch.zeros_like(vae.draw_offsets))
+    vae.load_state_dict(state)
+
+
 # --------------------------------------------------------------------------- the VAE
 class HeteroVAE(nn.Module):
     """Encoder (image and reference projection -> posterior over ``z``), deformer, scale."""
 
-    def __init__(self, crop: int, zdim: int, deformer: Deformer, hidden: int = 256, init_log_scale: float = 0.0):
+    def __init__(self, crop: int, zdim: int, deformer: Deformer, hidden: int = 256, init_log_scale: float = 0.0,
+                 n_gaussians: int | None = None):
         super().__init__()
         self.crop, self.zdim = int(crop), int(zdim)
         self.encoder = mlp(2 * crop * crop, 2 * zdim, hidden, 3, zero_last=False)
         self.deformer = deformer
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        # where each coarse Gaussian is drawn, relative to its restrained centre (Cα or
+        # centroid): the calibration of :func:`calibrate_base`; zero for runs without it
+        self.register_buffer("draw_offsets", torch.zeros(int(n_gaussians or 0), 3))
         yy, xx = torch.meshgrid(torch.arange(crop) - crop // 2, torch.arange(crop) - crop // 2, indexing="ij")
         self.register_buffer("mask", (torch.hypot(yy.float(), xx.float()) < crop // 2).float())
+
+    def drawn(self, base: Gaussians, z: torch.Tensor, g: Gaussians) -> Gaussians:
+        """The mixture the forward model draws for deformed ``g`` (``deformer(base, z)``): the
+        calibrated centres ``base + draw_offsets`` moved by the same deformation (``g`` itself
+        when the run has no calibration)."""
+        if not len(self.draw_offsets) or not bool(self.draw_offsets.any()):
+            return g
+        own = torch.arange(base.n, device=base.centers.device)
+        return g.with_centers(self.deformer.move_points(base, z, base.centers + self.draw_offsets, own))
 
     def encode(self, img: torch.Tensor, ref_img: torch.Tensor):
         """Real cropped images ``[B, crop, crop]`` (noise-whitened) -> ``(mu, logvar)`` ``[B, zdim]``."""
@@ -111,6 +168,9 @@ class ForwardModel:
     def __init__(self, vae: HeteroVAE, ref: Reference, data: ParticleData, device, chunk: int = 512):
         self.vae, self.data, self.dev = vae, data, device
         self.base = ref.gaussians.to(device)
+        off = vae.draw_offsets.to(device)
+        # the unmoved reference as drawn (calibrated centres when the run has them)
+        self.base_drawn = self.base.with_centers(self.base.centers + off) if len(off) else self.base
         self.kx, self.ky = data.kx.to(device), data.ky.to(device)
         self.band = data.band.to(device)
         self.sd = math.sqrt(data.noise_var)
@@ -119,7 +179,7 @@ class ForwardModel:
         # the image scale: least squares of the reference against (up to) 256 particles
         with torch.no_grad():
             x, R, sh, ctf = self._batch(np.arange(min(data.n, 256)))
-            p = self.project(self.base, R, sh, ctf)
+            p = self.project(self.base_drawn, R, sh, ctf)
             self.ref_scale = float((self.band * (x.conj() * p).real).sum() / (self.band * (p.abs() ** 2)).sum())
         if not self.ref_scale > 0:
             raise InputError(data.table.source, "the images do not correlate positively with the reference model's "
@@ -129,7 +189,7 @@ class ForwardModel:
             for b0 in range(0, data.n, chunk):
                 idx = np.arange(b0, min(b0 + chunk, data.n))
                 x, R, sh, ctf = self._batch(idx)
-                ref_ft = self.project(self.base, R, sh, ctf) * self.ref_scale
+                ref_ft = self.project(self.base_drawn, R, sh, ctf) * self.ref_scale
                 img = data.images_real(x * (self.band > 0)) / self.sd
                 rimg = data.images_real(ref_ft * (self.band > 0)) / self.sd
                 encs.append(torch.stack([img, rimg], 1).cpu())
@@ -184,7 +244,7 @@ class TrainStep(nn.Module):
         mu, logvar = fw.encode(enc)
         z = mu + eps * torch.exp(0.5 * logvar)
         g = self.vae.deformer(fw.base, z)
-        p = fw.predict(g, R, sh, ctf)
+        p = fw.predict(self.vae.drawn(fw.base, z, g), R, sh, ctf)
         dterm = _data_term(x, p, fw.band, fw.data.noise_var, cfg.loss)
         kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
         terms = restraint_terms(g.centers, self._pairs)
@@ -212,4 +272,4 @@ def build_vae(cfg: HeteroConfig, ref: Reference, data: ParticleData) -> HeteroVA
     deformer = make_deformer(cfg.decoder, n=ref.gaussians.n, zdim=cfg.zdim, residue_of=ref.residue_of,
                              chain_of_residue=ref.chain_of_residue, segments=cfg.segments, hidden=cfg.hidden,
                              temperature=cfg.temperature, per_chain=cfg.per_chain)
-    return HeteroVAE(data.crop, cfg.zdim, deformer, hidden=cfg.hidden)
+    return HeteroVAE(data.crop, cfg.zdim, deformer, hidden=cfg.hidden, n_gaussians=ref.gaussians.n)
