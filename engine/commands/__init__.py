@@ -1,5 +1,6 @@
 """The CLI jobs, one module per command (module docstring = ``--help``, ``add_args``, ``main``)."""
 
+import os
 from pathlib import Path
 
 from cryogmm.errors import InputError, device_name, nonnegative_int
@@ -49,5 +50,7 @@ def check_out(args, *inputs, folder: bool = True, resumable: bool = False, optio
         if x is not None and not Path(x).exists():
             raise InputError(x, "no such file or folder")
     out = getattr(args, option.lstrip("-").replace("-", "_"))
-    return check_output(out, inputs=[*flat, *others], force=getattr(args, "force", False), folder=folder, option=option,
+    # under torchrun only rank 0 judges an existing output: the others may start after it wrote
+    later_rank = os.environ.get("RANK", "0") != "0"
+    return check_output(out, inputs=[*flat, *others], force=getattr(args, "force", False) or later_rank, folder=folder, option=option,
                         resume=getattr(args, "resume", False), resumable=resumable)
