@@ -74,13 +74,18 @@ ANALYZE_HELP = """Analyze a trained run: every particle's latent, PCA trajectori
 maps, k-means clusters as STAR/.cs subsets, the segment table, and with --truth (a
 simulation's truth.star) the figures against the true conformations.
 
-Writes RUN/analyze/ (or --out): z.npy, particles_latent.star/.cs, pcN_trajectory.pdb,
-pcN_model_XX.mrc, pcN_backproj_XX.mrc, cluster_K.star/.cs, cluster_centers.pdb, latent.png,
-segments.csv, segments.pdb, report.json.
+Writes RUN/analyze/ (or --out): z.npy, particles_latent.star/.cs (with per-particle fit
+scores: rlnCryogmmFitScore, its robust z rlnCryogmmFitZ, rlnCryogmmLatentOutlier),
+pcN_trajectory.pdb, pcN_model_XX.mrc, pcN_backproj_XX.mrc, cluster_K.star/.cs,
+cluster_centers.pdb, latent.png, landscape.png/.npz (free energy in kT over PC1/PC2, a
+profile for a 1-D latent; cluster occupancies with errors from the half sets in
+report.json), segments.csv, segments.pdb, report.json; with --junk Z kept.star/.cs,
+rejected.star/.cs, kept_map.mrc and rejected_map.mrc.
 
 Examples:
   cryogmm hetero analyze run --pcs 2 --frames 10 --clusters 4
   cryogmm hetero analyze run --truth sim/truth.star --out run_vs_truth
+  cryogmm hetero analyze run --junk 3
 """
 
 DECODE_HELP = """Decode latent coordinates of a trained run into models: one MODEL of the multi-model PDB
@@ -146,6 +151,9 @@ def add_args(p):
     a.add_argument("--truth-models", type=Path, help="the simulation's frames (default truth_models.pdb beside --truth)")
     a.add_argument("--star", type=Path, help="particles, when they moved since training")
     a.add_argument("--project-dir", type=Path, help="folder that image paths in STAR are relative to")
+    a.add_argument("--junk", type=positive_float, metavar="Z",
+                   help="reject particles whose fit score (log-likelihood gain under their decoded model) lies more "
+                        "than Z robust SDs below the median (e.g. 3): kept.star/.cs, rejected.star/.cs and a map of each")
     a.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     a.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     add_force(a)
@@ -192,9 +200,11 @@ def main(args) -> int:
         cfg = hetero_analyze.AnalyzeConfig(run=args.run, out=args.out, pcs=args.pcs, frames=args.frames,
                                    clusters=args.clusters, backproject=not args.no_backproject, truth=args.truth,
                                    truth_models=args.truth_models, star=args.star, project_dir=args.project_dir,
-                                   seed=args.seed, device=args.device)
+                                   seed=args.seed, device=args.device, junk=args.junk)
         rep = hetero_analyze.analyze_hetero(cfg, progress=Progress(bar=True))
         msg = f"analyzed {rep['n_particles']} particles into {args.out}"
+        if "junk" in rep:
+            msg += f"; rejected {rep['junk']['rejected']['n']} as junk (fit z > {args.junk:g})"
         t = rep.get("truth")
         if t:
             msg += f"; |Spearman(PC1, true frame)| = {t['abs_spearman_pc1_vs_frame']:.3f}"

@@ -1,5 +1,6 @@
 """``cryogmm hetero analyze``: PCA of the latents, trajectories along the PCs as models and
-maps, clusters as particle subsets, learned segments, figures against a known truth."""
+maps, clusters as particle subsets with their occupancies, the free-energy landscape,
+per-particle fit scores and junk rejection, learned segments, figures against a known truth."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from cryogmm.bridge.results import with_results
 from cryogmm.core.gaussians import gaussians_to_map
 from cryogmm.core.pca import pca
 from cryogmm.errors import OptionError, StarError
+from cryogmm.core.similarity import resolution_at
+from cryogmm.hetero.landscape import free_energy, landscape_plot, mahalanobis, occupancies, robust_low_z
 from cryogmm.hetero.run import Run
 from cryogmm.hetero.truth import atom_keys, match_atoms, truth_figures
 from cryogmm.io import maps as mapio
@@ -40,19 +43,30 @@ class AnalyzeConfig:
     project_dir: Path | None = None
     seed: int = 0
     device: str | None = None
+    junk: float | None = None  # reject particles whose fit score lies this many robust SDs below the median
 
 
 def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
     """Write into ``cfg.out`` (default ``RUN/analyze``): ``z.npy``, ``pca.npz`` (mean, components,
     projection of every particle, explained variance), ``particles_latent.star``
     (and ``.cs``), ``pcN_trajectory.pdb``, ``pcN_model_XX.mrc`` and ``pcN_backproj_XX.mrc``,
-    ``cluster_K.star``/``.cs``, ``latent.png``, ``segments.csv`` and ``segments.pdb``
-    (segments decoder), ``report.json`` (with truth figures when ``truth`` is given)."""
+    ``cluster_K.star``/``.cs``, ``latent.png``, ``landscape.png``/``.npz`` (free energy over
+    PC1/PC2), ``segments.csv`` and ``segments.pdb`` (segments decoder), with ``junk``
+    ``kept.star``/``.cs``, ``rejected.star``/``.cs`` and their maps, ``report.json`` (cluster
+    occupancies with errors, junk figures, truth figures when ``truth`` is given).
+
+    Every particle gets a fit score (:meth:`Run.fit_scores`, nats), its one-sided robust
+    z-score ``fit_z`` (:func:`robust_low_z`: robust SDs below the median) and a latent outlier
+    distance (:func:`mahalanobis`), as ``rlnCryogmmFitScore``, ``rlnCryogmmFitZ`` and
+    ``rlnCryogmmLatentOutlier`` in ``particles_latent.star``. ``junk``: particles with
+    ``fit_z > junk`` are rejected."""
 
     timer = Timer()
     progress = progress or (lambda *a: None)
     if cfg.pcs < 1 or cfg.frames < 2 or cfg.clusters < 1:
         raise OptionError("--pcs/--frames/--clusters", f"{cfg.pcs}/{cfg.frames}/{cfg.clusters}; expected >= 1, >= 2, >= 1")
+    if cfg.junk is not None and not (np.isfinite(cfg.junk) and cfg.junk > 0):
+        raise OptionError("--junk", f"{cfg.junk}; expected a positive number of robust standard deviations")
     dev = pick_device(cfg.device)
     run = Run(cfg.run, device=dev, star=cfg.star, project_dir=cfg.project_dir)
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "analyze"
@@ -67,7 +81,14 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
         np.save(od.path("z.npy"), z)
         # the one PCA of the run: Scipion and ChimeraX read it rather than recomputing (signs and axes agree)
         np.savez(od.path("pca.npz"), mean=mean, components=comps, projection=proj, explained_variance=ratio)
-        table = with_results(data.table, latent=z)
+        fit = run.fit_scores(z)
+        fit_z = robust_low_z(fit)
+        outlier = mahalanobis(z)
+        scores = {"rlnCryogmmFitScore": fit, "rlnCryogmmFitZ": fit_z, "rlnCryogmmLatentOutlier": outlier}
+        rep["fit_score"] = {"median_nats": float(np.median(fit)), "definition": "log-likelihood gain of each image "
+                            "under its decoded model over an empty image (nats); fit_z = (median - score) / "
+                            "(1.4826 MAD)", "n_fit_z_above_3": int((fit_z > 3).sum())}
+        table = with_results(data.table, latent=z, columns=scores)
         write_particles(table, od.path("particles_latent.star"))
         write_particles(table, od.path("particles_latent.cs"))
         rep["outputs"] += ["z.npy", "pca.npz", "particles_latent.star", "particles_latent.cs"]
@@ -115,9 +136,22 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
             clusters.append({"cluster": c, "n": int(len(sel)), "star": f"cluster_{c}.star", "cs": f"cluster_{c}.cs"})
         write_models(od.path("cluster_centers.pdb"), ref.model, run.decode_atoms(centers))
         np.savetxt(od.path("cluster_centers_z.txt"), centers, fmt="%.6f")
+        occ = occupancies(labels, k, data.table.half_set, seed=cfg.seed)
+        for c in clusters:
+            i = c["cluster"]
+            c.update(occupancy=float(occ["occupancy"][i]), occupancy_error=float(occ["error"][i]))
+            if occ["method"] == "halves":
+                c.update(occupancy_half1=float(occ["half1"][i]), occupancy_half2=float(occ["half2"][i]))
         rep["clusters"] = clusters
+        rep["occupancy_error_method"] = occ["method"]
         latent_plot(od.path("latent.png"), proj, labels, ratio)
-        rep["outputs"] += ["cluster_centers.pdb", "latent.png"]
+        rep["landscape"] = _write_landscape(od, z, proj, ratio, mean, comps, traj, centers)
+        rep["outputs"] += ["cluster_centers.pdb", "latent.png", "landscape.png", "landscape.npz"]
+        # ---- junk
+        if cfg.junk is not None:
+            rep["junk"] = _write_junk(od, data, z, scores, cfg, dev, origin)
+            rep["outputs"] += [f"{n}.{e}" for n in ("kept", "rejected") for e in ("star", "cs")]
+            rep["outputs"] += [f"{n}_map.mrc" for n in ("kept", "rejected") if rep["junk"][n]["map"]]
         # ---- segments
         if run.cfg.decoder == "segments":
             rep["segments"] = _write_segments(od, run)
@@ -128,6 +162,61 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
         rep["seconds"] = timer()
         write_report(od.path("report.json"), rep)
     return rep
+
+
+def _write_landscape(od, z, proj, ratio, mean, comps, traj, centers) -> dict:
+    """``landscape.npz`` and ``landscape.png``: free energy over PC1/PC2 (PC1 alone for a 1-D
+    latent), with the PC trajectories and the cluster centres in PC coordinates."""
+    if z.shape[1] >= 2 and proj.shape[1] < 2:
+        mean, comps, proj, ratio = pca(z, 2)
+    dims = min(2, proj.shape[1])
+    comps2 = comps[:dims]
+    bins = int(np.clip(round(np.sqrt(len(z)) / (2 if dims == 2 else 1)), 8, 40 if dims == 2 else 80))
+    land = free_energy(proj[:, :dims], bins)
+    lines = []
+    for k in range(min(len(traj), dims)):
+        t = np.asarray(traj[f"pc{k + 1}"]["t"])
+        pts = np.zeros((len(t), dims))
+        pts[:, k] = t
+        lines.append(pts)
+    cc = (np.asarray(centers) - mean) @ comps2.T
+    arrays = {"free_energy": land["free_energy"], "occupancy": land["occupancy"], "centers_pc": cc,
+              "explained_variance": np.asarray(ratio[:dims])}
+    for d, (e, c) in enumerate(zip(land["edges"], land["centers"])):
+        arrays[f"edges_pc{d + 1}"] = e
+        arrays[f"grid_pc{d + 1}"] = c
+    for k, pts in enumerate(lines):
+        arrays[f"trajectory_pc{k + 1}"] = pts
+    with atomic_output(od.path("landscape.npz")) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    landscape_plot(od.path("landscape.png"), land, ratio, lines, cc)
+    f = land["free_energy"]
+    return {"dims": dims, "bins": bins, "units": "kT", "occupied_bins": int((land["occupancy"] > 0).sum()),
+            "max_free_energy_kT": float(np.nanmax(f)), "files": ["landscape.png", "landscape.npz"]}
+
+
+def _write_junk(od, data, z, scores, cfg, dev, origin) -> dict:
+    """``kept``/``rejected`` STAR and .cs subsets (``fit_z > cfg.junk`` rejected) and the map of
+    each (``kept_map.mrc``, ``rejected_map.mrc``) with its half-set FSC resolution."""
+    rejected = scores["rlnCryogmmFitZ"] > cfg.junk
+    out = {"threshold": cfg.junk, "definition": "rejected when fit_z > threshold: the fit score "
+           "(rlnCryogmmFitScore) lies more than threshold robust SDs (1.4826 MAD) below the median"}
+    for name, sel in (("kept", np.flatnonzero(~rejected)), ("rejected", np.flatnonzero(rejected))):
+        sub = with_results(data.table.subset(sel), latent=z[sel], columns={k: v[sel] for k, v in scores.items()})
+        write_particles(sub, od.path(f"{name}.star"))
+        write_particles(sub, od.path(f"{name}.cs"))
+        entry = {"n": int(len(sel)), "star": f"{name}.star", "cs": f"{name}.cs", "map": None, "resolution_A": None}
+        if len(sel) >= 2:
+            sub = sub.with_half_sets(seed=cfg.seed)
+            src = ImageSource.from_table(sub)
+            _, _, vol, fsc = reconstruct_table(sub, src, device=dev)
+            src.close()
+            mapio.write_map(od.path(f"{name}_map.mrc"), vol.numpy(), data.apix, origin_A=origin)
+            entry.update(map=f"{name}_map.mrc", resolution_A=float(resolution_at(fsc, data.box, data.apix)))
+        out[name] = entry
+    out["fraction_rejected"] = float(rejected.mean())
+    return out
 
 
 def _write_segments(od, run) -> list:
