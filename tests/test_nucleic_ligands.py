@@ -34,7 +34,7 @@ def _p_atoms(path):
 
 def test_library_holds_nucleotides_and_ligands():
     lib = dictionary_residues()
-    assert {"A", "C", "G", "U", "DA", "DC", "DG", "DT", "ATP", "ADP", "SO4", "GOL"} <= lib
+    assert {"A", "C", "G", "U", "DA", "DC", "DG", "DT", "ATP", "ADP", "SO4", "GOL", "MG", "HEM", "NAG"} <= lib
     assert "ALA" in lib and "HOH" not in lib
 
 
@@ -109,19 +109,22 @@ def test_atp_is_restrained_and_regularised(tmp_path):
 
 def test_ligand_without_dictionary_restrained_to_its_own_geometry(tmp_path):
     """A ligand no dictionary knows (ATP's atoms under another name) is restrained to its input
-    geometry and moves; a one-atom ion moves free; waters stay fixed; all of it reported."""
+    geometry and moves; a one-atom ion without a dictionary (Cd) moves free, Mg has the
+    library's; waters stay fixed; all of it reported."""
     lig = _ideal_ligand("ATP", tmp_path / "atp.pdb")
     lines = [ln.replace("ATP B", "ZZQ B") for ln in lig.read_text().splitlines() if ln.startswith(("ATOM", "HETATM"))]
     lines += ["HETATM 9001 MG    MG B 202       0.000   0.000   8.000  1.00 20.00          MG",
-              "HETATM 9002  O   HOH B 301       9.000   9.000   9.000  1.00 20.00           O"]
+              "HETATM 9002  O   HOH B 301       9.000   9.000   9.000  1.00 20.00           O",
+              "HETATM 9003 CD    CD B 203       0.000   8.000   0.000  1.00 20.00          CD"]
     p = tmp_path / "mix.pdb"
     p.write_text("\n".join(lines) + "\nEND\n")
     t = build_topology(p)
     assert t.fixed_residues == ["B/HOH301"]
-    assert t.dictionary_counts["self-restrained"] == {"ZZQ": 1, "MG": 1}
+    assert t.dictionary_counts["self-restrained"] == {"ZZQ": 1, "CD": 1}
+    assert t.dictionary_counts["ligand"] == {"MG": 1}
     row = {r["residue"]: r for r in t.self_restrained}
     assert row["ZZQ"]["bonds"] == 33 and row["ZZQ"]["planes"] >= 1 and row["ZZQ"]["chiral_centres"] >= 4
-    assert row["MG"]["bonds"] == 0
+    assert row["CD"]["bonds"] == 0 and t.movable[t.res_name == "MG"].all()
     assert t.movable[t.res_name == "ZZQ"].all() and not t.movable[t.res_name == "HOH"].any()
     assert validate_coords(t, t.coords)["bond_rmsz"] < 0.05  # targets are its own geometry (to 0.001 Å)
     # the phosphate chain's atoms keep their hand (chiral restraints from the input)

@@ -24,6 +24,22 @@ al. 2004 Acta Cryst D60:2184; amino-acid bond and angle targets after Engh & Hub
     ``mon_lib_list.cif`` (peptide and phosphodiester links, termini, glycosidic links),
     verbatim (LGPL-3 data, redistributed with its notice).
 
+The residues of ``EXTRA_LIGANDS`` (cofactors, nucleotides, ions, cholesterol, glycans) come from
+the same library release as carried by the PyPI wheel coot-headless-api 1.3.3rc1 (``pip download
+--no-deps coot-headless-api==1.3.3rc1``, unzip, folder
+``coot_headless_api/share/coot/lib/data/monomers``; its files for the 37 residues above are
+byte-identical to moorhen's), and the phospholipids of ``EXTRA_LIPIDS`` from the public
+repository MonomerLibrary/monomers (LGPL-3.0, commit
+7d1d97f5ca4f08c8f5096a2188d1a5fed9533af9, one ``<letter>/<CODE>.cif`` per residue). Put those
+files, verbatim, in one folder laid out as the library is (``h/HEM.cif``) and add them to the
+shipped table without the moorhen folder::
+
+    python tools/model_tables.py --extend-geom EXTRA_DIR [OUT_DIR]
+
+which keeps every file of the current ``geom_monlib.json`` and adds (or, where the folder has a
+newer copy, replaces) the residues of ``EXTRA_LIGANDS`` and ``EXTRA_LIPIDS`` the folder holds.
+``python tools/model_tables.py CHEM_DATA_DIR OUT_DIR geom EXTRA_DIR`` rebuilds it from scratch.
+
 Citations and licences are written into each table.
 """
 
@@ -53,6 +69,15 @@ NUCLEOTIDES = ("A", "C", "G", "U", "DA", "DC", "DG", "DT")
 # ligands, cofactors, ions and additives shipped with their dictionaries (every one the source
 # folder holds; a residue without one is kept fixed and reported)
 LIGANDS = ("ATP", "ADP", "SO4", "PO4", "GOL", "EDO", "PEG", "CIT", "NA")
+# added from the coot-headless-api 1.3.3rc1 copy of the library (see the module docstring):
+# cofactors and nucleotides, ions, cholesterol, glycans (their glycosidic links and NAG-ASN,
+# ``pyr-ASN``, are link blocks of mon_lib_list.cif)
+EXTRA_LIGANDS = ("ANP", "GTP", "GDP", "NAD", "NAP", "FAD", "FMN", "SAM", "HEM", "HEC", "COA", "PLP",
+                 "MG", "ZN", "CA", "MN", "FE", "K", "CL", "CLR", "NAG", "MAN", "BMA", "FUC", "GAL")
+# phospholipids from MonomerLibrary/monomers (POPC is POV there; all four are in the repository at that
+# commit, not yet in the shipped table): the ones the folder lacks are skipped
+EXTRA_LIPIDS = ("POV", "PCW", "PEE", "PLC")
+MONLIB_COMMIT = "7d1d97f5ca4f08c8f5096a2188d1a5fed9533af9"
 RAMA_CITATION = ("Top8000 Ramachandran/rotamer percentile contours: Williams CJ et al. (2018) MolProbity: More and "
                  "better reference data for improved all-atom structure validation. Protein Sci 27:293-315. "
                  "Data: github.com/rlabduke/reference_data (commit cbe3006), licence CC-BY-4.0; arg/lys grids "
@@ -62,7 +87,10 @@ GEOM_CITATION = ("CCP4 monomer library 5.60: Vagin AA et al. (2004) Acta Cryst D
                  "after Engh RA & Huber R (1991) Acta Cryst A47:392-400 and (2001) Int Tables F 18.3; nucleotide "
                  "and ligand targets from the library's AceDRG dictionaries (Long F et al. (2017) Acta Cryst "
                  "D73:112-122). Licence "
-                 "LGPL-3 (GNU Lesser General Public License v3), redistributed unmodified.")
+                 "LGPL-3 (GNU Lesser General Public License v3), redistributed unmodified. Sources: npm moorhen "
+                 "0.22.7 (amino acids, nucleotides, ATP ADP SO4 PO4 GOL EDO PEG CIT NA, links, ener_lib); the same "
+                 "release as carried by PyPI coot-headless-api 1.3.3rc1 (" + " ".join(EXTRA_LIGANDS) + "); "
+                 "github.com/MonomerLibrary/monomers commit " + MONLIB_COMMIT + " (phospholipids: {lipids}).")
 Q_SCALE = 25.0  # uint8 code = round(-log10(pct) * Q_SCALE); 255 = empty cell
 
 
@@ -152,7 +180,7 @@ RAMA_ALLOWED = {"general": 0.0005, "gly": 0.001, "transpro": 0.001, "cispro": 0.
                 "ileval": 0.001}
 
 
-def build_tables(chem: Path, out: Path, which=("rama", "rotamer", "geom")) -> None:
+def build_tables(chem: Path, out: Path, which=("rama", "rotamer", "geom"), extra=None) -> None:
     chem, out = Path(chem), Path(out)
     rr = chem / "rotarama_data"
     if "rama" in which:
@@ -160,7 +188,7 @@ def build_tables(chem: Path, out: Path, which=("rama", "rotamer", "geom")) -> No
     if "rotamer" in which:
         _build_rotamer(rr, out)
     if "geom" in which:
-        _build_geom(chem, out)
+        _build_geom(chem, out, extra)
 
 
 def _build_rama(rr, out):
@@ -199,21 +227,65 @@ def _build_rotamer(rr, out):
     np.savez_compressed(out / "rotamer_top8000.npz", **rota)
 
 
-def _build_geom(chem, out):
+def _extra_files(extra) -> dict:
+    """``{rel path: text}`` of the ``EXTRA_LIGANDS`` and ``EXTRA_LIPIDS`` dictionaries in folder ``extra``,
+    each checked to be a whole monomer file (its ``data_comp_CODE`` block, atoms, and bonds unless
+    it is a single atom)."""
+    import gemmi
+
+    files = {}
+    for res in EXTRA_LIGANDS + EXTRA_LIPIDS:
+        rel = f"{res[0].lower()}/{res}.cif"
+        p = Path(extra) / rel
+        if not p.is_file():
+            if res in EXTRA_LIGANDS:
+                raise SystemExit(f"{p}: missing")
+            print(f"{res}: not in {extra}, skipped", flush=True)
+            continue
+        text = p.read_text()
+        block = gemmi.cif.read_string(text).find_block(f"comp_{res}")
+        n_atoms = len(block.find_values("_chem_comp_atom.atom_id")) if block else 0
+        if n_atoms == 0 or (n_atoms > 1 and len(block.find_values("_chem_comp_bond.atom_id_1")) == 0):
+            raise SystemExit(f"{p}: not a whole monomer dictionary of {res}")
+        files[rel] = text
+    return files
+
+
+def _write_geom(files, out):
+    lipids = " ".join(r for r in EXTRA_LIPIDS if f"{r[0].lower()}/{r}.cif" in files) or "none"
+    (out / "geom_monlib.json").write_text(json.dumps({"citation": GEOM_CITATION.format(lipids=lipids),
+                                                      "licence": "LGPL-3.0", "files": files}))
+
+
+def _build_geom(chem, out, extra=None):
     ml = chem / "mon_lib"
     files = {}
     for res in AMINO + NUCLEOTIDES + LIGANDS:
         files[f"{res[0].lower()}/{res}.cif"] = (ml / res[0].lower() / f"{res}.cif").read_text()
+    if extra is not None:
+        files.update(_extra_files(extra))
     lst = (ml / "list" / "mon_lib_list.cif").read_text()
     blocks = lst.split("\ndata_")
     keep = [b for b in blocks[1:] if b.startswith(("link_", "mod_"))]
     files["list/mon_lib_list.cif"] = "\n".join("data_" + b for b in keep) + "\n"
     files["ener_lib.cif"] = (ml / "ener_lib.cif").read_text()
-    (out / "geom_monlib.json").write_text(json.dumps({"citation": GEOM_CITATION, "licence": "LGPL-3.0",
-                                                      "files": files}))
+    _write_geom(files, out)
+
+
+def extend_geom(extra, out) -> None:
+    """Add the ``EXTRA_LIGANDS``/``EXTRA_LIPIDS`` files of folder ``extra`` to ``out/geom_monlib.json``,
+    keeping every file it holds (the moorhen folder is not needed)."""
+    out = Path(out)
+    files = json.loads((out / "geom_monlib.json").read_text())["files"]
+    files.update(_extra_files(extra))
+    _write_geom(files, out)
 
 
 if __name__ == "__main__":  # pragma: no cover
     default_out = Path(__file__).resolve().parents[1] / "engine" / "data"
-    build_tables(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else default_out,
-                 tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("rama", "rotamer", "geom"))
+    if sys.argv[1] == "--extend-geom":
+        extend_geom(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else default_out)
+        sys.exit(0)
+    which = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ("rama", "rotamer", "geom")
+    build_tables(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else default_out, which,
+                 extra=Path(sys.argv[4]) if len(sys.argv) > 4 else None)
