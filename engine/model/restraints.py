@@ -10,7 +10,7 @@ into one weighted geometry energy (dimensionless, ~ 0.5 z^2 per restraint).
 - chirality: signed volume of the centre and three neighbours against its ideal;
 - planarity: distances of the atoms to their least-squares plane over sigma;
 - peptide omega: trans or cis (as found) with the library's sigma;
-- nucleic acids: each sugar's delta torsion restrained to the pucker its 3' phosphate implies
+- RNA: each ribose's delta torsion restrained to the pucker its 3' phosphate implies
   (MolProbity's perpendicular-distance rule, decided on the start model: C3'-endo 82°,
   C2'-endo 146°, sigma ``PUCKER_SIGMA_DEG``), and each RNA backbone suite softly held in the
   nearest of Richardson's suite conformers (``cryogmm.model.suites.SuiteTerm``);
@@ -253,7 +253,7 @@ class Restraints:
         self.plane_sigma = f(topo.plane_sigma[kp])
         self.omegas, self.omega_ideal, self.omega_sigma = t(topo.omegas), f(topo.omega_ideal), f(topo.omega_sigma)
         self.rama, self.rama_class = t(topo.rama), topo.rama_class
-        pk = topo.puckers
+        pk = topo.puckers[topo.pucker_rna] if len(topo.pucker_rna) == len(topo.puckers) else topo.puckers[:0]
         two_p = pucker_geometry(pk, topo.coords)[2] if len(pk) else np.zeros(0, bool)
         self.puckers = t(pk[:, :4])
         self.pucker_ideal = f(np.where(two_p, DELTA_TARGET_DEG["C2'-endo"], DELTA_TARGET_DEG["C3'-endo"]))

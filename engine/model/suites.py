@@ -70,7 +70,8 @@ def suite_table() -> dict:
 
 def suite_atoms(topo: Topology) -> tuple[np.ndarray, np.ndarray]:
     """Per complete suite the atom indices of its seven torsions ``[S, 7, 4]`` and the residue
-    index of its 3' nucleotide ``[S]`` (the one carrying the suite's phosphate). Suites across
+    index of its 3' nucleotide ``[S]`` (the one carrying the suite's phosphate); RNA only (both
+    riboses carry O2'). Suites across
     a chain break (O3'-P farther than 2 Å) or with a missing atom are left out (incomplete)."""
     key = {}
     for i in range(topo.n_atoms):
@@ -82,6 +83,8 @@ def suite_atoms(topo: Topology) -> tuple[np.ndarray, np.ndarray]:
             continue
         if topo.residues[r]["chain"] != topo.residues[r - 1]["chain"]:
             continue
+        if (r, "O2'") not in key or (r - 1, "O2'") not in key:
+            continue  # suites are RNA's (Richardson 2008): DNA backbones are left out
         g = lambda rr, n: key.get((rr, n))  # noqa: E731
         names = [(r - 1, "C5'"), (r - 1, "C4'"), (r - 1, "C3'"), (r - 1, "O3'"), (r, "P"), (r, "O5'"), (r, "C5'"),
                  (r, "C4'"), (r, "C3'"), (r, "O3'")]

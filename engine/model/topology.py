@@ -163,6 +163,8 @@ class Topology:
     # sugar puckers: per nucleotide C5' C4' C3' O3' C1' N9/N1 and the linked next P (-1 at a 3' end or break)
     puckers: np.ndarray = field(default_factory=lambda: np.zeros((0, 7), dtype=np.int64))
     pucker_res: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # ribose (O2') or deoxyribose: MolProbity's pucker test and the suites are RNA's
+    pucker_rna: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     fixed_residues: list = field(default_factory=list)
     dictionary_counts: dict = field(default_factory=dict)  # kind -> {residue name: count} of restrained residues
     self_restrained: list = field(default_factory=list)  # residue names restrained to their own geometry
@@ -482,7 +484,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         chis.setdefault(tab, ([], []))
         chis[tab][0].append(quad); chis[tab][1].append(r)
     chis = {k: (np.array(v[0], dtype=np.int64), np.array(v[1], dtype=np.int64)) for k, v in chis.items()}
-    puckers, pucker_res = [], []
+    puckers, pucker_res, pucker_rna = [], [], []
     for r, rd in enumerate(residues):
         if rd["kind"] != "nucleic acid":
             continue
@@ -493,6 +495,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         p = key.get((r + 1, "P"))
         puckers.append(at + [p if p is not None and p in nbr[at[3]] else -1])
         pucker_res.append(r)
+        pucker_rna.append((r, "O2'") in key)
     # contact radii and H-bond roles
     vdw = np.array([VDW.get(e, 1.7) for e in element])
     polar_h = np.zeros(m, dtype=bool)
@@ -534,7 +537,8 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         omegas=np.array(om, dtype=np.int64).reshape(-1, 4), omega_ideal=np.array(omi), omega_sigma=np.array(oms),
         rama=np.array(rama, dtype=np.int64).reshape(-1, 5), rama_class=np.array(rcls, dtype=np.int64),
         rama_res=np.array(rres, dtype=np.int64), chis=chis,
-        puckers=np.array(puckers, dtype=np.int64).reshape(-1, 7), pucker_res=np.array(pucker_res, dtype=np.int64), cb=np.array(cb, dtype=np.int64).reshape(-1, 4),
+        puckers=np.array(puckers, dtype=np.int64).reshape(-1, 7), pucker_res=np.array(pucker_res, dtype=np.int64),
+        pucker_rna=np.array(pucker_rna, dtype=bool), cb=np.array(cb, dtype=np.int64).reshape(-1, 4),
         excluded=excluded, vdw=vdw, polar_h=polar_h, acceptor=acceptor, donor=donor, rotors=rotors,
         fixed_residues=fixed_labels, dictionary_counts=dict_counts, self_restrained=self_restrained,
         missing_atoms=missing, altloc_atoms=n_alt,

@@ -187,13 +187,15 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
 
 
 def pucker_table(topo: Topology, xn: np.ndarray) -> list:
-    """Per nucleotide: (residue, delta°, perpendicular distance Å, pucker the distance implies,
+    """Per RNA nucleotide (the test is RNA's: DNA left out, as MolProbity does): (residue, delta°,
+    perpendicular distance Å, pucker the distance implies,
     outlier: delta out of that pucker's range or epsilon out of its range)."""
-    if not len(topo.puckers):
+    rna = topo.pucker_rna if len(topo.pucker_rna) == len(topo.puckers) else np.zeros(len(topo.puckers), bool)
+    if not rna.any():
         return []
-    delta, perp, two_p, bad = pucker_geometry(topo.puckers, xn)
+    delta, perp, two_p, bad = pucker_geometry(topo.puckers[rna], xn)
     return [(topo.res_label(int(r)), float(d), float(pp), "C2'-endo" if t else "C3'-endo", bool(b))
-            for r, d, pp, t, b in zip(topo.pucker_res, delta, perp, two_p, bad)]
+            for r, d, pp, t, b in zip(topo.pucker_res[rna], delta, perp, two_p, bad)]
 
 
 def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndarray, pd: np.ndarray,
