@@ -121,7 +121,7 @@ class _SeparableProject(torch.autograd.Function):
             e, _, k0 = _windows(coords[sl], s[sl], box, apix, W)
             e[:, 1].mul_(w[sl, :, None])
             rows = (base[:c] + k0).view(-1)
-            runs.index_copy_(0, rows, e.view(-1, W))
+            runs.index_copy_(0, rows, e.reshape(-1, W))
             g = buf[:c * 2 * N * P].view(c, 2, N, P)[..., W:W + box]
             _bmm(g[:, 1].transpose(1, 2), g[:, 0], out[sl], mm_dtype)
             runs.index_fill_(0, rows, 0.0)
