@@ -70,6 +70,7 @@ def test_glycosylated_asn_is_linked_and_refines(tmp_path):
     geometry-only refinement keeps the sugar on its Asn at clean geometry."""
     t = build_topology(ACE2_NAG)
     assert t.dictionary_counts["ligand"] == {"NAG": 1} and t.fixed_residues == [] and t.self_restrained == []
+    assert t.missing_atoms == []  # the link removes the sugar's O1: not missing
     k = _pair(t, "ASN", "ND2", "NAG", "C1")
     assert len(k) == 1 and abs(t.bond_ideal[k[0]] - 1.432) < 1e-3
     n, r = t.atom_name, t.res_name

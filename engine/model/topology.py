@@ -2,8 +2,11 @@
 
 Built once from a PDB/mmCIF file with gemmi and the shipped CCP4 monomer-library subset
 (``cryogmm/data/geom_monlib.json``: the 20 amino acids and MSE, the RNA and DNA nucleotides,
-ATP, ADP and a few ions and additives; every link and modification block: peptide and
-phosphodiester links, termini; amino-acid targets after Engh & Huber). The result is a set
+nucleotide cofactors (ATP ADP ANP GTP GDP NAD NAP FAD FMN SAM COA PLP), haem (HEM HEC),
+ions (NA MG ZN CA MN FE K CL), additives (SO4 PO4 GOL EDO PEG CIT), cholesterol (CLR) and
+glycans (NAG MAN BMA FUC GAL); every link and modification block: peptide and
+phosphodiester links, termini, glycosidic links such as NAG-ASN; amino-acid targets after
+Engh & Huber). The result is a set
 of plain index arrays that the restraint terms in :mod:`cryogmm.model.restraints` evaluate
 on any coordinates.
 
@@ -226,6 +229,24 @@ def _check_user_atoms(st, mon, user_owner):
                                  f"dictionary {user_owner[r.name]} does not define")
 
 
+def _missing_heavy_atoms(st, topo) -> list:
+    """Heavy atoms a residue's dictionary has and the model lacks (reported; restraints on them
+    are absent), as gemmi finds them after links and their modifications (a glycosidic link
+    removes the sugar's O1). Left out: OXT and OP3, which exist only at a free terminus, and the
+    5' phosphate of a chain's first nucleotide (a 5'-OH end is complete)."""
+    first = {ch.name: ch[0].seqid for ch in st[0] if len(ch)}
+    lost = {}
+    for addr in topo.find_missing_atoms(including_hydrogen=False):
+        name, rid = addr.atom_name, addr.res_id
+        if name in ("OXT", "OP3"):
+            continue
+        if name in ("P", "OP1", "OP2") and first.get(addr.chain_name) == rid.seqid:
+            continue
+        key = f"{addr.chain_name}/{rid.name}{rid.seqid.num}"
+        lost.setdefault(key, []).append(name)
+    return [f"{k}: {' '.join(v)}" for k, v in lost.items()]
+
+
 def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=()) -> Topology:
     """Topology of the first model of a PDB/mmCIF file (or a gemmi Structure, copied).
 
@@ -271,19 +292,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
     for text, _ in self_made.values():
         mon.read_monomer_doc(gemmi.cif.read_string(text))
     _check_user_atoms(st, mon, user_owner)
-    # missing heavy atoms (reported; restraints on them are absent)
     missing = []
-    for ch in st[0]:
-        for r in ch:
-            if r.name not in mon.monomers:
-                continue
-            cc = mon.monomers[r.name]
-            have = {a.name for a in r}
-            # OXT and OP3 exist only at a free terminus (the peptide and phosphodiester links remove them)
-            want = [a.id for a in cc.atoms if not a.is_hydrogen() and a.id not in ("OXT", "OP3")]
-            lost = [a for a in want if a not in have]
-            if lost:
-                missing.append(f"{ch.name}/{r.name}{r.seqid.num}: {' '.join(lost)}")
     if len(st[0]) > 0 and st[0].count_atom_sites() > 0:
         if not add_hydrogens:
             st.remove_hydrogens()
@@ -292,6 +301,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
             topo = gemmi.prepare_topology(
                 st, mon, h_change=(gemmi.HydrogenChange.ReAddButWater if add_hydrogens else gemmi.HydrogenChange.NoChange),
                 warnings=buf, ignore_unknown_links=True)
+        missing = _missing_heavy_atoms(st, topo)
         if add_hydrogens:
             topo.adjust_hydrogen_distances(gemmi.Restraints.DistanceOf.ElectronCloud)
         for w in buf.getvalue().splitlines():
