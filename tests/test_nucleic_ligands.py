@@ -253,7 +253,7 @@ def test_motion_auto_chooses_by_the_start_fit(tmp_path):
     assert chose["deposited"][0] == "local" and chose["moved"][0] == "domains", chose
 
 
-def test_ligand_outside_the_map_is_a_warning_not_a_refusal(tmp_path):
+def test_ligand_outside_the_map_is_a_warning_not_a_refusal(tmp_path, capsys):
     """A model whose ion sits far outside the map: refinement goes on (the ion follows its
     geometry) and report.json says which residue lies outside."""
     lines = [ln for ln in RNA.read_text().splitlines() if ln.startswith(("ATOM", "HETATM"))]
@@ -265,6 +265,7 @@ def test_ligand_outside_the_map_is_a_warning_not_a_refusal(tmp_path):
                 "--stages", "rigid", "full", "--steps", "5", "--out", str(tmp_path / "out")]) == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert any("outside the map box" in w and "B/MG301" in w for w in rep["warnings"]), rep["warnings"]
+    assert "outside the map box" in capsys.readouterr().err
 
 
 def test_validate_reports_the_map_at_each_ligand(tmp_path):

@@ -45,6 +45,8 @@ Example:
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from cryogmm.commands import add_force, check_out
@@ -107,4 +109,6 @@ def main(args) -> int:
     print("after:")
     print(summary_table(rep["after"]))
     print(f"moved {rep['rms_moved_A']:.2f} Å RMS in {rep['seconds']:.0f} s -> {args.out}/refined.pdb")
+    for w in rep.get("warnings", []):
+        print(f"cryogmm refine-model: warning: {w}", file=sys.stderr)
     return 0
