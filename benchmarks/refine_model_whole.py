@@ -4,6 +4,8 @@ each with part of it moved rigidly, refined back into a 4 Å map of the deposite
 Cases (public structures; neither is adenylate kinase):
   rna     the 23-nt RNA hairpin of PDB 1K5I (tests/data/rna_1k5i.pdb): nucleotides 13-23 turned
           12° about the loop; figures: P RMSD, geometry, map CC
+  1lcd    lac repressor headpiece bound to its DNA operator (Biopython 1.88 sdist on PyPI):
+          the protein turned 10° about the complex's centre; figures: Cα and P RMSD, geometry
   1hvr    HIV-1 protease dimer with the inhibitor XK2 (no shipped dictionary: restrained to its
           own geometry) and two S-hydroxycysteines (CSO, the same), from the MDAnalysisTests 2.11.0
           sdist on PyPI (downloaded with pip into --work): chain B and the inhibitor turned 10°
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tarfile
@@ -88,7 +91,63 @@ def case_1hvr(work: Path):
     return truth, {"CA": lambda k: k[3] == "CA", "ligand XK2": lambda k: k[2] == "XK2"}
 
 
-CASES = {"rna": case_rna, "1hvr": case_1hvr}
+BIOPYTHON = "biopython==1.88"
+
+
+def case_1lcd(work: Path):
+    """Lac repressor headpiece on its 22-bp DNA operator (PDB 1LCD, NMR model 1, from the
+    Biopython 1.88 sdist's tests on PyPI): the protein turned 10° about the complex's centre."""
+    sdist = work / f"{BIOPYTHON.replace('==', '-')}.tar.gz"
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", BIOPYTHON,
+                        "-d", str(work)], check=True)
+    with tarfile.open(sdist) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith("Tests/PDB/1LCD.pdb"))
+        (work / "1lcd.pdb").write_bytes(tf.extractfile(member).read())
+    st = gemmi.read_structure(str(work / "1lcd.pdb"))
+    del st[1:]
+    st.remove_hydrogens()
+    st.remove_alternative_conformations()
+    st.remove_waters()
+    st.remove_empty_chains()
+    st.setup_entities()
+    truth = work / "truth.pdb"
+    st.write_pdb(str(truth))
+    dna = {"DA", "DC", "DG", "DT"}
+    centre = np.array([c.atom.pos.tolist() for c in st[0].all()]).mean(0)
+    _turn(st, lambda c: c.residue.name not in dna, 10.0, (0.2, 0.4, 1.0), centre)
+    st.write_pdb(str(work / "start.pdb"))
+    return truth, {"CA": lambda k: k[3] == "CA", "P": lambda k: k[3] == "P"}
+
+
+CASES = {"rna": case_rna, "1hvr": case_1hvr, "1lcd": case_1lcd}
+
+
+def validate_file(path: Path) -> dict:
+    """``cryogmm validate`` figures of a model file (the engine's own validation)."""
+    from cryogmm.model.topology import build_topology
+    from cryogmm.model.validate import validate_coords
+
+    t = build_topology(path)
+    return validate_coords(t, t.coords)
+
+
+def judge(model: Path, molp: str) -> dict:
+    """MolProbity (../shared/tools/molprobity) figures of a model."""
+    r = subprocess.run([str(Path(molp) / "validate.sh"), str(model)], capture_output=True, text=True)
+    try:
+        j = json.loads(r.stdout.strip().splitlines()[-1])
+    except Exception:
+        return {"error": r.stderr[-300:]}
+    return {k: j.get(k) for k in ("bond_rmsz", "angle_rmsz", "rama_outlier_pct", "rotamer_outlier_pct", "clashscore")}
+
+
+def suitename_outliers(model: Path, molp: str):
+    """Suite outliers (``!!``) by MolProbity's own suitename (mmtbx) on a model."""
+    r = subprocess.run([str(Path(molp) / "venv" / "bin" / "python"), "-m", "mmtbx.command_line.suitename", str(model)],
+                       capture_output=True, text=True)
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith(" :")]
+    return sum(1 for ln in rows if " !! " in ln) if rows else None
 
 
 def main(argv=None):
@@ -97,6 +156,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="refine-model --quick")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench/whole"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "refine_model_whole.json")
+    ap.add_argument("--molp", default=os.environ.get("MOLP"), help="MolProbity judge (../shared/tools/molprobity)")
     a = ap.parse_args(argv)
     rows = {}
     for name in a.cases:
@@ -106,19 +166,28 @@ def main(argv=None):
         splat_map(truth, w / "target.mrc", resolution=4.0, seed=0, noise=0.1)
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "cryogmm.cli", "refine-model", str(w / "start.pdb"), "--map",
-                        str(w / "target.mrc"), "--resolution", "4", "--out", str(w / "run")]
+                        str(w / "target.mrc"), "--resolution", "4", "--out", str(w / "run"), "--force"]
                        + (["--quick"] if a.quick else []), check=True, capture_output=True)
         wall = time.time() - t0
         rep = json.loads((w / "run" / "report.json").read_text())
         t, s, r = _atoms(truth), _atoms(w / "start.pdb"), _atoms(w / "run" / "refined.pdb")
-        row = {"wall_s": wall, "atoms": len(t)}
+        row = {"wall_s": wall, "atoms": len(t), "load_avg_1min_at_end": round(os.getloadavg()[0], 2)}
         for g, keep in groups.items():
             row[f"{g}_rmsd_start_A"], n = _rmsd(t, s, keep)
             row[f"{g}_rmsd_refined_A"], _ = _rmsd(t, r, keep)
             row[f"{g}_atoms"] = n
-        row["after"] = {k: rep["after"].get(k) for k in ("bond_rmsz", "angle_rmsz", "rama_outlier_pct",
-                                                         "rotamer_outlier_pct", "clashscore", "chiral_outliers",
-                                                         "map_cc_mask")}
+        keys = ("bond_rmsz", "angle_rmsz", "rama_outlier_pct", "rotamer_outlier_pct", "clashscore", "chiral_outliers",
+                "map_cc_mask", "base_plane_rmsz", "n_pucker_outliers", "suite_outliers", "mean_suiteness")
+        row["after"] = {k: rep["after"][k] for k in keys if k in rep["after"]}
+        row["ligands_after"] = rep["after"].get("ligands")
+        dep = validate_file(truth)
+        row["deposited"] = {k: dep[k] for k in keys if k in dep}
+        if a.molp:
+            row["molprobity_deposited"] = judge(truth, a.molp)
+            row["molprobity_refined"] = judge(w / "run" / "refined.pdb", a.molp)
+            if "nucleic acid" in rep["restrained_residues"]:
+                row["suitename_outliers_deposited"] = suitename_outliers(truth, a.molp)
+                row["suitename_outliers_refined"] = suitename_outliers(w / "run" / "refined.pdb", a.molp)
         row["restrained_residues"] = rep["restrained_residues"]
         row["self_restrained"] = rep["self_restrained"]
         row["fixed_residues"] = rep["fixed_residues"]
