@@ -70,15 +70,21 @@ def case_rna(work: Path):
     return truth, {"P": lambda k: k[3] == "P"}
 
 
-def case_1hvr(work: Path):
-    sdist = work / f"{MDAT.replace('==', '-')}.tar.gz"
+def sdist_file(work: Path, spec: str, suffix: str, name: str) -> Path:
+    """A file of a PyPI source distribution (``spec`` as pip takes it), downloaded into ``work``
+    once, written there as ``name``."""
+    sdist = work / f"{spec.replace('==', '-')}.tar.gz"
     if not sdist.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", MDAT,
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", spec,
                         "-d", str(work)], check=True)
     with tarfile.open(sdist) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith("MDAnalysisTests/data/1hvr.pdb"))
-        (work / "1hvr.pdb").write_bytes(tf.extractfile(member).read())
-    st = gemmi.read_structure(str(work / "1hvr.pdb"))
+        member = next(m for m in tf.getmembers() if m.name.endswith(suffix))
+        (work / name).write_bytes(tf.extractfile(member).read())
+    return work / name
+
+
+def case_1hvr(work: Path):
+    st = gemmi.read_structure(str(sdist_file(work, MDAT, "MDAnalysisTests/data/1hvr.pdb", "1hvr.pdb")))
     st.remove_hydrogens()
     st.remove_alternative_conformations()
     st.remove_waters()
@@ -97,14 +103,7 @@ BIOPYTHON = "biopython==1.88"
 def case_1lcd(work: Path):
     """Lac repressor headpiece on its 22-bp DNA operator (PDB 1LCD, NMR model 1, from the
     Biopython 1.88 sdist's tests on PyPI): the protein turned 10° about the complex's centre."""
-    sdist = work / f"{BIOPYTHON.replace('==', '-')}.tar.gz"
-    if not sdist.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", BIOPYTHON,
-                        "-d", str(work)], check=True)
-    with tarfile.open(sdist) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith("Tests/PDB/1LCD.pdb"))
-        (work / "1lcd.pdb").write_bytes(tf.extractfile(member).read())
-    st = gemmi.read_structure(str(work / "1lcd.pdb"))
+    st = gemmi.read_structure(str(sdist_file(work, BIOPYTHON, "Tests/PDB/1LCD.pdb", "1lcd.pdb")))
     del st[1:]
     st.remove_hydrogens()
     st.remove_alternative_conformations()
