@@ -20,7 +20,7 @@ time per step against atoms (log-log slope between the smallest and largest size
 
 Usage:
   python benchmarks/refine_model_scale.py [--family 6msm 1hvr] [--sizes 2000 10000 50000 100000]
-        [--steps N] [--work /tmp/bench/scale]
+        [--steps N] [--stages rigid residue rotamers full] [--rows earlier.log] [--work /tmp/bench/scale]
 Writes benchmarks/results/refine_model_scale.json.
 """
 
@@ -231,7 +231,7 @@ def step_seconds(log: list) -> dict:
     return {k: float(np.median(v)) for k, v in per.items()}
 
 
-def run_size(family: str, n_atoms: int, work: Path, steps: int | None) -> dict:
+def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=None) -> dict:
     w = work / f"{family}_{n_atoms}"
     w.mkdir(parents=True, exist_ok=True)
     unit = UNITS[family](work)
@@ -245,6 +245,8 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None) -> dict:
            "--resolution", "4", "--out", str(w / "run")]
     if steps:
         cmd += ["--steps", str(steps)]
+    if stages:
+        cmd += ["--stages", *stages]
     shutil.rmtree(w / "run", ignore_errors=True)
     t0 = time.time()
     with open(w / "stderr.txt", "wb") as err:
@@ -266,28 +268,41 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None) -> dict:
         "after": {k: rep["after"].get(k) for k in ("bond_rmsz", "angle_rmsz", "rama_outlier_pct", "rotamer_outlier_pct",
                                                    "clashscore", "map_cc_mask")},
     }
-    print(json.dumps({k: v for k, v in row.items() if k != "after"}), flush=True)
+    row["stages"] = stages or "default"
+    print(json.dumps(row), flush=True)
     return row
+
+
+def _slopes(lo: dict, hi: dict) -> dict:
+    """Log-log slopes of seconds per step (each stage) and peak RSS between two sizes (1 = linear)."""
+    n = math.log(hi["atoms"] / lo["atoms"])
+    out = {k: round(math.log(hi["s_per_step"][k] / lo["s_per_step"][k]) / n, 3) for k in lo["s_per_step"]
+           if k in hi["s_per_step"]}
+    out["peak_rss"] = round(math.log(hi["peak_rss_GB"] / lo["peak_rss_GB"]) / n, 3)
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", nargs="+", default=list(UNITS), choices=list(UNITS))
-    ap.add_argument("--sizes", nargs="+", type=int, default=[2000, 10000, 50000, 100000])
+    ap.add_argument("--sizes", nargs="*", type=int, default=[2000, 10000, 50000, 100000])
     ap.add_argument("--steps", type=int, default=None, help="Adam steps per phase (default: refine-model's)")
+    ap.add_argument("--stages", nargs="+", default=None, help="refine-model stages (default: its own)")
+    ap.add_argument("--rows", type=Path, nargs="*", default=[],
+                    help="rows measured earlier (JSON lines this script printed) to include in the table")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench/scale"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "refine_model_scale.json")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    rows = [run_size(f, n, a.work, a.steps) for f in a.family for n in a.sizes]
+    rows = [json.loads(line) for p in a.rows for line in p.read_text().splitlines() if line.startswith("{\"family")]
+    rows += [run_size(f, n, a.work, a.steps, a.stages) for f in a.family for n in a.sizes]
+    rows.sort(key=lambda r: (r["family"], r["atoms"]))
     growth = {}
     for f in a.family:
         rs = [r for r in rows if r["family"] == f]
         if len(rs) >= 2:
-            lo, hi = rs[0], rs[-1]
-            growth[f] = {k: round(math.log(hi["s_per_step"][k] / lo["s_per_step"][k]) / math.log(hi["atoms"] / lo["atoms"]), 3)
-                         for k in lo["s_per_step"] if k in hi["s_per_step"]}
-            growth[f]["peak_rss"] = round(math.log(hi["peak_rss_GB"] / lo["peak_rss_GB"]) / math.log(hi["atoms"] / lo["atoms"]), 3)
+            growth[f] = {"smallest_to_largest": _slopes(rs[0], rs[-1]),
+                         "consecutive": {f"{lo['atoms']}->{hi['atoms']}": _slopes(lo, hi) for lo, hi in zip(rs, rs[1:])}}
     res = {"resolution_A": 4.0, "apix_A": 1.2, "steps": a.steps, "cpu_threads": os.cpu_count(), "rows": rows,
            "growth_exponent": growth}
     print(json.dumps(growth))
