@@ -40,6 +40,7 @@ from cryogmm.model.restraints import (
     ROTAMER_OUTLIER,
     grid_value,
     is_excluded,
+    place_hydrogens,
     reference_tables,
 )
 from cryogmm.model.validate import rama_table
@@ -86,6 +87,7 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
     x = rs.with_h(rf.x_all.detach().clone())
     xn = x.detach().cpu().numpy().copy()
     near = Near(xn)
+    riding = RidingH(rs)
     n_rebuilt = n_left = 0
     for tb, q in _movable_chis(topo, tabs):
         chi = _chi_angles(xn, q)
@@ -100,7 +102,7 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
         for _, pos in cands:
             y = x.clone()
             y[torch.as_tensor(local)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = rs.with_h(y)
+            y = riding(y, local)
             yn = y.detach().cpu().numpy()
             if _local_clashes(rs, yn, S, near) <= base:
                 x, xn = y, yn.copy()
@@ -230,6 +232,28 @@ class Near:
         return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] + [S, changed]))
 
 
+class RidingH:
+    """Riding H re-placed only where a candidate moved heavy atoms: the H whose frames use any of
+    them (every other H keeps its place, bit for bit what re-placing all would give)."""
+
+    def __init__(self, rs):
+        self.rs = rs
+        hf = rs.h_frame.cpu().numpy().reshape(-1, 3)
+        flat = hf.reshape(-1)
+        self.order = np.argsort(flat, kind="stable") // 3  # H rows sorted by frame atom
+        self.keys = np.sort(flat)
+
+    def __call__(self, y: torch.Tensor, moved: np.ndarray) -> torch.Tensor:
+        rs = self.rs
+        lo = np.searchsorted(self.keys, moved, side="left")
+        hi = np.searchsorted(self.keys, moved, side="right")
+        rows = np.unique(np.concatenate([self.order[a:b] for a, b in zip(lo, hi)] + [np.zeros(0, np.int64)]))
+        if not len(rows):
+            return y
+        r = torch.as_tensor(rows, device=y.device)
+        return place_hydrogens(y, rs.h_index[r], rs.h_frame[r], rs.h_coef[r])
+
+
 def _local_clashes(rs, xn: np.ndarray, S: np.ndarray, near: Near | None = None) -> int:
     """Serious clashes (overlap >= 0.4 Å after H-bond relief) that involve any atom of ``S``,
     with all atoms at ``xn`` (H placed): the clashes a side-chain move can add or remove,
@@ -270,6 +294,7 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
     x = rs.with_h(x)
     xn = x.detach().cpu().numpy().copy()
     near = Near(xn)
+    riding = RidingH(rs)
     n_res = n_changed = n_rejected = 0
     for tb, q in _movable_chis(topo, tabs):
         is_outlier = _is_outlier(tb, _chi_angles(xn, q))
@@ -292,7 +317,7 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
                 break  # an outlier leaves its conformation for the best allowed one
             y = x.clone()
             y[torch.as_tensor(local, device=y.device)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = rs.with_h(y)
+            y = riding(y, local)
             yn = y.detach().cpu().numpy()
             if base is None:
                 base = _local_clashes(rs, xn, S, near)
@@ -422,6 +447,7 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
     x = rs.with_h(rf.x_all.detach().clone())
     xn = x.detach().cpu().numpy().copy()
     near = Near(xn)
+    riding = RidingH(rs)
     rama_res = {int(r): k for k, r in enumerate(topo.rama_res)} if len(topo.rama) else {}
 
     def rama_ok(xx, residues):
@@ -446,7 +472,7 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
         for score, plane, pos in cands:
             y = x.clone()
             y[torch.as_tensor(plane)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = rs.with_h(y)
+            y = riding(y, plane)
             yn = y.detach().cpu().numpy()
             if base is None:
                 base = _local_clashes(rs, xn, plane, near)
@@ -485,6 +511,7 @@ def fit_bases(rf, grid, angles=(150.0, 165.0, 180.0, 195.0, 210.0), min_gain: fl
     x = rs.with_h(rf.x_all.detach().clone())
     xn = x.detach().cpu().numpy().copy()
     near = Near(xn)
+    riding = RidingH(rs)
     n_tested, flipped = 0, []
     for row, r in zip(topo.puckers, topo.pucker_res):
         c1, nglyc = int(row[4]), int(row[5])
@@ -510,7 +537,7 @@ def fit_bases(rf, grid, angles=(150.0, 165.0, 180.0, 195.0, 210.0), min_gain: fl
         for _, pos in cands:
             y = x.clone()
             y[torch.as_tensor(base)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = rs.with_h(y)
+            y = riding(y, base)
             yn = y.detach().cpu().numpy()
             if before is None:
                 before = _local_clashes(rs, xn, base, near)
