@@ -73,22 +73,27 @@ def suite_atoms(topo: Topology) -> tuple[np.ndarray, np.ndarray]:
     index of its 3' nucleotide ``[S]`` (the one carrying the suite's phosphate); RNA only (both
     riboses carry O2'). Suites across
     a chain break (O3'-P farther than 2 Å) or with a missing atom are left out (incomplete)."""
-    key = {}
-    for i in range(topo.n_atoms):
-        key[(int(topo.res_index[i]), str(topo.atom_name[i]))] = i
+    cached = getattr(topo, "_suite_atoms", None)  # validate runs once per polish round: index once
+    if cached is not None:
+        return cached
+    names = {}
+
+    def atoms_of(r):
+        if r not in names:
+            names[r] = {str(topo.atom_name[i]): int(i) for i in topo.residues[r]["atoms"]}
+        return names[r]
+
     quads, res = [], []
-    nres = len(topo.residues)
-    for r in range(1, nres):
+    for r in range(1, len(topo.residues)):
         if topo.residues[r].get("kind") != "nucleic acid" or topo.residues[r - 1].get("kind") != "nucleic acid":
             continue
         if topo.residues[r]["chain"] != topo.residues[r - 1]["chain"]:
             continue
-        if (r, "O2'") not in key or (r - 1, "O2'") not in key:
+        prev, cur = atoms_of(r - 1), atoms_of(r)
+        if "O2'" not in cur or "O2'" not in prev:
             continue  # suites are RNA's (Richardson 2008): DNA backbones are left out
-        g = lambda rr, n: key.get((rr, n))  # noqa: E731
-        names = [(r - 1, "C5'"), (r - 1, "C4'"), (r - 1, "C3'"), (r - 1, "O3'"), (r, "P"), (r, "O5'"), (r, "C5'"),
-                 (r, "C4'"), (r, "C3'"), (r, "O3'")]
-        at = [g(*n) for n in names]
+        at = [prev.get(n) for n in ("C5'", "C4'", "C3'", "O3'")] + [cur.get(n) for n in
+                                                                    ("P", "O5'", "C5'", "C4'", "C3'", "O3'")]
         if any(a is None for a in at):
             continue
         if np.linalg.norm(topo.coords[at[3]] - topo.coords[at[4]]) > 2.0:
@@ -96,7 +101,9 @@ def suite_atoms(topo: Topology) -> tuple[np.ndarray, np.ndarray]:
         # δ-1, ε-1, ζ-1, α, β, γ, δ as sliding quadruples over the backbone walk
         quads.append([at[k:k + 4] for k in range(7)])
         res.append(r)
-    return np.array(quads, dtype=np.int64).reshape(-1, 7, 4), np.array(res, dtype=np.int64)
+    out = np.array(quads, dtype=np.int64).reshape(-1, 7, 4), np.array(res, dtype=np.int64)
+    object.__setattr__(topo, "_suite_atoms", out)
+    return out
 
 
 def suite_torsions(coords: np.ndarray, quads: np.ndarray) -> np.ndarray:
