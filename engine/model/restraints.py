@@ -253,7 +253,7 @@ class Restraints:
         self.plane_sigma = f(topo.plane_sigma[kp])
         self.omegas, self.omega_ideal, self.omega_sigma = t(topo.omegas), f(topo.omega_ideal), f(topo.omega_sigma)
         self.rama, self.rama_class = t(topo.rama), topo.rama_class
-        pk = topo.puckers[topo.pucker_rna] if len(topo.pucker_rna) == len(topo.puckers) else topo.puckers[:0]
+        pk = topo.puckers[topo.pucker_rna]
         two_p = pucker_geometry(pk, topo.coords)[2] if len(pk) else np.zeros(0, bool)
         self.puckers = t(pk[:, :4])
         self.pucker_ideal = f(np.where(two_p, DELTA_TARGET_DEG["C2'-endo"], DELTA_TARGET_DEG["C3'-endo"]))

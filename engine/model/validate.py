@@ -190,7 +190,7 @@ def pucker_table(topo: Topology, xn: np.ndarray) -> list:
     """Per RNA nucleotide (the test is RNA's: DNA left out, as MolProbity does): (residue, delta°,
     perpendicular distance Å, pucker the distance implies,
     outlier: delta out of that pucker's range or epsilon out of its range)."""
-    rna = topo.pucker_rna if len(topo.pucker_rna) == len(topo.puckers) else np.zeros(len(topo.puckers), bool)
+    rna = topo.pucker_rna
     if not rna.any():
         return []
     delta, perp, two_p, bad = pucker_geometry(topo.puckers[rna], xn)
