@@ -33,7 +33,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -41,20 +40,12 @@ import gemmi
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from refine_model_whole import MDAT, sdist_file  # noqa: E402
+
 ROOT = HERE.parent
-MDAT = "mdanalysistests==2.11.0"
 CHAIN_NAMES = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)] \
     + [str(d) for d in range(10)]
-
-
-def _sdist_member(work: Path, suffix: str) -> bytes:
-    sdist = work / f"{MDAT.replace('==', '-')}.tar.gz"
-    if not sdist.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", MDAT,
-                        "-d", str(work)], check=True)
-    with tarfile.open(sdist) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith(suffix))
-        return tf.extractfile(member).read()
 
 
 def _clean(st: gemmi.Structure) -> gemmi.Structure:
@@ -70,7 +61,7 @@ def unit_6msm(work: Path) -> gemmi.Structure:
 
     p = work / "6msm.pdb"
     if not p.exists():
-        p.write_bytes(bz2.decompress(_sdist_member(work, "MDAnalysisTests/data/6msm.pdb.bz2")))
+        p.write_bytes(bz2.decompress(sdist_file(work, MDAT, "MDAnalysisTests/data/6msm.pdb.bz2", "6msm.pdb.bz2").read_bytes()))
     return _clean(gemmi.read_structure(str(p)))
 
 
@@ -78,7 +69,7 @@ def unit_1hvr(work: Path) -> gemmi.Structure:
     """The protease dimer with XK2 and the RNA hairpin side by side, as one unit."""
     p = work / "1hvr.pdb"
     if not p.exists():
-        p.write_bytes(_sdist_member(work, "MDAnalysisTests/data/1hvr.pdb"))
+        sdist_file(work, MDAT, "MDAnalysisTests/data/1hvr.pdb", "1hvr.pdb")
     st = _clean(gemmi.read_structure(str(p)))
     rna = _clean(gemmi.read_structure(str(ROOT / "tests" / "data" / "rna_1k5i.pdb")))
     lo = np.array([c.atom.pos.tolist() for c in st[0].all()]).max(0)
