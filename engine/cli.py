@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -98,24 +99,84 @@ def main(argv=None) -> int:
             raise
         return e.code if isinstance(e.code, int) else 2
     name = " ".join(a for a in (args.command, getattr(args, "action", None)) if a)
+    dist = _distributed()
+    if dist is not None and getattr(args, "dist_timeout", None) is not None:
+        dist.configure(timeout_s=args.dist_timeout)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         ret = args._module.main(args)
-    except CryoGMMError as e:
-        msg = " ".join(str(e).split())
-        print(f"cryogmm {name}: error: {msg}", file=sys.stderr)
-        return e.exit_code
-    except Terminated:
-        print(f"cryogmm {name}: terminated (SIGTERM); partial outputs removed", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"cryogmm {name}: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as e:  # noqa: BLE001 - every way out is reported once, as one line where it can be
+        return _failed(name, e, dist)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if dist is not None:
+        dist.finish()
     return int(ret or 0)
+
+
+def _distributed():
+    """:mod:`cryogmm.distributed` when started by ``torchrun`` with several processes (it
+    imports torch, which a plain ``cryogmm info`` never pays for), else None."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1") or "RANK" not in os.environ:
+        return None
+    from cryogmm import distributed
+
+    return distributed if distributed.launched() else None
+
+
+def _failed(name: str, e: BaseException, dist) -> int:
+    """Report a job's failure: one line (a traceback for a bug) and the exit code. Under
+    ``torchrun`` the first rank to fail tells the others (they stop within seconds, see
+    :mod:`cryogmm.distributed`) and alone prints its message; a rank stopped by another's
+    failure prints one line saying so."""
+    import traceback
+
+    from cryogmm.errors import CryoGMMError
+
+    where = ""
+    if dist is not None:
+        first = not isinstance(e, dist.PeerFailure) and dist.report_failure(_one_line(e))
+        peer = dist.peer_failure()
+        dist.abort()
+        if not first and peer is not None:
+            print(f"cryogmm {name}: rank {dist.rank()} stopped: rank {peer[0]} failed", file=sys.stderr)
+            return 1
+        where = f" (rank {dist.rank()} of {int(os.environ.get('WORLD_SIZE', '1'))})"
+    if isinstance(e, CryoGMMError):
+        print(f"cryogmm {name}: error{where}: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    if isinstance(e, Terminated):
+        print(f"cryogmm {name}: terminated (SIGTERM){where}; partial outputs removed", file=sys.stderr)
+        return 143
+    if isinstance(e, KeyboardInterrupt):
+        print(f"cryogmm {name}: interrupted{where}", file=sys.stderr)
+        return 130
+    if isinstance(e, SystemExit):
+        raise e
+    if dist is not None and _is_comm_error(e):
+        print(f"cryogmm {name}: error{where}: the process group failed ({_one_line(e)}); "
+              f"--dist-timeout is {dist.timeout_s():g} s", file=sys.stderr)
+        return 1
+    traceback.print_exception(e)
+    if where:
+        print(f"cryogmm {name}: failed{where}; every rank stopped", file=sys.stderr)
+    return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, getattr(torch.distributed, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "Gloo", "NCCL", "Connection", "timed out",
+                                                                   "Timed out")))
 
 
 if __name__ == "__main__":  # pragma: no cover

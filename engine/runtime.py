@@ -6,6 +6,11 @@ import time
 
 from cryogmm.errors import OptionError
 
+DIST_TIMEOUT_S = 1800.0
+"""Default process-group timeout under ``torchrun`` (``--dist-timeout``): a collective that
+waits longer fails. Rank 0 alone fits the mixtures of ``refine-poses`` while the others
+wait, so it is generous; a failing rank ends the others within seconds whatever it is."""
+
 
 class Progress:
     """Progress reporting for a job: ``progress(stage, done, total)``.
@@ -36,20 +41,14 @@ class Progress:
 def pick_device(name: str | None = None):
     """``auto``, ``cpu``, ``cuda``, ``cuda:1``.
 
-    ``auto``: under ``torchrun`` with CUDA, every process takes its own GPU (``cuda:LOCAL_RANK``,
-    so all visible GPUs are used); otherwise ``cuda:0`` when CUDA is available, else the CPU.
-    (``cuda`` under ``torchrun`` also becomes ``cuda:LOCAL_RANK``: see :func:`cryogmm.distributed.setup`.)
+    ``auto``: ``cuda`` when CUDA is available, else the CPU. Under ``torchrun`` ``cuda`` becomes
+    each process's own GPU, ``cuda:LOCAL_RANK``, in :func:`cryogmm.distributed.setup`, which
+    refuses more processes on a node than it has GPUs (never two ranks on one GPU).
     """
-    import os
-
     import torch
 
     if name in (None, "", "auto"):
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-        return torch.device("cuda")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:

@@ -3,21 +3,32 @@
 import os
 from pathlib import Path
 
-from cryogmm.errors import InputError, device_name, nonnegative_int
+from cryogmm.errors import InputError, device_name, nonnegative_int, positive_float
 from cryogmm.io.outputs import check_output
+from cryogmm.runtime import DIST_TIMEOUT_S
 
-TORCHRUN_DEVICE_HELP = "auto (each torchrun rank its own GPU, else cuda:0, else cpu), cpu or cuda[:N] (default auto)"
+TORCHRUN_DEVICE_HELP = ("auto (cuda when there is a GPU, else cpu), cpu or cuda[:N] (default auto); under torchrun "
+                        "each process takes its own GPU, cuda:LOCAL_RANK, and more processes per node than GPUs is an error")
+
+
+def add_dist_args(p):
+    """``--dist-timeout`` and ``--device`` of the jobs that run under torchrun."""
+    p.add_argument("--dist-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a collective (an exchange between the processes) may wait "
+                        f"before the job fails (default {DIST_TIMEOUT_S:g}). A rank that fails ends every rank within seconds "
+                        "whatever this is; the timeout catches a rank that hangs")
+    p.add_argument("--device", type=device_name, default="auto", help=TORCHRUN_DEVICE_HELP)
 
 
 def add_stream_args(p):
-    """``--accumulate``, ``--prefetch`` and ``--device`` of the jobs that reconstruct from a stack
+    """``--accumulate``, ``--prefetch``, ``--dist-timeout`` and ``--device`` of the jobs that reconstruct from a stack
     and run under torchrun."""
     p.add_argument("--accumulate", choices=("auto", "float32", "float64"), default="auto",
                    help="precision of the reconstructions' Fourier sums: auto = float64 under torchrun (results "
                         "independent of the sharding), float32 on one process")
     p.add_argument("--prefetch", type=nonnegative_int, default=1,
                    help="batches read ahead in a background thread (0: off; default 1)")
-    p.add_argument("--device", type=device_name, default="auto", help=TORCHRUN_DEVICE_HELP)
+    add_dist_args(p)
 
 
 DEVICE_HELP = "auto, cpu or cuda[:N] (default auto)"

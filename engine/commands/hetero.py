@@ -48,7 +48,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cryogmm.commands import DEVICE_HELP, TORCHRUN_DEVICE_HELP, add_force, check_out
+from cryogmm.commands import DEVICE_HELP, add_dist_args, add_force, check_out
 from cryogmm.errors import (
     device_name,
     nonnegative_float,
@@ -137,7 +137,7 @@ def add_args(p):
     add_force(t)
     t.add_argument("--matmul-precision", choices=("highest", "tf32"), default="highest",
                    help="float32 matrix products on GPUs: float32 (highest, default) or TF32 tensor cores")
-    t.add_argument("--device", type=device_name, default="auto", help=TORCHRUN_DEVICE_HELP)
+    add_dist_args(t)
 
     a = sub.add_parser("analyze", help="latents, trajectories, maps, clusters, segments", description=ANALYZE_HELP,
                        formatter_class=raw)

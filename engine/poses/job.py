@@ -260,7 +260,7 @@ def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label):
         halves = [h1, h2]
         improved = new_res < res * 0.995
         res = min(res, new_res)
-        if not improved and it > 1:
+        if distributed.agree(not improved and it > 1):  # rank 0 decides: every rank stops together
             break
     return {"R": R, "S": S, "halves": halves, "final": final, "gmms": gmms, "res": res,
             "history": history, "curves": curves, "frc": frc}
