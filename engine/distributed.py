@@ -27,6 +27,12 @@ What the jobs do with several processes:
   barrier and return the same report.
 
 Results equal one process's up to the order of floating-point reductions.
+
+As one job: decisions (stop early or not) are rank 0's, broadcast (:func:`agree`); a
+collective that waits longer than :func:`timeout_s` (``--dist-timeout``) fails; a rank that
+fails reports it through the launcher's store (:func:`report_failure`, the CLI does it) and every
+other rank's watchdog ends its process within seconds, so no rank waits for ever for a dead one;
+with CUDA each process takes its own GPU or the job refuses to start (:func:`setup`).
 """
 
 from __future__ import annotations
