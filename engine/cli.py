@@ -158,8 +158,9 @@ def _failed(name: str, e: BaseException, dist) -> int:
     if isinstance(e, SystemExit):
         raise e
     if dist is not None and _is_comm_error(e):
-        print(f"cryogmm {name}: error{where}: the process group failed ({_one_line(e)}); "
-              f"--dist-timeout is {dist.timeout_s():g} s", file=sys.stderr)
+        t = dist.timeout_s()
+        limit = f"--dist-timeout is {t:g} s" if t else "the timeout is torch's default"
+        print(f"cryogmm {name}: error{where}: the process group failed ({_one_line(e)}); {limit}", file=sys.stderr)
         return 1
     traceback.print_exception(e)
     if where:

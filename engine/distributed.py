@@ -49,14 +49,13 @@ import numpy as np
 import torch
 
 from cryogmm.errors import OptionError
-from cryogmm.runtime import DIST_TIMEOUT_S
 
 TEST_FAIL_ENV = "CRYOGMM_TEST_FAIL"
 """Test hook: ``RANK:N`` makes rank ``RANK`` raise at its ``N``-th collective (``RANK:N:hang``:
 sleep there instead), so the tests can check what a failing rank does to the others."""
 
 _state = {
-    "timeout_s": DIST_TIMEOUT_S,  # set by configure() (the CLI's --dist-timeout)
+    "timeout_s": None,  # set by configure() (the CLI's --dist-timeout); None: torch's default
     "failure": None,  # (rank, message) of the rank that failed first, once known here
     "watchdog": None,  # the thread watching the store for a failed rank
     "stop": threading.Event(),
@@ -117,14 +116,15 @@ def is_main() -> bool:
 
 def configure(timeout_s: float | None = None) -> None:
     """Settings of the process group :func:`setup` joins: ``timeout_s``, how long a collective
-    may wait before it fails (``--dist-timeout``; default :data:`cryogmm.runtime.DIST_TIMEOUT_S`)."""
+    may wait before it fails (``--dist-timeout``, whose default is
+    :data:`cryogmm.commands.DIST_TIMEOUT_S`; without it, torch's default)."""
     if timeout_s is not None:
         if not (timeout_s > 0 and np.isfinite(timeout_s)):
             raise OptionError("--dist-timeout", f"{timeout_s}; expected a positive number of seconds")
         _state["timeout_s"] = float(timeout_s)
 
 
-def timeout_s() -> float:
+def timeout_s() -> float | None:
     return _state["timeout_s"]
 
 
@@ -159,8 +159,9 @@ def setup(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         _start_watchdog()
         backend = "nccl" if device.type == "cuda" else "gloo"
+        t = _state["timeout_s"]
         dist.init_process_group(backend=backend, init_method="env://",
-                                timeout=datetime.timedelta(seconds=_state["timeout_s"]))
+                                timeout=None if t is None else datetime.timedelta(seconds=t))
         atexit.register(_finish)
     return device
 

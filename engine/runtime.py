@@ -6,11 +6,6 @@ import time
 
 from cryogmm.errors import OptionError
 
-DIST_TIMEOUT_S = 1800.0
-"""Default process-group timeout under ``torchrun`` (``--dist-timeout``): a collective that
-waits longer fails. Rank 0 alone fits the mixtures of ``refine-poses`` while the others
-wait, so it is generous; a failing rank ends the others within seconds whatever it is."""
-
 
 class Progress:
     """Progress reporting for a job: ``progress(stage, done, total)``.

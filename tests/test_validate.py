@@ -91,5 +91,5 @@ def test_bad_input(tmp_path, capsys):
     far = _map_of(CLOSED, tmp_path, shift=500.0)
     with pytest.raises(MapError, match="does not overlap"):
         validate(ValidateConfig(model=CLOSED, map=far, resolution_A=4.0))
-    assert main(["validate", str(tmp_path / "missing.pdb")]) == 2
+    assert main(["validate", str(tmp_path / "missing.pdb"), "--out", str(tmp_path / "v")]) == 2
     assert "missing.pdb" in capsys.readouterr().err

@@ -104,7 +104,7 @@ def simulate_map(session, structure, resolution=4.0, spacing=None, noise=0.1, se
         else:
             import json
 
-            bridge.run_engine_cli(["simulate", "--model", tmp / "model.pdb", "--out", out, "--n", int(particles),
+            bridge.run_engine_cli(["simulate", "--model", tmp / "model.pdb", "--out", out, "--n-particles", int(particles),
                                    "--snr", float(snr), "--seed", int(seed), "--resolution", float(resolution)],
                                   "cryogmm simulate")
             rep = json.loads((Path(out) / "report.json").read_text())

@@ -1,11 +1,16 @@
 """The CLI jobs, one module per command (module docstring = ``--help``, ``add_args``, ``main``)."""
 
+import argparse
 import os
 from pathlib import Path
 
 from cryogmm.errors import InputError, device_name, nonnegative_int, positive_float
 from cryogmm.io.outputs import check_output
-from cryogmm.runtime import DIST_TIMEOUT_S
+
+DIST_TIMEOUT_S = 1800.0
+"""``--dist-timeout`` default: how long a collective may wait under ``torchrun`` before the job
+fails. Rank 0 alone fits the mixtures of ``refine-poses`` while the others wait, so it is
+generous; a failing rank ends the others within seconds whatever it is."""
 
 TORCHRUN_DEVICE_HELP = ("auto (cuda when there is a GPU, else cpu), cpu or cuda[:N] (default auto); under torchrun "
                         "each process takes its own GPU, cuda:LOCAL_RANK, and more processes per node than GPUs is an error")
@@ -13,7 +18,7 @@ TORCHRUN_DEVICE_HELP = ("auto (cuda when there is a GPU, else cpu), cpu or cuda[
 
 def add_dist_args(p):
     """``--dist-timeout`` and ``--device`` of the jobs that run under torchrun."""
-    p.add_argument("--dist-timeout", type=positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
                    help="under torchrun: how long a collective (an exchange between the processes) may wait "
                         f"before the job fails (default {DIST_TIMEOUT_S:g}). A rank that fails ends every rank within seconds "
                         "whatever this is; the timeout catches a rank that hangs")
@@ -31,13 +36,42 @@ def add_stream_args(p):
     add_dist_args(p)
 
 
-DEVICE_HELP = "auto, cpu or cuda[:N] (default auto)"
+DEVICE_HELP = "auto (cuda when there is a GPU, else cpu), cpu or cuda[:N] (default auto)"
+
+MAP_SIMILARITIES = ("fsc", "frc", "relative-entropy", "cross-correlation", "inner-product")
+MAP_SIMILARITY_HELP = ("map similarity: fsc (default; mean FSC of volumes up to the resolution), frc (mean FRC of "
+                       "projections), relative-entropy, cross-correlation or inner-product")
+
+
+def add_device(p):
+    """``--device auto|cpu|cuda[:N]`` (default auto) of the one-process jobs."""
+    p.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+
+
+def add_similarity(p):
+    """``--similarity`` of the model jobs (refine-model, refine-series): one default."""
+    p.add_argument("--similarity", default=MAP_SIMILARITIES[0], choices=MAP_SIMILARITIES, help=MAP_SIMILARITY_HELP)
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option, hidden from ``--help``, that still sets the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+def add_count(p, name: str, dest: str, old: str = "--n", **kw):
+    """A count option (``--n-particles``, ``--n-gaussians``) with its old spelling ``old``
+    kept as a hidden, deprecated alias."""
+    p.add_argument(name, dest=dest, **kw)
+    p.add_argument(old, dest=dest, type=kw.get("type"), action=_Deprecated, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
 
 
 def add_seed_device_out(p, seed_help: str = "random seed (default 0); equal seeds give equal results"):
     """``--seed``, ``--device`` (auto) and ``--out`` (a folder, required) of the one-process jobs."""
     p.add_argument("--seed", type=nonnegative_int, default=0, help=seed_help)
-    p.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+    add_device(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_force(p)
 

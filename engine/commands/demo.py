@@ -11,25 +11,25 @@ summary in --out/report.json. Takes a few minutes on 2 CPU cores.
 
 Examples:
   cryogmm demo --out demo
-  cryogmm demo --out demo_quick --n 600 --no-hetero --no-model
+  cryogmm demo --out demo_quick --n-particles 600 --no-hetero --no-model
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cryogmm.commands import DEVICE_HELP, add_force, check_out
-from cryogmm.errors import device_name, nonnegative_int, positive_int
+from cryogmm.commands import add_count, add_device, add_force, check_out
+from cryogmm.errors import nonnegative_int, positive_int
 
 
 def add_args(p):
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--n", type=positive_int, default=1500, help="number of particles (default 1500)")
+    add_count(p, "--n-particles", "n", type=positive_int, default=1500, help="number of particles (default 1500)")
     p.add_argument("--no-refine", action="store_true", help="skip the pose-refinement step")
     p.add_argument("--no-hetero", action="store_true", help="skip the heterogeneity step")
     p.add_argument("--no-model", action="store_true", help="skip the model-refinement step")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+    add_device(p)
     add_force(p)
 
 

@@ -9,8 +9,8 @@ Defaults, chosen from the map:
   --threshold  the lowest level keeping 90% of the density above background among voxels
                significantly above it (median + 3 robust SD); on a noise-free map the
                contour enclosing 90% of the mass
-  --n          one Gaussian per (resolution/2)^3 Å^3 of the volume above the threshold,
-               clamped to [8, 50000]
+  --n-gaussians  one Gaussian per (resolution/2)^3 Å^3 of the volume above the threshold,
+                 clamped to [8, 50000]
 
 Outputs in --out:
   gaussians.pdb  one pseudo-atom per Gaussian (HETATM, residue GMM, element C) in the
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryogmm.commands import add_seed_device_out, check_out
+from cryogmm.commands import add_count, add_seed_device_out, check_out
 from cryogmm.errors import finite_float, nonnegative_int, positive_float, positive_int
 
 
@@ -37,7 +37,8 @@ def add_args(p):
     p.add_argument("map", type=Path, help="cubic MRC map")
     p.add_argument("--resolution", type=positive_float, required=True,
                    help="target resolution in Å (>= 2 x pixel size): Gaussian widths, default N, FRC rings fitted")
-    p.add_argument("--n", type=positive_int, help="number of Gaussians (default: from the resolution and the volume)")
+    add_count(p, "--n-gaussians", "n", type=positive_int,
+              help="number of Gaussians (default: from the resolution and the volume)")
     p.add_argument("--threshold", type=finite_float, help="density level for seeding, map units (default: automatic)")
     p.add_argument("--iterations", type=nonnegative_int, default=1000,
                    help="most optimisation steps; the fit stops earlier when it plateaus (default 1000; 0: k-means only)")

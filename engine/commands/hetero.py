@@ -3,7 +3,7 @@
 Subcommands:
   train STAR --model ref.pdb --out RUN   learn a latent space and a decoder that moves the model
   analyze RUN                            latents, PCA trajectories, maps, clusters, segments
-  decode RUN --z Z.txt --out models.pdb  one model per latent row
+  decode RUN --z Z.txt --out DIR          one model per latent row (DIR/models.pdb)
 
 Decoders (--decoder):
   segments       learned segments of the chain, each moved as a rigid body per particle
@@ -40,7 +40,7 @@ Examples:
   cryogmm hetero train particles.star --model ref.pdb --decoder displacement --out run2
   cryogmm hetero train particles.star --model ref.pdb --out run --epochs 40 --resume
   cryogmm hetero analyze run --pcs 2 --frames 10 --clusters 4
-  cryogmm hetero decode run --z run/analyze/pc1_z.txt --out pc1.pdb
+  cryogmm hetero decode run --z run/analyze/pc1_z.txt --out pc1
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ from cryogmm.errors import (
     positive_float,
     positive_int,
 )
+
+MODEL_SUFFIXES = (".pdb", ".cif", ".mmcif", ".ent")
 
 TRAIN_HELP = """Train the VAE on particles with poses and CTF: an encoder maps each image to a latent
 coordinate, a decoder moves the reference model (rigid segments or per-Gaussian offsets),
@@ -91,8 +93,11 @@ Examples:
 DECODE_HELP = """Decode latent coordinates of a trained run into models: one MODEL of the multi-model PDB
 per latent row (text, whitespace separated, or .npy of shape [K, zdim]).
 
+Writes OUT/models.pdb and OUT/report.json. (An --out ending in .pdb or .cif, the old form,
+still writes that one file; it is deprecated.)
+
 Example:
-  cryogmm hetero decode run --z run/analyze/pc1_z.txt --out pc1.pdb
+  cryogmm hetero decode run --z run/analyze/pc1_z.txt --out pc1
 """
 
 
@@ -161,9 +166,9 @@ def add_args(p):
     d = sub.add_parser("decode", help="one model per latent row", description=DECODE_HELP, formatter_class=raw)
     d.add_argument("run", type=Path, help="run folder of `hetero train`")
     d.add_argument("--z", type=Path, required=True, help="latent rows: text (whitespace separated) or .npy [K, zdim]")
-    d.add_argument("--out", type=Path, required=True, help="multi-model PDB to write")
+    d.add_argument("--out", type=Path, required=True, help="output folder: models.pdb (one MODEL per latent row), report.json")
     d.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
-    add_force(d, "file")
+    add_force(d)
 
 
 def main(args) -> int:
@@ -212,7 +217,18 @@ def main(args) -> int:
                 msg += f", median Cα RMSD to truth {t['median_ca_rmsd_decoded_vs_true_A']:.2f} Å"
         print(msg)
     else:
-        check_out(args, args.z, folder=False, others=[args.run])
-        rep = hetero_run.decode_hetero(args.run, args.z, args.out, device=pick_device(args.device))
-        print(f"wrote {rep['models']} models to {args.out}")
+        legacy = args.out.suffix.lower() in MODEL_SUFFIXES  # deprecated: --out FILE.pdb
+        check_out(args, args.z, folder=not legacy, others=[args.run])
+        dev = pick_device(args.device)
+        if legacy:
+            rep = hetero_run.decode_hetero(args.run, args.z, args.out, device=dev)
+            print(f"wrote {rep['models']} models to {args.out}")
+            return 0
+        from cryogmm.io.outputs import OutputDir, write_report
+
+        with OutputDir(args.out) as od:
+            rep = hetero_run.decode_hetero(args.run, args.z, od.path("models.pdb"), device=dev)
+            write_report(od.path("report.json"), {"job": "hetero decode", "run": str(args.run), "z": str(args.z),
+                                                  "models": rep["models"], "outputs": ["models.pdb", "report.json"]})
+        print(f"wrote {rep['models']} models to {args.out}/models.pdb")
     return 0

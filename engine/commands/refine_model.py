@@ -49,8 +49,8 @@ import sys
 
 from pathlib import Path
 
-from cryogmm.commands import add_force, check_out
-from cryogmm.errors import device_name, nonnegative_float, nonnegative_int, positive_float, positive_int
+from cryogmm.commands import add_device, add_force, add_similarity, check_out
+from cryogmm.errors import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
 def add_args(p):
@@ -58,9 +58,7 @@ def add_args(p):
     p.add_argument("--map", type=Path, help="MRC map in the model's frame")
     p.add_argument("--resolution", type=positive_float, help="map resolution in Å")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--similarity", default="fsc",
-                   choices=["fsc", "frc", "relative-entropy", "cross-correlation", "inner-product"],
-                   help="map similarity (default fsc)")
+    add_similarity(p)
     p.add_argument("--stages", nargs="+", default=None,
                    help="stages to run, in order (default: rigid residue rotamers full rotamers full rotamers full)")
     p.add_argument("--rebuild-rotamers", action="store_true", help="add the rotamer stage before full if absent")
@@ -80,7 +78,7 @@ def add_args(p):
     p.add_argument("--reference", type=Path, help="model to report the Cα RMSD against (benchmarks)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     add_force(p)
-    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda[:N] (default cpu)")
+    add_device(p)
 
 
 def main(args) -> int:

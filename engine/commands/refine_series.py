@@ -11,6 +11,9 @@ training (--no-capture: the network alone, on blurred maps first). Every output 
 short geometry polish tethered to the network's frame, then a Ramachandran repair (peptide
 turns, the tether released around residues still outliers) and rotamer outliers rebuilt.
 
+Map similarity (--similarity): fsc by default, as in refine-model (mean FSC of volumes up to
+the resolution); frc, relative-entropy, cross-correlation or inner-product.
+
 Latent (--latent): one row per map, any width (e.g. cryogmm hetero analyze's z of each
 map's particles). Default: the maps' order spread over [0, 1]. Frames are placed evenly by
 arc length along the path through the maps' latents, in --maps order.
@@ -32,8 +35,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryogmm.commands import add_force, check_out
-from cryogmm.errors import device_name, nonnegative_float, nonnegative_int, positive_float, positive_int
+from cryogmm.commands import add_device, add_force, add_similarity, check_out
+from cryogmm.errors import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
 def add_args(p):
@@ -44,9 +47,7 @@ def add_args(p):
     p.add_argument("--resolution", type=positive_float, required=True, help="map resolution in Å")
     p.add_argument("--frames", type=positive_int, default=20, help="models in series.pdb (default 20)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--similarity", default="relative-entropy",
-                   choices=["relative-entropy", "cross-correlation", "inner-product", "fsc", "frc"],
-                   help="map similarity (default relative-entropy)")
+    add_similarity(p)
     p.add_argument("--steps", type=positive_int, default=60, help="optimiser steps per phase (default 60)")
     p.add_argument("--capture-steps", type=positive_int, default=30,
                    help="refine-model steps per phase in the per-map capture curriculum (default 30)")
@@ -62,7 +63,7 @@ def add_args(p):
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     add_force(p)
-    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
+    add_device(p)
 
 
 def main(args) -> int:

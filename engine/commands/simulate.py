@@ -14,8 +14,8 @@ Outputs in --out:
   report.json      what was made
 
 Examples:
-  cryogmm simulate --model adk_open.pdb --n 2000 --box 64 --apix 2 --snr 0.1 --seed 1 --out sim
-  cryogmm simulate --endpoints adk_open.pdb adk_closed.pdb --frames 10 --n 5000 --out hetero
+  cryogmm simulate --model adk_open.pdb --n-particles 2000 --box 64 --apix 2 --snr 0.1 --seed 1 --out sim
+  cryogmm simulate --endpoints adk_open.pdb adk_closed.pdb --frames 10 --n-particles 5000 --out hetero
   cryogmm simulate --model m.pdb --pose-noise-deg 5 --shift-noise-A 2 --out refine_task
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from cryogmm.commands import add_seed_device_out, check_out
+from cryogmm.commands import add_count, add_seed_device_out, check_out
 from cryogmm.errors import (
     OptionError,
     finite_float,
@@ -44,7 +44,7 @@ def add_args(p):
     src.add_argument("--endpoints", type=Path, nargs=2, metavar=("A.pdb", "B.pdb"),
                      help="two conformations; --frames models linearly interpolated between them")
     src.add_argument("--frames", type=positive_int, default=10, help="frames between --endpoints, ends included (default 10)")
-    p.add_argument("--n", type=positive_int, default=1000, help="number of particles (default 1000)")
+    add_count(p, "--n-particles", "n", type=positive_int, default=1000, help="number of particles (default 1000)")
     p.add_argument("--box", type=positive_int, help="box size in pixels (default: the map's, or 64)")
     p.add_argument("--apix", type=positive_float, help="pixel size in Å (default: the map's, or 2.0)")
     p.add_argument("--snr", type=positive_float_or_inf, default=0.1, help="signal-to-noise ratio (default 0.1; 'inf' for none)")

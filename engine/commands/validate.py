@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cryogmm.commands import add_force, check_out
+from cryogmm.commands import add_device, add_force, check_out
 from cryogmm.errors import positive_float
 
 
@@ -33,17 +33,17 @@ def add_args(p):
     p.add_argument("--map", type=Path, help="MRC map in the model's frame (origin in the header)")
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--resolution", type=positive_float, help="map resolution in Å (needed with --map)")
-    p.add_argument("--out", type=Path, help="output folder for report.json and ramachandran.png")
+    p.add_argument("--out", type=Path, required=True, help="output folder: report.json and ramachandran.png")
+    add_device(p)
     add_force(p)
 
 
 def main(args) -> int:
-    if args.out is not None:
-        check_out(args, args.model, args.map, args.restraints)
+    check_out(args, args.model, args.map, args.restraints)
     from cryogmm.model.validate import ValidateConfig, summary_table, validate
 
     rep = validate(ValidateConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution,
-                                  restraints=tuple(args.restraints)))
+                                  restraints=tuple(args.restraints), device=args.device))
     print(f"{args.model}: {rep['n_residues']} residues, {rep['n_atoms']} heavy atoms")
     print(summary_table(rep))
     if rep["fixed_residues"]:
@@ -51,6 +51,5 @@ def main(args) -> int:
               + (" ..." if len(rep["fixed_residues"]) > 10 else ""))
     for w in rep.get("warnings", []):
         print(f"  note: {w}")
-    if args.out:
-        print(f"-> {args.out}/report.json, {args.out}/ramachandran.png")
+    print(f"-> {args.out}/report.json, {args.out}/ramachandran.png")
     return 0

@@ -317,7 +317,7 @@ def gaussians_from_map(volume, apix: float, *, resolution_A: float, n: int | Non
     else:
         n, n_rule = int(n), "given"
         if not 1 <= n <= n_above:
-            raise OptionError("--n", f"{n}; expected 1 <= n <= {n_above} (the voxels above the threshold)")
+            raise OptionError("--n-gaussians", f"{n}; expected 1 <= n <= {n_above} (the voxels above the threshold)")
 
     g0 = kmeans_gaussians(v, apix, n, threshold, resolution_A, background=background, mask=m,
                           iterations=kmeans_iterations, seed=seed)

@@ -44,6 +44,7 @@ from cryogmm.model.restraints import (
 )
 from cryogmm.model.suites import pucker_geometry, suite_summary
 from cryogmm.model.topology import RAMA_CLASSES, Topology, build_topology, read_structure
+from cryogmm.runtime import pick_device
 
 # the issue's goals for refined models
 GOALS = dict(rama_outlier_pct=0.0, rotamer_outlier_pct=1.0, clashscore=2.0, bond_rmsz=1.0, angle_rmsz=1.0)
@@ -56,6 +57,7 @@ class ValidateConfig:
     map: Path | None = None
     resolution_A: float | None = None
     restraints: tuple = ()  # user monomer dictionaries (CIF paths)
+    device: str = "cpu"  # where the geometry is computed (auto, cpu, cuda[:N]); the map figures run on the CPU
 
 
 def rmsz(z):
@@ -315,12 +317,12 @@ def _check_resolution(with_map: bool, resolution_A):
 
 
 def validate_model(topo: Topology, grid: MapGrid | None = None, resolution_A: float | None = None, *,
-                   name: str = "") -> tuple[dict, Restraints]:
+                   name: str = "", device="cpu") -> tuple[dict, Restraints]:
     """Every validation figure of ``topo``'s coordinates (and its fit to ``grid`` at
     ``resolution_A``), in memory: the report and the restraints used (the engine API the
     ChimeraX door calls on its open model)."""
     _check_resolution(grid is not None, resolution_A)
-    r = Restraints(topo)
+    r = Restraints(topo, device=device)
     rep = {"model": name}
     rep.update(validate_coords(topo, topo.coords, r, details=True))
     rep["warnings"] = list(topo.warnings)
@@ -335,7 +337,7 @@ def write_validation(out: Path, topo: Topology, rep: dict, restraints: Restraint
     """``report.json`` and ``ramachandran.png`` of a validation into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    x = restraints.with_h(torch.as_tensor(topo.coords))
+    x = restraints.with_h(torch.as_tensor(topo.coords, device=restraints.device))
     pp, _, _, verdict = rama_table(restraints, x)
     rama_plot(pp, verdict, out / "ramachandran.png", title=title)
     write_report(out / "report.json", rep)
@@ -350,7 +352,7 @@ def validate(cfg: ValidateConfig, progress=None) -> dict:
     if cfg.map is not None:
         grid = read_map_grid(cfg.map)
         check_overlap(topo, grid, cfg.map)
-    rep, r = validate_model(topo, grid, cfg.resolution_A, name=str(cfg.model))
+    rep, r = validate_model(topo, grid, cfg.resolution_A, name=str(cfg.model), device=pick_device(cfg.device))
     if grid is not None:
         rep["map"] = str(cfg.map)
     if cfg.out is not None:

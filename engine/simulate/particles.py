@@ -67,7 +67,7 @@ def _check_options(cfg: SimulateConfig):
     if len(sources) != 1:
         raise OptionError("--model/--map/--trajectory/--endpoints", "give exactly one source of the structure")
     if cfg.n < 1:
-        raise OptionError("--n", f"{cfg.n} particles; expected at least 1")
+        raise OptionError("--n-particles", f"{cfg.n} particles; expected at least 1")
     if cfg.snr <= 0:
         raise OptionError("--snr", f"{cfg.snr}; expected a positive signal-to-noise ratio (inf for no noise)")
     if cfg.endpoints and cfg.frames < 2:
@@ -156,7 +156,7 @@ def _draw_particles(cfg: SimulateConfig, rng: np.random.Generator, n_frames: int
         given = read_particles(cfg.poses)
         given.require(poses=True, ctf=False)
         if given.n < cfg.n:
-            raise OptionError("--poses", f"{cfg.poses} holds {given.n} poses; --n asks for {cfg.n}")
+            raise OptionError("--poses", f"{cfg.poses} holds {given.n} poses; --n-particles asks for {cfg.n}")
         R_true = given.rotmat[: cfg.n]
         shift_true = given.shift_A[: cfg.n]
     else:

@@ -64,7 +64,7 @@ class CryoGmmProtFitGmm(CryoGmmBase, ProtAnalysis3D):
                 "--iterations", self.iterations.get(), "--batch", self.batch.get(),
                 "--seed", self.seed.get(), "--out", self._getFitDir()]
         if self.nGaussians.get() > 0:
-            args += ["--n", self.nGaussians.get()]
+            args += ["--n-gaussians", self.nGaussians.get()]
         if self.threshold.get() is not None:
             args += ["--threshold", self.threshold.get()]
         self._runEngine("fit-gmm", args)

@@ -77,7 +77,7 @@ class CryoGmmProtSimulate(CryoGmmBase, ProtParticles):
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def simulateStep(self):
-        args = ["--n", self.n.get(), "--snr", self.snr.get() if self.snr.get() > 0 else "inf",
+        args = ["--n-particles", self.n.get(), "--snr", self.snr.get() if self.snr.get() > 0 else "inf",
                 "--defocus", self.defocusMin.get(), self.defocusMax.get(),
                 "--voltage", self.voltage.get(), "--cs", self.cs.get(),
                 "--amp-contrast", self.ampContrast.get(), "--seed", self.seed.get(),
