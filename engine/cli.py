@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    from cryogmm.runtime import close_bars
+
+    close_bars()  # bars of stages that ended early (an optimiser converged) end as they stand
     if dist is not None:
         dist.finish()
     return int(ret or 0)

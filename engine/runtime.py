@@ -7,30 +7,90 @@ import time
 from cryogmm.errors import OptionError
 
 
+def stage_unit(stage: str) -> str:
+    """What a stage's ``done``/``total`` count, from its name (the jobs' stage names): particles
+    (``ptcl``) for reading, simulating, reconstructing and aligning particles, images (``img``)
+    for a training epoch, ``frame`` for maps along a trajectory, ``map`` for a series' capture,
+    optimiser ``step`` otherwise (model refinement, mixture fits, L-BFGS evaluations)."""
+    s = stage.lower()
+    if s.startswith("epoch"):
+        return "img"
+    if s.startswith("maps along"):
+        return "frame"
+    if s.startswith("capture"):
+        return "map"
+    if ("particles" in s or s in ("simulate", "reconstruct") or " iteration " in f" {s} "
+            or s.startswith("conformation")):
+        return "ptcl"
+    return "step"
+
+
+_OPEN = set()  # Progress objects with bars open, closed by close_bars() when a job returns
+
+
+def close_bars() -> None:
+    """End the bars every :class:`Progress` left open (the CLI calls it when a job returns)."""
+    for p in list(_OPEN):
+        p.close()
+
+
 class Progress:
     """Progress reporting for a job: ``progress(stage, done, total)``.
 
-    With ``callback=None`` and ``bar=True`` it draws tqdm bars on stderr (the CLI); Scipion
-    and ChimeraX pass their own callback.
+    With ``callback=None`` and ``bar=True`` it draws tqdm bars on stderr (the CLI), one per
+    stage, counting in the stage's unit (:func:`stage_unit`, or ``units[stage]``); a stage that
+    starts again (``done`` below the bar's count, or another ``total``: the repeated polish
+    rounds) gets a fresh bar, and :meth:`close` ends any bar a stage left open (an optimiser
+    that converged before its step budget). On a terminal finished bars vanish; in a log (not
+    a terminal) each bar's last state stays, so the log shows that it moved. Scipion and
+    ChimeraX pass their own callback.
     """
 
-    def __init__(self, callback=None, bar: bool = False):
+    def __init__(self, callback=None, bar: bool = False, units: dict | None = None):
         self.callback, self.bar = callback, bar
+        self.units = dict(units or {})
         self._bars = {}
 
     def __call__(self, stage: str, done: int, total: int):
         if self.callback is not None:
             self.callback(stage, done, total)
-        if self.bar:
-            from tqdm.auto import tqdm
+        if not self.bar:
+            return
+        import sys
 
-            b = self._bars.get(stage)
-            if b is None:
-                b = self._bars[stage] = tqdm(total=total, desc=stage, unit="ptcl", leave=False, dynamic_ncols=True)
+        from tqdm.auto import tqdm
+
+        b = self._bars.get(stage)
+        if b is not None and (b.total != total or done < b.n):
+            b.close()
+            b = None
+        if b is None:
+            tty = sys.stderr.isatty()
+            b = self._bars[stage] = tqdm(total=total, initial=min(done, total), desc=stage,
+                                         unit=self.units.get(stage) or stage_unit(stage), leave=not tty,
+                                         dynamic_ncols=True, mininterval=0.2 if tty else 5.0)
+            _OPEN.add(self)
+        else:
             b.update(done - b.n)
-            if done >= total:
-                b.close()
-                del self._bars[stage]
+        if done >= total:
+            b.close()
+            del self._bars[stage]
+            if not self._bars:
+                _OPEN.discard(self)
+
+    def close(self):
+        """End every bar still open (shown as it stands)."""
+        for b in self._bars.values():
+            b.close()
+        self._bars.clear()
+        _OPEN.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def pick_device(name: str | None = None):

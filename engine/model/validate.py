@@ -32,6 +32,7 @@ from cryogmm.core.similarity import fsc, resolution_at
 from cryogmm.errors import OptionError
 from cryogmm.io.maps import MapGrid, read_map_grid
 from cryogmm.io.outputs import write_report
+from cryogmm.io.plots import rama_plot
 from cryogmm.model.density import check_overlap, model_map
 from cryogmm.model.restraints import (
     CLASH_OVERLAP,
@@ -338,8 +339,10 @@ def write_validation(out: Path, topo: Topology, rep: dict, restraints: Restraint
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x = restraints.with_h(torch.as_tensor(topo.coords, device=restraints.device))
-    pp, _, _, verdict = rama_table(restraints, x)
-    rama_plot(pp, verdict, out / "ramachandran.png", title=title)
+    pp, classes, _, verdict = rama_table(restraints, x)
+    tabs = reference_tables()["rama"]
+    rama_plot(out / "ramachandran.png", pp, classes, verdict,
+              {c: (tabs[c]["grid"], RAMA_ALLOWED[c], RAMA_FAVOURED) for c in RAMA_CLASSES}, title=title)
     write_report(out / "report.json", rep)
 
 
@@ -398,33 +401,3 @@ def ca_rmsd(topo: Topology, coords: np.ndarray, ref_path) -> float:
     if not d:
         raise OptionError("--reference", f"{ref_path} shares no Cα atoms with the model")
     return float(np.sqrt(np.mean(d)))
-
-
-def rama_plot(pp, verdict, path, title: str = "") -> Path:
-    """Ramachandran scatter over the general-case contours (favoured 2%, allowed 0.05%)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tab = reference_tables()["rama"]["general"]
-    g = tab["grid"]
-    ax_ = np.linspace(-179, 179, g.shape[0])
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
-    ax.contourf(ax_, ax_, g.T, levels=[RAMA_ALLOWED["general"], RAMA_FAVOURED, 1.01], colors=["#dbe9f6", "#9ecae1"])
-    colours = {"favoured": "#08519c", "allowed": "#f28e2b", "outlier": "#d62728"}
-    for v, c in colours.items():
-        sel = np.array([w == v for w in verdict], dtype=bool)
-        if sel.any():
-            ax.scatter(pp[sel, 0], pp[sel, 1], s=8 if v == "favoured" else 20, c=c, label=f"{v} ({sel.sum()})")
-    ax.set_xlim(-180, 180); ax.set_ylim(-180, 180)
-    ax.set_xticks(range(-180, 181, 60)); ax.set_yticks(range(-180, 181, 60))
-    ax.set_xlabel("φ (°)"); ax.set_ylabel("ψ (°)")
-    ax.set_title(title or "Ramachandran (Top8000 general contours)")
-    ax.legend(loc="lower right", fontsize=8)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

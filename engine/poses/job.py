@@ -450,7 +450,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
         if str(cfg.star).endswith(".cs") and not expanded:
             write_particles(out_table, od.path("refined.cs"))
         _write_maps_and_patches(od, inp, table, extra, h1, h2, final, patches)
-        fsc_plot(curves, box, apix, od.path("fsc.png"))
+        fsc_plot(curves, box, apix, od.path("fsc.png"), mask="soft spherical" + (" x focus" if mask is not None else ""))
         n_align = table.n * (len(run["history"]) + sum(len(pr["history"]) for pr in patch_runs))
         t_align = sum(h["seconds_align"] for h in run["history"]) + sum(
             h["seconds_align"] for pr in patch_runs for h in pr["history"])
