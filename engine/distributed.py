@@ -230,6 +230,16 @@ def _start_watchdog():
     t = threading.Thread(target=_watch, args=(main.ident, can_signal), name="cryogmm-dist-watchdog", daemon=True)
     _state["watchdog"] = t
     t.start()
+    # a script calling the engine under torchrun (not the CLI, which reports failures itself):
+    # an uncaught exception is reported to the other ranks before Python prints it
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, PeerFailure):
+            report_failure(" ".join(str(value).split()) or kind.__name__)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _on_peer_signal(signum, frame):
