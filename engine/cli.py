@@ -4,6 +4,8 @@
 A :class:`cryogmm.errors.CryoGMMError` raised by a job, a bad option (argparse's error,
 an unknown command) are printed as one line on stderr and the process exits with code 2.
 SIGTERM (what a batch scheduler sends) unwinds like Ctrl-C: no partial output is left.
+Under ``torchrun`` the first rank to fail reports it to the others (:mod:`cryogmm.distributed`),
+which stop within seconds; its message is printed once, theirs say which rank failed.
 """
 
 from __future__ import annotations
@@ -122,8 +124,6 @@ def main(argv=None) -> int:
 def _distributed():
     """:mod:`cryogmm.distributed` when started by ``torchrun`` with several processes (it
     imports torch, which a plain ``cryogmm info`` never pays for), else None."""
-    import os
-
     if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1") or "RANK" not in os.environ:
         return None
     from cryogmm import distributed
@@ -140,6 +140,8 @@ def _failed(name: str, e: BaseException, dist) -> int:
 
     from cryogmm.errors import CryoGMMError
 
+    if isinstance(e, SystemExit):
+        raise e
     where = ""
     if dist is not None:
         first = not isinstance(e, dist.PeerFailure) and dist.report_failure(_one_line(e))
@@ -158,16 +160,15 @@ def _failed(name: str, e: BaseException, dist) -> int:
     if isinstance(e, KeyboardInterrupt):
         print(f"cryogmm {name}: interrupted{where}", file=sys.stderr)
         return 130
-    if isinstance(e, SystemExit):
-        raise e
-    if dist is not None and _is_comm_error(e):
+    if dist is None:
+        raise e  # a bug on one process: Python's traceback, exit 1, as ever
+    if _is_comm_error(e):
         t = dist.timeout_s()
         limit = f"--dist-timeout is {t:g} s" if t else "the timeout is torch's default"
         print(f"cryogmm {name}: error{where}: the process group failed ({_one_line(e)}); {limit}", file=sys.stderr)
         return 1
     traceback.print_exception(e)
-    if where:
-        print(f"cryogmm {name}: failed{where}; every rank stopped", file=sys.stderr)
+    print(f"cryogmm {name}: failed{where}; every rank stopped", file=sys.stderr)
     return 1
 
 
