@@ -101,3 +101,28 @@ def test_unknown_command_prints_an_error_line(capsys):
 def test_bad_alias_value_names_the_option(capsys):
     assert main(["simulate", "--model", "m.pdb", "--n", "0", "--out", "o"]) == 2
     assert "--n" in capsys.readouterr().err
+
+
+def test_hetero_decode_out_is_a_folder_and_the_old_file_form_still_works(tmp_path):
+    import json
+
+    from cryogmm.demo import example_model
+    from cryogmm.hetero import config as hetero_config
+    from cryogmm.hetero import train as hetero_train
+    from cryogmm.simulate.particles import SimulateConfig, simulate
+
+    simulate(SimulateConfig(out=tmp_path / "sim", model=example_model("open"), n=40, box=32, apix=3.5, snr=1.0, seed=1,
+                            device="cpu"))
+    hetero_train.train_hetero(hetero_config.HeteroConfig(
+        star=tmp_path / "sim" / "particles.star", model=example_model("open"), out=tmp_path / "run",
+        map=tmp_path / "sim" / "truth_map.mrc", decoder="segments", segments=4, zdim=1, epochs=1, batch=40,
+        lowpass_A=12.0, seed=0, device="cpu", hidden=16))
+    (tmp_path / "z.txt").write_text("-1\n0\n1\n")
+    assert main(["hetero", "decode", str(tmp_path / "run"), "--z", str(tmp_path / "z.txt"), "--out",
+                 str(tmp_path / "dec"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["models.pdb", "report.json"]
+    assert (tmp_path / "dec" / "models.pdb").read_text().count("ENDMDL") == 3
+    assert json.loads((tmp_path / "dec" / "report.json").read_text())["models"] == 3
+    assert main(["hetero", "decode", str(tmp_path / "run"), "--z", str(tmp_path / "z.txt"), "--out",
+                 str(tmp_path / "old.pdb"), "--device", "cpu"]) == 0  # deprecated: --out FILE.pdb
+    assert (tmp_path / "old.pdb").read_text().count("ENDMDL") == 3
