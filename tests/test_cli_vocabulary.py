@@ -103,6 +103,7 @@ def test_bad_alias_value_names_the_option(capsys):
     assert "--n" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains a (tiny) run first: about 2 CPU-minutes
 def test_hetero_decode_out_is_a_folder_and_the_old_file_form_still_works(tmp_path):
     import json
 
