@@ -30,13 +30,20 @@ Several processes or GPUs (``torch.distributed``; gloo on CPUs, NCCL on GPUs)::
     torchrun --nproc_per_node 2 -m cryogmm.cli hetero train particles.star --model ref.pdb --out run
 
 The training step is wrapped in ``DistributedDataParallel``. Each epoch's permutation and
-each batch's latent noise are drawn identically on every rank (same seeds); every global
-batch of ``batch`` particles is split among the ranks by stride (``idx[rank::world]``, the
-split ``DistributedSampler`` makes), each rank's loss is its share of the global batch mean,
-and DDP averages the gradients: the optimiser sees the gradient of the one-process batch,
-so training follows the one-process run up to float reduction order. Rank 0 alone writes the
-checkpoint (every epoch), ``config.json``, ``loss.png`` and ``report.json``; ``resume`` works
-with any number of processes. Each rank holds the Fourier-cropped particles in memory.
+each batch's latent noise are drawn identically on every rank (same seeds); each rank holds
+(or streams) only its contiguous shard of the particles (:func:`cryogmm.distributed.shard`)
+and takes, of every global batch of ``batch`` particles, those of its shard
+(:func:`cryogmm.hetero.data.shard_share`); each rank's loss is its share of the global batch
+mean, and DDP averages the gradients: the optimiser sees the gradient of the one-process
+batch, so training follows the one-process run up to float reduction order. Rank 0 alone
+writes the checkpoint (every epoch), ``config.json``, ``loss.png`` and ``report.json``;
+``resume`` works with any number of processes.
+
+Particles (:mod:`cryogmm.hetero.data`): held in memory, Fourier-cropped, when they fit the
+memory budget (``max_memory_gb``; ``load="memory"`` insists and is refused over budget),
+otherwise streamed: each batch read from the stacks and cropped when needed, the next one
+prepared in a background thread, so memory does not grow with the number of particles. Both
+give the same batches (to float32 rounding) in the same seeded order.
 
 Precision: ``matmul_precision`` ``tf32`` lets the encoder's and the projection's float32
 matrix products use TF32 tensor cores on GPUs; the loss sums and the Adam state stay float32.

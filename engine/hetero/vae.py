@@ -293,16 +293,6 @@ class TrainStep(nn.Module):
         return dterm + beta * kl + rterm, dterm, kl, terms
 
 
-def rank_share(idx_all, eps_all, r: int, w: int):
-    """Rank ``r``'s share of a global batch (particles ``idx_all``, latent noise ``eps_all``): every
-    ``w``-th row from row ``r`` (the split ``DistributedSampler`` makes). Returns ``(idx, eps, weight)``;
-    a rank left without particles gets a zero-weight stand-in, so that DDP's collectives stay in step."""
-    idx, eps = idx_all[r::w], eps_all[r::w]
-    if len(idx) == 0:
-        return idx_all[:1], eps_all[:1], 0.0
-    return idx, eps, 1.0
-
-
 def rank_loss(per: torch.Tensor, weight: float, n_all: int, w: int) -> torch.Tensor:
     """The loss whose gradient, averaged by DDP over ``w`` ranks, is the gradient of the mean of
     ``per`` over the whole global batch of ``n_all`` particles (one process: that mean)."""
