@@ -33,29 +33,31 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def write_stack(work: Path, n: int, seed: int = 0, snr: float = 0.1, chunk: int = 4000) -> dict:
-    """The on-disk stack and STAR (see the module docstring); returns what was made."""
+def write_stack(work: Path, n: int, seed: int = 0, snr: float = 0.1, chunk: int = 4000, model: Path | None = None,
+                box: int = 64, apix: float = 2.0, distinct: int = 500, name: str = "stream") -> dict:
+    """The on-disk stack and STAR (see the module docstring; ``model``: default adenylate kinase,
+    ``distinct`` noise-free projections tiled, ``name``.mrcs/.star); returns what was made."""
     import mrcfile
     import numpy as np
     import starfile
 
     import cryogmm.data
 
-    model = Path(cryogmm.data.__file__).parent / "adk_open.pdb"
+    model = model or Path(cryogmm.data.__file__).parent / "adk_open.pdb"
     sim = work / "sim"
     if not (sim / "particles.star").is_file():
-        subprocess.run([sys.executable, "-m", "cryogmm.cli", "simulate", "--model", str(model), "--n", "500",
-                        "--box", "64", "--apix", "2", "--snr", "inf", "--seed", str(seed), "--out", str(sim)],
+        subprocess.run([sys.executable, "-m", "cryogmm.cli", "simulate", "--model", str(model), "--n", str(distinct),
+                        "--box", str(box), "--apix", str(apix), "--snr", "inf", "--seed", str(seed), "--out", str(sim)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with mrcfile.open(sim / "particles.mrcs", permissive=True) as m:
         signal = np.asarray(m.data, dtype=np.float32).copy()
     k, box = signal.shape[0], signal.shape[-1]
     sd = float(np.sqrt(signal.var(axis=(1, 2)).mean() / snr))
-    stack = work / "stream.mrcs"
+    stack = work / f"{name}.mrcs"
     t0 = time.perf_counter()
     # header and a sparse file of the full size (nothing is touched through the memory map) ...
     with mrcfile.new_mmap(stack, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
-        m.voxel_size = 2.0
+        m.voxel_size = apix
         m.header.ispg = 0  # a stack of images
         offset = 1024 + int(m.header.nsymbt)
     # ... then the images with positioned writes, chunk by chunk (bounded memory here too)
@@ -71,11 +73,11 @@ def write_stack(work: Path, n: int, seed: int = 0, snr: float = 0.1, chunk: int 
     blocks = starfile.read(sim / "particles.star", always_dict=True)
     parts = blocks["particles"]
     big = parts.iloc[np.arange(n) % k].reset_index(drop=True)
-    big["rlnImageName"] = [f"{i + 1:06d}@stream.mrcs" for i in range(n)]
+    big["rlnImageName"] = [f"{i + 1:06d}@{name}.mrcs" for i in range(n)]
     if "rlnRandomSubset" in big.columns:
         big = big.drop(columns="rlnRandomSubset")
-    starfile.write({"optics": blocks["optics"], "particles": big}, work / "stream.star", overwrite=True)
-    return {"n": n, "box": box, "apix_A": 2.0, "snr": snr, "distinct_projections": k,
+    starfile.write({"optics": blocks["optics"], "particles": big}, work / f"{name}.star", overwrite=True)
+    return {"n": n, "box": box, "apix_A": apix, "snr": snr, "distinct_projections": k,
             "stack_GB": stack.stat().st_size / 1e9, "seconds_write": time.perf_counter() - t0}
 
 

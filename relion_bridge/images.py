@@ -27,7 +27,7 @@ import pandas as pd
 
 from cryogmm.errors import StackError
 
-__all__ = ["ImageSource"]
+__all__ = ["ImageSource", "prefetched"]
 
 _MAX_OPEN = 64
 
@@ -224,7 +224,7 @@ class ImageSource:
             for idx in parts:
                 yield idx, self.images(idx)
             return
-        yield from _prefetched(self, parts, int(prefetch))
+        yield from prefetched(self.images, parts, int(prefetch))
 
     def close(self) -> None:
         with self._lock:
@@ -262,8 +262,10 @@ def _pread_into(fd: int, buf: memoryview, offset: int, path) -> None:
 _DONE = object()
 
 
-def _prefetched(source: ImageSource, parts, depth: int):
-    """Yield ``(idx, source.images(idx))`` for ``parts`` while a worker thread reads ahead."""
+def prefetched(fn, parts, depth: int):
+    """Yield ``(part, fn(part))`` for each of ``parts`` in order while a worker thread computes up
+    to ``depth`` results ahead (``fn`` should release the GIL: file reads, torch ops). An
+    exception in ``fn`` is raised in the caller; leaving the loop early stops the worker."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -279,7 +281,7 @@ def _prefetched(source: ImageSource, parts, depth: int):
     def work():
         try:
             for idx in parts:
-                if stop.is_set() or not put((idx, source.images(idx))):
+                if stop.is_set() or not put((idx, fn(idx))):
                     return
             put(_DONE)
         except BaseException as e:  # handed to the consumer, raised there

@@ -179,7 +179,8 @@ import torch
 from cryogmm import distributed
 from cryogmm.hetero.config import HeteroConfig
 from cryogmm.hetero.train import setup
-from cryogmm.hetero.vae import ForwardModel, TrainStep, build_vae, rank_loss, rank_share, restraint_pairs
+from cryogmm.hetero.data import shard_share
+from cryogmm.hetero.vae import ForwardModel, TrainStep, build_vae, rank_loss, restraint_pairs
 
 star, model, mapf, out = sys.argv[1:5]
 cfg = HeteroConfig(star=Path(star), model=Path(model), map=Path(mapf), out=Path(out), segments=8, zdim=2,
@@ -194,10 +195,11 @@ with torch.no_grad():  # away from the start (the decoder's last layer is zero t
 fw = ForwardModel(vae, ref, data, dev)
 pairs = restraint_pairs(ref, elastic_seq=cfg.elastic_seq)
 step = distributed.ddp(TrainStep(vae, fw, pairs, cfg, 0.1), dev)
-r, w = distributed.rank(), distributed.world()
-idx_all = np.arange(0, 62, 2)  # 31 particles: the ranks get 16 and 15
+w = distributed.world()
+idx_all = np.arange(0, 310, 10)  # 31 particles: the ranks' shards (160 rows each) hold 16 and 15
 eps_all = torch.randn(len(idx_all), cfg.zdim)
-idx, eps, weight = rank_share(idx_all, eps_all, r, w)
+idx, pick, weight = shard_share(idx_all, data.rows)
+eps = eps_all[torch.as_tensor(pick)]
 per, *_ = step(idx, eps, 0.5)
 rank_loss(per, weight, len(idx_all), w).backward()
 if distributed.is_main():

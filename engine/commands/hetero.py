@@ -137,6 +137,14 @@ def add_args(p):
                         "default 4: local geometry held, hinges free)")
     t.add_argument("--project-dir", type=Path, help="folder that image paths in STAR are relative to")
     t.add_argument("--max-particles", type=positive_int, help="use only the first N particles")
+    t.add_argument("--max-memory-gb", type=positive_float,
+                   help="host memory budget per process: particles are held in memory when they fit it, streamed "
+                        "from disk batch by batch otherwise (default: a quarter of the machine's memory)")
+    held = t.add_mutually_exclusive_group()
+    held.add_argument("--in-memory", dest="load", action="store_const", const="memory", default="auto",
+                      help="hold every cropped particle in memory (refused when --max-memory-gb cannot hold them)")
+    held.add_argument("--stream", dest="load", action="store_const", const="stream",
+                      help="always stream the particles from disk (memory independent of their number)")
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt up to --epochs")
     t.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     add_force(t)
@@ -188,7 +196,8 @@ def main(args) -> int:
             bond_weight=args.bond_weight, clash_weight=args.clash_weight, sidechain_weight=args.sidechain_weight,
             elastic_weight=args.elastic_weight, elastic_seq=args.elastic_seq,
             project_dir=args.project_dir, max_particles=args.max_particles, resume=args.resume, seed=args.seed,
-            device=args.device, matmul_precision=args.matmul_precision,
+            device=args.device, matmul_precision=args.matmul_precision, load=args.load,
+            max_memory_gb=args.max_memory_gb,
         )
         from cryogmm import distributed
 

@@ -42,4 +42,6 @@ class HeteroConfig:
     device: str | None = None
     max_particles: int | None = None
     matmul_precision: str = "highest"
+    load: str = "auto"  # particles held in memory, streamed from disk, or auto (hetero.data.memory_plan)
+    max_memory_gb: float | None = None
     calibrate: bool = True  # coarse Gaussians drawn where the reference's atoms put density (vae.calibrate_base)

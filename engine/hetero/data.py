@@ -1,21 +1,43 @@
 """Particles for heterogeneity training: images Fourier-cropped to the low-pass, with CTFs,
-poses and shifts as tensors; the Fourier-space projection of Gaussians at those poses."""
+poses and shifts as tensors; the Fourier-space projection of Gaussians at those poses.
+
+Two ways to hold the particles, same numbers (:class:`ParticleData`):
+
+- **in memory** (``resident``): every cropped transform is read once and kept (the fastest
+  epochs when they fit);
+- **streamed**: only the table's per-particle numbers stay in memory; a batch's images are read
+  from the stacks when it is needed (positioned reads of :class:`~cryogmm.bridge.images.ImageSource`,
+  the next batch prepared in a background thread by the training loop) and cropped then, so
+  host memory does not grow with the number of particles.
+
+Under ``torchrun`` each rank holds (or reads) only its contiguous shard of the particles
+(:func:`cryogmm.distributed.shard`); the noise variance is summed over the shards.
+``load_particles(load="auto")`` keeps the particles in memory when their estimated footprint
+fits the memory budget (``max_memory_gb``, default a quarter of the machine's memory shared by
+the ranks of a node) and streams them otherwise.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cryogmm import distributed
 from cryogmm.bridge.images import ImageSource
 from cryogmm.bridge.io import read_particles
 from cryogmm.core.ctf import CtfParams, ctf_rfft2, rfft2_frequencies
 from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.projection import rotate_centers
 from cryogmm.errors import OptionError, StarError
+
+#: host memory of a training process besides its particles (interpreter, torch, model, optimiser), bytes
+BASELINE_BYTES = 0.6e9
+LOADS = ("auto", "memory", "stream")
 
 
 # --------------------------------------------------------------------------- particles
@@ -29,15 +51,84 @@ def _crop_rows(box: int, crop: int):
     return np.concatenate([np.arange(crop // 2), np.arange(box - crop // 2, box)])
 
 
+def crop_fourier(imgs, rows: torch.Tensor, crop: int) -> torch.Tensor:
+    """Real images ``[B, box, box]`` (centre at ``box // 2``) -> their orthonormal ``rfft2``
+    cropped to ``[B, crop, crop//2+1]`` (``rows``: :func:`_crop_rows`)."""
+    x = torch.as_tensor(imgs)
+    f = torch.fft.rfft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho")
+    return f[:, rows, : crop // 2 + 1].clone()
+
+
+def resident_bytes_per_particle(crop: int) -> int:
+    """Host bytes one particle costs in memory during training: its cropped transform (complex64),
+    its CTF (float32) and the two encoder images (float32, built once, briefly twice)."""
+    half = crop * (crop // 2 + 1)
+    return 8 * half + 4 * half + 2 * (2 * crop * crop * 4)
+
+
+def batch_bytes(batch: int, box: int, prefetch: int = 1) -> int:
+    """Host bytes of the batches in flight when streaming: the images read, their full
+    transforms (FFT work space) and the cropped results, ``prefetch + 2`` batches."""
+    return (prefetch + 2) * batch * box * box * 4 * 4
+
+
+def default_budget_gb() -> float:
+    """Memory budget without ``--max-memory-gb``: a quarter of the machine's memory, shared by
+    the ranks of this node (``LOCAL_WORLD_SIZE``)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16e9
+    return total / 4 / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) / 1e9
+
+
+def memory_plan(table, *, n_local: int, box: int, crop: int, batch: int, load: str = "auto",
+                max_memory_gb: float | None = None) -> dict:
+    """Whether the particles are held in memory or streamed, with the estimates behind it.
+
+    Raises :class:`~cryogmm.errors.OptionError` naming ``--max-memory-gb`` when the budget
+    cannot hold the particles in memory and ``load == "memory"`` (asked explicitly), or cannot
+    hold even the streamed job (baseline, table and the batches in flight)."""
+    if load not in LOADS:
+        raise OptionError("--load", f"{load!r}; expected one of {', '.join(LOADS)}")
+    if max_memory_gb is not None and not max_memory_gb > 0:
+        raise OptionError("--max-memory-gb", f"{max_memory_gb}; expected a positive number of GB")
+    table_bytes = int(table.particles.memory_usage(deep=True).sum()) + 120 * table.n  # + poses, CTF tensors
+    fixed = BASELINE_BYTES + table_bytes
+    in_memory = fixed + n_local * resident_bytes_per_particle(crop) + batch_bytes(batch, box)
+    streamed = fixed + batch_bytes(batch, box)
+    budget = (max_memory_gb if max_memory_gb is not None else default_budget_gb()) * 1e9
+    if load == "memory" and max_memory_gb is not None and in_memory > budget:
+        raise OptionError("--max-memory-gb", f"{max_memory_gb:g} GB cannot hold {n_local} particles in memory "
+                          f"(crop {crop} px: about {in_memory / 1e9:.2f} GB with --in-memory); leave out "
+                          "--in-memory to stream them from disk")
+    if load != "memory" and max_memory_gb is not None and streamed > budget:
+        raise OptionError("--max-memory-gb", f"{max_memory_gb:g} GB cannot hold the job even streaming "
+                          f"(about {streamed / 1e9:.2f} GB: interpreter, the table of {table.n} particles and "
+                          f"the batches of {batch} box-{box} images in flight)")
+    resident = load == "memory" or (load == "auto" and in_memory <= budget)
+    return {"resident": resident, "estimate_in_memory_GB": in_memory / 1e9, "estimate_streamed_GB": streamed / 1e9,
+            "budget_GB": budget / 1e9}
+
+
+def _ctf_rows(p: CtfParams, idx) -> CtfParams:
+    idx = torch.as_tensor(np.asarray(idx))
+    return CtfParams(**{f: getattr(p, f)[idx] for f in CtfParams.FIELDS})
+
+
 @dataclass
 class ParticleData:
-    """Particles in memory, Fourier-cropped: ``ft [n, crop, crop//2+1]`` complex (``rfft2``
-    layout, orthonormal: white noise of variance ``noise_var`` per pixel keeps that variance
-    per coefficient), poses ``rotmat [n,3,3]``, ``shift_A [n,2]``, CTF on the cropped grid
-    computed per batch from ``table``."""
+    """Particles Fourier-cropped: ``fourier(idx)`` gives ``[len(idx), crop, crop//2+1]``
+    complex (``rfft2`` layout, orthonormal: white noise of variance ``noise_var`` per pixel
+    keeps that variance per coefficient) of table rows ``idx``; poses ``rotmat [n,3,3]``,
+    ``shift_A [n,2]`` for every row; CTF on the cropped grid computed per batch.
+
+    ``rows``: the table rows this process holds or reads (all of them on one process, its
+    contiguous shard under ``torchrun``). ``ft`` holds their transforms when ``resident``;
+    otherwise it is None and ``fourier`` reads the images from ``source``."""
 
     table: object
-    ft: torch.Tensor
+    ft: torch.Tensor | None
     rotmat: torch.Tensor
     shift_A: torch.Tensor
     box: int
@@ -48,29 +139,68 @@ class ParticleData:
     k2: torch.Tensor  # |k|^2 (1/Å^2) on the cropped grid
     kx: torch.Tensor
     ky: torch.Tensor
+    rows: np.ndarray | None = None
+    source: ImageSource | None = None
+    ctf_params: CtfParams | None = None
+    plan: dict | None = None
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = np.arange(self.table.n, dtype=np.int64)
+        if self.ctf_params is None:
+            self.ctf_params = CtfParams.from_table(self.table, np.arange(self.table.n))
+        self._crop_index = torch.as_tensor(_crop_rows(self.box, self.crop))
 
     @property
     def n(self) -> int:
-        return int(self.ft.shape[0])
+        """Number of particles (all ranks together)."""
+        return int(self.table.n)
+
+    @property
+    def resident(self) -> bool:
+        return self.ft is not None
 
     @property
     def apix_crop(self) -> float:
         return self.apix * self.box / self.crop
 
+    def local(self, idx) -> torch.Tensor:
+        """Positions in this process's ``rows`` (a contiguous range) of table rows ``idx``."""
+        i = np.asarray(idx, dtype=np.int64) - int(self.rows[0]) if len(self.rows) else np.asarray(idx)
+        if i.size and (i.min() < 0 or i.max() >= len(self.rows)):
+            raise IndexError("particles outside this process's shard were asked for")
+        return torch.as_tensor(i)
+
+    def fourier(self, idx) -> torch.Tensor:
+        """Cropped transforms of table rows ``idx`` (held, or read and cropped now)."""
+        if self.ft is not None:
+            return self.ft[self.local(idx)]
+        self.local(idx)  # a rank reads only its own shard
+        return crop_fourier(self.source.images(idx), self._crop_index, self.crop)
+
     def ctf(self, idx) -> torch.Tensor:
-        return ctf_rfft2(CtfParams.from_table(self.table, np.asarray(idx)), self.crop, self.apix_crop)
+        return ctf_rfft2(_ctf_rows(self.ctf_params, idx), self.crop, self.apix_crop)
 
     def images_real(self, ft: torch.Tensor) -> torch.Tensor:
         """Cropped transforms -> centred real images ``[B, crop, crop]``."""
         return torch.fft.fftshift(torch.fft.irfft2(ft, s=(self.crop, self.crop), norm="ortho"), dim=(-2, -1))
 
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
 
 def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float | None = None, batch: int = 512,
-                   max_particles: int | None = None, progress=None) -> ParticleData:
-    """Read a STAR (or .cs) with poses and CTF and Fourier-crop every image to ``lowpass_A``.
+                   max_particles: int | None = None, progress=None, load: str = "memory",
+                   max_memory_gb: float | None = None, train_batch: int = 64, sharded: bool = False) -> ParticleData:
+    """Read a STAR (or .cs) with poses and CTF; hold every image Fourier-cropped to ``lowpass_A``
+    in memory or stream them (``load``: ``memory``, ``stream`` or ``auto``, see :func:`memory_plan`;
+    ``train_batch``: the training batch, for the estimate). ``sharded``: under ``torchrun`` this
+    rank takes only its contiguous shard (:func:`cryogmm.distributed.shard`).
 
     The noise variance is measured in real space outside ``radius_A`` (default 0.8 x the box
-    radius): the mean variance of those pixels over the particles.
+    radius): the mean variance of those pixels over the particles (one pass over every image,
+    read ``batch`` at a time with the next batch read ahead).
     """
 
     progress = progress or (lambda *a: None)
@@ -91,27 +221,34 @@ def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float 
     if lowpass_A < 2 * apix:
         raise OptionError("--lowpass-A", f"{lowpass_A:g} Å is beyond Nyquist ({2 * apix:g} Å) of {star}")
     crop = crop_size(box, apix, lowpass_A)
-    rows = torch.as_tensor(_crop_rows(box, crop))
+    w = distributed.world() if sharded else 1
+    if table.n < w:
+        raise StarError(star, f"holds {table.n} particles for {w} processes: use fewer processes")
+    rows = distributed.shard(table.n) if w > 1 else np.arange(table.n, dtype=np.int64)
+    plan = memory_plan(table, n_local=len(rows), box=box, crop=crop, batch=train_batch, load=load,
+                       max_memory_gb=max_memory_gb)
+    resident = plan["resident"]
+    crop_index = torch.as_tensor(_crop_rows(box, crop))
     src = ImageSource.from_table(table)
     yy, xx = np.mgrid[:box, :box] - box // 2
     r = np.hypot(yy, xx) * apix
     rad = 0.8 * box // 2 * apix if radius_A is None else radius_A
     outside = torch.as_tensor(r > rad)
-    fts, var_sum, var_n = [], 0.0, 0
-    for idx, imgs in src.chunks(batch):
-        x = torch.as_tensor(imgs)
-        if outside.any():
-            bg = x[:, outside]
-            var_sum += float(bg.var(dim=1).sum())
-            var_n += len(idx)
-        f = torch.fft.rfft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho")
-        fts.append(f[:, rows, : crop // 2 + 1].clone())
-        progress("read particles", int(idx[-1]) + 1, table.n)
-    src.close()
-    ft = torch.cat(fts)
-    if var_n == 0:
+    if not outside.any():
         raise StarError(star, f"images of {box} px leave no pixels outside {rad:g} Å to measure the noise")
-    noise_var = var_sum / var_n
+    fts, var_sum = [], 0.0
+    for idx, imgs in src.chunks(batch, indices=rows, prefetch=1):
+        x = torch.as_tensor(imgs)
+        var_sum += float(x[:, outside].var(dim=1).sum())
+        if resident:
+            fts.append(crop_fourier(x, crop_index, crop))
+        progress("read particles", int(idx[-1]) + 1 - int(rows[0]), len(rows))
+    tot = distributed.all_reduce_sum(torch.tensor([var_sum, float(len(rows))], dtype=torch.float64))
+    noise_var = float(tot[0]) / float(tot[1])
+    ft = torch.cat(fts) if resident else None
+    del fts
+    if resident:
+        src.close()
     if not np.isfinite(noise_var) or noise_var <= 0:
         raise StarError(star, "images have no variance outside the particle (blank or masked images?)")
 
@@ -123,7 +260,22 @@ def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float 
         table=table, ft=ft, rotmat=torch.as_tensor(table.rotmat, dtype=torch.float32),
         shift_A=torch.as_tensor(table.shift_A, dtype=torch.float32), box=box, apix=apix, crop=crop,
         noise_var=float(noise_var), band=band.float(), k2=k2.float(), kx=kx[0].float(), ky=ky[:, 0].float(),
+        rows=rows, source=None if resident else src, plan=plan,
     )
+
+
+def shard_share(idx_all: np.ndarray, rows: np.ndarray):
+    """This process's share of a global batch ``idx_all`` (sorted table rows): the rows of its own
+    contiguous shard ``rows``. Returns ``(idx, pick, weight)``, ``idx = idx_all[pick]``; a process
+    with none of the batch gets a zero-weight stand-in (its first row), so that DDP's collectives
+    stay in step. Every global batch is the one-process batch, split by who holds the particle:
+    training follows the one-process run whatever the number of processes (the shares' sizes
+    vary around ``len(idx_all) / world`` from batch to batch)."""
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    pick = np.flatnonzero((idx_all >= lo) & (idx_all < hi))
+    if len(pick) == 0:
+        return rows[:1], np.zeros(1, dtype=np.int64), 0.0
+    return idx_all[pick], pick, 1.0
 
 
 # --------------------------------------------------------------------------- forward model

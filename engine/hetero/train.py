@@ -30,13 +30,20 @@ Several processes or GPUs (``torch.distributed``; gloo on CPUs, NCCL on GPUs)::
     torchrun --nproc_per_node 2 -m cryogmm.cli hetero train particles.star --model ref.pdb --out run
 
 The training step is wrapped in ``DistributedDataParallel``. Each epoch's permutation and
-each batch's latent noise are drawn identically on every rank (same seeds); every global
-batch of ``batch`` particles is split among the ranks by stride (``idx[rank::world]``, the
-split ``DistributedSampler`` makes), each rank's loss is its share of the global batch mean,
-and DDP averages the gradients: the optimiser sees the gradient of the one-process batch,
-so training follows the one-process run up to float reduction order. Rank 0 alone writes the
-checkpoint (every epoch), ``config.json``, ``loss.png`` and ``report.json``; ``resume`` works
-with any number of processes. Each rank holds the Fourier-cropped particles in memory.
+each batch's latent noise are drawn identically on every rank (same seeds); each rank holds
+(or streams) only its contiguous shard of the particles (:func:`cryogmm.distributed.shard`)
+and takes, of every global batch of ``batch`` particles, those of its shard
+(:func:`cryogmm.hetero.data.shard_share`); each rank's loss is its share of the global batch
+mean, and DDP averages the gradients: the optimiser sees the gradient of the one-process
+batch, so training follows the one-process run up to float reduction order. Rank 0 alone
+writes the checkpoint (every epoch), ``config.json``, ``loss.png`` and ``report.json``;
+``resume`` works with any number of processes.
+
+Particles (:mod:`cryogmm.hetero.data`): held in memory, Fourier-cropped, when they fit the
+memory budget (``max_memory_gb``; ``load="memory"`` insists and is refused over budget),
+otherwise streamed: each batch read from the stacks and cropped when needed, the next one
+prepared in a background thread, so memory does not grow with the number of particles. Both
+give the same batches (to float32 rounding) in the same seeded order.
 
 Precision: ``matmul_precision`` ``tf32`` lets the encoder's and the projection's float32
 matrix products use TF32 tensor cores on GPUs; the loss sums and the Adam state stay float32.
@@ -61,7 +68,7 @@ import torch
 from cryogmm import distributed
 from cryogmm.errors import InputError, OptionError
 from cryogmm.hetero.config import CHECKPOINT, CONFIG, HeteroConfig
-from cryogmm.hetero.data import load_particles
+from cryogmm.hetero.data import load_particles, shard_share
 from cryogmm.hetero.reference import load_reference, map_center
 from cryogmm.hetero.vae import (
     ForwardModel,
@@ -70,7 +77,6 @@ from cryogmm.hetero.vae import (
     calibrate_base,
     load_vae_state,
     rank_loss,
-    rank_share,
     restraint_pairs,
 )
 from cryogmm.io.outputs import atomic_output, write_report
@@ -95,7 +101,8 @@ def _check_config(cfg: HeteroConfig):
 
 def setup(cfg: HeteroConfig, progress=None):
     data = load_particles(cfg.star, lowpass_A=cfg.lowpass_A, project_dir=cfg.project_dir,
-                          max_particles=cfg.max_particles, progress=progress)
+                          max_particles=cfg.max_particles, progress=progress, load=cfg.load,
+                          max_memory_gb=cfg.max_memory_gb, train_batch=cfg.batch, sharded=True)
     center = map_center(cfg.map, data.box, data.apix) if cfg.map else None
     ref = load_reference(cfg.model, box=data.box, apix=data.apix, mode=cfg.gaussians,
                          resolution_A=cfg.resolution_A, center_A=center)
@@ -156,18 +163,21 @@ def _resume_state(cfg: HeteroConfig):
     return state
 
 
-def _train_epoch(epoch: int, cfg: HeteroConfig, step, opt, rng, n: int, dev, progress) -> dict:
-    """One pass over the particles (each rank its share of every batch); the epoch's record."""
-    r, w = distributed.rank(), distributed.world()
+def _train_epoch(epoch: int, cfg: HeteroConfig, step, opt, rng, n: int, dev, progress, fw) -> dict:
+    """One pass over the particles (each rank its share of every batch, the particles of its own
+    shard; streamed batches prepared one ahead); the epoch's record."""
+    w = distributed.world()
     t0 = time.perf_counter()
     beta = cfg.beta * min(1.0, (epoch + 1) / max(1, cfg.kl_warmup))
     order = rng.permutation(n)
     sums = {"loss": 0.0, "data": 0.0, "kl": 0.0}
-    for b0 in range(0, n, cfg.batch):
-        idx_all = np.sort(order[b0:b0 + cfg.batch])
+    batches = [np.sort(order[b0:b0 + cfg.batch]) for b0 in range(0, n, cfg.batch)]
+    shares = [shard_share(b, fw.data.rows) for b in batches]
+    done = 0
+    for _, idx_all, (idx, pick, weight) in zip(fw.prefetch([s[0] for s in shares]), batches, shares):
         # the batch's latent noise, drawn whole on every rank (the one-process stream), then split
         eps_all = torch.randn(len(idx_all), cfg.zdim, device=dev)
-        idx, eps, weight = rank_share(idx_all, eps_all, r, w)
+        eps = eps_all[torch.as_tensor(pick, device=dev)]
         per, dterm, kl, terms = step(idx, eps, beta)
         loss = rank_loss(per, weight, len(idx_all), w)
         opt.zero_grad(set_to_none=True)
@@ -179,7 +189,8 @@ def _train_epoch(epoch: int, cfg: HeteroConfig, step, opt, rng, n: int, dev, pro
         sums["kl"] += float(kl.detach().mean()) * k
         for name, v in terms.items():
             sums[name] = sums.get(name, 0.0) + float(v.detach().mean()) * k
-        progress(f"epoch {epoch + 1}/{cfg.epochs}", b0 + len(idx_all), n)
+        done += len(idx_all)
+        progress(f"epoch {epoch + 1}/{cfg.epochs}", done, n)
     if w > 1:
         keys = sorted(sums)
         tot = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
@@ -240,7 +251,7 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     seconds_train = sum(h["seconds"] for h in history)
     for epoch in range(first, cfg.epochs):
         vae.train()
-        rec = _train_epoch(epoch, cfg, step, opt, rng, n, dev, progress)
+        rec = _train_epoch(epoch, cfg, step, opt, rng, n, dev, progress, fw)
         seconds_train += rec["seconds"]
         history.append(rec)
         if main:
@@ -268,6 +279,11 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     }
     if w > 1:
         report["processes"] = w
+    report["particles"] = {"held": "memory" if data.resident else "streamed", "per_process": len(data.rows),
+                           **{k: v for k, v in data.plan.items() if k != "resident"}}
+    if cfg.max_memory_gb is not None:
+        report["max_memory_gb"] = cfg.max_memory_gb
+    data.close()
     if main:
         loss_plot(out / "loss.png", history)
         write_report(out / "report.json", report)

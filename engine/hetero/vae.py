@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cryogmm import distributed
+from cryogmm.bridge.images import prefetched
 from cryogmm.core.rotations import random_rotations
 from cryogmm.errors import InputError
 from cryogmm.hetero.config import HeteroConfig
@@ -161,8 +163,10 @@ class ForwardModel:
     """The per-batch computation shared by training, encoding and evaluation.
 
     The encoder's inputs (the band-limited image and the reference's CTF-modulated
-    projection at the particle's pose, both whitened) and the CTFs are computed once for all
-    particles: the reference does not change during training.
+    projection at the particle's pose, both whitened) and the CTFs are computed once for the
+    particles held in memory (the reference does not change during training); for streamed
+    particles (:class:`~cryogmm.hetero.data.ParticleData` not ``resident``) they are computed
+    per batch with the same functions, the next batch in a background thread (:meth:`prefetch`).
     """
 
     def __init__(self, vae: HeteroVAE, ref: Reference, data: ParticleData, device, chunk: int = 512):
@@ -175,34 +179,71 @@ class ForwardModel:
         self.band = data.band.to(device)
         self.sd = math.sqrt(data.noise_var)
         self.apix3 = data.apix**3
-        self.ctf_all = torch.cat([data.ctf(np.arange(b0, min(b0 + chunk, data.n))) for b0 in range(0, data.n, chunk)])
-        # the image scale: least squares of the reference against (up to) 256 particles
+        self.ctf_all = self.enc_all = None
+        self._ready = None
+        rows = data.rows
+        parts = [rows[b0:b0 + chunk] for b0 in range(0, len(rows), chunk)]
+        if data.resident:
+            self.ctf_all = torch.cat([data.ctf(idx) for idx in parts]) if parts else None
+        # the image scale: least squares of the reference against the first (up to) 256 particles
+        # (summed over the ranks that hold them)
         with torch.no_grad():
-            x, R, sh, ctf = self._batch(np.arange(min(data.n, 256)))
-            p = self.project(self.base_drawn, R, sh, ctf)
-            self.ref_scale = float((self.band * (x.conj() * p).real).sum() / (self.band * (p.abs() ** 2)).sum())
+            first = rows[rows < min(data.n, 256)]
+            num = torch.zeros(2)
+            if len(first):
+                x, R, sh, ctf = self._batch(first)
+                p = self.project(self.base_drawn, R, sh, ctf)
+                num[0] = (self.band * (x.conj() * p).real).sum().cpu()
+                num[1] = (self.band * (p.abs() ** 2)).sum().cpu()
+            distributed.all_reduce_sum(num)
+            self.ref_scale = float(num[0] / num[1])
         if not self.ref_scale > 0:
             raise InputError(data.table.source, "the images do not correlate positively with the reference model's "
                              "projections: check the poses, the CTF sign or the model's position (--map)")
-        encs = []
-        with torch.no_grad():
-            for b0 in range(0, data.n, chunk):
-                idx = np.arange(b0, min(b0 + chunk, data.n))
-                x, R, sh, ctf = self._batch(idx)
-                ref_ft = self.project(self.base_drawn, R, sh, ctf) * self.ref_scale
-                img = data.images_real(x * (self.band > 0)) / self.sd
-                rimg = data.images_real(ref_ft * (self.band > 0)) / self.sd
-                encs.append(torch.stack([img, rimg], 1).cpu())
-        self.enc_all = torch.cat(encs)
+        if data.resident:
+            with torch.no_grad():
+                self.enc_all = torch.cat([self.encoder_inputs(*self._batch(idx)).cpu() for idx in parts])
+
+    def encoder_inputs(self, x, R, sh, ctf) -> torch.Tensor:
+        """``[B, 2, crop, crop]``: the whitened band-limited images and reference projections."""
+        ref_ft = self.project(self.base_drawn, R, sh, ctf) * self.ref_scale
+        img = self.data.images_real(x * (self.band > 0)) / self.sd
+        rimg = self.data.images_real(ref_ft * (self.band > 0)) / self.sd
+        return torch.stack([img, rimg], 1)
 
     def _batch(self, idx):
         d = self.data
         idx_t = torch.as_tensor(idx)
-        return (d.ft[idx_t].to(self.dev), d.rotmat[idx_t].to(self.dev), d.shift_A[idx_t].to(self.dev),
-                self.ctf_all[idx_t].to(self.dev))
+        ctf = self.ctf_all[d.local(idx)] if self.ctf_all is not None else d.ctf(idx)
+        return (d.fourier(idx).to(self.dev), d.rotmat[idx_t].to(self.dev), d.shift_A[idx_t].to(self.dev),
+                ctf.to(self.dev))
+
+    @torch.no_grad()
+    def _compute(self, idx):
+        x, R, sh, ctf = self._batch(idx)
+        enc = self.enc_all[self.data.local(idx)].to(self.dev) if self.enc_all is not None else \
+            self.encoder_inputs(x, R, sh, ctf)
+        return x, R, sh, ctf, enc
 
     def batch(self, idx):
-        return self._batch(idx) + (self.enc_all[torch.as_tensor(idx)].to(self.dev),)
+        """``(x, R, shift, ctf, encoder inputs)`` of particles ``idx`` (this process's own)."""
+        if self._ready is not None and np.array_equal(self._ready[0], idx):
+            return self._ready[1]
+        return self._compute(idx)
+
+    def prefetch(self, parts, depth: int = 1):
+        """Iterate over ``parts`` (index arrays); inside the loop ``batch(part)`` returns the batch
+        computed ahead by a background thread (streamed particles: read, cropped, CTF and encoder
+        inputs), up to ``depth`` batches ahead. Particles in memory need no thread."""
+        if self.data.resident or depth < 1:
+            yield from parts
+            return
+        try:
+            for idx, b in prefetched(self._compute, parts, depth):
+                self._ready = (idx, b)
+                yield idx
+        finally:
+            self._ready = None
 
     def project(self, g, R, sh, ctf):
         # orthonormal DFT of a box-px image drawn by `project` = P / (apix^3 * box)
@@ -250,16 +291,6 @@ class TrainStep(nn.Module):
         terms = restraint_terms(g.centers, self._pairs)
         rterm = sum(self._w[k] * v for k, v in terms.items()) if terms else torch.zeros_like(dterm)
         return dterm + beta * kl + rterm, dterm, kl, terms
-
-
-def rank_share(idx_all, eps_all, r: int, w: int):
-    """Rank ``r``'s share of a global batch (particles ``idx_all``, latent noise ``eps_all``): every
-    ``w``-th row from row ``r`` (the split ``DistributedSampler`` makes). Returns ``(idx, eps, weight)``;
-    a rank left without particles gets a zero-weight stand-in, so that DDP's collectives stay in step."""
-    idx, eps = idx_all[r::w], eps_all[r::w]
-    if len(idx) == 0:
-        return idx_all[:1], eps_all[:1], 0.0
-    return idx, eps, 1.0
 
 
 def rank_loss(per: torch.Tensor, weight: float, n_all: int, w: int) -> torch.Tensor:
