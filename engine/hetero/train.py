@@ -60,7 +60,7 @@ import torch
 
 from cryogmm import distributed
 from cryogmm.errors import InputError, OptionError
-from cryogmm.hetero.config import CHECKPOINT, CONFIG, HeteroConfig
+from cryogmm.hetero.config import CHECKPOINT, CONFIG, LATENTS, HeteroConfig
 from cryogmm.hetero.data import load_particles
 from cryogmm.hetero.reference import load_reference, map_center
 from cryogmm.hetero.vae import (
@@ -69,6 +69,7 @@ from cryogmm.hetero.vae import (
     build_vae,
     calibrate_base,
     load_vae_state,
+    polish_latents,
     rank_loss,
     rank_share,
     restraint_pairs,
@@ -91,6 +92,22 @@ def _check_config(cfg: HeteroConfig):
             raise OptionError(name, f"{v}; expected at least {lo}")
     if cfg.lowpass_A <= 0:
         raise OptionError("--lowpass-A", f"{cfg.lowpass_A}; expected a positive resolution in Å")
+    if cfg.lowpass_start_A is not None and not cfg.lowpass_start_A >= cfg.lowpass_A:
+        raise OptionError("--lowpass-start-A", f"{cfg.lowpass_start_A}; expected a resolution at least --lowpass-A "
+                          f"({cfg.lowpass_A} Å): annealing goes from coarse to fine")
+    if cfg.polish_steps < 0:
+        raise OptionError("--polish-steps", f"{cfg.polish_steps}; expected 0 or more")
+
+
+def band_resolution(cfg: HeteroConfig, epoch: int) -> float | None:
+    """The loss band's resolution (Å) in ``epoch`` (0-based) under resolution annealing: from
+    ``lowpass_start_A`` to ``lowpass_A`` linearly in spatial frequency over ``anneal_epochs``
+    (default half the epochs), then ``lowpass_A``; None without annealing (the whole band)."""
+    if cfg.lowpass_start_A is None:
+        return None
+    n = cfg.anneal_epochs if cfg.anneal_epochs is not None else max(1, cfg.epochs // 2)
+    f = min(1.0, epoch / max(1, n))
+    return 1.0 / ((1 - f) / cfg.lowpass_start_A + f / cfg.lowpass_A)
 
 
 def setup(cfg: HeteroConfig, progress=None):
@@ -240,11 +257,26 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     seconds_train = sum(h["seconds"] for h in history)
     for epoch in range(first, cfg.epochs):
         vae.train()
+        fw.set_band(band_resolution(cfg, epoch))
         rec = _train_epoch(epoch, cfg, step, opt, rng, n, dev, progress)
+        rec["band_A"] = band_resolution(cfg, epoch) or cfg.lowpass_A
         seconds_train += rec["seconds"]
         history.append(rec)
         if main:
             _save_checkpoint(out / CHECKPOINT, vae, opt, epoch, history, cfg, data, ref, rng)
+    fw.set_band(None)
+    outputs = [CHECKPOINT, CONFIG, "loss.png", "report.json"]
+    polish = None
+    if cfg.polish_steps > 0 and main:
+        vae.eval()
+        t0 = time.perf_counter()
+        z = polish_latents(step.module if hasattr(step, "module") else step, n, steps=cfg.polish_steps)
+        with atomic_output(out / LATENTS) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, z)
+        outputs.append(LATENTS)
+        polish = {"steps": cfg.polish_steps, "seconds": time.perf_counter() - t0, "latents": LATENTS,
+                  "rows": int(len(z)), "zdim": int(z.shape[1])}
     report = {
         "job": "hetero train",
         "decoder": cfg.decoder,
@@ -264,7 +296,8 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
         "device": str(dev),
         "seconds": timer(),
         "config": _config_json(cfg),
-        "outputs": [CHECKPOINT, CONFIG, "loss.png", "report.json"],
+        "outputs": outputs,
+        "latent_polish": polish,
     }
     if w > 1:
         report["processes"] = w
