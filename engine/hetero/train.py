@@ -25,6 +25,17 @@ the reference and the decoder learns motion, not coarse-graining (particles of t
 alone decoded 0.7-1.1 Å from it without this, 0.11 Å with it). A checkpoint is
 written after every epoch; ``resume`` continues from it.
 
+Precision (issue 18): ``lowpass_start_A`` anneals the loss band from that coarse resolution to
+``lowpass_A`` (linear in spatial frequency over ``anneal_epochs``; the particles are cropped
+to ``lowpass_A`` and the encoder sees that whole band from the start), so the decoder learns
+the large motions first and refines them with the finer data; ``polish_steps`` runs a
+per-particle latent polish after training (:func:`cryogmm.hetero.vae.polish_latents`, MAP
+``z`` of every particle under the trained decoder) and writes ``latents_polished.npy``. On
+targeted-MD frames of HIV protease (benchmarks/hetero_thermal.py, 2,000 particles, SNR 0.1,
+segments) annealing 10 -> 6 Å took the median decoded Cα RMSD from 0.78 to 0.64 Å and the
+reference-window particles from 0.41 to 0.29 Å of the reference; the polish raised |Spearman|
+from 0.88 to 0.90.
+
 Several processes or GPUs (``torch.distributed``; gloo on CPUs, NCCL on GPUs)::
 
     torchrun --nproc_per_node 2 -m cryogmm.cli hetero train particles.star --model ref.pdb --out run
