@@ -28,7 +28,7 @@ state made by turning chain B 20° about the dimer's centre; ``adk``: adenylate 
    - ``decoder_fit``: the trained decoder's best model of each true frame (its latent fitted to
      the frame's Cα coordinates directly, no images): what the decoder can express;
    - ``segments_family_fit`` (segments): free rigid motions of the run's learned segments
-     fitted to each frame's Cα.
+     fitted to each frame's Cα, starting from the decoder's own fit.
 
 Usage (a few minutes of MD per molecule, then ~4 min of training per decoder and SNR on 2 cores):
   python benchmarks/hetero_thermal.py --work /tmp/hetero_thermal --molecules 1hvr adk \
@@ -314,9 +314,9 @@ def fit_bounds(run, truth_ca, ca, z0, steps: int = 200) -> dict:
         with torch.no_grad():
             m = dfm.membership()
             piv = dfm.pivots(base, m)
-        F, K = len(target), dfm.K
-        rv = torch.zeros(F, K, 3, requires_grad=True)
-        tr = torch.zeros(F, K, 3, requires_grad=True)
+            rv0, tr0 = dfm.motions(z.detach())  # from the decoder's own best fit: this bound is never worse
+        rv = rv0.clone().requires_grad_(True)
+        tr = tr0.clone().requires_grad_(True)
         opt = torch.optim.Adam([rv, tr], lr=0.02)
         for _ in range(steps):
             r = ((blend_rigid(pts, m[owner], rv, tr, piv) - target) ** 2).sum(-1).mean(-1)
