@@ -118,6 +118,11 @@ def add_args(p):
     t.add_argument("--epochs", type=positive_int, default=20, help="epochs (default 20)")
     t.add_argument("--batch", type=positive_int, default=64, help="particles per batch (default 64)")
     t.add_argument("--lowpass-A", type=positive_float, default=8.0, help="highest resolution used, Å (default 8)")
+    t.add_argument("--lowpass-start-A", type=positive_float, metavar="A",
+                   help="resolution annealing: the loss band starts at this resolution and reaches --lowpass-A")
+    t.add_argument("--anneal-epochs", type=positive_int, help="epochs of the annealing (default half of --epochs)")
+    t.add_argument("--polish-steps", type=nonnegative_int, default=0,
+                   help="per-particle latent polish after training (MAP z, writes latents_polished.npy; default 0)")
     t.add_argument("--gaussians", choices=("ca", "residue2"), default="ca",
                    help="coarse model: one Gaussian per residue (ca) or backbone + side chain (residue2)")
     t.add_argument("--loss", choices=("gaussian", "correlation"), default="gaussian",
@@ -191,7 +196,8 @@ def main(args) -> int:
         cfg = hetero_config.HeteroConfig(
             star=args.star, model=args.model, out=args.out, map=args.map, decoder=args.decoder,
             segments=args.segments, per_chain=args.per_chain, zdim=args.zdim, epochs=args.epochs, batch=args.batch,
-            lowpass_A=args.lowpass_A, gaussians=args.gaussians, loss=args.loss, kl_warmup=args.kl_warmup,
+            lowpass_A=args.lowpass_A, lowpass_start_A=args.lowpass_start_A, anneal_epochs=args.anneal_epochs,
+            polish_steps=args.polish_steps, gaussians=args.gaussians, loss=args.loss, kl_warmup=args.kl_warmup,
             beta=args.beta, lr=args.lr, hidden=args.hidden, temperature=args.temperature,
             bond_weight=args.bond_weight, clash_weight=args.clash_weight, sidechain_weight=args.sidechain_weight,
             elastic_weight=args.elastic_weight, elastic_seq=args.elastic_seq,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
+LATENTS = "latents_polished.npy"  # per-particle polished latents (polish_steps > 0), particle order
 
 
 # --------------------------------------------------------------------------- configs
@@ -22,6 +23,10 @@ class HeteroConfig:
     epochs: int = 20
     batch: int = 64
     lowpass_A: float = 8.0
+    # resolution annealing: the loss band starts at this resolution (Å, coarser than
+    # lowpass_A) and reaches lowpass_A linearly in spatial frequency by anneal_epochs (None: no annealing)
+    lowpass_start_A: float | None = None
+    anneal_epochs: int | None = None  # default: half of the epochs
     gaussians: str = "ca"
     resolution_A: float | None = None
     loss: str = "gaussian"
@@ -44,4 +49,5 @@ class HeteroConfig:
     matmul_precision: str = "highest"
     load: str = "auto"  # particles held in memory, streamed from disk, or auto (hetero.data.memory_plan)
     max_memory_gb: float | None = None
+    polish_steps: int = 0  # per-particle latent polish (MAP z under the trained decoder) after training
     calibrate: bool = True  # coarse Gaussians drawn where the reference's atoms put density (vae.calibrate_base)

@@ -25,6 +25,17 @@ the reference and the decoder learns motion, not coarse-graining (particles of t
 alone decoded 0.7-1.1 Å from it without this, 0.11 Å with it). A checkpoint is
 written after every epoch; ``resume`` continues from it.
 
+Precision (issue 18): ``lowpass_start_A`` anneals the loss band from that coarse resolution to
+``lowpass_A`` (linear in spatial frequency over ``anneal_epochs``; the particles are cropped
+to ``lowpass_A`` and the encoder sees that whole band from the start), so the decoder learns
+the large motions first and refines them with the finer data; ``polish_steps`` runs a
+per-particle latent polish after training (:func:`cryogmm.hetero.vae.polish_latents`, MAP
+``z`` of every particle under the trained decoder) and writes ``latents_polished.npy``. On
+targeted-MD frames of HIV protease (benchmarks/hetero_thermal.py, 2,000 particles, SNR 0.1,
+segments) annealing 10 -> 6 Å took the median decoded Cα RMSD from 0.78 to 0.64 Å and the
+reference-window particles from 0.41 to 0.29 Å of the reference; the polish raised |Spearman|
+from 0.88 to 0.90.
+
 Several processes or GPUs (``torch.distributed``; gloo on CPUs, NCCL on GPUs)::
 
     torchrun --nproc_per_node 2 -m cryogmm.cli hetero train particles.star --model ref.pdb --out run
@@ -67,7 +78,7 @@ import torch
 
 from cryogmm import distributed
 from cryogmm.errors import InputError, OptionError
-from cryogmm.hetero.config import CHECKPOINT, CONFIG, HeteroConfig
+from cryogmm.hetero.config import CHECKPOINT, CONFIG, LATENTS, HeteroConfig
 from cryogmm.hetero.data import load_particles, shard_share
 from cryogmm.hetero.reference import load_reference, map_center
 from cryogmm.hetero.vae import (
@@ -76,6 +87,7 @@ from cryogmm.hetero.vae import (
     build_vae,
     calibrate_base,
     load_vae_state,
+    polish_latents,
     rank_loss,
     restraint_pairs,
 )
@@ -97,6 +109,22 @@ def _check_config(cfg: HeteroConfig):
             raise OptionError(name, f"{v}; expected at least {lo}")
     if cfg.lowpass_A <= 0:
         raise OptionError("--lowpass-A", f"{cfg.lowpass_A}; expected a positive resolution in Å")
+    if cfg.lowpass_start_A is not None and not cfg.lowpass_start_A >= cfg.lowpass_A:
+        raise OptionError("--lowpass-start-A", f"{cfg.lowpass_start_A}; expected a resolution at least --lowpass-A "
+                          f"({cfg.lowpass_A} Å): annealing goes from coarse to fine")
+    if cfg.polish_steps < 0:
+        raise OptionError("--polish-steps", f"{cfg.polish_steps}; expected 0 or more")
+
+
+def band_resolution(cfg: HeteroConfig, epoch: int) -> float | None:
+    """The loss band's resolution (Å) in ``epoch`` (0-based) under resolution annealing: from
+    ``lowpass_start_A`` to ``lowpass_A`` linearly in spatial frequency over ``anneal_epochs``
+    (default half the epochs), then ``lowpass_A``; None without annealing (the whole band)."""
+    if cfg.lowpass_start_A is None:
+        return None
+    n = cfg.anneal_epochs if cfg.anneal_epochs is not None else max(1, cfg.epochs // 2)
+    f = min(1.0, epoch / max(1, n))
+    return 1.0 / ((1 - f) / cfg.lowpass_start_A + f / cfg.lowpass_A)
 
 
 def setup(cfg: HeteroConfig, progress=None):
@@ -251,11 +279,30 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     seconds_train = sum(h["seconds"] for h in history)
     for epoch in range(first, cfg.epochs):
         vae.train()
+        fw.set_band(band_resolution(cfg, epoch))
         rec = _train_epoch(epoch, cfg, step, opt, rng, n, dev, progress, fw)
+        rec["band_A"] = band_resolution(cfg, epoch) or cfg.lowpass_A
         seconds_train += rec["seconds"]
         history.append(rec)
         if main:
             _save_checkpoint(out / CHECKPOINT, vae, opt, epoch, history, cfg, data, ref, rng)
+    fw.set_band(None)
+    outputs = [CHECKPOINT, CONFIG, "loss.png", "report.json"]
+    polish = None
+    if cfg.polish_steps > 0:  # every rank polishes its own rows; rank 0 writes them all
+        vae.eval()
+        t0 = time.perf_counter()
+        z_mine = polish_latents(step.module if hasattr(step, "module") else step, data.rows, steps=cfg.polish_steps)
+        z = torch.zeros((n, z_mine.shape[1]), dtype=torch.float32)
+        z[torch.as_tensor(data.rows)] = torch.from_numpy(z_mine)
+        z = distributed.gather_rows(z, data.rows).numpy()
+        if main:
+            with atomic_output(out / LATENTS) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, z)
+        outputs.append(LATENTS)
+        polish = {"steps": cfg.polish_steps, "seconds": time.perf_counter() - t0, "latents": LATENTS,
+                  "rows": int(len(z)), "zdim": int(z.shape[1])}
     report = {
         "job": "hetero train",
         "decoder": cfg.decoder,
@@ -275,7 +322,8 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
         "device": str(dev),
         "seconds": timer(),
         "config": _config_json(cfg),
-        "outputs": [CHECKPOINT, CONFIG, "loss.png", "report.json"],
+        "outputs": outputs,
+        "latent_polish": polish,
     }
     if w > 1:
         report["processes"] = w

@@ -177,6 +177,7 @@ class ForwardModel:
         self.base_drawn = self.base.with_centers(self.base.centers + off) if len(off) else self.base
         self.kx, self.ky = data.kx.to(device), data.ky.to(device)
         self.band = data.band.to(device)
+        self._band_full, self._k2 = self.band, data.k2.to(device)
         self.sd = math.sqrt(data.noise_var)
         self.apix3 = data.apix**3
         self.ctf_all = self.enc_all = None
@@ -210,6 +211,14 @@ class ForwardModel:
         img = self.data.images_real(x * (self.band > 0)) / self.sd
         rimg = self.data.images_real(ref_ft * (self.band > 0)) / self.sd
         return torch.stack([img, rimg], 1)
+
+    def set_band(self, resolution_A: float | None) -> None:
+        """Restrict the loss band to frequencies up to ``1/resolution_A`` (resolution annealing);
+        None: the particles' whole band (``lowpass_A``). The encoder's inputs keep the whole band."""
+        if resolution_A is None:
+            self.band = self._band_full
+        else:
+            self.band = self._band_full * (self._k2 <= 1.0 / float(resolution_A) ** 2)
 
     def _batch(self, idx):
         d = self.data
@@ -279,18 +288,59 @@ class TrainStep(nn.Module):
         self._w = {"bond": cfg.bond_weight, "sidechain": cfg.sidechain_weight, "clash": cfg.clash_weight,
                    "elastic": elastic_weight}
 
-    def forward(self, idx, eps, beta: float):
-        fw, cfg = self._fw, self._cfg
-        x, R, sh, ctf, enc = fw.batch(idx)
-        mu, logvar = fw.encode(enc)
-        z = mu + eps * torch.exp(0.5 * logvar)
+    def objective(self, batch, z):
+        """Per image: data term and restraint terms of latent ``z`` for a ``fw.batch`` tuple."""
+        fw = self._fw
+        x, R, sh, ctf = batch[:4]
         g = self.vae.deformer(fw.base, z)
         p = fw.predict(self.vae.drawn(fw.base, z, g), R, sh, ctf)
-        dterm = _data_term(x, p, fw.band, fw.data.noise_var, cfg.loss)
-        kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
+        dterm = _data_term(x, p, fw.band, fw.data.noise_var, self._cfg.loss)
         terms = restraint_terms(g.centers, self._pairs)
         rterm = sum(self._w[k] * v for k, v in terms.items()) if terms else torch.zeros_like(dterm)
+        return dterm, rterm, terms
+
+    def forward(self, idx, eps, beta: float):
+        fw = self._fw
+        batch = fw.batch(idx)
+        mu, logvar = fw.encode(batch[4])
+        z = mu + eps * torch.exp(0.5 * logvar)
+        dterm, rterm, terms = self.objective(batch, z)
+        kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
         return dterm + beta * kl + rterm, dterm, kl, terms
+
+
+def polish_latents(step: TrainStep, rows, steps: int = 40, lr: float = 0.02, batch: int = 256) -> np.ndarray:
+    """Per-particle latent polish after training: starting from the encoder's posterior mean,
+    each particle's ``z`` is moved to the maximum of its own posterior under the trained decoder
+    (data term + restraints + the standard normal prior ``|z|^2 / 2``; network frozen, Adam,
+    ``steps`` steps, independent per particle). The amortised encoder averages over particles;
+    the polish fits every image itself. ``rows``: the table rows this process holds or reads.
+    Returns ``[len(rows), zdim]``."""
+    vae, fw = step.vae, step._fw
+    frozen = [(p, p.requires_grad) for p in vae.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    out = []
+    try:
+        rows = np.asarray(rows)
+        for b0 in range(0, len(rows), batch):
+            idx = rows[b0:b0 + batch]
+            bt = fw.batch(idx)
+            with torch.no_grad():
+                z0, _ = fw.encode(bt[4])
+            z = z0.clone().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=lr)
+            for _ in range(steps):
+                dterm, rterm, _ = step.objective(bt, z)
+                loss = (dterm + rterm + 0.5 * (z**2).sum(1)).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            out.append(z.detach().cpu())
+    finally:
+        for p, g in frozen:
+            p.requires_grad_(g)
+    return torch.cat(out).numpy()
 
 
 def rank_loss(per: torch.Tensor, weight: float, n_all: int, w: int) -> torch.Tensor:
