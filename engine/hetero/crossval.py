@@ -51,11 +51,14 @@ from cryogmm.core.masks import soft_mask_from_map
 from cryogmm.core.similarity import fsc as fsc_fn
 from cryogmm.core.similarity import resolution_at
 from cryogmm.errors import StarError
+from cryogmm.hetero.run import Run
+from cryogmm.hetero.train import train_hetero
 from cryogmm.io import maps as mapio
 from cryogmm.io.outputs import atomic_output, write_report
 from cryogmm.io.plots import new_figure, save_figure
 from cryogmm.io.structures import gaussians_from_coords, write_models
 from cryogmm.recon.job import reconstruct_table
+from cryogmm.runtime import Timer, pick_device
 
 HALVES = "halves.json"
 HALF_DIRS = ("half1", "half2")
@@ -90,9 +93,6 @@ def train_halves(cfg, progress=None) -> dict:
     """``hetero train --halves``: one ordinary training per half set into ``cfg.out/half1`` and
     ``cfg.out/half2`` (each a complete run, analysable on its own), ``cfg.out/particles.star``
     (both halves), ``halves.json`` and ``report.json`` (both trainings' figures)."""
-    from cryogmm.hetero.train import train_hetero
-    from cryogmm.runtime import Timer, pick_device
-
     timer = Timer()
     star = Path(cfg.star)
     if not star.is_file():
@@ -133,8 +133,6 @@ def train_halves(cfg, progress=None) -> dict:
 def load_halves(run_dir, device=None, star=None, project_dir=None):
     """The two half runs of a ``--halves`` folder, each over every particle (``particles.star``,
     or ``star``: the same particles moved)."""
-    from cryogmm.hetero.run import Run
-
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / HALVES).read_text())
     star = Path(star) if star is not None else run_dir / meta.get("particles", "particles.star")
