@@ -59,6 +59,7 @@ def halves_sim(tmp_path_factory):
     return d, model
 
 
+@pytest.mark.slow
 def test_halves_run_layout(halves_sim):
     d, _ = halves_sim
     run = d / "clean"
