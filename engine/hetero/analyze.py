@@ -61,7 +61,13 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
     z-score ``fit_z`` (:func:`robust_low_z`: robust SDs below the median) and a latent outlier
     distance (:func:`mahalanobis`), as ``rlnCryogmmFitScore``, ``rlnCryogmmFitZ`` and
     ``rlnCryogmmLatentOutlier`` in ``particles_latent.star``. ``junk``: particles with
-    ``fit_z > junk`` are rejected."""
+    ``fit_z > junk`` are rejected.
+
+    A run trained with ``--halves`` (:mod:`cryogmm.hetero.crossval`): every particle is encoded
+    and scored by its own half's network, half 2's latents mapped onto half 1's axes; the
+    trajectories decode with half 1's network; per cluster the half-set cross-validation
+    (``report.json`` ``crossval``, ``crossval.png``, ``crossval_stateK_{model,map}{1,2}.mrc``,
+    ``crossval_models_half{1,2}.pdb``)."""
 
     timer = Timer()
     progress = progress or (lambda *a: None)
