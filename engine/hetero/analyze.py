@@ -45,7 +45,7 @@ class AnalyzeConfig:
     seed: int = 0
     device: str | None = None
     junk: float | None = None  # reject particles whose fit score lies this many robust SDs below the median
-    crossval_resolution_A: float | None = None  # halves runs: mean FSC band of the cross-validation (default the run's low-pass)
+    crossval_resolution_A: float | None = None  # --halves runs: the cross-validation's FSC band (default: low-pass)
 
 
 def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
@@ -77,7 +77,8 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
         raise OptionError("--junk", f"{cfg.junk}; expected a positive number of robust standard deviations")
     if cfg.crossval_resolution_A is not None and not (np.isfinite(cfg.crossval_resolution_A)
                                                       and cfg.crossval_resolution_A > 0):
-        raise OptionError("--crossval-resolution-A", f"{cfg.crossval_resolution_A}; expected a positive resolution in Å")
+        raise OptionError("--crossval-resolution-A",
+                          f"{cfg.crossval_resolution_A}; expected a positive resolution in Å")
     dev = pick_device(cfg.device)
     runs = lat = None
     if is_halves_run(cfg.run):

@@ -320,17 +320,21 @@ def _plot(path, states):
     fig, ax = new_figure(1, (max(5.0, 1.3 * len(states) + 2), 3.8))
     x = np.arange(len(states))
     w = 0.2
-    keys = [("model1_vs_map1", "model 1 / map 1 (own)", "tab:blue"), ("model1_vs_map2", "model 1 / map 2", "lightsteelblue"),
-            ("model2_vs_map2", "model 2 / map 2 (own)", "tab:orange"), ("model2_vs_map1", "model 2 / map 1", "navajowhite")]
+    keys = [("model1_vs_map1", "model 1 / map 1 (own)", "tab:blue"),
+            ("model1_vs_map2", "model 1 / map 2", "lightsteelblue"),
+            ("model2_vs_map2", "model 2 / map 2 (own)", "tab:orange"),
+            ("model2_vs_map1", "model 2 / map 1", "navajowhite")]
     for j, (key, lab, col) in enumerate(keys):
-        ax.bar(x + (j - 1.5) * w, [s[key] for s in states], w, label=lab, color=col)
+        ax.bar(x + (j - 1.5) * w, [s["normalised"][key] for s in states], w, label=lab, color=col)
     for i, s in enumerate(states):
         if s["flagged"]:
-            ax.text(i, max(s[k] for k, _, _ in keys) + 0.02, "!", ha="center", color="tab:red", fontsize=14)
+            top = max(s["normalised"][k] for k, _, _ in keys)
+            ax.text(i, top + 0.01, "!", ha="center", color="tab:red", fontsize=14)
     ax.set_xticks(x)
     ax.set_xticklabels([f"state {s['state']}" for s in states])
-    ax.set_ylabel(f"mean masked FSC to {states[0]['mean_fsc_band_A'][1]:.1f} Å")
-    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(f"masked FSC / map C_ref, to {states[0]['mean_fsc_band_A'][1]:.1f} Å")
+    vals = [s["normalised"][k] for s in states for k, _, _ in keys]
+    ax.set_ylim(max(0.0, min(vals) - 0.1), max(vals) + 0.05)  # the differences that matter are small: zoomed
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("half-set cross-validation per state (! flagged)")
     return save_figure(fig, path)

@@ -148,7 +148,8 @@ class CryoGmmLandscapeViewer(Viewer):
 class CryoGmmCrossvalViewer(Viewer):
     """The per-state half-set cross-validation of a heterogeneity run trained on half sets:
     for every state, each half's model against its own half's map and the other half's map
-    (mean masked map-model FSC), flagged states marked; and the same as a table."""
+    (mean masked map-model FSC divided by each map's C_ref, what the flags compare), flagged
+    states marked; and the raw mean FSCs as a table."""
     _label = "cryogmm per-state cross-validation"
     _targets = [CryoGmmProtHetero]
     _environments = [DESKTOP_TKINTER]
@@ -179,13 +180,14 @@ class CryoGmmCrossvalViewer(Viewer):
         states = [s for s in cv["states"] if "skipped" not in s]
         plotter = EmPlotter(x=1, y=1, windowTitle="cryogmm cross-validation", figsize=(7, 4))
         ax = plotter.createSubPlot("Half-set cross-validation per state (* flagged)", "state",
-                                   "mean masked FSC to %.1f Å" % cv["resolution_A"])
+                                   "masked FSC / map C_ref, to %.1f Å" % cv["resolution_A"])
         x = np.arange(len(states))
         for j, (k, label) in enumerate(cls.KEYS):
-            ax.bar(x + (j - 1.5) * 0.2, [s[k] for s in states], 0.2, label=label)
+            ax.bar(x + (j - 1.5) * 0.2, [s["normalised"][k] for s in states], 0.2, label=label)
         ax.set_xticks(x)
         ax.set_xticklabels(["%d%s" % (s["state"], "*" if s["flagged"] else "") for s in states])
-        ax.set_ylim(0, 1.1)
+        vals = [s["normalised"][k] for s in states for k, _ in cls.KEYS]
+        ax.set_ylim(max(0.0, min(vals) - 0.1), max(vals) + 0.05)
         ax.legend(loc="lower right", fontsize=7)
         return plotter
 
