@@ -5,6 +5,7 @@
     cryogmm stop
     cryogmm validate #model [map #map resolution R] [color true|false] [select true|false] [out DIR]
     cryogmm series #model maps #maps resolution R [steps N] [out DIR] [seed N]
+    cryogmm series crossval ANALYSIS      (the cross-validated state models of a hetero --halves run)
     cryogmm open RUN [pcs K]
     cryogmm gmm #map [resolution R] [n N] [iterations N] [threshold T]
     cryogmm simulate #model [resolution R] [spacing S] [noise F] [seed N] [particles N out DIR]
@@ -91,9 +92,18 @@ def cryogmm_validate(session, structure, map=None, resolution=None, color=True, 
 
 # ----------------------------------------------------------------------------- series / open
 
-def cryogmm_series(session, structure, maps=None, resolution=None, steps=60, out=None, seed=0):
-    from .series import refine_series
+def cryogmm_series(session, structure=None, maps=None, resolution=None, steps=60, out=None, seed=0, crossval=None):
+    from .series import open_crossval, refine_series
 
+    if crossval is not None:
+        if structure is not None or maps:
+            raise UserError("cryogmm series crossval FOLDER takes no model or maps: it opens the folder's state models")
+        return open_crossval(session, crossval)
+    if structure is None:
+        raise UserError("cryogmm series: give a model and maps (`cryogmm series #1 maps #2-6 resolution 4`) or "
+                        "`crossval FOLDER` (a hetero analysis of a --halves run)")
+    if resolution is None:
+        raise UserError("cryogmm series: give the resolution, e.g. `cryogmm series #1 maps #2-6 resolution 4`")
     if not maps:
         raise UserError("cryogmm series: give the maps, e.g. `cryogmm series #1 maps #2-6 resolution 4`")
     return refine_series(session, structure, maps, resolution, steps=steps, out=out, seed=seed)
@@ -150,11 +160,11 @@ def register_all(logger):
                  ("out", SaveFolderNameArg)],
         synopsis="validation table; colour and select outliers"), cryogmm_validate, logger=logger)
     register("cryogmm series", CmdDesc(
-        required=[("structure", S)],
+        optional=[("structure", S)],
         keyword=[("maps", MapsArg), ("resolution", FloatArg), ("steps", IntArg), ("out", SaveFolderNameArg),
-                 ("seed", IntArg)],
-        required_arguments=["maps", "resolution"],
-        synopsis="the engine's model series over a set of maps: one model with a coordinate set per map"),
+                 ("seed", IntArg), ("crossval", OpenFolderNameArg)],
+        synopsis="the engine's model series over a set of maps (one model with a coordinate set per map), or the "
+                 "cross-validated state models of a heterogeneity analysis (crossval FOLDER)"),
         cryogmm_series, logger=logger)
     register("cryogmm open", CmdDesc(
         required=[("run", OpenFolderNameArg)], keyword=[("pcs", ListOf(IntArg))],

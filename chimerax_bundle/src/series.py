@@ -121,3 +121,48 @@ def open_run(session, run, pcs=None, frames=10):
             session.logger.info(f"cryogmm open: {m} = {t.name}, {m.num_coordsets} coordinate sets "
                                 f"(`coordset {m.atomspec}` plays them)")
     return opened
+
+
+def _crossval_folder(path: Path) -> Path:
+    for d in (path, path / "analyze"):
+        if (d / "report.json").is_file() and (d / "crossval_models_half1.pdb").is_file():
+            return d
+    raise UserError(f"cryogmm series: {path} holds no half-set cross-validation (an analysis of a run trained with "
+                    "`cryogmm hetero train --halves`: report.json and crossval_models_half1.pdb)")
+
+
+def open_crossval(session, folder):
+    """The cross-validated state models of ``cryogmm hetero analyze`` on a ``--halves`` run: each
+    half's models (one coordinate set per scored state, ``crossval_models_half{1,2}.pdb``) as one
+    structure each, and the per-state table (mean masked map-model FSC of each half's model
+    against its own and the other half's map; flags) in the log. Flagged states are named."""
+    import json
+
+    from chimerax.core.commands import run as cxrun
+
+    d = _crossval_folder(Path(folder))
+    cv = json.loads((d / "report.json").read_text()).get("crossval")
+    if not cv:
+        raise UserError(f"cryogmm series: {d / 'report.json'} has no crossval section")
+    states = [s for s in cv["states"] if "skipped" not in s]
+    opened = []
+    for h in (1, 2):
+        models = cxrun(session, f'open "{d / f"crossval_models_half{h}.pdb"}" format pdb coordsets true', log=False)
+        for m in models:
+            m.name = f"{d.parent.name if d.name == 'analyze' else d.name} half {h} states"
+            m.cryogmm_states = [s["state"] for s in states]
+            opened.append(m)
+    rows = "".join(
+        f"<tr><td>{i + 1}</td><td>{s['state']}</td><td>{s['n_half1']}/{s['n_half2']}</td>"
+        f"<td>{s['model1_vs_map1']:.3f}</td><td>{s['model1_vs_map2']:.3f}</td>"
+        f"<td>{s['model2_vs_map2']:.3f}</td><td>{s['model2_vs_map1']:.3f}</td>"
+        f"<td>{', '.join(s['flags']) or '-'}</td></tr>" for i, s in enumerate(states))
+    flagged = cv.get("flagged_states") or []
+    session.logger.info(
+        f"<b>cryogmm series</b>: cross-validated state models of {d}: "
+        f"{', '.join(str(m) for m in opened)}, one coordinate set per state (`coordset {opened[0].atomspec}` plays "
+        f"them); flagged states: {', '.join(map(str, flagged)) or 'none'}. Mean masked map-model FSC to "
+        f"{cv['resolution_A']:.1f} Å:<table border=1 cellpadding=2><tr><th>set</th><th>state</th><th>particles "
+        f"1/2</th><th>model 1 / map 1</th><th>model 1 / map 2</th><th>model 2 / map 2</th><th>model 2 / map 1</th>"
+        f"<th>flags</th></tr>{rows}</table>", is_html=True)
+    return opened

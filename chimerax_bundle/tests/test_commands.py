@@ -418,6 +418,66 @@ def test_open_unanalysed_run_analyses_it_first(session, hetero_run, tmp_path):
     assert sorted(p.name for p in run_copy.iterdir()) == before
 
 
+@pytest.fixture(scope="module")
+def crossval_analysis(tmp_path_factory):
+    """A --halves heterogeneity run (open->closed AdK, 300 particles with the simulator's
+    rlnRandomSubset, box 40, SNR 1; 3 epochs per half) analysed with 2 states: the per-state
+    half-set cross-validation and its state models. Built with the engine (in process, or through
+    CRYOGMM_CLI when ChimeraX's numpy cannot run the STAR bridge)."""
+    from chimerax.cryogmm import bridge
+
+    d = tmp_path_factory.mktemp("crossval")
+    from importlib import resources
+
+    data = Path(str(resources.files("cryogmm.data")))
+    from cryogmm.hetero.truth import ADK_CORE, superpose_file
+
+    closed = d / "closed_on_open.pdb"
+    superpose_file(data / "adk_closed.pdb", data / "adk_open.pdb", closed, ADK_CORE)
+    steps = [["simulate", "--endpoints", data / "adk_open.pdb", closed, "--frames", 10, "--n", 300, "--box", 40,
+              "--apix", 2.5, "--snr", 1.0, "--seed", 3, "--device", "cpu", "--out", d / "sim"],
+             ["hetero", "train", d / "sim" / "particles.star", "--model", data / "adk_open.pdb", "--map",
+              d / "sim" / "truth_map.mrc", "--out", d / "run", "--halves", "--segments", 8, "--zdim", 2, "--epochs",
+              3, "--batch", 32, "--lowpass-A", 10, "--kl-warmup", 1, "--device", "cpu"],
+             ["hetero", "analyze", d / "run", "--out", d / "an", "--pcs", 1, "--frames", 2, "--clusters", 2,
+              "--no-backproject", "--device", "cpu"]]
+    if bridge.star_in_process():
+        from cryogmm.cli import main
+
+        for a in steps:
+            assert main([str(x) for x in a]) in (0, None)
+    else:
+        if bridge.engine_cli() is None:
+            pytest.skip("cryogmm.bridge needs numpy >= 2 (ChimeraX 1.7 has numpy 1.26) and no separate engine "
+                        "`cryogmm` was found: set CRYOGMM_CLI")
+        for a in steps:
+            bridge.run_engine_cli(a, "test")
+    return d / "an"
+
+
+def test_series_plays_the_cross_validated_state_models(session, crossval_analysis):
+    from chimerax.core.errors import UserError
+    from cryogmm.io.structures import read_model
+
+    rep = json.loads((crossval_analysis / "report.json").read_text())["crossval"]
+    scored = [s for s in rep["states"] if "skipped" not in s]
+    assert scored
+    models = run(session, f"cryogmm series crossval {crossval_analysis}")
+    assert len(models) == 2
+    for h, m in enumerate(models, start=1):
+        ref = read_model(crossval_analysis / f"crossval_models_half{h}.pdb")
+        assert m.num_coordsets == len(scored) == len(ref.coords)
+        assert m.cryogmm_states == [s["state"] for s in scored]
+        run(session, f"coordset {m.atomspec} 1,{m.num_coordsets}")
+        for i, cid in enumerate(m.coordset_ids):
+            m.active_coordset_id = cid
+            np.testing.assert_allclose(m.atoms.coords, ref.coords[i], atol=1e-3)
+    with pytest.raises(UserError, match="no half-set cross-validation"):
+        run(session, f"cryogmm series crossval {crossval_analysis.parent / 'sim'}")
+    with pytest.raises(UserError, match="give a model and maps"):
+        run(session, "cryogmm series")
+
+
 # --------------------------------------------------------------------------- errors
 
 def test_bad_arguments_raise_user_errors(session, adk_paths, monkeypatch, tmp_path):

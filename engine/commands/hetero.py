@@ -151,6 +151,9 @@ def add_args(p):
     held.add_argument("--stream", dest="load", action="store_const", const="stream",
                       help="always stream the particles from disk (memory independent of their number)")
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt up to --epochs")
+    t.add_argument("--halves", action="store_true",
+                   help="one network per half set (rlnRandomSubset) into RUN/half1 and RUN/half2, for the per-state "
+                        "half-set cross-validation of `analyze`")
     t.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     add_force(t)
     t.add_argument("--matmul-precision", choices=("highest", "tf32"), default="highest",
@@ -172,6 +175,9 @@ def add_args(p):
     a.add_argument("--junk", type=positive_float, metavar="Z",
                    help="reject particles whose fit score (log-likelihood gain under their decoded model) lies more "
                         "than Z robust SDs below the median (e.g. 3): kept.star/.cs, rejected.star/.cs and a map of each")
+    a.add_argument("--crossval-resolution-A", type=positive_float, metavar="A",
+                   help="runs trained with --halves: mean map-model FSC of the per-state cross-validation over shells "
+                        "to this resolution (default the run's --lowpass-A)")
     a.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     a.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     add_force(a)
@@ -207,8 +213,17 @@ def main(args) -> int:
         )
         from cryogmm import distributed
 
-        rep = hetero_train.train_hetero(cfg, progress=Progress(bar=distributed.is_main()))
+        if args.halves:
+            from cryogmm.hetero import crossval
+
+            rep = crossval.train_halves(cfg, progress=Progress(bar=distributed.is_main()))
+        else:
+            rep = hetero_train.train_hetero(cfg, progress=Progress(bar=distributed.is_main()))
         if not distributed.is_main():
+            return 0
+        if args.halves:
+            print(f"trained one network per half set ({rep['n_half'][0]} and {rep['n_half'][1]} particles, "
+                  f"{rep['epochs']} epochs); runs in {args.out}/half1 and {args.out}/half2")
             return 0
         last = rep["history"][-1]
         print(f"trained {rep['epochs']} epochs on {rep['n_particles']} particles ({rep['images_per_s']:.0f} images/s); "
@@ -220,9 +235,14 @@ def main(args) -> int:
         cfg = hetero_analyze.AnalyzeConfig(run=args.run, out=args.out, pcs=args.pcs, frames=args.frames,
                                    clusters=args.clusters, backproject=not args.no_backproject, truth=args.truth,
                                    truth_models=args.truth_models, star=args.star, project_dir=args.project_dir,
-                                   seed=args.seed, device=args.device, junk=args.junk)
+                                   seed=args.seed, device=args.device, junk=args.junk,
+                                   crossval_resolution_A=args.crossval_resolution_A)
         rep = hetero_analyze.analyze_hetero(cfg, progress=Progress(bar=True))
         msg = f"analyzed {rep['n_particles']} particles into {args.out}"
+        if "crossval" in rep:
+            cv = rep["crossval"]
+            msg += (f"; half-set cross-validation of {sum('skipped' not in s for s in cv['states'])} states, "
+                    f"flagged: {cv['flagged_states'] or 'none'}")
         if "junk" in rep:
             msg += f"; rejected {rep['junk']['rejected']['n']} as junk (fit z > {args.junk:g})"
         t = rep.get("truth")

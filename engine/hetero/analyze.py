@@ -17,6 +17,7 @@ from cryogmm.core.gaussians import gaussians_to_map
 from cryogmm.core.pca import pca
 from cryogmm.errors import OptionError, StarError
 from cryogmm.core.similarity import resolution_at
+from cryogmm.hetero.crossval import cross_validate, halves_latent, is_halves_run, load_halves
 from cryogmm.hetero.landscape import free_energy, landscape_plot, mahalanobis, occupancies, robust_low_z
 from cryogmm.hetero.run import Run
 from cryogmm.hetero.truth import atom_keys, match_atoms, truth_figures
@@ -44,6 +45,7 @@ class AnalyzeConfig:
     seed: int = 0
     device: str | None = None
     junk: float | None = None  # reject particles whose fit score lies this many robust SDs below the median
+    crossval_resolution_A: float | None = None  # --halves runs: the cross-validation's FSC band (default: low-pass)
 
 
 def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
@@ -59,7 +61,13 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
     z-score ``fit_z`` (:func:`robust_low_z`: robust SDs below the median) and a latent outlier
     distance (:func:`mahalanobis`), as ``rlnCryogmmFitScore``, ``rlnCryogmmFitZ`` and
     ``rlnCryogmmLatentOutlier`` in ``particles_latent.star``. ``junk``: particles with
-    ``fit_z > junk`` are rejected."""
+    ``fit_z > junk`` are rejected.
+
+    A run trained with ``--halves`` (:mod:`cryogmm.hetero.crossval`): every particle is encoded
+    and scored by its own half's network, half 2's latents mapped onto half 1's axes; the
+    trajectories decode with half 1's network; per cluster the half-set cross-validation
+    (``report.json`` ``crossval``, ``crossval.png``, ``crossval_stateK_{model,map}{1,2}.mrc``,
+    ``crossval_models_half{1,2}.pdb``)."""
 
     timer = Timer()
     progress = progress or (lambda *a: None)
@@ -67,12 +75,24 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
         raise OptionError("--pcs/--frames/--clusters", f"{cfg.pcs}/{cfg.frames}/{cfg.clusters}; expected >= 1, >= 2, >= 1")
     if cfg.junk is not None and not (np.isfinite(cfg.junk) and cfg.junk > 0):
         raise OptionError("--junk", f"{cfg.junk}; expected a positive number of robust standard deviations")
+    if cfg.crossval_resolution_A is not None and not (np.isfinite(cfg.crossval_resolution_A)
+                                                      and cfg.crossval_resolution_A > 0):
+        raise OptionError("--crossval-resolution-A",
+                          f"{cfg.crossval_resolution_A}; expected a positive resolution in Å")
     dev = pick_device(cfg.device)
-    run = Run(cfg.run, device=dev, star=cfg.star, project_dir=cfg.project_dir)
+    runs = lat = None
+    if is_halves_run(cfg.run):
+        # a --halves run: every particle encoded by its own half's network (crossval.halves_latent)
+        runs = load_halves(cfg.run, device=dev, star=cfg.star, project_dir=cfg.project_dir)
+        run = runs[0]
+        lat = halves_latent(runs)
+        z = lat["z"]
+    else:
+        run = Run(cfg.run, device=dev, star=cfg.star, project_dir=cfg.project_dir)
+        z = run.encode_all()
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "analyze"
     data, ref = run.data, run.ref
     box, apix = data.box, data.apix
-    z = run.encode_all()
     mean, comps, proj, ratio = pca(z, cfg.pcs)
     rep = {"job": "hetero analyze", "run": str(cfg.run), "epoch": run.epoch, "decoder": run.cfg.decoder,
            "n_particles": data.n, "zdim": run.cfg.zdim, "pca_explained_variance": ratio.tolist(), "outputs": []}
@@ -81,7 +101,10 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
         np.save(od.path("z.npy"), z)
         # the one PCA of the run: Scipion and ChimeraX read it rather than recomputing (signs and axes agree)
         np.savez(od.path("pca.npz"), mean=mean, components=comps, projection=proj, explained_variance=ratio)
-        fit = run.fit_scores(z)
+        if runs is None:
+            fit = run.fit_scores(z)
+        else:  # each particle scored by its own half's decoder, at its own latent
+            fit = np.where(lat["half"] == 1, runs[0].fit_scores(lat["z1"]), runs[1].fit_scores(lat["z2"]))
         fit_z = robust_low_z(fit)
         outlier = mahalanobis(z)
         scores = {"rlnCryogmmFitScore": fit, "rlnCryogmmFitZ": fit_z, "rlnCryogmmLatentOutlier": outlier}
@@ -147,6 +170,12 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
         latent_plot(od.path("latent.png"), proj, labels, ratio)
         rep["landscape"] = _write_landscape(od, z, proj, ratio, mean, comps, traj, centers)
         rep["outputs"] += ["cluster_centers.pdb", "latent.png", "landscape.png", "landscape.npz"]
+        # ---- half-set cross-validation per state (--halves runs)
+        if runs is not None:
+            rep["halves"] = True
+            rep["crossval"] = cross_validate(od, runs, lat, labels, resolution_A=cfg.crossval_resolution_A,
+                                             seed=cfg.seed, dev=dev, progress=progress)
+            rep["outputs"] += rep["crossval"]["files"]
         # ---- junk
         if cfg.junk is not None:
             rep["junk"] = _write_junk(od, data, z, scores, cfg, dev, origin)

@@ -107,6 +107,91 @@ class CryoGmmLatentViewer(Viewer):
         return plotter
 
 
+class CryoGmmLandscapeViewer(Viewer):
+    """The free-energy landscape of a heterogeneity run (``landscape.npz`` of the engine's
+    analysis): -ln of the particle density over PC1/PC2 in kT, with the PC trajectories and the
+    cluster centres; a 1-D latent: the energy profile along PC1."""
+    _label = "cryogmm free-energy landscape"
+    _targets = [CryoGmmProtHetero]
+    _environments = [DESKTOP_TKINTER]
+
+    def _visualize(self, obj, **kwargs):
+        return [self.createPlot(obj)]
+
+    @staticmethod
+    def createPlot(prot):
+        d = np.load(os.path.join(prot._getAnalyzeDir(), "landscape.npz"))
+        f = np.ma.masked_invalid(d["free_energy"])
+        ev = d["explained_variance"]
+        plotter = EmPlotter(x=1, y=1, windowTitle="cryogmm free-energy landscape", figsize=(6, 5))
+        if f.ndim == 1:
+            ax = plotter.createSubPlot("Free energy along PC1", "PC1 (%.0f %%)" % (100 * ev[0]),
+                                       "free energy (kT)")
+            ax.plot(d["grid_pc1"], f, "k.-")
+            for i, c in enumerate(d["centers_pc"][:, 0]):
+                ax.axvline(c, color="tab:red", lw=0.8)
+            return plotter
+        ax = plotter.createSubPlot("Free-energy landscape (kT)", "PC1 (%.0f %%)" % (100 * ev[0]),
+                                   "PC2 (%.0f %%)" % (100 * ev[1]))
+        m = ax.pcolormesh(d["edges_pc1"], d["edges_pc2"], f.T, cmap="viridis", shading="flat")
+        ax.figure.colorbar(m, ax=ax, label="free energy (kT)")
+        for k, col in ((1, "white"), (2, "orange")):
+            if "trajectory_pc%d" % k in d:
+                t = d["trajectory_pc%d" % k]
+                ax.plot(t[:, 0], t[:, 1], "o-", color=col, ms=3, label="PC%d trajectory" % k)
+        c = d["centers_pc"]
+        ax.scatter(c[:, 0], c[:, 1], marker="x", c="tab:red", label="cluster centres")
+        ax.legend(loc="upper right", fontsize=7)
+        return plotter
+
+
+class CryoGmmCrossvalViewer(Viewer):
+    """The per-state half-set cross-validation of a heterogeneity run trained on half sets:
+    for every state, each half's model against its own half's map and the other half's map
+    (mean masked map-model FSC divided by each map's C_ref, what the flags compare), flagged
+    states marked; and the raw mean FSCs as a table."""
+    _label = "cryogmm per-state cross-validation"
+    _targets = [CryoGmmProtHetero]
+    _environments = [DESKTOP_TKINTER]
+
+    KEYS = (("model1_vs_map1", "model 1 / map 1 (own)"), ("model1_vs_map2", "model 1 / map 2"),
+            ("model2_vs_map2", "model 2 / map 2 (own)"), ("model2_vs_map1", "model 2 / map 1"))
+
+    def _visualize(self, obj, **kwargs):
+        if not readReport(obj._getAnalyzeDir()).get("crossval"):
+            self.showInfo("This run was not trained on half sets: no cross-validation.")
+            return []
+        return [self.createPlot(obj)]
+
+    @classmethod
+    def createTable(cls, prot):
+        """(header, rows): one row per scored state: state, particles per half, the four mean
+        FSCs, flags."""
+        cv = readReport(prot._getAnalyzeDir()).get("crossval") or {"states": []}
+        header = ("state", "particles 1/2") + tuple(label for _, label in cls.KEYS) + ("flags",)
+        rows = [(str(s["state"]), "%d/%d" % (s["n_half1"], s["n_half2"]))
+                + tuple("%.3f" % s[k] for k, _ in cls.KEYS) + (", ".join(s["flags"]) or "-",)
+                for s in cv["states"] if "skipped" not in s]
+        return header, rows
+
+    @classmethod
+    def createPlot(cls, prot):
+        cv = readReport(prot._getAnalyzeDir())["crossval"]
+        states = [s for s in cv["states"] if "skipped" not in s]
+        plotter = EmPlotter(x=1, y=1, windowTitle="cryogmm cross-validation", figsize=(7, 4))
+        ax = plotter.createSubPlot("Half-set cross-validation per state (* flagged)", "state",
+                                   "masked FSC / map C_ref, to %.1f Å" % cv["resolution_A"])
+        x = np.arange(len(states))
+        for j, (k, label) in enumerate(cls.KEYS):
+            ax.bar(x + (j - 1.5) * 0.2, [s["normalised"][k] for s in states], 0.2, label=label)
+        ax.set_xticks(x)
+        ax.set_xticklabels(["%d%s" % (s["state"], "*" if s["flagged"] else "") for s in states])
+        vals = [s["normalised"][k] for s in states for k, _ in cls.KEYS]
+        ax.set_ylim(max(0.0, min(vals) - 0.1), max(vals) + 0.05)
+        ax.legend(loc="lower right", fontsize=7)
+        return plotter
+
+
 class CryoGmmValidationViewer(Viewer):
     """The validation figures of a model refinement, before and after, as a table."""
     _label = "cryogmm validation table"

@@ -221,6 +221,58 @@ class TestCryoGmmHeteroModel(BaseTest):
         self.assertLess(rmsd["after_median"], 0.5 * rmsd["before_median"])
         self.assertTrue(any("heterogeneity run" in line for line in ref.summary()))
 
+    def test_01b_hetero_halves_landscape_crossval_and_junk(self):
+        """Half-set training (the particles' rlnRandomSubset), the free-energy landscape, the
+        per-state cross-validation (table, plot, one AtomStruct per state and half) and the
+        kept/rejected subsets of --junk, through the protocol and its viewers."""
+        het = self.newProtocol(CryoGmmProtHetero, useGpu=False, numberOfThreads=2,
+                               decoder=0, segments=8, zdim=2, epochs=3, batch=32,
+                               lowpassA=10.0, klWarmup=1, pcs=1, frames=2, clusters=2,
+                               backproject=False, halves=True, junk=3.0)
+        het.inputParticles.set(self.parts)
+        het.inputAtomStruct.set(self.openModel)
+        het.inputVolume.set(self.map)
+        self.launchProtocol(het)
+        an = readReport(het._getAnalyzeDir())
+        cv = an["crossval"]
+        scored = [s for s in cv["states"] if "skipped" not in s]
+        self.assertTrue(scored)
+        # one state model per scored state and half, commented with its figures
+        for h in (1, 2):
+            structs = getattr(het, "outputCrossvalModelsHalf%d" % h)
+            self.assertIsInstance(structs, SetOfAtomStructs)
+            self.assertEqual(structs.getSize(), len(scored))
+            for st in structs.iterItems():
+                self.assertEqual(len(ca_coords(st.getFileName())), 214)
+                self.assertIn("own map", st.getObjComment())
+        # kept + rejected cover the input, disjoint, as the engine split them
+        kept = {p.getObjId() for p in het.outputParticlesKept.iterItems()}
+        rejected = {p.getObjId() for p in het.outputParticlesRejected.iterItems()}
+        self.assertFalse(kept & rejected)
+        self.assertEqual(len(kept | rejected), N)
+        self.assertEqual(len(rejected), an["junk"]["rejected"]["n"])
+        self.assertTrue(het.outputParticlesKept.hasCTF() and het.outputParticlesKept.hasAlignmentProj())
+        summary = "\n".join(het.summary())
+        for text in ("Half-set cross-validation", "Flagged states", "landscape", "Junk"):
+            self.assertIn(text, summary)
+        # the viewers draw headless: landscape (free energy + trajectory), cross-validation bars
+        from cryogmm_scipion.viewers import CryoGmmCrossvalViewer, CryoGmmLandscapeViewer
+        for name, viewer in (("landscape", CryoGmmLandscapeViewer), ("crossval", CryoGmmCrossvalViewer)):
+            png = os.path.join(self.data, "%s.png" % name)
+            viewer.createPlot(het).savefig(png)
+            self.assertGreater(os.path.getsize(png), 10000)
+        header, rows = CryoGmmCrossvalViewer.createTable(het)
+        self.assertEqual(len(rows), len(scored))
+        self.assertEqual([r[2] for r in rows], ["%.3f" % s["model1_vs_map1"] for s in scored])
+        # without half sets the protocol refuses before running
+        star = os.path.join(self.data, "nohalves.star")
+        _strip_columns(os.path.join(self.het, "sim", "particles.star"), star, ("rlnRandomSubset",))
+        nohalves = self.importStar(star, "without half sets").outputParticles
+        bad = self.newProtocol(CryoGmmProtHetero, useGpu=False, halves=True)
+        bad.inputParticles.set(nohalves)
+        bad.inputAtomStruct.set(self.openModel)
+        self.assertTrue(any("rlnRandomSubset" in e for e in bad.validate()), bad.validate())
+
     def test_02_hetero_bad_inputs_fail_in_validate(self):
         star = os.path.join(self.data, "noalign.star")
         _strip_columns(os.path.join(self.het, "sim", "particles.star"), star,

@@ -24,9 +24,14 @@ OUT_TRAJ = "outputTrajectoryPC%d"
 OUT_MAPS = "outputVolumesPC%d"
 OUT_BACKPROJ = "outputBackprojPC%d"
 OUT_CLUSTER = "outputParticlesCluster%d"
+OUT_KEPT = "outputParticlesKept"
+OUT_REJECTED = "outputParticlesRejected"
+OUT_STATES = "outputCrossvalModelsHalf%d"
 OUTPUTS = {OUT_PARTICLES: SetOfParticlesFlex, OUT_TRAJ % 1: SetOfAtomStructs,
            OUT_MAPS % 1: SetOfVolumes, OUT_BACKPROJ % 1: SetOfVolumes,
-           OUT_CLUSTER % 0: SetOfParticles}
+           OUT_CLUSTER % 0: SetOfParticles, OUT_KEPT: SetOfParticles,
+           OUT_REJECTED: SetOfParticles, OUT_STATES % 1: SetOfAtomStructs}
+RANDOM_SUBSET = "_rlnRandomSubset"
 
 
 class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
@@ -45,7 +50,13 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
     cluster in ``_cryogmmCluster``), for every principal component a trajectory of atomic
     models (SetOfAtomStructs, one per frame), maps of the decoded models and back-projections
     of the particles nearest each frame (SetOfVolumes), and one particle subset per latent
-    cluster.
+    cluster. The free-energy landscape over the first two principal components (kT) comes with
+    the analysis. With half-set cross-validation (the particles' rlnRandomSubset) each half
+    trains its own network and every latent state's model from one half is scored against the
+    map back-projected from the other half's particles of that state (map-model FSC, masked):
+    the state models of each half (one AtomStruct per state) and the per-state table, with
+    states flagged whose model the independent half does not support. With a junk threshold
+    the particles that fit their decoded model worst are split off: kept and rejected subsets.
     """
     _label = "heterogeneity (atomic model)"
     _devStatus = BETA
@@ -118,6 +129,12 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
                       help="0: all particles.")
         form.addParam("seed", params.IntParam, default=0,
                       expertLevel=params.LEVEL_ADVANCED, label="Random seed")
+        form.addParam("halves", params.BooleanParam, default=False,
+                      label="Half-set cross-validation",
+                      help="Train one network per half set (the particles' rlnRandomSubset, "
+                           "as a RELION 3D refinement leaves it) and score every latent "
+                           "state's model from each half against the map back-projected "
+                           "from the other half's particles of that state.")
 
         form.addSection(label="Analysis")
         form.addParam("pcs", params.IntParam, default=2, validators=[params.Positive],
@@ -132,6 +149,12 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
                       label="Back-project along trajectories",
                       help="Also reconstruct the particles nearest each trajectory point "
                            "(a map from the data, next to the decoded model's map).")
+        form.addParam("junk", params.FloatParam, default=0.0,
+                      label="Junk threshold (robust SDs)",
+                      help="Reject the particles whose fit score (log-likelihood gain under "
+                           "their decoded model) lies more than this many robust standard "
+                           "deviations below the median (e.g. 3): kept and rejected subsets. "
+                           "0: no rejection.")
 
         self._defineComputeParams(form)
 
@@ -169,6 +192,8 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
             args += ["--max-particles", self.maxParticles.get()]
         if self.inputVolume.get() is not None:
             args += ["--map", mapFile(self.inputVolume.get())]
+        if self.halves:
+            args.append("--halves")
         self._runEngine("hetero train", args)
 
     def analyzeStep(self):
@@ -178,6 +203,8 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
                 "--clusters", self.clusters.get(), "--seed", self.seed.get()]
         if not self.backproject:
             args.append("--no-backproject")
+        if self.junk.get() > 0:
+            args += ["--junk", self.junk.get()]
         self._runEngine("hetero analyze", args)
 
     def createOutputStep(self):
@@ -265,6 +292,35 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
             sub.copyItems(inputSet, updateItemCallback=_keepOnly(members, c["cluster"]))
             outputs[OUT_CLUSTER % c["cluster"]] = sub
 
+        junk = report.get("junk")
+        if junk:
+            for key, out in (("kept", OUT_KEPT), ("rejected", OUT_REJECTED)):
+                members = ({int(r.rlnImageId) for r in readStarRows(os.path.join(an, junk[key]["star"]))}
+                           if junk[key]["n"] else set())
+                sub = self._createSetOfParticles(key)
+                sub.copyInfo(inputSet)
+                sub.copyItems(inputSet, updateItemCallback=_keepMembers(members))
+                outputs[out] = sub
+
+        cv = report.get("crossval")
+        if cv:
+            states = [st for st in cv["states"] if "skipped" not in st]
+            for h in (1, 2):
+                pdb = os.path.join(an, "crossval_models_half%d.pdb" % h)
+                if not states or not os.path.exists(pdb):
+                    continue
+                pdbs = splitModels(pdb, self._getExtraPath("crossval", "half%d" % h))
+                structs = self._createSetOfPDBs("crossval_half%d" % h)
+                for st, f in zip(states, pdbs):
+                    a = AtomStruct(filename=f)
+                    a.setObjComment("state %d, half %d: model %d / own map %.3f, other map %.3f%s" % (
+                        st["state"], h, h, st["model%d_vs_map%d" % (h, h)],
+                        st["model%d_vs_map%d" % (h, 3 - h)],
+                        "; flagged: " + ", ".join(st["flags"]) if st["flags"] else ""))
+                    setattr(a, "_cryogmmState", Integer(st["state"]))
+                    structs.append(a)
+                outputs[OUT_STATES % h] = structs
+
         self._defineOutputs(**outputs)
         for name, obj in outputs.items():
             self._defineSourceRelation(self.inputParticles, obj)
@@ -291,6 +347,14 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
                           "(%d)." % (self.pcs.get(), self.zdim.get()))
         if self.frames.get() < 2:
             errors.append("Frames per trajectory must be at least 2.")
+        if self.junk.get() < 0:
+            errors.append("The junk threshold must be positive (or 0: no rejection).")
+        if self.halves and parts is not None:
+            first = parts.getFirstItem()
+            if first is None or not first.hasAttribute(RANDOM_SUBSET):
+                errors.append("Half-set cross-validation needs the particles' half sets "
+                              "(rlnRandomSubset, e.g. from a RELION 3D refinement); the input "
+                              "particles have none.")
         return errors
 
     def _summary(self):
@@ -313,6 +377,18 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
         if cl:
             lines.append("%d clusters: %s particles." %
                          (len(cl), " / ".join(str(c["n"]) for c in cl)))
+        land = an.get("landscape")
+        if land:
+            lines.append("Free-energy landscape over %d PC(s): %d occupied bins, up to %.1f kT "
+                         "(landscape.png)." % (land["dims"], land["occupied_bins"],
+                                               land["max_free_energy_kT"]))
+        junk = an.get("junk")
+        if junk:
+            lines.append("Junk (fit z > %g): %d rejected, %d kept." % (
+                junk["threshold"], junk["rejected"]["n"], junk["kept"]["n"]))
+        cv = an.get("crossval")
+        if cv:
+            lines += crossvalLines(cv)
         segs = an.get("segments")
         if segs:
             lines.append("Segments: %s." % ", ".join(
@@ -356,6 +432,28 @@ def enginePcs(analyzeDir):
 def projectOnPcs(x, mean, components):
     """Coordinates of latent points ``x`` [m, d] on the engine's principal axes."""
     return (np.asarray(x, dtype=float).reshape(-1, len(mean)) - mean) @ np.asarray(components).T
+
+def crossvalLines(cv):
+    """The summary of the per-state half-set cross-validation (report.json's ``crossval``)."""
+    lines = ["Half-set cross-validation (mean masked map-model FSC to %.1f Å; "
+             "model 1 on map 1 / map 2, model 2 on map 2 / map 1):" % cv["resolution_A"]]
+    for st in cv["states"]:
+        if "skipped" in st:
+            lines.append("  state %d: skipped (%s)." % (st["state"], st["skipped"]))
+            continue
+        lines.append("  state %d (%d/%d particles): %.3f / %.3f, %.3f / %.3f%s" % (
+            st["state"], st["n_half1"], st["n_half2"], st["model1_vs_map1"],
+            st["model1_vs_map2"], st["model2_vs_map2"], st["model2_vs_map1"],
+            " FLAGGED: " + ", ".join(st["flags"]) if st["flags"] else ""))
+    lines.append("Flagged states: %s." % (", ".join(map(str, cv["flagged_states"])) or "none"))
+    return lines
+
+
+def _keepMembers(members):
+    def update(item, _row=None):
+        item._appendItem = item.getObjId() in members
+    return update
+
 
 def _keepOnly(members, label):
     def update(item, _row=None):
