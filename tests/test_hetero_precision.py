@@ -94,7 +94,9 @@ def test_annealing_and_polish_write_polished_latents(two_state_sim, tmp_path):
         fw = run.forward_model()
         pairs = hetero_vae.restraint_pairs(run.ref, elastic_seq=run.cfg.elastic_seq)
         step = hetero_vae.TrainStep(run.vae, fw, pairs, run.cfg, 0.0)
-        z_enc = run.encode_all()
+        z_enc = run.encode_all(polished=False)
+        assert np.array_equal(run.encode_all(), z)  # analyze reads the polished latents
+        assert run.latent_source == hetero_config.LATENTS
         idx = np.arange(240)
         bt = fw.batch(idx)
 

@@ -95,7 +95,8 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
     box, apix = data.box, data.apix
     mean, comps, proj, ratio = pca(z, cfg.pcs)
     rep = {"job": "hetero analyze", "run": str(cfg.run), "epoch": run.epoch, "decoder": run.cfg.decoder,
-           "n_particles": data.n, "zdim": run.cfg.zdim, "pca_explained_variance": ratio.tolist(), "outputs": []}
+           "n_particles": data.n, "zdim": run.cfg.zdim, "latents": getattr(run, "latent_source", "encoder mean"),
+           "pca_explained_variance": ratio.tolist(), "outputs": []}
     origin = ref.center_A - (box // 2) * apix
     with OutputDir(out) as od:
         np.save(od.path("z.npy"), z)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cryogmm.errors import InputError
-from cryogmm.hetero.config import CHECKPOINT, HeteroConfig
+from cryogmm.hetero.config import CHECKPOINT, LATENTS, HeteroConfig
 from cryogmm.hetero.data import load_particles
 from cryogmm.hetero.deform import make_deformer
 from cryogmm.hetero.reference import load_reference
@@ -31,6 +31,8 @@ class Run:
         for k in ("star", "model", "out", "map", "project_dir"):
             cfgd[k] = Path(cfgd[k]) if cfgd.get(k) else None
         self.cfg = HeteroConfig(**cfgd)
+        self.trained_particles = star is None or (self.cfg.star is not None
+                                                  and Path(star).resolve() == self.cfg.star.resolve())
         if star is not None:
             self.cfg.star = Path(star)
         if project_dir is not None:
@@ -52,7 +54,8 @@ class Run:
         self._fw = None
         if need_data:
             self.data = load_particles(self.cfg.star, lowpass_A=self.cfg.lowpass_A, project_dir=self.cfg.project_dir,
-                                       max_particles=self.cfg.max_particles)
+                                       max_particles=self.cfg.max_particles, load=self.cfg.load,
+                                       max_memory_gb=self.cfg.max_memory_gb)
             if self.data.crop != meta["crop"]:
                 raise InputError(self.cfg.star, f"particles crop to {self.data.crop} px but the run used "
                                  f"{meta['crop']} px: not the particles this run was trained on")
@@ -64,7 +67,17 @@ class Run:
         return self._fw
 
     @torch.no_grad()
-    def encode_all(self, batch: int = 512) -> np.ndarray:
+    def encode_all(self, batch: int = 512, polished: bool = True) -> np.ndarray:
+        """Every particle's latent: the per-particle polished latents training wrote
+        (``latents_polished.npy``, ``polish_steps`` > 0) when these are the particles the run was
+        trained on, else the encoder's posterior mean."""
+        lat = self.dir / LATENTS
+        if polished and self.trained_particles and lat.is_file():
+            z = np.load(lat)
+            if z.shape == (self.data.n, self.cfg.zdim):
+                self.latent_source = LATENTS
+                return z.astype(np.float32)
+        self.latent_source = "encoder mean"
         fw = self.forward_model()
         zs = []
         for b0 in range(0, self.data.n, batch):
