@@ -14,6 +14,18 @@ fitted to its own half map. One iteration:
 3. reconstruct both halves with the new poses, FSC, next band. Stops after ``iterations``
    or when the resolution stops improving.
 
+Steps 2 and 3 are one pass over the stack (:func:`_sweep`): each image is read, Fourier-
+transformed and its CTF made once per iteration; its pose is refined, and the same transform
+and CTF are inserted with the new pose into its half's reconstruction. The poses, CTF
+parameters and half sets live on the job's device for the whole job (the particle table is
+read at the start and written at the end); a batch holds particles of both halves (each
+projected from its own half's mixture), off the CPU at a fixed size, and the optimiser's step
+loop reads nothing back to the host.
+
+Checkpoints: after every iteration ``checkpoint.pt`` (poses, maps, mixtures, history) is
+written into the output folder (a temporary name, then renamed); ``resume`` continues from the
+last complete iteration, and gives the uninterrupted run's outputs (tested after ``kill -9``).
+
 Focused refinement: a mask ``M`` (0..1) scales each Gaussian's width by ``1/(0.25 + 0.75 M)``
 at its centre, so the alignment follows high resolution inside the mask and low outside.
 
