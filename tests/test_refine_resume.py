@@ -170,3 +170,23 @@ def test_project_map_in_memory_budget_equals_the_dense_grid():
         got = project_map(v, R, o, apix, max_bytes=budget)
         assert torch.allclose(got, dense, rtol=0, atol=1e-10), budget
     assert dense.abs().max() > 1
+
+
+@pytest.mark.slow
+def test_padded_last_batch_gives_the_same_poses(sim, tmp_path, monkeypatch):
+    """The fixed-size batches of GPUs (the last one padded with copies, dropped afterwards) give
+    the poses and maps of unpadded batches (run here on the CPU)."""
+    from cryogmm.bridge.io import read_particles
+    from cryogmm.poses import job
+    from cryogmm.poses.job import RefineConfig, refine_poses
+
+    kw = dict(star=sim / "particles.star", iterations=1, steps=10, fit_iterations=30, max_gaussians=150, batch=64,
+              device="cpu", seed=3)
+    refine_poses(RefineConfig(out=tmp_path / "plain", **kw))
+    monkeypatch.setattr(job, "PAD_ON_CPU", True)
+    refine_poses(RefineConfig(out=tmp_path / "padded", **kw))
+    a, b = read_particles(tmp_path / "plain" / "refined.star"), read_particles(tmp_path / "padded" / "refined.star")
+    np.testing.assert_allclose(a.rotmat, b.rotmat, atol=1e-5)
+    np.testing.assert_allclose(a.shift_A, b.shift_A, atol=1e-4)
+    m1, m2 = (mrcfile.read(tmp_path / r / "map.mrc") for r in ("plain", "padded"))
+    assert np.abs(m1 - m2).max() <= 1e-4 * np.abs(m1).max()

@@ -169,6 +169,11 @@ class _Ctx:
         self.ops_t = torch.as_tensor(np.asarray(self.recon_ops), dtype=torch.float32, device=self.dev)
 
 
+#: pad the last batch to the batch size on the CPU too (off by default: there it is only extra
+#: work; tests turn it on to run the padded path that GPUs take)
+PAD_ON_CPU = False
+
+
 def _upload(imgs, dev):
     """A batch of images (numpy, host) on ``dev``: through pinned memory and a non-blocking copy
     on CUDA (the copy overlaps the work queued before it), a plain tensor view on the CPU."""
@@ -199,7 +204,7 @@ def _sweep(ctx: _Ctx, R, S, align=None, wiener=True, label="reconstruct"):
     mine = distributed.shard(n) if distributed.world() > 1 else None
     total = n if mine is None else len(mine)
     done = 0
-    pad_to = cfg.batch if dev.type != "cpu" else 0
+    pad_to = cfg.batch if (dev.type != "cpu" or PAD_ON_CPU) else 0
     for idx, imgs in ctx.source.chunks(cfg.batch, indices=mine, prefetch=cfg.prefetch):
         b = len(idx)
         it = torch.as_tensor(np.asarray(idx), dtype=torch.long).to(dev, non_blocking=True)
