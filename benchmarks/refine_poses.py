@@ -4,18 +4,27 @@ Times :func:`cryogmm.refine.refine_batch` (the per-iteration work on every parti
 steps of projection + CTF + band FRC and their gradients) for the box sizes and mixture
 sizes the method uses, on CPU here and on a GPU when one is present (``--device cuda``).
 The paper's anchor (Chen, Schmid & Chiu): 400,000 particles, box 196, 3 Å, about 2 hours
-per iteration on an RTX A5000, i.e. about 55 particles/s. Results go to
-``benchmarks/results/refine_poses_<device>.json``.
+per iteration on an RTX A5000, i.e. about 55 particles/s. Results are added as a new run to
+``benchmarks/results/refine_poses_<device>.json`` (earlier runs are kept), with the date, host,
+load averages, the command and the CPU time of the timed calls (``process_time``: all threads;
+less sensitive than the wall time to other jobs on a shared machine).
 
-    python benchmarks/refine_poses.py [--device cpu] [--cases 128:5000 196:20000] [--batch 64]
+To compare two versions of the engine in one session, run the script once per checkout with
+``--label`` (e.g. ``PYTHONPATH=/path/to/old/tree``).
+
+    python benchmarks/refine_poses.py [--device cpu] [--cases 128:5000 196:20000] [--batch 64] [--steps 40]
+        [--label after]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +45,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--label", default="", help="names this run in the results (e.g. before / after)")
     args = ap.parse_args(argv)
+    load_start = os.getloadavg()
 
     from cryogmm.core.ctf import CtfParams, ctf_rfft2
     from cryogmm.core.gaussians import Gaussians
@@ -64,28 +75,38 @@ def main(argv=None):
         A0 = torch.as_tensor(random_rotations(B, rng), dtype=torch.float32, device=dev)
         s0 = torch.zeros(B, 2, device=dev)
         refine_batch(g, band, x, ctf, A0, s0, steps=2, lr_rad=0.01, lr_A=0.3)  # warm-up
-        best = float("inf")
+        best, best_cpu = float("inf"), float("inf")
         for _ in range(args.repeat):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             refine_batch(g, band, x, ctf, A0, s0, steps=args.steps, lr_rad=0.01, lr_A=0.3)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t)
+            best_cpu = min(best_cpu, time.process_time() - c)
         pps = B / best
         r = {"box": box, "n_gaussians": n, "crop_box": band.crop, "band_shells": [band.lo, band.hi], "batch": B,
              "steps": args.steps, "seconds_per_batch": best, "particles_per_s": pps,
+             "cpu_seconds_per_batch": best_cpu, "particles_per_cpu_s": B / best_cpu,
              "ratio_to_paper_a5000": pps / PAPER_PARTICLES_PER_S}
         results.append(r)
         print(f"box {box}, {n} Gaussians, crop {band.crop}: {pps:.2f} particles/s "
               f"({r['ratio_to_paper_a5000']:.3f}x the paper's ~{PAPER_PARTICLES_PER_S:.0f}/s on an RTX A5000)")
     out = args.out or HERE / "results" / f"refine_poses_{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "refine_poses", "device": str(dev), "device_name": name,
-                               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                               "resolution_A": args.resolution, "cases": results}, indent=2) + "\n")
-
+    doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "refine_poses"}
+    if "cases" in doc and "runs" not in doc:  # the first layout: one run at the top level
+        first = {k: doc.pop(k) for k in ("device", "device_name", "torch", "torch_threads", "resolution_A", "cases")
+                 if k in doc}
+        doc["runs"] = [{"label": "issue 19 baseline (before the projection kernel)", **first}]
+    doc.setdefault("runs", []).append({
+        "label": args.label, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "command": " ".join([sys.executable, *sys.argv]),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "device": str(dev), "device_name": name,
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "resolution_A": args.resolution,
+        "cases": results})
+    out.write_text(json.dumps(doc, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,7 @@ Outputs in --out:
                  rlnCryogmmOrig* columns, the final band FRC in rlnCryogmmFrc)
   half1.mrc, half2.mrc, map.mrc, fsc.png (every iteration), report.json (per iteration:
   resolution, median and 90th-percentile pose change, timing, particles/s)
+  checkpoint.pt  the run's state after its last complete iteration (--resume continues from it)
   composite.mrc, composite_half1/2.mrc, patches/patch_NN/ (refined.star, mask, maps) with --patches
 
 Several processes or GPUs (torch.distributed; gloo on CPUs, NCCL on GPUs): each rank aligns
@@ -95,10 +96,12 @@ def add_args(p):
                    help="projection matrix products on GPUs: float32 (highest, default), TF32 or bf16 autocast")
     add_stream_args(p)
     add_force(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.pt (written after every iteration)")
 
 
 def main(args) -> int:
-    check_out(args, args.star, args.half_maps, args.model, args.map, args.mask, args.hetero)
+    check_out(args, args.star, args.half_maps, args.model, args.map, args.mask, args.hetero, resumable=True)
     from cryogmm import distributed
     from cryogmm.poses.job import RefineConfig, refine_poses
     from cryogmm.runtime import Progress
@@ -110,7 +113,7 @@ def main(args) -> int:
                        lr_A=args.lr_A, n_gaussians=args.n_gaussians, max_gaussians=args.max_gaussians,
                        fit_iterations=args.fit_iterations, batch=args.batch, seed=args.seed, device=args.device,
                        matmul_precision=args.matmul_precision, prefetch=args.prefetch,
-                       accumulate=args.accumulate)
+                       accumulate=args.accumulate, resume=args.resume)
     rep = refine_poses(cfg, progress=Progress(bar=distributed.is_main()))
     if not distributed.is_main():
         return 0

@@ -189,32 +189,54 @@ def project(g: Gaussians, rotmat: torch.Tensor, shift_A: torch.Tensor | None, bo
         return _SeparableProject.apply(xy, s, w, int(box), float(apix), mm_dtype)
 
 
+#: bytes of the sample points (and their samples) one step of :func:`project_map` may hold
+PROJECT_MAP_BYTES = {"cpu": 256 << 20}
+PROJECT_MAP_BYTES_DEFAULT = 1 << 30
+
+
 def project_map(volume: torch.Tensor, rotmat: torch.Tensor, shift_A: torch.Tensor | None, apix: float,
-                chunk: int = 8) -> torch.Tensor:
+                max_bytes: int | None = None) -> torch.Tensor:
     """Project a cubic map ``[N, N, N]`` at ``B`` poses by trilinear sampling along rays: ``[B, N, N]``.
 
     The image pixel ``p`` sums the map at ``A^T (p + o, z)`` over the ``N`` depth samples
     ``z``, the real-space form of the projection ``relion_project`` computes. Used by
-    ``cryogmm simulate --map``.
+    ``cryogmm simulate --map`` and the mixture fits (their target projections).
+
+    Memory: the sample points of ``b`` images by ``d`` depth planes (``16 b d N^2`` bytes with
+    their samples) are made at a time, with ``b d`` as large as ``max_bytes`` allows (default
+    ``PROJECT_MAP_BYTES`` by device: 256 MiB on CPUs, 1 GiB elsewhere; at least one plane), so
+    a box of 256 or 400 never holds its whole ``[B, N^3, 3]`` point grid.
     """
     n = volume.shape[-1]
     dev, dt = volume.device, volume.dtype
+    B = rotmat.shape[0]
+    budget = PROJECT_MAP_BYTES.get(dev.type, PROJECT_MAP_BYTES_DEFAULT) if max_bytes is None else int(max_bytes)
+    per_plane = 16 * n * n  # 3 coordinates and 1 sample, 4 bytes each
+    planes = max(1, min(n, budget // per_plane))
+    images = max(1, min(B, budget // (per_plane * n))) if planes == n else 1
     ax = (torch.arange(n, device=dev, dtype=dt) - n // 2) * apix
-    zz, yy, xx = torch.meshgrid(ax, ax, ax, indexing="ij")
-    pts = torch.stack([xx, yy, zz], -1)  # [z, y, x, 3] image-frame points (x, y, depth)
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
     vol = volume[None, None]
-    out = []
-    for i in range(0, rotmat.shape[0], chunk):
-        R = rotmat[i:i + chunk].to(dt)
-        p = pts.unsqueeze(0).expand(R.shape[0], -1, -1, -1, -1)
-        if shift_A is not None:
-            o = shift_A[i:i + chunk].to(dt)
-            p = p + torch.cat([o, torch.zeros_like(o[:, :1])], -1)[:, None, None, None, :]
-        r = torch.einsum("bzyxj,bjk->bzyxk", p, R)  # r = A^T p  (row vector p @ A)
-        grid = r / apix + n // 2  # voxel index, x first
-        grid = grid * (2.0 / (n - 1)) - 1.0
-        samp = torch.nn.functional.grid_sample(
-            vol.expand(R.shape[0], -1, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros", align_corners=True
-        )  # [b, 1, z, y, x]
-        out.append(samp[:, 0].sum(1))
-    return torch.cat(out, 0)
+    R_all = rotmat.to(dt)
+    # (p + o) A for row vectors p = (x, y, z): the origin's part is one vector per image
+    o_all = None
+    if shift_A is not None:
+        o = shift_A.to(dt)
+        o_all = torch.cat([o, torch.zeros_like(o[:, :1])], -1)[:, None, :] @ R_all  # [B, 1, 3]
+    out = volume.new_zeros(B, n, n)
+    for i in range(0, B, images):
+        R = R_all[i:i + images]
+        b = R.shape[0]
+        for z0 in range(0, n, planes):
+            zz = ax[z0:z0 + planes]
+            # r = A^T p for the points of these planes, as row vectors: x R[0] + y R[1] + z R[2]
+            xy = (xx[..., None] * R[:, None, None, 0, :] + yy[..., None] * R[:, None, None, 1, :])  # [b, y, x, 3]
+            r = xy[:, None] + zz[None, :, None, None, None] * R[:, None, None, None, 2, :]  # [b, d, y, x, 3]
+            if o_all is not None:
+                r = r + o_all[i:i + b, :, None, None, :].reshape(b, 1, 1, 1, 3)
+            # voxel index (x first) -> grid_sample's [-1, 1]
+            grid = r.mul_(2.0 / ((n - 1) * apix)).add_((n // 2) * 2.0 / (n - 1) - 1.0)
+            samp = torch.nn.functional.grid_sample(vol.expand(b, -1, -1, -1, -1), grid, mode="bilinear",
+                                                   padding_mode="zeros", align_corners=True)  # [b, 1, d, y, x]
+            out[i:i + b] += samp[:, 0].sum(1)
+    return out

@@ -37,10 +37,13 @@ class BandFrc:
 
     def crop_ft(self, images: torch.Tensor) -> torch.Tensor:
         """Centred real images ``[B, N, N]`` -> band values of their Fourier transforms ``[B, K]``."""
-        f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+        return self.band(self.crop_rfft(torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))))
+
+    def crop_rfft(self, f: torch.Tensor) -> torch.Tensor:
+        """``rfft2``-layout values of the full box ``[B, N, N // 2 + 1]`` (a transform or a CTF)
+        -> the same frequencies on the cropped grid ``[B, crop, crop // 2 + 1]``."""
         c, n = self.crop, self.box
-        f = torch.cat([f[:, : c // 2, : c // 2 + 1], f[:, n - c // 2:, : c // 2 + 1]], 1)
-        return f.reshape(f.shape[0], -1)[:, self.index]
+        return torch.cat([f[:, : c // 2, : c // 2 + 1], f[:, n - c // 2:, : c // 2 + 1]], 1)
 
     def band(self, ft_crop: torch.Tensor) -> torch.Tensor:
         """``[B, crop, crop // 2 + 1]`` -> ``[B, K]``."""
@@ -69,21 +72,47 @@ def focus_widths(g, mask: torch.Tensor, apix: float):
     return Gaussians(g.centers, g.amplitudes, g.sigmas / (0.25 + 0.75 * m.clamp(0, 1)))
 
 
+def stack_mixtures(gmms) -> Gaussians:
+    """Several mixtures as one with a leading set axis: centres ``[S, N, 3]``, amplitudes and
+    widths ``[S, N]``; a smaller mixture is padded with zero-amplitude Gaussians (which project
+    to exact zeros). ``Gaussians(c[sets], a[sets], s[sets])`` then gives every particle of a
+    batch its own set's mixture, so one batch mixes half sets at a fixed size."""
+    n = max(g.n for g in gmms)
+    c, a, w = [], [], []
+    for g in gmms:
+        pad = n - g.n
+        c.append(torch.cat([g.centers, g.centers.new_zeros(pad, 3)]))
+        a.append(torch.cat([g.amplitudes, g.amplitudes.new_zeros(pad)]))
+        w.append(torch.cat([g.sigmas, g.sigmas.min().expand(pad)]))
+    return Gaussians(torch.stack(c), torch.stack(a), torch.stack(w))
+
+
+#: Adam's constants (those of ``torch.optim.Adam``'s defaults)
+_BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
+
+
 def refine_batch(g, band: BandFrc, x: torch.Tensor, ctf: torch.Tensor, A0: torch.Tensor, s0: torch.Tensor, *,
                  steps: int, lr_rad: float, lr_A: float, precision: str = "highest"):
     """Local refinement of one batch of particles against one mixture.
 
     ``x [B, K]`` particle band values, ``ctf [B, K]`` their CTF on the band, ``A0 [B, 3, 3]``
-    and ``s0 [B, 2]`` (Å) starting poses. Returns ``(A, shift_A, frc_mean)``. ``precision``
-    ``bf16``: the projection runs under bf16 autocast on CUDA (the image comes back float32).
+    and ``s0 [B, 2]`` (Å) starting poses. ``g`` one mixture, or one per particle (centres
+    ``[B, N, 3]``, amplitudes and widths ``[B, N]``, see :func:`stack_mixtures`). Returns
+    ``(A, shift_A, frc_mean)``. ``precision`` ``bf16``: the projection runs under bf16
+    autocast on CUDA (the image comes back float32).
+
+    The optimiser is Adam (``torch.optim.Adam``'s update, written out on the two tensors) with
+    a cosine decay of the step: large steps to leave the start, small ones to settle on the
+    optimum. Every particle's update depends on its own gradient only, so a particle's result
+    does not depend on its batch. The loop reads nothing back to the host (learning rates are
+    host numbers of the step index), so on a GPU it only queues kernels.
     """
 
-    B = x.shape[0]
-    delta = torch.zeros(B, 3, dtype=A0.dtype, device=A0.device, requires_grad=True)
+    delta = torch.zeros(A0.shape[0], 3, dtype=A0.dtype, device=A0.device, requires_grad=True)
     shift = s0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [delta], "lr": lr_rad}, {"params": [shift], "lr": lr_A}])
-    # cosine decay: large steps to leave the start, small ones to settle on the optimum
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps)))
+    params, lrs = (delta, shift), (float(lr_rad), float(lr_A))
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
     x_power = band.shell_sum(x.real**2 + x.imag**2)
     g = g.detach()
     for step in range(steps + 1):
@@ -95,8 +124,13 @@ def refine_batch(g, band: BandFrc, x: torch.Tensor, ctf: torch.Tensor, A0: torch
         score = band.frc(x, p, x_power).mean(1)
         if step == steps:  # the last pass only scores the final poses
             break
-        opt.zero_grad()
-        (-score.sum()).backward()
-        opt.step()
-        sched.step()
+        grads = torch.autograd.grad(-score.sum(), params)
+        t = step + 1
+        decay = 0.5 * (1.0 + math.cos(math.pi * step / steps))
+        bc1, bc2_sqrt = 1.0 - _BETA1**t, math.sqrt(1.0 - _BETA2**t)
+        with torch.no_grad():
+            for prm, gr, mi, vi, lr in zip(params, grads, m, v, lrs):
+                mi.lerp_(gr, 1.0 - _BETA1)
+                vi.mul_(_BETA2).addcmul_(gr, gr, value=1.0 - _BETA2)
+                prm.addcdiv_(mi, (vi.sqrt() / bc2_sqrt).add_(_EPS), value=-lr * decay / bc1)
     return A.detach(), shift.detach(), score.detach()

@@ -14,6 +14,18 @@ fitted to its own half map. One iteration:
 3. reconstruct both halves with the new poses, FSC, next band. Stops after ``iterations``
    or when the resolution stops improving.
 
+Steps 2 and 3 are one pass over the stack (:func:`_sweep`): each image is read, Fourier-
+transformed and its CTF made once per iteration; its pose is refined, and the same transform
+and CTF are inserted with the new pose into its half's reconstruction. The poses, CTF
+parameters and half sets live on the job's device for the whole job (the particle table is
+read at the start and written at the end); a batch holds particles of both halves (each
+projected from its own half's mixture), off the CPU at a fixed size, and the optimiser's step
+loop reads nothing back to the host.
+
+Checkpoints: after every iteration ``checkpoint.pt`` (poses, maps, mixtures, history) is
+written into the output folder (a temporary name, then renamed); ``resume`` continues from the
+last complete iteration, and gives the uninterrupted run's outputs (tested after ``kill -9``).
+
 Focused refinement: a mask ``M`` (0..1) scales each Gaussian's width by ``1/(0.25 + 0.75 M)``
 at its centre, so the alignment follows high resolution inside the mask and low outside.
 
@@ -37,6 +49,7 @@ FSC stay float32 (accumulators float64 across processes). Default ``highest``: f
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +62,7 @@ from cryogmm.bridge.conventions import rotmat_to_euler_zyz_deg
 from cryogmm.bridge.images import ImageSource
 from cryogmm.bridge.io import read_particles, write_particles
 from cryogmm.core.ctf import CtfParams, ctf_rfft2
+from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.fourier import lowpass
 from cryogmm.core.masks import soft_sphere_mask
 from cryogmm.core.rotations import rotmat_angle_deg
@@ -58,14 +72,14 @@ from cryogmm.errors import MapError, OptionError
 from cryogmm.gmmfit.fit import auto_n, auto_threshold, fit_gaussians_frc, gaussians_from_map
 from cryogmm.io import maps as mapio
 from cryogmm.io.maps import map_origin_A, read_map
-from cryogmm.io.outputs import OutputDir, write_report
+from cryogmm.io.outputs import OutputDir, atomic_output, write_report
 from cryogmm.io.plots import fsc_plot
 from cryogmm.io.structures import gaussians_from_coords, read_model
-from cryogmm.poses.align import BandFrc, focus_widths, refine_batch
+from cryogmm.poses.align import BandFrc, focus_widths, refine_batch, stack_mixtures
 from cryogmm.poses.conformation import hetero_poses
 from cryogmm.poses.expand import expand_table
 from cryogmm.poses.patches import composite, patch_masks
-from cryogmm.recon.job import reconstruct_table
+from cryogmm.recon.job import maps_from_accumulator, new_accumulator
 from cryogmm.runtime import Timer, pick_device, set_matmul_precision
 
 
@@ -97,6 +111,16 @@ class RefineConfig:
     matmul_precision: str = "highest"
     prefetch: int = 1
     accumulate: str = "auto"
+    resume: bool = False
+
+
+#: the checkpoint of a run, in its output folder (written after every iteration)
+CHECKPOINT = "checkpoint.pt"
+#: options a resumed run must share with the checkpoint's (``iterations`` may grow; ``batch``,
+#: ``prefetch`` and ``device`` change only the order of float sums)
+_RESUME_SAME = ("star", "half_maps", "model", "map", "mask", "hetero", "patches", "patch_iterations", "sym",
+                "project_dir", "low_res_A", "start_res_A", "steps", "lr_deg", "lr_A", "n_gaussians",
+                "max_gaussians", "fit_iterations", "seed", "matmul_precision", "accumulate")
 
 
 def _read_half_maps(paths, box, apix):
@@ -134,19 +158,84 @@ class _Ctx:
     model: object
     rng: np.random.Generator
     progress: object
+    ctf: CtfParams | None = None  # every particle's CTF parameters, on ``dev``
+    sets_t: torch.Tensor | None = None  # half set (0/1) of every particle, on ``dev``
+    ops_t: torch.Tensor | None = None  # ``recon_ops`` on ``dev``
+
+    def __post_init__(self):
+        c = CtfParams.from_table(self.table, np.arange(self.table.n))  # a copy: the table may be read-only
+        self.ctf = CtfParams(**{f: getattr(c, f).to(self.dev) for f in CtfParams.FIELDS})
+        self.sets_t = torch.as_tensor(np.asarray(self.sets), dtype=torch.long, device=self.dev)
+        self.ops_t = torch.as_tensor(np.asarray(self.recon_ops), dtype=torch.float32, device=self.dev)
+
+
+#: pad the last batch to the batch size on the CPU too (off by default: there it is only extra
+#: work; tests turn it on to run the padded path that GPUs take)
+PAD_ON_CPU = False
+
+
+def _upload(imgs, dev):
+    """A batch of images (numpy, host) on ``dev``: through pinned memory and a non-blocking copy
+    on CUDA (the copy overlaps the work queued before it), a plain tensor view on the CPU."""
+    t = torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+def _sweep(ctx: _Ctx, R, S, align=None, wiener=True, label="reconstruct"):
+    """One pass over the particles: each image is read, Fourier-transformed and its CTF made
+    once; with ``align = (refs, band)`` its pose is refined against its half set's mixture
+    (``refs``: one per half) and the image inserted with the new pose into that half's
+    reconstruction in the same pass (with symmetry, not expanded, once per operator).
+
+    ``R [n, 3, 3]``, ``S [n, 2]``: poses on the job's device, the particle table is not
+    touched. Batches are ``cfg.batch`` particles; off the CPU the last one is padded to that
+    size (fixed shapes; the padding is dropped before anything is kept). Returns
+    ``(R, S, frc, (half1, half2, final, fsc))`` with the poses and band FRC on the device."""
+    cfg, dev, box, apix = ctx.cfg, ctx.dev, ctx.box, ctx.apix
+    acc = new_accumulator(box, apix, cfg.accumulate, dev)
+    n = ctx.table.n
+    R_new, S_new = R.clone(), S.clone()
+    frc = torch.zeros(n, device=dev)
+    if align is not None:
+        refs, band = align
+        mix = stack_mixtures(refs)
+    mine = distributed.shard(n) if distributed.world() > 1 else None
+    total = n if mine is None else len(mine)
+    done = 0
+    pad_to = cfg.batch if (dev.type != "cpu" or PAD_ON_CPU) else 0
+    for idx, imgs in ctx.source.chunks(cfg.batch, indices=mine, prefetch=cfg.prefetch):
+        b = len(idx)
+        it = torch.as_tensor(np.asarray(idx), dtype=torch.long).to(dev, non_blocking=True)
+        f = torch.fft.rfft2(torch.fft.ifftshift(_upload(imgs, dev), dim=(-2, -1)))
+        ctf_p = CtfParams(**{k: getattr(ctx.ctf, k)[it] for k in CtfParams.FIELDS})
+        c = ctf_rfft2(ctf_p, box, apix, device=dev)
+        sets = ctx.sets_t[it]
+        A, sh = R[it], S[it]
+        if align is not None:
+            ia = torch.cat([it, it[-1:].expand(pad_to - b)]) if pad_to > b else it
+            fa = f if ia is it else torch.cat([f, f[-1:].expand(pad_to - b, -1, -1)])
+            ca = c if ia is it else torch.cat([c, c[-1:].expand(pad_to - b, -1, -1)])
+            sa = ctx.sets_t[ia]
+            g = Gaussians(mix.centers[sa], mix.amplitudes[sa], mix.sigmas[sa])
+            A, sh, score = refine_batch(g, band, band.band(band.crop_rfft(fa)), band.band(band.crop_rfft(ca)),
+                                        R[ia], S[ia], steps=cfg.steps, lr_rad=math.radians(cfg.lr_deg),
+                                        lr_A=cfg.lr_A, precision=cfg.matmul_precision)
+            A, sh, score = A[:b], sh[:b], score[:b]
+            R_new[it], S_new[it], frc[it] = A, sh, score
+        for op in ctx.ops_t:
+            acc.insert_ft(f, A @ op, sh, c, sets)
+        done += b
+        ctx.progress(label, done, total)
+    if mine is not None:  # every rank gets every particle's new pose
+        R_new, S_new, frc = (distributed.gather_rows(t, mine) for t in (R_new, S_new, frc))
+    return R_new, S_new, frc, maps_from_accumulator(acc, wiener=wiener)
 
 
 def _reconstruct(ctx: _Ctx, R, S, wiener=True):
-    """Half maps, final map and unmasked FSC from poses ``R``/``S``; with symmetry (not
-    expanded) every particle is inserted once per operator."""
-
-    table = ctx.table.with_poses(rotmat=R.double().numpy(), shift_A=S.double().numpy())
-    source = ctx.source
-    if len(ctx.recon_ops) > 1:
-        table = expand_table(table, ctx.recon_ops)
-        source = ImageSource.from_table(table)
-    return reconstruct_table(table, source, device=ctx.dev, wiener=wiener, prefetch=ctx.cfg.prefetch,
-                             accumulate=ctx.cfg.accumulate)
+    """Half maps, final map and unmasked FSC from poses ``R``/``S`` (a pass without alignment)."""
+    return _sweep(ctx, R, S, wiener=wiener)[3]
 
 
 def _fit_mixtures(ctx: _Ctx, gmms, halves, res, it):
@@ -189,57 +278,38 @@ def _fit_mixtures_here(ctx: _Ctx, gmms, halves, res, it):
     return out
 
 
-def _align_all(ctx: _Ctx, refs, band: BandFrc, R, S, label):
-    """Refine every particle's pose against its half's mixture; returns new ``R, S, frc``."""
+def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label, checkpoint=None, state=None):
+    """The refinement loop (fit mixtures, then one pass that aligns and reconstructs, FSC) with an
+    optional focus mask; the band's upper bound and the stopping rule follow the FSC inside
+    ``mask * sphere``. Returns a dict with the new poses, maps, mixtures and history.
 
-    cfg, dev = ctx.cfg, ctx.dev
-    R_new, S_new = R.clone(), S.clone()
-    frc = torch.zeros(ctx.table.n)
-    mine = distributed.shard(ctx.table.n) if distributed.world() > 1 else None
-    total = ctx.table.n if mine is None else len(mine)
-    done = 0
-    for idx, imgs in ctx.source.chunks(cfg.batch, indices=mine, prefetch=cfg.prefetch):
-        idx = np.asarray(idx)
-        x = band.crop_ft(torch.as_tensor(imgs, device=dev))
-        c = band.band(ctf_rfft2(CtfParams.from_table(ctx.table, idx), band.crop, band.apix_crop, device=dev))
-        for h in (0, 1):
-            sel = np.nonzero(ctx.sets[idx] == h)[0]
-            if len(sel) == 0:
-                continue
-            A, sh, score = refine_batch(refs[h], band, x[sel], c[sel], R[idx[sel]].to(dev), S[idx[sel]].to(dev),
-                                        steps=cfg.steps, lr_rad=math.radians(cfg.lr_deg), lr_A=cfg.lr_A,
-                                        precision=cfg.matmul_precision)
-            R_new[idx[sel]], S_new[idx[sel]] = A.cpu(), sh.cpu()
-            frc[idx[sel]] = score.cpu()
-        done += len(idx)
-        ctx.progress(label, done, total)
-    if mine is not None:  # every rank gets every particle's new pose
-        R_new, S_new, frc = (distributed.gather_rows(t, mine) for t in (R_new, S_new, frc))
-    return R_new, S_new, frc
-
-
-def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label):
-    """The refinement loop (fit mixtures, align, reconstruct, FSC) with an optional focus
-    mask; the band's upper bound and the stopping rule follow the FSC inside
-    ``mask * sphere``. Returns a dict with the new poses, maps, mixtures and history."""
+    ``checkpoint(run, done)``: called with the loop's state after every complete iteration (and
+    with ``done`` once it has ended); ``state``: such a state to continue from."""
 
     box, apix = ctx.box, ctx.apix
     fmask = ctx.sphere if mask is None else ctx.sphere * mask.cpu()
     history, curves = [], {}
-    frc = torch.zeros(ctx.table.n)
+    frc = torch.zeros(ctx.table.n, device=ctx.dev)
     h1 = h2 = final = None
-    for it in range(1, iterations + 1):
+    first = 1
+    if state is not None:
+        R, S, halves, gmms, res = state["R"], state["S"], state["halves"], state["gmms"], state["res"]
+        history, curves, frc, final = state["history"], state["curves"], state["frc"], state["final"]
+        first = len(history) + 1
+        if state["done"]:
+            first = iterations + 1
+    run = None
+    for it in range(first, iterations + 1):
         t_it = Timer()
         hi_shell = min(box // 2 - 1, max(ctx.lo_shell + 2, int(math.floor(box * apix / res))))
         band = BandFrc(box, apix, ctx.lo_shell, hi_shell, device=ctx.dev)
         gmms = _fit_mixtures(ctx, gmms, halves, res, it)
         refs = [focus_widths(g, mask, apix) if mask is not None else g for g in gmms]
-        R_new, S_new, frc = _align_all(ctx, refs, band, R, S, f"{label} iteration {it}")
+        R_new, S_new, frc, (h1, h2, final, _) = _sweep(ctx, R, S, (refs, band), label=f"{label} iteration {it}")
         t_align = t_it()
-        dang = rotmat_angle_deg(R_new, R).numpy()
-        dsh = torch.linalg.norm(S_new - S, dim=1).numpy()
+        dang = rotmat_angle_deg(R_new, R).cpu().numpy()
+        dsh = torch.linalg.norm(S_new - S, dim=1).cpu().numpy()
         R, S = R_new, S_new
-        h1, h2, final, _ = _reconstruct(ctx, R, S)
         curve = fsc(h1, h2, mask=fmask)
         new_res = resolution_at(curve, box, apix)
         curves[f"{label} {it}"] = curve.numpy()
@@ -253,17 +323,78 @@ def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label):
             "pose_change_deg": {"median": float(np.median(dang)), "p90": float(np.percentile(dang, 90))},
             "shift_change_A": {"median": float(np.median(dsh)), "p90": float(np.percentile(dsh, 90))},
             "mean_band_frc": float(frc.mean()),
-            "seconds_align": t_align,
+            "seconds_align": t_align,  # the pass that aligns and reconstructs
             "seconds": t_it(),
             "particles_per_s": ctx.table.n / t_align,
         })
         halves = [h1, h2]
         improved = new_res < res * 0.995
         res = min(res, new_res)
+        run = {"R": R, "S": S, "halves": halves, "final": final, "gmms": gmms, "res": res,
+               "history": history, "curves": curves, "frc": frc}
         if distributed.agree(not improved and it > 1):  # rank 0 decides: every rank stops together
             break
-    return {"R": R, "S": S, "halves": halves, "final": final, "gmms": gmms, "res": res,
-            "history": history, "curves": curves, "frc": frc}
+        if checkpoint is not None and it < iterations:
+            checkpoint(run, False)
+    if run is None:  # resumed after the loop had ended
+        run = {"R": R, "S": S, "halves": halves, "final": final, "gmms": gmms, "res": res,
+               "history": history, "curves": curves, "frc": frc}
+    if checkpoint is not None:
+        checkpoint(run, True)
+    return run
+
+
+def _save_checkpoint(cfg: RefineConfig, run: dict, done: bool, extra: dict):
+    """``checkpoint.pt`` in the output folder (rank 0; a temporary name, then renamed)."""
+    if not distributed.is_main():
+        return
+    state = {
+        "config": json.dumps({k: _json_value(getattr(cfg, k)) for k in _RESUME_SAME}),
+        "done": done,
+        "R": run["R"].cpu(), "S": run["S"].cpu(), "frc": run["frc"].cpu(),
+        "halves": [h.cpu() for h in run["halves"]], "final": run["final"].cpu(),
+        "gmms": [[g.centers.cpu(), g.amplitudes.cpu(), g.sigmas.cpu()] for g in run["gmms"]],
+        "res": float(run["res"]),
+        "history": json.dumps(run["history"]),
+        "curves": {k: torch.as_tensor(np.asarray(v)) for k, v in run["curves"].items()},
+        "extra": json.dumps(extra),
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_output(Path(cfg.out) / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def _json_value(v):
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return str(v) if isinstance(v, Path) else v
+
+
+def _load_checkpoint(cfg: RefineConfig, dev):
+    """The state to continue from (``--resume``), checked against the run's options."""
+    path = Path(cfg.out) / CHECKPOINT
+    if not path.is_file():
+        raise OptionError("--resume", f"no {CHECKPOINT} in {cfg.out}: nothing to continue (start without --resume)")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        old = json.loads(st["config"])
+    except Exception as e:
+        raise OptionError("--resume", f"{path} is not a readable refine-poses checkpoint "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for k in _RESUME_SAME:
+        if old.get(k) != _json_value(getattr(cfg, k)):
+            raise OptionError(f"--{k.replace('_', '-')}", f"{getattr(cfg, k)} differs from the checkpoint's "
+                              f"{old.get(k)} in {path}: resume with the same settings")
+    torch.set_rng_state(st["torch_rng"])
+    return {
+        "done": bool(st["done"]),
+        "R": st["R"].to(dev), "S": st["S"].to(dev), "frc": st["frc"].to(dev),
+        "halves": list(st["halves"]), "final": st["final"],
+        "gmms": [Gaussians(*(t.to(dev) for t in g)) for g in st["gmms"]],
+        "res": st["res"], "history": json.loads(st["history"]),
+        "curves": {k: v.numpy() for k, v in st["curves"].items()},
+        "extra": json.loads(st["extra"]),
+    }
 
 
 def _check_options(cfg: RefineConfig):
@@ -383,8 +514,8 @@ def _write_maps_and_patches(od, inp: _Inputs, table, extra: dict, h1, h2, final,
     mapio.write_map(od.path("composite.mrc"), comp[2].numpy(), apix)
     for j, pr in enumerate(patches["runs"]):
         d = Path("patches") / f"patch_{j + 1:02d}"
-        pt = table.with_poses(rotmat=pr["R"].double().numpy(), shift_A=pr["S"].double().numpy())
-        write_particles(pt.with_columns(**{**extra, "rlnCryogmmFrc": pr["frc"].double().numpy()}),
+        pt = table.with_poses(rotmat=pr["R"].cpu().double().numpy(), shift_A=pr["S"].cpu().double().numpy())
+        write_particles(pt.with_columns(**{**extra, "rlnCryogmmFrc": pr["frc"].cpu().double().numpy()}),
                         od.path(str(d / "refined.star")))
         mapio.write_map(od.path(str(d / "mask.mrc")), patches["masks"][j].numpy(), apix)
         mapio.write_map(od.path(str(d / "half1.mrc")), pr["halves"][0].numpy(), apix)
@@ -412,15 +543,24 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     R = torch.as_tensor(table.rotmat, dtype=torch.float32)
     S = torch.as_tensor(table.shift_A, dtype=torch.float32)
     R_in, S_in = R.clone(), S.clone()
-    hetero_figures = None
-    if cfg.hetero is not None:
-        if expanded:
-            raise OptionError("--hetero/--sym", "conformation to orientation runs on unexpanded particles (C1)")
-        R, S, hetero_figures = hetero_poses(cfg, table, mask, R, S, apix, dev, progress)
-    halves, res, start_res = _start_maps(inp, R, S)
-    run = _iterate(ctx, R, S, halves, [None, None], res, mask, cfg.iterations, "focused" if mask is not None else "global")
+    state = _load_checkpoint(cfg, dev) if cfg.resume else None
+    if state is not None:  # the starting maps and figures of the interrupted run
+        hetero_figures, start_res = state["extra"]["hetero"], state["extra"]["start_resolution_A"]
+        halves, res = state["halves"], state["res"]
+    else:
+        hetero_figures = None
+        if cfg.hetero is not None:
+            if expanded:
+                raise OptionError("--hetero/--sym", "conformation to orientation runs on unexpanded particles (C1)")
+            R, S, hetero_figures = hetero_poses(cfg, table, mask, R, S, apix, dev, progress)
+        R, S = R.to(dev), S.to(dev)  # the poses stay on the device for the whole job
+        halves, res, start_res = _start_maps(inp, R, S)
+    ck_extra = {"hetero": hetero_figures, "start_resolution_A": start_res}
+    run = _iterate(ctx, R, S, halves, [None, None], res, mask, cfg.iterations,
+                   "focused" if mask is not None else "global",
+                   checkpoint=lambda r, done: _save_checkpoint(cfg, r, done, ck_extra), state=state)
     curves = dict(run["curves"])
-    R, S, frc_final = run["R"], run["S"], run["frc"]
+    R, S, frc_final = run["R"].cpu(), run["S"].cpu(), run["frc"].cpu()
     h1, h2 = run["halves"]
     final = run["final"]
     patches = None
@@ -480,6 +620,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
                     **({"focus_masked": fsc(h1, h2, mask=sphere * mask.cpu()).numpy()} if mask is not None else {})},
             "device": str(dev),
             "matmul_precision": cfg.matmul_precision,
+            **({"resumed_after_iteration": len(state["history"])} if state is not None else {}),
             **({"processes": distributed.world()} if distributed.world() > 1 else {}),
             "seconds": timer(),
         }

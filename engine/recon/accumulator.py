@@ -95,7 +95,7 @@ class FourierAccumulator:
         self._index_dtype = torch.int32 if self.grid.shape[1] < 2**31 else torch.int64
         o = torch.arange(2, device=device)
         self._offsets = ((o[:, None, None] * self.Pc + o[None, :, None]) * self.Hc + o[None, None, :]).reshape(8)
-        self.count = torch.zeros(n_sets, dtype=torch.long)
+        self.count = torch.zeros(n_sets, dtype=torch.long, device=device)
         n = self.box
         ky = _fft_index(n, device, dtype)
         kx = torch.arange(n // 2 + 1, device=device, dtype=dtype)
@@ -138,22 +138,31 @@ class FourierAccumulator:
         """Add particles ``images [B, N, N]`` with RELION matrices ``rotmat [B, 3, 3]``, origins
         ``shift_A [B, 2]``, CTF (parameters or an ``rfft2``-layout tensor; None = no CTF) and
         set index ``sets [B]`` (0-based; default all in set 0)."""
-        self._scatter(*self._slice_points(images, rotmat, shift_A, ctf, sets))
-        if sets is None:
-            self.count[0] += images.shape[0]
-        else:
-            self.count += torch.bincount(sets.cpu().long(), minlength=self.n_sets)[: self.n_sets]
+        images = images.to(device=self.device, dtype=self.dtype)
+        self.insert_ft(torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1))), rotmat, shift_A, ctf, sets)
 
-    def _slice_points(self, images, rotmat, shift_A, ctf, sets):
+    def insert_ft(self, f: torch.Tensor, rotmat: torch.Tensor, shift_A: torch.Tensor | None = None,
+                  ctf: CtfParams | torch.Tensor | None = None, sets: torch.Tensor | None = None) -> None:
+        """:meth:`insert` for particles already transformed: ``f [B, N, N // 2 + 1]`` is
+        ``rfft2(ifftshift(images))`` (a job that also aligns the particles transforms each image
+        once and passes the same transform here)."""
+        self._scatter(*self._slice_points(f, rotmat, shift_A, ctf, sets))
+        B = f.shape[0]
+        if sets is None:
+            self.count[0] += B
+        else:  # stays on the device: no host sync per batch
+            self.count += torch.bincount(sets.to(self.count.device, torch.long), minlength=self.n_sets)[: self.n_sets]
+
+    def _slice_points(self, f, rotmat, shift_A, ctf, sets):
         """The particles' Fourier samples (inside the Nyquist circle) as points of the padded grid:
-        ``(key [M], order [M], pts [6, M])``, with ``key`` the grid address of each point's lower
-        corner in ascending order, ``order`` the points in that order and ``pts`` (in the particles'
-        order) each point's fractional position in its voxel (x, y, z) and its values (real,
-        imaginary, CTF^2 weight), Friedel-flipped where ``qx < 0``."""
+        ``(key [M], order [M] or None, pts [6, M])``, with ``key`` the grid address of each point's
+        lower corner, ``pts`` each point's fractional position in its voxel (x, y, z) and its values
+        (real, imaginary, CTF^2 weight), Friedel-flipped where ``qx < 0``. On the CPU the keys come
+        sorted (ascending, ``order`` the points in that order, ``pts`` in the particles' order); on
+        other devices unsorted (``order`` None)."""
         n, dev, dt = self.box, self.device, self.dtype
-        images = images.to(device=dev, dtype=dt)
-        B = images.shape[0]
-        f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))  # [B, N, N // 2 + 1]
+        B = f.shape[0]
+        f = f.to(device=dev)
         if shift_A is not None:
             # undo the origin: exp(-2 pi i (kx ox + ky oy) / (N apix)), a product of a row and a column factor
             o = shift_A.to(device=dev, dtype=dt) * (-2.0 * math.pi / (n * self.apix))
@@ -182,16 +191,32 @@ class FourierAccumulator:
         s = torch.zeros(B, 1, device=dev, dtype=self._index_dtype) if sets is None else \
             sets.to(device=dev, dtype=self._index_dtype)[:, None]
         key = ((s * self.Pc + (i0[2] + self.C)) * self.Pc + (i0[1] + self.C)) * self.Hc + i0[0]
-        # visit the grid in memory order: sorting the points by their lower corner turns the
-        # scattered additions (cache-miss bound) into near-streaming passes
-        key, order = torch.sort(key.reshape(-1), stable=True)
+        order = None
+        if key.device.type == "cpu":
+            # visit the grid in memory order: sorting the points by their lower corner turns the
+            # scattered additions (cache-miss bound) into near-streaming passes
+            key, order = torch.sort(key.reshape(-1), stable=True)
         h = self._half * c
         pts = torch.empty(6, B, self._kx.numel(), device=dev, dtype=dt)
         torch.sub(q, q0, out=pts[:3])
         torch.mul(f.real, h, out=pts[3])
         torch.mul(f.imag * sign, h, out=pts[4])
         torch.mul(c, h, out=pts[5])
-        return key, order, pts.view(6, -1)
+        return key.reshape(-1), order, pts.view(6, -1)
+
+    def _scatter_device(self, key, pts):
+        """The scatter off the CPU: the 8 corners of every point in one ``index_add_`` per channel
+        (no sort, no host sync; atomic adds, so float32 sums depend on their order in the last bits)."""
+        f = pts[:3]
+        g = 1.0 - f
+        wz = torch.stack([g[2], f[2]])  # [2, M]
+        wy = torch.stack([g[1], f[1]])
+        wx = torch.stack([g[0], f[0]])
+        w = (wz[:, None, None, :] * wy[None, :, None, :] * wx[None, None, :, :]).reshape(8, -1)  # corner 4dz+2dy+dx
+        idx = (key[None, :].to(torch.int64) + self._offsets.to(key.device)[:, None]).reshape(-1)
+        for ch in range(3):
+            v = (w * pts[3 + ch]).reshape(-1)
+            self.grid[ch].index_add_(0, idx, v.to(self.grid_dtype))
 
     def _scatter(self, key, order, pts):
         """Add the points (see :meth:`_slice_points`) to the grid by trilinear weights: corner
@@ -205,6 +230,9 @@ class FourierAccumulator:
         ``torch.get_num_threads()`` threads (``index_add_`` and ``index_select`` run on one core and
         release the GIL); every grid voxel still receives its additions in the same order as in one
         sequential pass."""
+        if order is None:
+            self._scatter_device(key, pts)
+            return
         M = key.numel()
         on_cpu = key.device.type == "cpu"
         n_chunks = max(1, -(-M // self.chunk)) if on_cpu else 1

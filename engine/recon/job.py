@@ -85,10 +85,7 @@ def reconstruct_table(table, source, *, batch=256, reg=1e-3, wiener=True, ctf=Tr
         raise StarError(table.source, f"particles of several box sizes {box.tolist()} or pixel sizes "
                         f"{apix.tolist()}; reconstruct one optics setting at a time")
     box, apix = int(box[0]), float(apix[0])
-    if accumulate not in ("auto", "float32", "float64"):
-        raise OptionError("--accumulate", f"{accumulate!r}; expected auto, float32 or float64")
-    wide = accumulate == "float64" or (accumulate == "auto" and distributed.world() > 1)
-    acc = FourierAccumulator(box, apix, n_sets=2, device=device, grid_dtype=torch.float64 if wide else None)
+    acc = new_accumulator(box, apix, accumulate, device)
     if max_memory_gb is not None:
         fit = FourierAccumulator.batch_for_memory(box, max_memory_gb * 1e9, BASELINE_BYTES + acc.grid_bytes()
                                                   + table.n * 200, prefetch=prefetch)
@@ -108,6 +105,21 @@ def reconstruct_table(table, source, *, batch=256, reg=1e-3, wiener=True, ctf=Tr
         acc.insert(torch.as_tensor(imgs), R_all[idx], sh_all[idx], c, sets_all[idx])
         done += len(idx)
         progress("reconstruct", done, total)
+    return maps_from_accumulator(acc, reg=reg, wiener=wiener)
+
+
+def new_accumulator(box: int, apix: float, accumulate: str = "auto", device=None) -> FourierAccumulator:
+    """The two half sets' accumulator of a job: float64 sums for ``accumulate="float64"`` or
+    (``auto``) under ``torchrun``, float32 otherwise."""
+    if accumulate not in ("auto", "float32", "float64"):
+        raise OptionError("--accumulate", f"{accumulate!r}; expected auto, float32 or float64")
+    wide = accumulate == "float64" or (accumulate == "auto" and distributed.world() > 1)
+    return FourierAccumulator(box, apix, n_sets=2, device=device, grid_dtype=torch.float64 if wide else None)
+
+
+def maps_from_accumulator(acc: FourierAccumulator, reg=1e-3, wiener=True):
+    """Sum the accumulator over processes, then ``(half1, half2, final, fsc_unmasked)`` as CPU
+    tensors (the final map Wiener-filtered by the halves' FSC when ``wiener``)."""
     acc.all_reduce()
     h1 = acc.reconstruct([0], reg=reg)
     h2 = acc.reconstruct([1], reg=reg)
