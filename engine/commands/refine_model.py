@@ -80,11 +80,13 @@ def add_args(p):
     p.add_argument("--reference", type=Path, help="model to report the Cα RMSD against (benchmarks)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     add_force(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from OUT/checkpoint.pt (same settings and inputs)")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda[:N] (default cpu)")
 
 
 def main(args) -> int:
-    check_out(args, args.model, args.map, args.restraints, args.reference)
+    check_out(args, args.model, args.map, args.restraints, args.reference, resumable=True)
     from cryogmm.model.refine.config import (
         DEFAULT_STAGES,
         QUICK_EXTRA,
@@ -103,7 +105,7 @@ def main(args) -> int:
                             rebuild_rotamers=args.rebuild_rotamers, n_patches=args.patches, steps=steps,
                             geometry_weight=args.geometry_weight, reference=args.reference, seed=args.seed,
                             device=args.device, motion=args.motion, restraints=tuple(args.restraints), extra=dict(QUICK_EXTRA) if args.quick else {})
-    rep = refine_model(cfg, progress=Progress(bar=True))
+    rep = refine_model(cfg, progress=Progress(bar=True), resume=args.resume)
     print("before:")
     print(summary_table(rep["before"]))
     print("after:")

@@ -62,11 +62,13 @@ def add_args(p):
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     add_force(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from OUT/checkpoint.pt (same settings and inputs)")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
 
 
 def main(args) -> int:
-    check_out(args, args.model, args.maps, args.latent, args.references, args.restraints)
+    check_out(args, args.model, args.maps, args.latent, args.references, args.restraints, resumable=True)
     from cryogmm.model.series.config import RefineSeriesConfig
     from cryogmm.model.series.job import refine_series
     from cryogmm.runtime import Progress
@@ -79,7 +81,7 @@ def main(args) -> int:
                              capture_steps=args.capture_steps,
                              references=None if args.references is None else tuple(args.references),
                              seed=args.seed, device=args.device)
-    rep = refine_series(cfg, progress=Progress(bar=True))
+    rep = refine_series(cfg, progress=Progress(bar=True), resume=args.resume)
     print(f"{'frame':>5s} {'bondZ':>6s} {'angZ':>6s} {'Rama%':>6s} {'rot%':>6s} {'clash':>6s}  CC(neighbours)")
     for r in rep["per_frame"]:
         cc = " ".join(f"{c:.3f}" for c in r["map_cc_neighbours"])

@@ -1,0 +1,130 @@
+"""Kill -9 and --resume: refine-model, refine-series and hetero train continue from their last
+checkpoint and end with the same files as an uninterrupted run (coordinates byte for byte,
+report figures other than timings)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ADK = Path(str(resources.files("cryogmm.data").joinpath("adk_closed.pdb")))
+TIMING = {"seconds", "stage_seconds", "t_s", "resumed_from_stage", "resumed_from_unit", "resumed_from_epoch",
+          "images_per_s", "seconds_training", "train", "polish", "validate", "total"}
+
+
+def _strip(x):
+    """A report without its timings and resume markers."""
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k not in TIMING}
+    if isinstance(x, list):
+        return [_strip(v) for v in x]
+    return x
+
+
+def _kill_after_checkpoint(args, ckpt: Path, env=None, timeout=600):
+    """Start ``args``, SIGKILL it as soon as ``ckpt`` appears; returns the return code."""
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    t0 = time.time()
+    while not ckpt.exists():
+        if p.poll() is not None:
+            raise AssertionError(f"finished before its first checkpoint: {p.stderr.read().decode()[-2000:]}")
+        if time.time() - t0 > timeout:
+            p.kill()
+            raise AssertionError("no checkpoint written")
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return p.returncode
+
+
+def _run(args, env=None):
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _same_outputs(a: Path, b: Path, names):
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ra, rb = json.loads((a / "report.json").read_text()), json.loads((b / "report.json").read_text())
+    assert _strip(ra) == _strip(rb)
+    return ra, rb
+
+
+@pytest.fixture(scope="module")
+def peptide(tmp_path_factory):
+    """Residues 1-12 of 1AKE (truth), its 4 Å map with noise, and a displaced noisy start."""
+    from cryogmm.io.maps import write_map
+    from cryogmm.model.density import model_map
+    from cryogmm.model.topology import build_topology, write_model
+
+    d = tmp_path_factory.mktemp("pep")
+    lines = [ln for ln in ADK.read_text().splitlines() if ln.startswith("ATOM") and int(ln[22:26]) <= 12]
+    (d / "truth.pdb").write_text("\n".join(lines) + "\nEND\n")
+    t = build_topology(d / "truth.pdb", add_hydrogens=False)
+    lo = t.coords.min(0) - 6.0
+    n = int(np.ceil((t.coords.max(0) - lo).max() + 6))
+    n += n % 2
+    m = model_map(t.coords, t.element, 4.0, 1.0, lo, (n, n, n)).numpy()
+    rng = np.random.default_rng(0)
+    m = m + rng.normal(scale=0.1 * m.std(), size=m.shape)
+    write_map(d / "map.mrc", m, 1.0, origin_A=lo)
+    write_model(t, t.coords + np.array([1.0, -0.6, 0.5]) + rng.normal(scale=0.2, size=t.coords.shape), d / "start.pdb")
+    return d
+
+
+REFINE = """
+import sys
+from pathlib import Path
+from cryogmm.model.refine.config import RefineModelConfig
+from cryogmm.model.refine.job import refine_model
+d, out, resume = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+refine_model(RefineModelConfig(model=d / "start.pdb", map=d / "map.mrc", resolution_A=4.0, out=out,
+                               stages=("rigid", "residue", "rotamers", "full"), n_patches=4, steps=8,
+                               reference=d / "truth.pdb", threads=1,
+                               extra={"rigid_levels": ((1, 3.0), (4, 3.0)), "polish_iters": 20}), resume=resume)
+"""
+
+
+def test_refine_model_kill_and_resume(peptide, tmp_path):
+    from cryogmm.model.refine.checkpoint import CHECKPOINT
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _run([sys.executable, "-c", REFINE, str(peptide), str(whole), "0"])
+    assert not (whole / CHECKPOINT).exists()  # removed once the outputs are written
+    rc = _kill_after_checkpoint([sys.executable, "-c", REFINE, str(peptide), str(cut), "0"], cut / CHECKPOINT)
+    assert rc == -signal.SIGKILL and (cut / CHECKPOINT).is_file() and not (cut / "refined.pdb").exists()
+    _run([sys.executable, "-c", REFINE, str(peptide), str(cut), "1"])
+    ra, rb = _same_outputs(whole, cut, ("refined.pdb", "refined.cif", "trajectory.pdb"))
+    assert ra["resumed_from_stage"] is None and rb["resumed_from_stage"] >= 1
+    assert not (cut / CHECKPOINT).exists()
+
+
+def test_refine_model_resume_refusals(peptide, tmp_path):
+    """--resume with nothing to resume from, or with other settings: one line, exit 2."""
+    from cryogmm.model.refine.checkpoint import CHECKPOINT
+
+    base = [sys.executable, "-m", "cryogmm", "refine-model", str(peptide / "start.pdb"), "--map",
+            str(peptide / "map.mrc"), "--resolution", "4", "--stages", "rigid", "full", "--patches", "4", "--steps", "4"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run([*base, "--out", str(empty), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "checkpoint" in r.stderr
+    assert not any(empty.iterdir())
+    cut = tmp_path / "cut"
+    rc = _kill_after_checkpoint([*base, "--out", str(cut)], cut / CHECKPOINT)
+    assert rc == -signal.SIGKILL
+    before = sorted(p.name for p in cut.iterdir())
+    r = subprocess.run([*base, "--steps", "5", "--out", str(cut), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 2 and "steps" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in cut.iterdir()) == before
+    # without --resume (or --force) the folder with a checkpoint is refused, offering --resume
+    r = subprocess.run([*base, "--out", str(cut)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr
