@@ -105,6 +105,21 @@ def test_refine_model_kill_and_resume(peptide, tmp_path):
     ra, rb = _same_outputs(whole, cut, ("refined.pdb", "refined.cif", "trajectory.pdb"))
     assert ra["resumed_from_stage"] is None and rb["resumed_from_stage"] >= 1
     assert not (cut / CHECKPOINT).exists()
+    _report_is_the_file(ra, whole, peptide)
+
+
+def _report_is_the_file(rep, out, data):
+    """The report's figures after refinement are those ``cryogmm validate`` gives for the written
+    refined.pdb and refined.cif (the coordinates rounded to the file's precision)."""
+    from cryogmm.model.validate import ValidateConfig, validate
+
+    assert rep["after_measured_on"] == "refined.pdb"
+    for name in ("refined.pdb", "refined.cif"):
+        val = json.loads(json.dumps(validate(ValidateConfig(model=out / name, map=data / "map.mrc", resolution_A=4.0))))
+        shared = [k for k in rep["after"] if k in val and isinstance(val[k], (int, float))]
+        assert {"clashscore", "bond_rmsz", "angle_rmsz", "rama_outlier_pct", "rotamer_outlier_pct",
+                "map_cc_mask", "qscore_mean"} <= set(shared)
+        assert {k: rep["after"][k] for k in shared} == {k: val[k] for k in shared}, name
 
 
 def test_refine_model_resume_refusals(peptide, tmp_path):
@@ -128,3 +143,98 @@ def test_refine_model_resume_refusals(peptide, tmp_path):
     # without --resume (or --force) the folder with a checkpoint is refused, offering --resume
     r = subprocess.run([*base, "--out", str(cut)], capture_output=True, text=True)
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+SERIES = """
+import sys
+import torch
+from pathlib import Path
+from cryogmm.model.series.config import RefineSeriesConfig
+from cryogmm.model.series.job import refine_series
+d, out, resume = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+torch.set_num_threads(1)
+refine_series(RefineSeriesConfig(model=d / "start.pdb", maps=tuple(d / f"map_{i:02d}.mrc" for i in (1, 2, 3)), out=out,
+                                 resolution_A=5.0, frames=4, steps=4, n_patches=3, polish_iters=10, capture_steps=3,
+                                 extra={"prefit_steps": 30}), resume=resume)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_series(tmp_path_factory):
+    from cryogmm.simulate.maps import series_example
+
+    d = tmp_path_factory.mktemp("tiny")
+    ex = series_example(d, n_maps=3, residues=(1, 14), apix=2.0, resolution_A=5.0, noise=0.1)
+    assert [Path(p).name for p in ex["maps"]] == ["map_01.mrc", "map_02.mrc", "map_03.mrc"]
+    return d
+
+
+@pytest.mark.slow
+def test_refine_series_kill_and_resume(tiny_series, tmp_path):
+    """Killed after its first captured model, a resumed series ends as an uninterrupted one; a
+    second kill later on (the training or the polish) too."""
+    import torch
+
+    from cryogmm.model.refine.checkpoint import CHECKPOINT
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _run([sys.executable, "-c", SERIES, str(tiny_series), str(whole), "0"])
+    rc = _kill_after_checkpoint([sys.executable, "-c", SERIES, str(tiny_series), str(cut), "0"], cut / CHECKPOINT)
+    assert rc == -signal.SIGKILL
+    first = int(torch.load(cut / CHECKPOINT, weights_only=True)["units_done"])
+    # resume, and kill again once it has checkpointed past where it started
+    p = subprocess.Popen([sys.executable, "-c", SERIES, str(tiny_series), str(cut), "1"], stderr=subprocess.DEVNULL)
+    while p.poll() is None:
+        try:
+            if int(torch.load(cut / CHECKPOINT, weights_only=True)["units_done"]) > first:
+                p.send_signal(signal.SIGKILL)
+                break
+        except Exception:  # not there yet, or being replaced
+            pass
+        time.sleep(0.05)
+    p.wait()
+    _run([sys.executable, "-c", SERIES, str(tiny_series), str(cut), "1"])
+    names = ["series.pdb"] + [f"frame_{k:02d}.pdb" for k in range(1, 5)] + [f"map_{k:02d}.pdb" for k in (1, 2, 3)]
+    ra, rb = _same_outputs(whole, cut, names)
+    assert ra["resumed_from_unit"] is None and rb["resumed_from_unit"] > first >= 1
+    na, nb = torch.load(whole / "network.pt", weights_only=False), torch.load(cut / "network.pt", weights_only=False)
+    assert all(torch.equal(na["state_dict"][k], nb["state_dict"][k]) for k in na["state_dict"])
+    assert not (cut / CHECKPOINT).exists()
+    # the frames' figures are those of the written files
+    from cryogmm.model.series.config import geometry_summary
+    from cryogmm.model.topology import build_topology
+    from cryogmm.model.validate import validate_coords
+
+    for k, row in enumerate(ra["per_frame"]):
+        t = build_topology(whole / f"frame_{k + 1:02d}.pdb")
+        fig = json.loads(json.dumps(geometry_summary(validate_coords(t, t.coords))))
+        assert {q: row[q] for q in fig} == fig
+
+
+def test_report_nulls_and_nyquist(tmp_path):
+    """report.json: every non-finite figure null with its place and reason; an FSC table's zero
+    frequency null; a resolution at the Nyquist limit flagged."""
+    from cryogmm.core.similarity import resolution_at
+    from cryogmm.io.outputs import DC_REASON, write_report
+
+    box, apix = 16, 2.0
+    flat = np.ones(box // 2 + 1)  # never falls below 0.143: the Nyquist limit
+    crossing = np.linspace(1.0, -0.2, box // 2 + 1)
+    rep = {"resolution_A": resolution_at(flat, box, apix), "resolution_0.5_A": resolution_at(crossing, box, apix, 0.5),
+           "fsc": {"resolution_A": (box * apix / np.maximum(np.arange(box // 2 + 1), 1e-9)).tolist(), "masked": flat},
+           "figures": {"cc": float("nan"), "ratio": np.float32("inf"), "ok": np.float64(0.5)},
+           "rows": [{"x": -np.inf}, {"x": 1}]}
+    back = write_report(tmp_path / "report.json", rep)
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text and "e+11" not in text
+    j = json.loads(text)
+    assert j["figures"] == {"cc": None, "ratio": None, "ok": 0.5} and j["rows"][0]["x"] is None
+    assert j["null_reasons"]["figures.cc"].startswith("not a number")
+    assert j["null_reasons"]["figures.ratio"] == "infinite" and j["null_reasons"]["rows[0].x"] == "-infinite"
+    assert j["fsc"]["resolution_A"][0] is None and j["null_reasons"]["fsc.resolution_A[0]"] == DC_REASON
+    assert j["fsc"]["resolution_A"][1] == box * apix
+    assert rep["resolution_A"] == 2 * apix and j["resolution_limited_by"] == {"resolution_A": "nyquist"}
+    assert back["resolution_limited_by"] == {"resolution_A": "nyquist"}
+    # a job's own reason is kept
+    write_report(tmp_path / "r2.json", {"a": float("nan"), "null_reasons": {"a": "no particles in this class"}})
+    assert json.loads((tmp_path / "r2.json").read_text())["null_reasons"] == {"a": "no particles in this class"}

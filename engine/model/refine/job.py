@@ -224,6 +224,10 @@ def measure(topo: Topology, coords: np.ndarray, grid, cfg: RefineModelConfig, re
     if grid is not None:
         mf = map_figures(topo, coords, grid, cfg.resolution_A)
         fig.update({k: v for k, v in mf.items() if k != "qscore_per_residue"})
+        fsc_a = fig.get("map_model_fsc_0.5_A")
+        if fsc_a is not None and abs(fsc_a - 2.0 * grid.apix) <= 1e-6 * fsc_a:
+            # the model map and the map agree (FSC >= 0.5) up to the sampling's limit
+            fig["resolution_limited_by"] = {"map_model_fsc_0.5_A": "nyquist"}
     if cfg.reference is not None:
         fig["ca_rmsd_to_reference_A"] = ca_rmsd(topo, coords, cfg.reference)
     return fig
@@ -310,8 +314,11 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
     the map in memory (default: ``cfg.map`` is read again)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_model(topo, res.coords, out / "refined.pdb")
-    write_model(topo, res.coords, out / "refined.cif")
+    # both files hold the coordinates at the PDB format's 0.001 Å (mmCIF would keep more digits),
+    # so that they are one model and the report's figures describe either
+    xyz = np.round(res.coords, 3)
+    write_model(topo, xyz, out / "refined.pdb")
+    write_model(topo, xyz, out / "refined.cif")
     _write_trajectory(topo, res.trajectory, out / "trajectory.pdb")
     after, rms_moved = measure_written(out / "refined.pdb", topo, cfg, grid)
     missing = {k: v for k, v in res.after.items() if k not in after}
