@@ -200,15 +200,19 @@ def test_refine_series_kill_and_resume(tiny_series, tmp_path):
     na, nb = torch.load(whole / "network.pt", weights_only=False), torch.load(cut / "network.pt", weights_only=False)
     assert all(torch.equal(na["state_dict"][k], nb["state_dict"][k]) for k in na["state_dict"])
     assert not (cut / CHECKPOINT).exists()
-    # the frames' figures are those of the written files
+    # the frames' figures are those cryogmm validate gives for the written files
     from cryogmm.model.series.config import geometry_summary
-    from cryogmm.model.topology import build_topology
-    from cryogmm.model.validate import validate_coords
+    from cryogmm.model.validate import ValidateConfig, validate
 
     for k, row in enumerate(ra["per_frame"]):
-        t = build_topology(whole / f"frame_{k + 1:02d}.pdb")
-        fig = json.loads(json.dumps(geometry_summary(validate_coords(t, t.coords))))
+        fig = json.loads(json.dumps(geometry_summary(validate(ValidateConfig(model=whole / f"frame_{k + 1:02d}.pdb")))))
         assert {q: row[q] for q in fig} == fig
+    for i, row in enumerate(ra["per_map"]):
+        v = json.loads(json.dumps(validate(ValidateConfig(model=whole / f"map_{i + 1:02d}.pdb",
+                                                          map=tiny_series / f"map_{i + 1:02d}.mrc", resolution_A=5.0))))
+        assert row["frame_geometry"] == geometry_summary(v)
+        # map figures: FFTs differ in the last bits between thread counts (the job ran on one)
+        assert row["frame"] == pytest.approx({q: v[q] for q in row["frame"]}, rel=1e-9)
 
 
 def test_report_nulls_and_nyquist(tmp_path):
@@ -238,3 +242,50 @@ def test_report_nulls_and_nyquist(tmp_path):
     # a job's own reason is kept
     write_report(tmp_path / "r2.json", {"a": float("nan"), "null_reasons": {"a": "no particles in this class"}})
     assert json.loads((tmp_path / "r2.json").read_text())["null_reasons"] == {"a": "no particles in this class"}
+
+
+@pytest.fixture(scope="module")
+def het_sim(tmp_path_factory):
+    """Open-to-closed adenylate kinase particles (CORE-superposed endpoints), 160 particles, box 32."""
+    from cryogmm.hetero.truth import ADK_CORE, superpose_file
+    from cryogmm.simulate.particles import SimulateConfig, simulate
+
+    data = Path(str(resources.files("cryogmm.data")))
+    d = tmp_path_factory.mktemp("het")
+    superpose_file(data / "adk_closed.pdb", data / "adk_open.pdb", d / "closed_on_open.pdb", ADK_CORE)
+    simulate(SimulateConfig(out=d / "sim", endpoints=(data / "adk_open.pdb", d / "closed_on_open.pdb"), frames=5,
+                            n=160, box=32, apix=3.0, snr=1.0, seed=1, device="cpu"))
+    return d / "sim"
+
+
+@pytest.mark.slow
+def test_hetero_train_kill_and_resume(het_sim, tmp_path):
+    """hetero train killed after its first epoch's checkpoint, then --resume: the same weights,
+    losses and report as an uninterrupted run."""
+    import torch
+
+    model = Path(str(resources.files("cryogmm.data"))) / "adk_open.pdb"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "cryogmm", "hetero", "train", str(het_sim / "particles.star"), "--model",
+                str(model), "--map", str(het_sim / "truth_map.mrc"), "--segments", "4", "--zdim", "2", "--epochs", "4",
+                "--batch", "32", "--lowpass-A", "12", "--kl-warmup", "2", "--hidden", "32", "--device", "cpu",
+                "--out", str(out), *extra]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _run(cmd(whole), env=env)
+    assert _kill_after_checkpoint(cmd(cut), cut / "checkpoint.pt", env=env) == -signal.SIGKILL
+    assert not (cut / "report.json").exists()
+    _run(cmd(cut, "--resume"), env=env)
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (whole, cut))
+    assert {k: v for k, v in ca.items() if k not in ("out", "resume")} == {
+        k: v for k, v in cb.items() if k not in ("out", "resume")}
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (whole, cut))
+    for r in (ra, rb):
+        r["config"] = {k: v for k, v in r["config"].items() if k not in ("out", "resume")}
+    assert _strip(ra) == _strip(rb)
+    assert ra["resumed_from_epoch"] is None and 1 <= rb["resumed_from_epoch"] < 4
+    sa = torch.load(whole / "checkpoint.pt", weights_only=True)
+    sb = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])

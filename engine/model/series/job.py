@@ -192,24 +192,33 @@ def fit_series(topo, grids: list, cfg: RefineSeriesConfig, z_raw: np.ndarray | N
     return res
 
 
-def measure_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, map_frames: list, frames: list):
+def measure_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, map_frames: list, frames: list,
+                   map_topos: list | None = None, frame_topos: list | None = None):
     """Fill ``res.per_map``, ``res.per_frame`` and ``res.steps_between`` with the figures of the
-    models ``map_frames`` and ``frames`` (``[M, 3]`` each, ``topo``'s atoms)."""
+    models ``map_frames`` and ``frames`` (``[M, 3]`` each, ``topo``'s atoms). ``map_topos``,
+    ``frame_topos``: each model's own topology (a written file re-read: its riding H placed
+    from its own coordinates, as ``cryogmm validate`` places them); default ``topo``."""
     t_val = time.time()
     fit, z_raw, z, grids = res.fit, res.z_raw, res.z, res.fit.grids
     pts, seg, frac = res.path
     val = Restraints(topo)
+    map_topos = map_topos or [topo] * len(map_frames)
+    frame_topos = frame_topos or [topo] * len(frames)
+
+    def restraints(t):
+        return val if t is topo else None
     per_map = []
     for i in range(len(grids)):
         row = {"map": str(cfg.maps[i]), "latent": z_raw[i].tolist(), "latent_normalised": z[i].tolist(),
                "curriculum_rank": int(np.nonzero(fit.order == i)[0][0])}
         row["start"] = _map_fit(topo, topo.coords, grids[i], cfg.resolution_A)
-        row["frame"] = _map_fit(topo, map_frames[i], grids[i], cfg.resolution_A)
-        row["frame_geometry"] = geometry_summary(validate_coords(topo, map_frames[i], val))
+        mt = map_topos[i]
+        row["frame"] = _map_fit(mt, map_frames[i], grids[i], cfg.resolution_A)
+        row["frame_geometry"] = geometry_summary(validate_coords(mt, map_frames[i], restraints(mt)))
         row["network_geometry"] = geometry_summary(validate_coords(topo, res.raw_maps[i], val))
         if cfg.references is not None:
             row["start_ca_rmsd_to_reference_A"] = ca_rmsd(topo, topo.coords, cfg.references[i])
-            row["ca_rmsd_to_reference_A"] = ca_rmsd(topo, map_frames[i], cfg.references[i])
+            row["ca_rmsd_to_reference_A"] = ca_rmsd(mt, map_frames[i], cfg.references[i])
             row["network_ca_rmsd_to_reference_A"] = ca_rmsd(topo, res.raw_maps[i], cfg.references[i])
         per_map.append(row)
     per_frame = []
@@ -217,9 +226,10 @@ def measure_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, map_frames:
         j = int(seg[f])
         row = {"frame": f + 1, "latent_normalised": pts[f].tolist(), "between_maps": [j, j + 1],
                "fraction": float(frac[f])}
-        row.update(geometry_summary(validate_coords(topo, frames[f], val)))
+        ft = frame_topos[f]
+        row.update(geometry_summary(validate_coords(ft, frames[f], restraints(ft))))
         row["network_geometry"] = geometry_summary(validate_coords(topo, res.raw_frames[f], val))
-        row["map_cc_neighbours"] = [_map_fit(topo, frames[f], grids[k], cfg.resolution_A)["map_cc_mask"]
+        row["map_cc_neighbours"] = [_map_fit(ft, frames[f], grids[k], cfg.resolution_A)["map_cc_mask"]
                                     for k in (j, j + 1)]
         per_frame.append(row)
     mv = topo.movable & ~topo.is_h
@@ -245,9 +255,9 @@ def write_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, t0: float | N
         torch.save({"state_dict": fit.model.net.state_dict(), "latent": res.z_raw, "latent_normalised": res.z,
                     "n_patches": fit.model.n_patches, "hidden": cfg.hidden}, d.path("network.pt"))
         # the written files' coordinates, in this topology's atom order (the files hold its heavy atoms)
-        written = [_reread(topo, d.path(f"map_{i + 1:02d}.pdb"), cfg) for i in range(len(res.map_frames))]
-        written_frames = [_reread(topo, d.path(f"frame_{f + 1:02d}.pdb"), cfg) for f in range(len(res.frames))]
-        measure_series(topo, res, cfg, written, written_frames)
+        wm = [_reread(topo, d.path(f"map_{i + 1:02d}.pdb"), cfg) for i in range(len(res.map_frames))]
+        wf = [_reread(topo, d.path(f"frame_{f + 1:02d}.pdb"), cfg) for f in range(len(res.frames))]
+        measure_series(topo, res, cfg, [t.coords for t in wm], [t.coords for t in wf], wm, wf)
         per_map, per_frame = res.per_map, res.per_frame
         rep = {
             "model": str(cfg.model), "maps": [str(p) for p in cfg.maps], "resolution_A": cfg.resolution_A,
@@ -269,13 +279,13 @@ def write_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, t0: float | N
     return rep
 
 
-def _reread(topo, path, cfg) -> np.ndarray:
-    """The coordinates of a model file written from ``topo`` (every atom of ``topo``, riding H
-    placed again as a re-read places them)."""
+def _reread(topo, path, cfg):
+    """The topology of a model file written from ``topo`` (its atoms in ``topo``'s order, riding
+    H placed from the file's coordinates as ``cryogmm validate`` places them)."""
     wt = build_topology(path, dictionaries=cfg.restraints)
     if wt.coords.shape != topo.coords.shape:
         raise RuntimeError(f"{path}: {len(wt.coords)} atoms re-read, {len(topo.coords)} written")
-    return wt.coords
+    return wt
 
 
 def refine_series(cfg: RefineSeriesConfig, progress=None, resume: bool = False) -> dict:
