@@ -36,8 +36,12 @@ with --motion local the map force is also adapted as the similarity rises or fal
 --geometry-only regularises the model without a map (a 0.15 Å harmonic tether keeps it
 in place).
 
-Outputs in --out: refined.pdb, refined.cif, trajectory.pdb (frames for playback),
-report.json (validation and map figures before and after, per-phase log).
+Outputs in --out: refined.pdb, refined.cif (the same coordinates, to 0.001 Å), trajectory.pdb
+(frames for playback), report.json (validation and map figures before and after, per-phase
+log; the figures after are measured on refined.pdb as written, so `cryogmm validate` on it
+gives the same numbers). While it runs, --out/checkpoint.pt holds the state after the last
+finished stage (removed at the end): after a kill, --resume continues from it with the same
+settings and ends with the same files as an uninterrupted run.
 
 Example:
   cryogmm refine-model closed.pdb --map open_4A.mrc --resolution 4 --out refined [--quick]

@@ -22,7 +22,11 @@ Outputs in --out:
   network.pt        the network's weights and the latents
   report.json       per frame: geometry (bond/angle RMSZ, Rama, rotamer, clashscore...) and
                     the map CC with its two neighbouring maps; per map: CC, FSC 0.5 and
-                    Q-score of its frame and of the start (and Cα RMSD with --references)
+                    Q-score of its frame and of the start (and Cα RMSD with --references);
+                    measured on the frame_XX.pdb and map_XX.pdb files as written
+  checkpoint.pt     while it runs: the state after the last captured model, prefit, training
+                    phase or polished frame (removed at the end); after a kill, --resume
+                    continues from it and ends with the same files as an uninterrupted run
 
 Example:
   cryogmm refine-series open.pdb --maps m01.mrc m02.mrc m03.mrc --resolution 4 --frames 20 --out series
