@@ -229,11 +229,12 @@ class Refiner:
     # ---- checkpoints
     def state(self) -> dict:
         """The refinement's state between stages, as tensors and JSON (what a resumed run needs
-        to continue bit for bit): coordinates, the anchor's start, the map force, the trajectory,
-        the log, and the restraints' contact pairs and riding-H rotor coefficients (both carried
+        to continue bit for bit): coordinates, the anchor's start, the map force, the trajectory
+        (heavy atoms: its riding H are placed again on loading), the log, and the restraints' contact pairs and riding-H rotor coefficients (both carried
         from stage to stage)."""
+        # the trajectory's heavy atoms (what trajectory.pdb holds): half the size with riding H
         return {"x_all": self.x_all.detach().cpu(), "start": self.start.detach().cpu(), "map_k": float(self.map_k),
-                "trajectory": torch.as_tensor(np.stack(self.trajectory)),
+                "trajectory": torch.as_tensor(np.stack([f[self.heavy] for f in self.trajectory])),
                 "log": json.dumps(self.log, default=json_default), "pairs": self.rs.pairs.detach().cpu(),
                 "h_coef": self.rs.h_coef.detach().cpu()}
 
@@ -242,7 +243,10 @@ class Refiner:
         self.x_all = st["x_all"].to(self.dev, self.dt)
         self.start = st["start"].to(self.dev, self.dt)
         self.map_k = float(st["map_k"])
-        self.trajectory = [f.copy() for f in st["trajectory"].numpy()]
+        self.trajectory = []
+        with torch.no_grad():
+            for f in st["trajectory"].to(self.dev, self.dt):  # riding H placed again (not written)
+                self.trajectory.append(self.rs.with_h(self.x_all.index_copy(0, self.heavy_t, f)).cpu().numpy())
         self.log = json.loads(st["log"])
         self.rs.pairs = st["pairs"].to(self.dev)
         self.rs.h_coef = st["h_coef"].to(self.dev, self.dt)
