@@ -239,6 +239,10 @@ def test_report_nulls_and_nyquist(tmp_path):
     assert j["fsc"]["resolution_A"][1] == box * apix
     assert rep["resolution_A"] == 2 * apix and j["resolution_limited_by"] == {"resolution_A": "nyquist"}
     assert back["resolution_limited_by"] == {"resolution_A": "nyquist"}
+    # a table whose shell 0 is written as infinite
+    write_report(tmp_path / "r3.json", {"fsc": {"resolution_A": [np.inf, 32.0, 16.0], "masked": [1.0, 0.5, 0.1]}})
+    j3 = json.loads((tmp_path / "r3.json").read_text())
+    assert j3["fsc"]["resolution_A"] == [None, 32.0, 16.0] and j3["null_reasons"] == {"fsc.resolution_A[0]": DC_REASON}
     # a job's own reason is kept
     write_report(tmp_path / "r2.json", {"a": float("nan"), "null_reasons": {"a": "no particles in this class"}})
     assert json.loads((tmp_path / "r2.json").read_text())["null_reasons"] == {"a": "no particles in this class"}

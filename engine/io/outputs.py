@@ -71,13 +71,12 @@ def _fsc_conventions(d: dict, where: str, nulls: dict):
     table = d.get("fsc")
     if not isinstance(table, dict) or "resolution_A" not in table:
         return
-    res = list(np.asarray(table["resolution_A"], dtype=np.float64).tolist())
+    res = [None if r is None or not np.isfinite(float(r)) else float(r) for r in table["resolution_A"]]
     if not res:
         return
     tw = f"{where}.fsc.resolution_A" if where else "fsc.resolution_A"
-    if res[0] is not None:
-        res[0] = None
-        nulls[f"{tw}[0]"] = DC_REASON
+    res[0] = None
+    nulls[f"{tw}[0]"] = DC_REASON  # also replaces the generic reason of an infinite shell 0
     d["fsc"] = {**table, "resolution_A": res}
     limited = nyquist_limited(d, res)
     if limited:
