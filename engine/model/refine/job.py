@@ -175,12 +175,7 @@ def refine_coords(topo: Topology, grid: MapGrid | None, cfg: RefineModelConfig, 
             if outer is not None:
                 outer(phase, step, n)
     ref = Restraints(topo)
-    before = validate_coords(topo, topo.coords, ref)
-    if grid is not None:
-        before.update({k: v for k, v in map_figures(topo, topo.coords, grid, cfg.resolution_A).items()
-                       if k != "qscore_per_residue"})
-    if cfg.reference is not None:
-        before["ca_rmsd_to_reference_A"] = ca_rmsd(topo, topo.coords, cfg.reference)
+    before = measure(topo, topo.coords, grid, cfg, ref)
     if cfg.motion == "auto":
         fits = grid is None or before.get("map_cc_mask", 0.0) >= AUTO_LOCAL_MIN_CC
         cfg = checked_config(replace(cfg, motion="local" if fits else "domains"))
