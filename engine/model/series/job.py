@@ -207,6 +207,7 @@ def measure_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, map_frames:
 
     def restraints(t):
         return val if t is topo else None
+
     per_map = []
     for i in range(len(grids)):
         row = {"map": str(cfg.maps[i]), "latent": z_raw[i].tolist(), "latent_normalised": z[i].tolist(),
