@@ -81,8 +81,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from cryogmm.errors import CryoGMMError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     only = next((a for a in argv if a in COMMANDS), None)
     if only is None and not any(a in ("-h", "--help", "--version") for a in argv):

@@ -18,7 +18,7 @@ from cryogmm.hetero.train import train_hetero
 from cryogmm.hetero.truth import ADK_CORE, superpose_file
 from cryogmm.io import maps as mapio
 from cryogmm.io.maps import write_map
-from cryogmm.io.outputs import write_report
+from cryogmm.io.outputs import nyquist_limited, write_report
 from cryogmm.model.density import model_map
 from cryogmm.model.refine.config import RefineModelConfig
 from cryogmm.model.refine.job import refine_model
@@ -113,6 +113,13 @@ def demo_series(out_dir, seed: int = 0, progress=None) -> dict:
             "out": str(out / "series")}
 
 
+def _with_limits(summary: dict, rep: dict) -> dict:
+    """``summary`` of a job's report with ``resolution_limited_by`` for its resolutions at the
+    Nyquist limit of the job's FSC table."""
+    limited = nyquist_limited(summary, rep["fsc"]["resolution_A"]) if "fsc" in rep else {}
+    return {**summary, "resolution_limited_by": limited} if limited else summary
+
+
 def example_model(name: str = "open") -> Path:
     """Path of a bundled adenylate kinase model: ``open`` (4AKE) or ``closed`` (1AKE), heavy atoms."""
     return Path(str(resources.files("cryogmm.data") / f"adk_{name}.pdb"))
@@ -151,7 +158,8 @@ def run_demo(out, n=1500, seed=0, device=None, refine=True, hetero=True, model=T
         "example": "adenylate kinase 4AKE (open), heavy atoms",
         "simulate": {k: sim[k] for k in ("n_particles", "box", "apix_A", "snr", "pose_noise_deg", "shift_noise_A",
                                           "seconds")},
-        "reconstruct": {k: rec[k] for k in ("resolution_A", "resolution_0.5_A", "resolution_unmasked_A", "seconds")},
+        "reconstruct": _with_limits({k: rec[k] for k in ("resolution_A", "resolution_0.5_A", "resolution_unmasked_A",
+                                                        "seconds")}, rec),
         "start": vs_truth(out / "reconstruct" / "map.mrc", read_particles(out / "simulate" / "particles.star")),
     }
     report["map_vs_truth_correlation"] = report["start"]["map_vs_truth_correlation"]
@@ -159,9 +167,10 @@ def run_demo(out, n=1500, seed=0, device=None, refine=True, hetero=True, model=T
         ref = refine_poses(RefineConfig(star=out / "simulate" / "particles.star", out=out / "refine", iterations=1,
                                         max_gaussians=600, fit_iterations=100, steps=30, seed=seed, device=device),
                            progress=progress)
-        report["refine"] = {"resolution_A": ref["resolution_A"], "seconds": ref["seconds"],
-                            "particles_per_s": ref["iterations"][-1]["particles_per_s"],
-                            **vs_truth(out / "refine" / "map.mrc", read_particles(out / "refine" / "refined.star"))}
+        report["refine"] = _with_limits({"resolution_A": ref["resolution_A"], "seconds": ref["seconds"],
+                                         "particles_per_s": ref["iterations"][-1]["particles_per_s"],
+                                         **vs_truth(out / "refine" / "map.mrc",
+                                                    read_particles(out / "refine" / "refined.star"))}, ref)
         report["map_vs_truth_correlation"] = report["refine"]["map_vs_truth_correlation"]
     if hetero:
 

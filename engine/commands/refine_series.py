@@ -25,7 +25,11 @@ Outputs in --out:
   network.pt        the network's weights and the latents
   report.json       per frame: geometry (bond/angle RMSZ, Rama, rotamer, clashscore...) and
                     the map CC with its two neighbouring maps; per map: CC, FSC 0.5 and
-                    Q-score of its frame and of the start (and Cα RMSD with --references)
+                    Q-score of its frame and of the start (and Cα RMSD with --references);
+                    measured on the frame_XX.pdb and map_XX.pdb files as written
+  checkpoint.pt     while it runs: the state after the last captured model, prefit, training
+                    phase or polished frame (removed at the end); after a kill, --resume
+                    continues from it and ends with the same files as an uninterrupted run
 
 Example:
   cryogmm refine-series open.pdb --maps m01.mrc m02.mrc m03.mrc --resolution 4 --frames 20 --out series
@@ -64,10 +68,12 @@ def add_args(p):
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     add_force(p)
     add_device(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from OUT/checkpoint.pt (same settings and inputs)")
 
 
 def main(args) -> int:
-    check_out(args, args.model, args.maps, args.latent, args.references, args.restraints)
+    check_out(args, args.model, args.maps, args.latent, args.references, args.restraints, resumable=True)
     from cryogmm.model.series.config import RefineSeriesConfig
     from cryogmm.model.series.job import refine_series
     from cryogmm.runtime import Progress
@@ -80,7 +86,7 @@ def main(args) -> int:
                              capture_steps=args.capture_steps,
                              references=None if args.references is None else tuple(args.references),
                              seed=args.seed, device=args.device)
-    rep = refine_series(cfg, progress=Progress(bar=True))
+    rep = refine_series(cfg, progress=Progress(bar=True), resume=args.resume)
     print(f"{'frame':>5s} {'bondZ':>6s} {'angZ':>6s} {'Rama%':>6s} {'rot%':>6s} {'clash':>6s}  CC(neighbours)")
     for r in rep["per_frame"]:
         cc = " ".join(f"{c:.3f}" for c in r["map_cc_neighbours"])

@@ -23,33 +23,110 @@ from cryogmm import __version__
 from cryogmm.errors import OutputError
 
 
-def _jsonable(x):
+def _jsonable(x, where: str = "", nulls: dict | None = None):
+    """``x`` as JSON types; a non-finite number becomes None and, with ``nulls``, its place
+    (``a.b[3]``) is recorded there with what it was."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): _jsonable(v, f"{where}.{k}" if where else str(k), nulls) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [_jsonable(v, f"{where}[{i}]", nulls) for i, v in enumerate(x)]
     if isinstance(x, Path):
         return str(x)
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return _jsonable(x.tolist(), where, nulls)
     if isinstance(x, (np.floating, float)):
         x = float(x)
-        return x if np.isfinite(x) else None
+        if np.isfinite(x):
+            return x
+        if nulls is not None:
+            nulls.setdefault(where, "not a number (undefined)" if np.isnan(x) else f"{'-' if x < 0 else ''}infinite")
+        return None
     if isinstance(x, np.integer):
         return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
     if hasattr(x, "tolist"):  # torch tensors
-        return _jsonable(x.tolist())
+        return _jsonable(x.tolist(), where, nulls)
     return x
 
 
+# An FSC table in a report (``{"fsc": {"resolution_A": [...], <curves>...}}``) lists the
+# resolution of every shell; shell 0 is the zero frequency, which has none (box x apix / 0).
+DC_REASON = "shell 0 is the zero frequency: it has no resolution (box x pixel size / 0)"
+
+
+def _fsc_conventions(d: dict, where: str, nulls: dict):
+    """In every dict of a report holding an FSC table: shell 0's resolution is null (with its
+    reason), and the resolution figures beside the table (``resolution*_A``) that sit at the
+    Nyquist limit are flagged ``resolution_limited_by: {figure: "nyquist"}``: the FSC never fell
+    below its threshold, so the figure is a bound set by the sampling, not a measured
+    resolution."""
+    for k, v in list(d.items()):
+        if isinstance(v, dict):
+            _fsc_conventions(v, f"{where}.{k}" if where else str(k), nulls)
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if isinstance(item, dict):
+                    _fsc_conventions(item, f"{where}.{k}[{i}]" if where else f"{k}[{i}]", nulls)
+    table = d.get("fsc")
+    if not isinstance(table, dict) or "resolution_A" not in table:
+        return
+    res = [None if r is None or not np.isfinite(float(r)) else float(r) for r in table["resolution_A"]]
+    if not res:
+        return
+    tw = f"{where}.fsc.resolution_A" if where else "fsc.resolution_A"
+    res[0] = None
+    nulls[f"{tw}[0]"] = DC_REASON  # also replaces the generic reason of an infinite shell 0
+    d["fsc"] = {**table, "resolution_A": res}
+    limited = nyquist_limited(d, res)
+    if limited:
+        d["resolution_limited_by"] = {**d.get("resolution_limited_by", {}), **limited}
+
+
+def nyquist_limited(figures: dict, shell_resolutions) -> dict:
+    """``{name: "nyquist"}`` for the resolution figures of ``figures`` (keys ``resolution*_A``) at
+    the Nyquist limit of an FSC table whose shells have the resolutions ``shell_resolutions``
+    (shell 0 first, any value there): the last shell's, or 2 x apix (what
+    :func:`cryogmm.core.similarity.resolution_at` returns when the curve never falls below its
+    threshold; apix = shell 1's resolution / box, the box even or odd)."""
+    res = [None if r is None else float(r) for r in shell_resolutions]
+    finite = [r for r in res[1:] if r is not None and np.isfinite(r)]
+    if not finite:
+        return {}
+    n = len(res)
+    nyq = [min(finite)] + ([2.0 * res[1] / b for b in (2 * (n - 1), 2 * (n - 1) + 1)] if res[1] else [])
+    return {k: "nyquist" for k, v in figures.items()
+            if k.startswith("resolution") and k.endswith("_A") and isinstance(v, (int, float, np.floating))
+            and not isinstance(v, bool) and np.isfinite(v) and any(abs(float(v) - q) <= 1e-6 * q for q in nyq)}
+
+
+def report_json(report: dict) -> dict:
+    """``report`` as written to report.json: JSON types; every non-finite figure null, and
+    ``null_reasons`` (the figure's place, ``a.b[3]``, and why) for each null made here or given
+    by the job in ``report["null_reasons"]``; FSC tables' zero-frequency shell null and
+    Nyquist-limited resolutions flagged (see :func:`_fsc_conventions`)."""
+    nulls = dict(report.get("null_reasons") or {})
+    full = {k: v for k, v in report.items() if k != "null_reasons"}
+    out = _jsonable(full, "", nulls)
+    _fsc_conventions(out, "", nulls)
+    if nulls:
+        out["null_reasons"] = nulls
+    return out
+
+
 def write_report(path, report: dict) -> dict:
-    """Write ``report.json`` atomically (NaN/inf become null) with the version and machine."""
+    """Write ``report.json`` atomically (:func:`report_json`: NaN/inf become null with a reason
+    in ``null_reasons``) with the version and machine. Returns the report in memory (numbers
+    and arrays as the job made them) with the version, machine and the FSC conventions
+    (``resolution_limited_by``) added."""
 
     full = dict(report)
     full.setdefault("cryogmm_version", __version__)
     full.setdefault("host", {"python": platform.python_version(), "machine": platform.machine()})
+    out = report_json(full)
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(full), indent=2) + "\n")
+        tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    _fsc_conventions(full, "", {})
     return full
 
 

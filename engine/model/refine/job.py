@@ -47,6 +47,7 @@ their neighbours; waters stay fixed; both are reported (``self_restrained``, ``f
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,6 +66,14 @@ from cryogmm.model.refine.config import (
     SIMILARITIES,
     STAGES,
     RefineModelConfig,
+)
+from cryogmm.model.refine.checkpoint import (
+    CHECKPOINT,
+    clear_partial,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
 )
 from cryogmm.model.refine.domains import rigid_stage
 from cryogmm.model.refine.mapterm import MapTerm
@@ -94,6 +103,7 @@ class RefineResult:
     rms_moved_A: float  # heavy movable atoms
     stopped: bool = False
     motion: str = ""  # the motion preset used (what "auto" chose)
+    resumed_from_stage: int | None = None  # the first stage run after a resume (None: not resumed)
 
     def summary(self) -> dict:
         """The figures of report.json that describe the refinement itself (no files)."""
@@ -135,14 +145,21 @@ def read_inputs(cfg: RefineModelConfig):
 
 
 def refine_coords(topo: Topology, grid: MapGrid | None, cfg: RefineModelConfig, *, progress=None, on_coords=None,
-                  stop=None) -> RefineResult:
+                  stop=None, checkpoint: Path | None = None, resume: bool = False,
+                  measure_after: bool = True) -> RefineResult:
     """Refine the coordinates of ``topo`` into ``grid`` (None: geometry only), in memory: the
     engine API the doors call (ChimeraX passes its open model as a gemmi structure and its map
     as a :class:`~cryogmm.io.maps.MapGrid`, no files). ``cfg`` as :func:`checked_config` returns
     it (its ``model``/``map``/``out`` paths are not read). ``progress(phase, step, n)`` reports
     steps; ``on_coords(xyz)`` receives every trajectory frame (all atoms in topology order,
     riding H included, ``[M, 3]`` Å); ``stop`` (a ``threading.Event``) ends the run at its next
-    step with the current coordinates (``stopped`` in the result)."""
+    step with the current coordinates (``stopped`` in the result). ``checkpoint``: a path where
+    the state is saved after every stage (:mod:`cryogmm.model.refine.checkpoint`); ``resume``:
+    continue from the checkpoint there (its stages are not run again).
+    ``measure_after``: validate the result in memory (``after``; the job measures the written
+    files instead)."""
+    fp = fingerprint(cfg) if checkpoint is not None else None
+    state = load_checkpoint(checkpoint, fp) if resume else None
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -158,12 +175,7 @@ def refine_coords(topo: Topology, grid: MapGrid | None, cfg: RefineModelConfig, 
             if outer is not None:
                 outer(phase, step, n)
     ref = Restraints(topo)
-    before = validate_coords(topo, topo.coords, ref)
-    if grid is not None:
-        before.update({k: v for k, v in map_figures(topo, topo.coords, grid, cfg.resolution_A).items()
-                       if k != "qscore_per_residue"})
-    if cfg.reference is not None:
-        before["ca_rmsd_to_reference_A"] = ca_rmsd(topo, topo.coords, cfg.reference)
+    before = measure(topo, topo.coords, grid, cfg, ref)
     if cfg.motion == "auto":
         fits = grid is None or before.get("map_cc_mask", 0.0) >= AUTO_LOCAL_MIN_CC
         cfg = checked_config(replace(cfg, motion="local" if fits else "domains"))
@@ -173,30 +185,62 @@ def refine_coords(topo: Topology, grid: MapGrid | None, cfg: RefineModelConfig, 
         stages.insert(stages.index("full") if "full" in stages else len(stages), "rotamers")
     stage_times = {}
     stopped = False
+    first, guard_ref = 0, None
+    if state is not None:
+        rf.load_state(state)
+        set_rng_state(state)
+        first = int(state["next_stage"])
+        stage_times = json.loads(state["stage_seconds"])
+        guard_ref = None if state.get("guard_ref") is None else state["guard_ref"].to(rf.dev, rf.dt)
+
+    def save(next_stage, guard):
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {**rf.state(), "next_stage": next_stage,
+                                         "guard_ref": None if guard is None else guard.detach().cpu(),
+                                         "stage_seconds": json.dumps(stage_times)}, fp)
+
     try:
-        _run_stages(rf, cfg, grid, stages, stage_times)
+        _run_stages(rf, cfg, grid, stages, stage_times, first=first, guard_ref=guard_ref, after_stage=save)
     except RefinementStopped:
         stopped = True
     final = rf.x_all.detach().cpu().numpy()
-    after = validate_coords(topo, final, ref)
-    if grid is not None:
-        mf = map_figures(topo, final, grid, cfg.resolution_A)
-        after.update({k: v for k, v in mf.items() if k != "qscore_per_residue"})
-    if cfg.reference is not None:
-        after["ca_rmsd_to_reference_A"] = ca_rmsd(topo, final, cfg.reference)
+    after = measure(topo, final, grid, cfg, ref) if measure_after else {}
     mv = topo.movable & ~topo.is_h
     rms_move = float(np.sqrt(((final[mv] - topo.coords[mv]) ** 2).sum(1).mean()))
     return RefineResult(coords=final, before=before, after=after, stages=stages, log=rf.log, trajectory=rf.trajectory,
-                        stage_seconds=stage_times, rms_moved_A=rms_move, stopped=stopped, motion=cfg.motion)
+                        stage_seconds=stage_times, rms_moved_A=rms_move, stopped=stopped, motion=cfg.motion,
+                        resumed_from_stage=first if state is not None else None)
 
 
-def _run_stages(rf: Refiner, cfg: RefineModelConfig, grid, stages: list, stage_times: dict):
-    """The stages in order (see the module docstring), timing each into ``stage_times``."""
+def measure(topo: Topology, coords: np.ndarray, grid, cfg: RefineModelConfig, restraints=None) -> dict:
+    """The validation figures of ``coords`` (and, with ``grid``, the map figures; with
+    ``cfg.reference``, the Cα RMSD to it)."""
+    fig = validate_coords(topo, coords, restraints)
+    if grid is not None:
+        mf = map_figures(topo, coords, grid, cfg.resolution_A)
+        fig.update({k: v for k, v in mf.items() if k != "qscore_per_residue"})
+        fsc_a = fig.get("map_model_fsc_0.5_A")
+        if fsc_a is not None and abs(fsc_a - 2.0 * grid.apix) <= 1e-6 * fsc_a:
+            # the model map and the map agree (FSC >= 0.5) up to the sampling's limit
+            fig["resolution_limited_by"] = {"map_model_fsc_0.5_A": "nyquist"}
+    if cfg.reference is not None:
+        fig["ca_rmsd_to_reference_A"] = ca_rmsd(topo, coords, cfg.reference)
+    return fig
+
+
+def _run_stages(rf: Refiner, cfg: RefineModelConfig, grid, stages: list, stage_times: dict, first: int = 0,
+                guard_ref=None, after_stage=None):
+    """The stages in order from ``first`` (see the module docstring), timing each into
+    ``stage_times``; ``after_stage(next_stage, guard_ref)`` after each (the checkpoint)."""
     n = cfg.steps
-    guard_ref = None  # the model before the residue stage, for rama_guard
+    # guard_ref: the model before the residue stage, for rama_guard
     for si, st in enumerate(stages):
+        if si < first:
+            continue
         ts = time.time()
         if cfg.geometry_only and st in ("rigid", "residue"):
+            if after_stage is not None:
+                after_stage(si + 1, guard_ref)
             continue
         if st == "rigid":
             rigid_stage(rf, cfg, grid)
@@ -220,6 +264,8 @@ def _run_stages(rf: Refiner, cfg: RefineModelConfig, grid, stages: list, stage_t
                     rama_guard(rf, guard_ref)
                     guard_ref = None
         stage_times[st] = stage_times.get(st, 0.0) + time.time() - ts
+        if after_stage is not None:
+            after_stage(si + 1, guard_ref)
 
 
 def _rotamer_stage(rf: Refiner, cfg: RefineModelConfig, grid):
@@ -253,23 +299,38 @@ def _geometry_full_stage(rf: Refiner, cfg: RefineModelConfig, last: bool):
             (rf.x_all - x_prev)[rf.move_t].norm(dim=1).pow(2).mean().sqrt())))
 
 
-def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, seconds: float | None = None) -> dict:
-    """refined.pdb, refined.cif, trajectory.pdb and report.json into ``cfg.out``; returns the report."""
+def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, seconds: float | None = None,
+                  grid: MapGrid | None = None) -> dict:
+    """refined.pdb, refined.cif, trajectory.pdb and report.json into ``cfg.out``; returns the report.
+
+    The figures after refinement (``after``, ``rms_moved_A``) are measured on refined.pdb as
+    written (coordinates rounded to the file's 0.001 Å, the model re-read as ``cryogmm
+    validate`` reads it), so that validating the file gives the report's numbers. ``grid``:
+    the map in memory (default: ``cfg.map`` is read again)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_model(topo, res.coords, out / "refined.pdb")
-    write_model(topo, res.coords, out / "refined.cif")
+    # both files hold the coordinates at the PDB format's 0.001 Å (mmCIF would keep more digits),
+    # so that they are one model and the report's figures describe either
+    xyz = np.round(res.coords, 3)
+    write_model(topo, xyz, out / "refined.pdb")
+    write_model(topo, xyz, out / "refined.cif")
     _write_trajectory(topo, res.trajectory, out / "trajectory.pdb")
+    after, rms_moved = measure_written(out / "refined.pdb", topo, cfg, grid)
+    missing = {k: v for k, v in res.after.items() if k not in after}
+    if missing:  # no map to re-read (a door's map in memory only): its figures of the coordinates in memory
+        after.update(missing)
+        after["measured_in_memory"] = sorted(missing)
     rep = {
         "model": str(cfg.model), "map": None if cfg.map is None else str(cfg.map), "resolution_A": cfg.resolution_A,
         "similarity": None if cfg.geometry_only else cfg.similarity, "stages": res.stages,
         "geometry_only": cfg.geometry_only, "steps_per_phase": cfg.steps, "n_patches": cfg.n_patches,
-        "motion": res.motion, "before": res.before, "after": res.after, "rms_moved_A": res.rms_moved_A,
+        "motion": res.motion, "before": res.before, "after": after, "after_measured_on": "refined.pdb",
+        "rms_moved_A": rms_moved,
         "fixed_residues": topo.fixed_residues, "restrained_residues": topo.dictionary_counts,
         "self_restrained": topo.self_restrained, "restraints": [str(p) for p in cfg.restraints],
         "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
         "log": res.log, "trajectory_frames": len(res.trajectory), "stage_seconds": res.stage_seconds,
-        "seconds": seconds, "seed": cfg.seed,
+        "seconds": seconds, "seed": cfg.seed, "resumed_from_stage": res.resumed_from_stage,
     }
     if cfg.motion == "auto":
         rep["motion_auto"] = {"chose": res.motion, "start_map_cc_mask": res.before.get("map_cc_mask"),
@@ -280,15 +341,37 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
     return rep
 
 
-def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None) -> dict:
+def measure_written(path: Path, topo: Topology, cfg: RefineModelConfig, grid: MapGrid | None = None):
+    """The validation (and map) figures of the model file ``path`` as ``cryogmm validate``
+    computes them, and the RMS move of its movable heavy atoms from ``topo``'s coordinates."""
+    wt = build_topology(path, dictionaries=cfg.restraints)
+    if grid is None and not cfg.geometry_only and cfg.map is not None and Path(cfg.map).is_file():
+        grid = read_map_grid(cfg.map)
+    fig = measure(wt, wt.coords, None if cfg.geometry_only else grid, cfg)
+    rms = None
+    if wt.coords.shape == topo.coords.shape:
+        mv = topo.movable & ~topo.is_h
+        rms = float(np.sqrt(((wt.coords[mv] - topo.coords[mv]) ** 2).sum(1).mean()))
+    return fig, rms
+
+
+def refine_model(cfg: RefineModelConfig, progress=None, on_coords=None, resume: bool = False) -> dict:
     """The ``refine-model`` job: refine ``cfg.model`` (into ``cfg.map`` unless ``geometry_only``);
     writes refined.pdb, refined.cif, trajectory.pdb and report.json into ``cfg.out``. Returns
-    the report. ``on_coords`` as in :func:`refine_coords`."""
+    the report. ``on_coords`` as in :func:`refine_coords`. The state is saved in
+    ``cfg.out/checkpoint.pt`` after every stage (removed when the outputs are written);
+    ``resume`` continues from it."""
     t0 = time.time()
     cfg = checked_config(cfg)
     topo, grid = read_inputs(cfg)
-    res = refine_coords(topo, grid, cfg, progress=progress, on_coords=on_coords)
-    return write_outputs(topo, res, cfg, seconds=time.time() - t0)
+    ckpt = Path(cfg.out) / CHECKPOINT
+    if resume:
+        clear_partial(cfg.out)
+    res = refine_coords(topo, grid, cfg, progress=progress, on_coords=on_coords, checkpoint=ckpt, resume=resume,
+                        measure_after=False)
+    rep = write_outputs(topo, res, cfg, seconds=time.time() - t0, grid=grid)
+    ckpt.unlink(missing_ok=True)
+    return rep
 
 
 def _write_trajectory(topo, frames, path):

@@ -3,6 +3,7 @@ stage, restraints, map terms) and its optimisation steps."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -224,3 +225,37 @@ class Refiner:
             return w_geo if w_geo is not None else self.auto_weight([delta], lambda ps: x0 + ps[0], lr, mapterm)
         return self.run_phase(name, [delta], lambda ps: x0 + ps[0], steps, lr, mapterm, w_geo=w_geo,
                               adapt=self.cfg.extra.get("adaptive_scaling", False))
+
+    # ---- checkpoints
+    def state(self) -> dict:
+        """The refinement's state between stages, as tensors and JSON (what a resumed run needs
+        to continue bit for bit): coordinates, the anchor's start, the map force, the trajectory
+        (heavy atoms: its riding H are placed again on loading), the log, and the restraints' contact pairs and riding-H rotor coefficients (both carried
+        from stage to stage)."""
+        # the trajectory's heavy atoms (what trajectory.pdb holds): half the size with riding H
+        return {"x_all": self.x_all.detach().cpu(), "start": self.start.detach().cpu(), "map_k": float(self.map_k),
+                "trajectory": torch.as_tensor(np.stack([f[self.heavy] for f in self.trajectory])),
+                "log": json.dumps(self.log, default=json_default), "pairs": self.rs.pairs.detach().cpu(),
+                "h_coef": self.rs.h_coef.detach().cpu()}
+
+    def load_state(self, st: dict):
+        """Restore what :meth:`state` saved."""
+        self.x_all = st["x_all"].to(self.dev, self.dt)
+        self.start = st["start"].to(self.dev, self.dt)
+        self.map_k = float(st["map_k"])
+        self.trajectory = []
+        with torch.no_grad():
+            for f in st["trajectory"].to(self.dev, self.dt):  # riding H placed again (not written)
+                self.trajectory.append(self.rs.with_h(self.x_all.index_copy(0, self.heavy_t, f)).cpu().numpy())
+        self.log = json.loads(st["log"])
+        self.rs.pairs = st["pairs"].to(self.dev)
+        self.rs.h_coef = st["h_coef"].to(self.dev, self.dt)
+
+
+def json_default(x):
+    """numpy scalars and arrays in a log row, for ``json.dumps``."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -17,7 +17,7 @@ class RefineSeriesConfig:
     resolution_A: float
     frames: int = 20
     latent: Path | None = None  # text file, one row per map
-    similarity: str = "relative-entropy"
+    similarity: str = "fsc"  # the same default as refine-model (issue 21: one vocabulary)
     steps: int = 60  # Adam steps per phase (the curriculum gives each new map steps // 3)
     n_patches: int = 24
     patch_width_A: float = 4.0  # Gaussian width of the residue-to-patch blending

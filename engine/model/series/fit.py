@@ -3,6 +3,7 @@ latent noise, geometry rounds at random latent points, and the per-frame polish.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from cryogmm.model.refine.config import RefineModelConfig
 from cryogmm.model.refine.job import checked_config, refine_coords, write_outputs
 from cryogmm.model.refine.mapterm import MapTerm
 from cryogmm.model.refine.polish import rama_repair
+from cryogmm.model.refine.refiner import json_default
 from cryogmm.model.refine.relax import lbfgs_relax
 from cryogmm.model.restraints import Restraints
 from cryogmm.model.rotamers import rebuild_rotamers
@@ -47,6 +49,50 @@ class SeriesFit:
         self.pairs = {}
         self.log = []
         self.step_count = 0
+        # checkpoints: the work is a sequence of units (each captured model, the prefit, each
+        # training phase, each polished frame); ``save(units_done)`` is called after each one,
+        # and a resumed fit skips the first ``skip`` units, their effects loaded by ``load_state``
+        self.units, self.skip, self.save = 0, 0, None
+        self.done, self.capture_pdb, self.capture_log, self.polished = {}, {}, [], []
+
+    def _unit(self, work) -> bool:
+        """Run ``work()`` as the next unit unless a resumed fit has it done; checkpoint after it.
+        Returns whether it ran."""
+        k = self.units
+        self.units += 1
+        if k < self.skip:
+            return False
+        work()
+        if self.save is not None:
+            self.save(self.units)
+        return True
+
+    def state(self) -> dict:
+        """What a resumed fit needs to continue bit for bit (tensors and JSON; see ``_unit``)."""
+        return {"net": self.model.net.state_dict(), "use_resid": bool(self.model.use_resid),
+                "series_rng": json.dumps(self.rng.bit_generator.state), "step_count": int(self.step_count),
+                "log": json.dumps(self.log, default=json_default),
+                "capture_log": json.dumps(self.capture_log, default=json_default),
+                "done": {str(i): torch.as_tensor(x) for i, x in self.done.items()},
+                "capture_pdb": {str(i): t for i, t in self.capture_pdb.items()},
+                "pairs": {str(k): v.detach().cpu() for k, v in self.pairs.items()},
+                "rs_pairs": self.rs.pairs.detach().cpu(), "h_coef": self.rs.h_coef.detach().cpu(),
+                "polished": [x.detach().cpu() for x in self.polished]}
+
+    def load_state(self, st: dict, units_done: int):
+        self.model.net.load_state_dict(st["net"])
+        self.model.use_resid = bool(st["use_resid"])
+        self.rng.bit_generator.state = json.loads(st["series_rng"])
+        self.step_count = int(st["step_count"])
+        self.log = json.loads(st["log"])
+        self.capture_log = json.loads(st["capture_log"])
+        self.done = {int(i): x.numpy() for i, x in st["done"].items()}
+        self.capture_pdb = {int(i): t for i, t in st["capture_pdb"].items()}
+        self.pairs = {int(k): v.to(self.dev) for k, v in st["pairs"].items()}
+        self.rs.pairs = st["rs_pairs"].to(self.dev)
+        self.rs.h_coef = st["h_coef"].to(self.dev, self.dt)
+        self.polished = [x.to(self.dev, self.dt) for x in st["polished"]]
+        self.skip = int(units_done)
 
     def assemble(self, x_move):
         """All atoms (riding H placed) from the moving heavy atoms ``[N, 3]``."""
@@ -174,48 +220,57 @@ class SeriesFit:
         order, the first from the start, every later one from its nearest (in latent) map
         already done. Returns the models ``[M][atoms, 3]`` (this topology's order)."""
 
-        cfg = self.cfg
-        done = {}
-        self.capture_log = []
+        done = self.done
         start_pdb = work / "start.pdb"
         write_model(self.topo, self.topo.coords, start_pdb)
+        for i, text in self.capture_pdb.items():  # captures of a resumed fit: their models as written
+            (work / f"capture_{i:03d}").mkdir(parents=True, exist_ok=True)
+            (work / f"capture_{i:03d}" / "refined.pdb").write_text(text)
         for rank, i in enumerate(self.order):
-            i = int(i)
-            if done:
-                src_i = min(done, key=lambda k: float(np.linalg.norm(self.z[k] - self.z[i])))
-                src = work / f"capture_{src_i:03d}" / "refined.pdb"
-            else:
-                src_i, src = None, start_pdb
-            # refine-model's whole pipeline (coarse-to-fine rigid patches on blurred maps, motion
-            # domains, residues, full atom): a neighbour's model is a warm start, not a guarantee
-            # captures keep refine-model's firm polish (one round at the full covalent weight)
-            # and one full-atom round: the network learns from them, and interpolated frames
-            # inherit their geometry (with the relaxed default polish, an in-between frame of
-            # the 1-60 test series left the geometry goals)
-            extra = dict(polish_iters=2 * cfg.capture_steps, polish_order="relax", polish_schedule=(1.0,))
-            extra.update(cfg.extra.get("capture_extra", {}))
-            t0 = time.time()
-            # the map in memory (the grids the series was given); the model through its PDB file,
-            # as refine-model reads one
-            ccfg = checked_config(RefineModelConfig(
-                model=src, map=Path(cfg.maps[i]), resolution_A=cfg.resolution_A, out=work / f"capture_{i:03d}",
-                stages=cfg.extra.get("capture_stages", ("rigid", "residue", "full")),
-                similarity=cfg.similarity, n_patches=cfg.n_patches, steps=cfg.capture_steps, seed=cfg.seed,
-                device=cfg.device, threads=cfg.threads, restraints=cfg.restraints, extra=extra))
-            src_topo = build_topology(src, dictionaries=cfg.restraints)
-            rep = write_outputs(src_topo, refine_coords(src_topo, self.grids[i], ccfg), ccfg)
-            xt = build_topology(work / f"capture_{i:03d}" / "refined.pdb", dictionaries=cfg.restraints).coords
-            if xt.shape != self.topo.coords.shape:
-                raise RuntimeError(f"capture of map {i}: atom count changed ({xt.shape} vs {self.topo.coords.shape})")
-            done[i] = xt
-            row = dict(map=i, rank=rank, from_map=src_i, seconds=time.time() - t0,
-                       map_cc=rep["after"].get("map_cc_mask"), geometry=geometry_summary(rep["after"]))
-            if cfg.references is not None:
-                row["ca_rmsd_to_reference_A"] = ca_rmsd(self.topo, xt, cfg.references[i])
-            self.capture_log.append(row)
+            self._unit(lambda: self._capture_one(work, rank, int(i), start_pdb))
             if self.progress is not None:
                 self.progress("capture", rank + 1, len(self.order))
         return [done[i] for i in range(len(self.grids))]
+
+    def _capture_one(self, work: Path, rank: int, i: int, start_pdb: Path):
+        """``refine_model`` into map ``i`` (``rank``-th in the curriculum), from its nearest map
+        already done (the first from the start)."""
+        cfg, done = self.cfg, self.done
+        if done:
+            src_i = min(done, key=lambda k: float(np.linalg.norm(self.z[k] - self.z[i])))
+            src = work / f"capture_{src_i:03d}" / "refined.pdb"
+        else:
+            src_i, src = None, start_pdb
+        # refine-model's whole pipeline (coarse-to-fine rigid patches on blurred maps, motion
+        # domains, residues, full atom): a neighbour's model is a warm start, not a guarantee
+        # captures keep refine-model's firm polish (one round at the full covalent weight)
+        # and one full-atom round: the network learns from them, and interpolated frames
+        # inherit their geometry (with the relaxed default polish, an in-between frame of
+        # the 1-60 test series left the geometry goals)
+        extra = dict(polish_iters=2 * cfg.capture_steps, polish_order="relax", polish_schedule=(1.0,))
+        extra.update(cfg.extra.get("capture_extra", {}))
+        t0 = time.time()
+        # the map in memory (the grids the series was given); the model through its PDB file,
+        # as refine-model reads one
+        ccfg = checked_config(RefineModelConfig(
+            model=src, map=Path(cfg.maps[i]), resolution_A=cfg.resolution_A, out=work / f"capture_{i:03d}",
+            stages=cfg.extra.get("capture_stages", ("rigid", "residue", "full")),
+            similarity=cfg.similarity, n_patches=cfg.n_patches, steps=cfg.capture_steps, seed=cfg.seed,
+            device=cfg.device, threads=cfg.threads, restraints=cfg.restraints, extra=extra))
+        src_topo = build_topology(src, dictionaries=cfg.restraints)
+        rep = write_outputs(src_topo, refine_coords(src_topo, self.grids[i], ccfg, measure_after=False), ccfg,
+                            grid=self.grids[i])
+        refined = work / f"capture_{i:03d}" / "refined.pdb"
+        xt = build_topology(refined, dictionaries=cfg.restraints).coords
+        if xt.shape != self.topo.coords.shape:
+            raise RuntimeError(f"capture of map {i}: atom count changed ({xt.shape} vs {self.topo.coords.shape})")
+        done[i] = xt
+        self.capture_pdb[i] = refined.read_text()
+        row = dict(map=i, rank=rank, from_map=src_i, seconds=time.time() - t0,
+                   map_cc=rep["after"].get("map_cc_mask"), geometry=geometry_summary(rep["after"]))
+        if cfg.references is not None:
+            row["ca_rmsd_to_reference_A"] = ca_rmsd(self.topo, xt, cfg.references[i])
+        self.capture_log.append(row)
 
     def prefit(self, targets, steps: int = 300):
         """Fit the network to the captured models (mean squared distance of the moving atoms
@@ -242,7 +297,8 @@ class SeriesFit:
         m = len(self.grids)
         order = self.order_maps()
         if cfg.capture:
-            self.prefit(self.capture(work), steps=int(cfg.extra.get("prefit_steps", 300)))
+            targets = self.capture(work)
+            self._unit(lambda: self.prefit(targets, steps=int(cfg.extra.get("prefit_steps", 300))))
             phases = cfg.extra.get("phases", ((0.0, True),))
         else:
             phases = cfg.extra.get("phases", ((6.0, False), (3.0, False), (0.0, True)))
@@ -254,21 +310,28 @@ class SeriesFit:
             map_only = not resid
             if pi == 0 and m > 1 and not cfg.capture:
                 for j in range(m):
-                    self.phase(f"curriculum{j + 1}_blur{blur:g}", mts, max(5, n // 3), order[: j + 1], 0.05,
-                               newest=order[j], map_only=map_only)
+                    self._unit(lambda: self.phase(f"curriculum{j + 1}_blur{blur:g}", mts, max(5, n // 3),
+                                                  order[: j + 1], 0.05, newest=order[j], map_only=map_only))
             if cfg.capture:
                 # after the prefit the network already holds refined models: small steps, and the
                 # geometry weighted at least as the map (at Chen's floor the shared weights tear it)
-                self.phase(f"finetune{pi + 1}_blur{blur:g}", mts, n, order, float(cfg.extra.get("finetune_min_weight", 1.0)),
-                           lr_factor=float(cfg.extra.get("finetune_lr_factor", 0.1)))
+                self._unit(lambda: self.phase(
+                    f"finetune{pi + 1}_blur{blur:g}", mts, n, order, float(cfg.extra.get("finetune_min_weight", 1.0)),
+                    lr_factor=float(cfg.extra.get("finetune_lr_factor", 0.1))))
             else:
-                self.phase(f"phase{pi + 1}_blur{blur:g}" + ("_residual" if resid else ""), mts, n, order, 0.05,
-                           map_only=map_only)
+                self._unit(lambda: self.phase(f"phase{pi + 1}_blur{blur:g}" + ("_residual" if resid else ""), mts, n,
+                                              order, 0.05, map_only=map_only))
 
     @torch.no_grad()
     def frame(self, zrow) -> np.ndarray:
         z = torch.as_tensor(np.asarray(zrow)[None], dtype=self.dt, device=self.dev)
         return self.assemble(self.model.coords(z)[0]).detach()
+
+    def polish_all(self, xs: list) -> list:
+        """:meth:`polish` of each frame of ``xs`` in turn, one checkpoint unit per frame."""
+        for x in xs:
+            self._unit(lambda: self.polished.append(self.polish(x)))
+        return list(self.polished)
 
     def polish(self, x_full: torch.Tensor) -> torch.Tensor:
         """L-BFGS on the geometry with a harmonic tether (``polish_anchor_A``) to ``x_full``."""

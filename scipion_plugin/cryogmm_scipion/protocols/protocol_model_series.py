@@ -70,7 +70,7 @@ class CryoGmmProtModelSeries(CryoGmmBase, EMProtocol):
                            "of each map's frame against (benchmarks).")
 
         form.addSection(label="Refinement")
-        form.addParam("similarity", params.EnumParam, choices=self.SIMILARITIES, default=0,
+        form.addParam("similarity", params.EnumParam, choices=self.SIMILARITIES, default=3,
                       label="Map similarity")
         form.addParam("steps", params.IntParam, default=60, validators=[params.Positive],
                       expertLevel=params.LEVEL_ADVANCED, label="Steps per phase")
