@@ -203,7 +203,6 @@ def targeted_md(start: Path, end_ca: np.ndarray, out_dir: Path, windows: int, sn
 def make_particles(md_dir: Path, out: Path, n: int, box: int, apix: float, snrs, map_res: float, seed: int, log):
     """``particles_snr{snr}.star`` + stacks in ``out``; truth (frame per particle) in ``truth.npy``."""
     import pandas as pd
-    import torch
 
     from cryogmm.bridge.io import read_particles, write_particles
     from cryogmm.bridge.table import ParticleTable
