@@ -49,7 +49,6 @@ FSC stay float32 (accumulators float64 across processes). Default ``highest``: f
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +61,8 @@ from cryogmm.bridge.conventions import rotmat_to_euler_zyz_deg
 from cryogmm.bridge.images import ImageSource
 from cryogmm.bridge.io import read_particles, write_particles
 from cryogmm.core.ctf import CtfParams, ctf_rfft2
-from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.fourier import lowpass
+from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.masks import soft_sphere_mask
 from cryogmm.core.rotations import rotmat_angle_deg
 from cryogmm.core.similarity import fsc, resolution_at
@@ -72,10 +71,11 @@ from cryogmm.errors import MapError, OptionError
 from cryogmm.gmmfit.fit import auto_n, auto_threshold, fit_gaussians_frc, gaussians_from_map
 from cryogmm.io import maps as mapio
 from cryogmm.io.maps import map_origin_A, read_map
-from cryogmm.io.outputs import OutputDir, atomic_output, write_report
+from cryogmm.io.outputs import OutputDir, write_report
 from cryogmm.io.plots import fsc_plot
 from cryogmm.io.structures import gaussians_from_coords, read_model
 from cryogmm.poses.align import BandFrc, focus_widths, refine_batch, stack_mixtures
+from cryogmm.poses.checkpoint import load_checkpoint, save_checkpoint
 from cryogmm.poses.conformation import hetero_poses
 from cryogmm.poses.expand import expand_table
 from cryogmm.poses.patches import composite, patch_masks
@@ -112,15 +112,6 @@ class RefineConfig:
     prefetch: int = 1
     accumulate: str = "auto"
     resume: bool = False
-
-
-#: the checkpoint of a run, in its output folder (written after every iteration)
-CHECKPOINT = "checkpoint.pt"
-#: options a resumed run must share with the checkpoint's (``iterations`` may grow; ``batch``,
-#: ``prefetch`` and ``device`` change only the order of float sums)
-_RESUME_SAME = ("star", "half_maps", "model", "map", "mask", "hetero", "patches", "patch_iterations", "sym",
-                "project_dir", "low_res_A", "start_res_A", "steps", "lr_deg", "lr_A", "n_gaussians",
-                "max_gaussians", "fit_iterations", "seed", "matmul_precision", "accumulate")
 
 
 def _read_half_maps(paths, box, apix):
@@ -344,59 +335,6 @@ def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label, checkp
     return run
 
 
-def _save_checkpoint(cfg: RefineConfig, run: dict, done: bool, extra: dict):
-    """``checkpoint.pt`` in the output folder (rank 0; a temporary name, then renamed)."""
-    if not distributed.is_main():
-        return
-    state = {
-        "config": json.dumps({k: _json_value(getattr(cfg, k)) for k in _RESUME_SAME}),
-        "done": done,
-        "R": run["R"].cpu(), "S": run["S"].cpu(), "frc": run["frc"].cpu(),
-        "halves": [h.cpu() for h in run["halves"]], "final": run["final"].cpu(),
-        "gmms": [[g.centers.cpu(), g.amplitudes.cpu(), g.sigmas.cpu()] for g in run["gmms"]],
-        "res": float(run["res"]),
-        "history": json.dumps(run["history"]),
-        "curves": {k: torch.as_tensor(np.asarray(v)) for k, v in run["curves"].items()},
-        "extra": json.dumps(extra),
-        "torch_rng": torch.get_rng_state(),
-    }
-    with atomic_output(Path(cfg.out) / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
-
-
-def _json_value(v):
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    return str(v) if isinstance(v, Path) else v
-
-
-def _load_checkpoint(cfg: RefineConfig, dev):
-    """The state to continue from (``--resume``), checked against the run's options."""
-    path = Path(cfg.out) / CHECKPOINT
-    if not path.is_file():
-        raise OptionError("--resume", f"no {CHECKPOINT} in {cfg.out}: nothing to continue (start without --resume)")
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-        old = json.loads(st["config"])
-    except Exception as e:
-        raise OptionError("--resume", f"{path} is not a readable refine-poses checkpoint "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    for k in _RESUME_SAME:
-        if old.get(k) != _json_value(getattr(cfg, k)):
-            raise OptionError(f"--{k.replace('_', '-')}", f"{getattr(cfg, k)} differs from the checkpoint's "
-                              f"{old.get(k)} in {path}: resume with the same settings")
-    torch.set_rng_state(st["torch_rng"])
-    return {
-        "done": bool(st["done"]),
-        "R": st["R"].to(dev), "S": st["S"].to(dev), "frc": st["frc"].to(dev),
-        "halves": list(st["halves"]), "final": st["final"],
-        "gmms": [Gaussians(*(t.to(dev) for t in g)) for g in st["gmms"]],
-        "res": st["res"], "history": json.loads(st["history"]),
-        "curves": {k: v.numpy() for k, v in st["curves"].items()},
-        "extra": json.loads(st["extra"]),
-    }
-
-
 def _check_options(cfg: RefineConfig):
     for name, v, lo in (("--iterations", cfg.iterations, 1), ("--steps", cfg.steps, 1), ("--batch", cfg.batch, 1),
                         ("--patch-iterations", cfg.patch_iterations, 1), ("--patches", cfg.patches, 0)):
@@ -543,7 +481,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     R = torch.as_tensor(table.rotmat, dtype=torch.float32)
     S = torch.as_tensor(table.shift_A, dtype=torch.float32)
     R_in, S_in = R.clone(), S.clone()
-    state = _load_checkpoint(cfg, dev) if cfg.resume else None
+    state = load_checkpoint(cfg, dev) if cfg.resume else None
     if state is not None:  # the starting maps and figures of the interrupted run
         hetero_figures, start_res = state["extra"]["hetero"], state["extra"]["start_resolution_A"]
         halves, res = state["halves"], state["res"]
@@ -558,7 +496,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     ck_extra = {"hetero": hetero_figures, "start_resolution_A": start_res}
     run = _iterate(ctx, R, S, halves, [None, None], res, mask, cfg.iterations,
                    "focused" if mask is not None else "global",
-                   checkpoint=lambda r, done: _save_checkpoint(cfg, r, done, ck_extra), state=state)
+                   checkpoint=lambda r, done: save_checkpoint(cfg, r, done, ck_extra), state=state)
     curves = dict(run["curves"])
     R, S, frc_final = run["R"].cpu(), run["S"].cpu(), run["frc"].cpu()
     h1, h2 = run["halves"]
