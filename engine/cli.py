@@ -140,6 +140,9 @@ def _failed(name: str, e: BaseException, dist) -> int:
 
     if isinstance(e, SystemExit):
         raise e
+    from cryogmm.runtime import close_bars
+
+    close_bars()  # bars end as they stand, before the message: the message stays the last line
     where = ""
     if dist is not None:
         first = not isinstance(e, dist.PeerFailure) and dist.report_failure(_one_line(e))
