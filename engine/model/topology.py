@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cryogmm.core.rotations import dihedral_deg
-from cryogmm.errors import ModelError
+from cryogmm.errors import ModelError, OptionError
 from cryogmm.io.structures import read_structure_file
 from cryogmm.model.dictionaries import WATERS, polymer_group, read_user_dictionaries, self_dictionary
 
@@ -174,6 +174,7 @@ class Topology:
     missing_atoms: list = field(default_factory=list)
     altloc_atoms: int = 0
     warnings: list = field(default_factory=list)
+    backbone_library: str = "cdl"  # protein backbone targets: "cdl" or "engh-huber" (cryogmm.model.cdl)
 
     @property
     def n_atoms(self) -> int:
@@ -247,13 +248,21 @@ def _missing_heavy_atoms(st, topo) -> list:
     return [f"{k}: {' '.join(v)}" for k, v in lost.items()]
 
 
-def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=()) -> Topology:
+def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(),
+                   backbone_library: str = "cdl") -> Topology:
     """Topology of the first model of a PDB/mmCIF file (or a gemmi Structure, copied).
 
     Residues are restrained by, in order: the user's ``dictionaries`` (monomer CIF files), the
     shipped monomer library, or a dictionary made from their own geometry
-    (:mod:`cryogmm.model.dictionaries`); waters stay fixed."""
+    (:mod:`cryogmm.model.dictionaries`); waters stay fixed. ``backbone_library`` (``cdl`` or
+    ``engh-huber``) chooses the protein backbone's bond/angle targets that
+    :class:`~cryogmm.model.restraints.Restraints` built on it use."""
     import gemmi
+
+    from cryogmm.model.cdl import LIBRARIES
+
+    if backbone_library not in LIBRARIES:
+        raise OptionError("--backbone-library", f"unknown {backbone_library!r}; expected one of {', '.join(LIBRARIES)}")
 
     if isinstance(path_or_structure, (str, Path)):
         st = read_structure(path_or_structure)
@@ -552,7 +561,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         excluded=excluded, vdw=vdw, polar_h=polar_h, acceptor=acceptor, donor=donor, rotors=rotors,
         fixed_residues=fixed_labels, dictionary_counts=dict_counts, self_restrained=self_restrained,
         missing_atoms=missing, altloc_atoms=n_alt,
-        warnings=warnings,
+        warnings=warnings, backbone_library=backbone_library,
     )
 
 

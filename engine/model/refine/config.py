@@ -39,6 +39,7 @@ class RefineModelConfig:
     quiet: bool = True
     motion: str = "domains"  # or "local", or "auto": see MOTION_PRESETS
     restraints: tuple = ()  # user monomer dictionaries (CIF paths)
+    backbone_library: str = "cdl"  # or "engh-huber": protein backbone targets (cryogmm.model.cdl)
     extra: dict = field(default_factory=dict)
 
 

@@ -126,7 +126,7 @@ def read_inputs(cfg: RefineModelConfig):
     checked against each other."""
     if not cfg.geometry_only and cfg.map is None:
         raise OptionError("--map", "is required unless --geometry-only")
-    topo = build_topology(cfg.model, dictionaries=cfg.restraints)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints, backbone_library=cfg.backbone_library)
     grid = None
     if not cfg.geometry_only:
         grid = read_map_grid(cfg.map)
@@ -267,6 +267,7 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
         "motion": res.motion, "before": res.before, "after": res.after, "rms_moved_A": res.rms_moved_A,
         "fixed_residues": topo.fixed_residues, "restrained_residues": topo.dictionary_counts,
         "self_restrained": topo.self_restrained, "restraints": [str(p) for p in cfg.restraints],
+        "backbone_library": topo.backbone_library,
         "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
         "log": res.log, "trajectory_frames": len(res.trajectory), "stage_seconds": res.stage_seconds,
         "seconds": seconds, "seed": cfg.seed,

@@ -36,6 +36,7 @@ class RefineSeriesConfig:
     device: str = "cpu"
     threads: int = 1  # many small tensors: one thread is fastest on a shared CPU
     restraints: tuple = ()  # user monomer dictionaries (CIF paths)
+    backbone_library: str = "cdl"  # or "engh-huber": protein backbone targets (cryogmm.model.cdl)
     extra: dict = field(default_factory=dict)
 
 

@@ -232,7 +232,7 @@ def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
     ``cfg.out``. Returns the report."""
     t0 = time.time()
     _check_inputs(cfg)
-    topo = build_topology(cfg.model, dictionaries=cfg.restraints)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints, backbone_library=cfg.backbone_library)
     grids = [read_map_grid(p) for p in cfg.maps]  # checked against each other by fit_series
     z_raw = read_latent(cfg.latent, len(grids)) if cfg.latent is not None else None
     if cfg.references is not None:
