@@ -17,6 +17,8 @@ into one weighted geometry energy (dimensionless, ~ 0.5 z^2 per restraint).
   (MolProbity's perpendicular-distance rule, decided on the start model: C3'-endo 82°,
   C2'-endo 146°, sigma ``PUCKER_SIGMA_DEG``), and each RNA backbone suite softly held in the
   nearest of Richardson's suite conformers (``cryogmm.model.suites.SuiteTerm``);
+- nucleic-acid base pairs and stacks found on the start model (``build_topology(na_pairs=True)``):
+  H-bond distances and parallel base planes, :class:`cryogmm.model.napairs.PairTerm`;
 - Ramachandran and rotamer terms: -log of Gaussian mixtures fitted to the Top8000
   percentile contours (wrapped Gaussians on the torus, full covariance), with a floor so that
   far outliers stay outliers instead of being dragged through disallowed regions;
@@ -39,6 +41,7 @@ import torch
 
 from cryogmm.core.rotations import dihedral
 from cryogmm.model.cdl import CIS_LIMIT_DEG, LIBRARIES, BackboneLibrary
+from cryogmm.model.napairs import PairTerm
 from cryogmm.model.suites import DELTA_TARGET_DEG, SuiteTerm, pucker_geometry
 from cryogmm.model.topology import RAMA_CLASSES, Topology
 
@@ -230,7 +233,7 @@ class Restraints:
     set at the topology's coordinates and follow φ/ψ at each :meth:`refresh_targets`."""
 
     DEFAULT_WEIGHTS = dict(bond=1.0, angle=1.0, chiral=1.0, plane=1.0, omega=1.0, rama=2.0, rotamer=5.0, clash=1.0,
-                           pucker=1.0, suite=5.0)
+                           pucker=1.0, suite=5.0, napair=1.0)
 
     def __init__(self, topo: Topology, dtype=torch.float64, device="cpu", weights: dict | None = None,
                  rama_floor: float = 1e-4, clash_start: float = 0.1, heavy_only_stats: bool = True,
@@ -271,6 +274,8 @@ class Restraints:
         self.puckers = t(pk[:, :4])
         self.pucker_ideal = f(np.where(two_p, DELTA_TARGET_DEG["C2'-endo"], DELTA_TARGET_DEG["C3'-endo"]))
         self.suites = SuiteTerm(topo, dtype=dtype, device=device)
+        found = getattr(topo, "na_pairs", None)
+        self.napairs = PairTerm(found, dtype=dtype, device=device) if found is not None else None
         tabs = reference_tables()
         self.rama_gmm = {}
         for ci, cname in enumerate(RAMA_CLASSES):
@@ -499,6 +504,7 @@ class Restraints:
             "rotamer": lambda: self.rotamer_energy(x).sum(),
             "pucker": lambda: flat(self.pucker_z(x)) if len(self.puckers) else zero(),
             "suite": lambda: self.suites.energy(x).sum() if len(self.suites) else zero(),
+            "napair": lambda: self.napairs.energy(x) if self.napairs is not None and len(self.napairs) else zero(),
             "clash": clash,
         }
         return {k: f() for k, f in fns.items() if only is None or k in only}

@@ -175,6 +175,7 @@ class Topology:
     altloc_atoms: int = 0
     warnings: list = field(default_factory=list)
     backbone_library: str = "cdl"  # protein backbone targets: "cdl" or "engh-huber" (cryogmm.model.cdl)
+    na_pairs: dict | None = None  # base pairs and stacks found on the start model (cryogmm.model.napairs)
 
     @property
     def n_atoms(self) -> int:
@@ -249,14 +250,16 @@ def _missing_heavy_atoms(st, topo) -> list:
 
 
 def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(),
-                   backbone_library: str = "cdl") -> Topology:
+                   backbone_library: str = "cdl", na_pairs: bool = False) -> Topology:
     """Topology of the first model of a PDB/mmCIF file (or a gemmi Structure, copied).
 
     Residues are restrained by, in order: the user's ``dictionaries`` (monomer CIF files), the
     shipped monomer library, or a dictionary made from their own geometry
     (:mod:`cryogmm.model.dictionaries`); waters stay fixed. ``backbone_library`` (``cdl`` or
     ``engh-huber``) chooses the protein backbone's bond/angle targets that
-    :class:`~cryogmm.model.restraints.Restraints` built on it use."""
+    :class:`~cryogmm.model.restraints.Restraints` built on it use; ``na_pairs``: find the
+    nucleic acids' base pairs and stacks at the input coordinates, for their restraints
+    (:mod:`cryogmm.model.napairs`)."""
     import gemmi
 
     from cryogmm.model.cdl import LIBRARIES
@@ -542,7 +545,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
             rotors.append((i, heavy_n[0], hs))
     # acceptors: every O; N only without H (His ring N, Pro N excluded by its 3 heavy bonds)
     acceptor = ~is_h & ((element == "O") | ((element == "N") & ~donor & (np.array([len(v) for v in nbr]) < 3)))
-    return Topology(
+    out = Topology(
         structure=st, coords=coords, element=element, atom_name=atom_name, res_index=np.array(res_index),
         res_name=np.array(res_name), chain=np.array(chain), seq_id=np.array(seq_id), is_h=is_h,
         movable=np.array(movable, dtype=bool), residues=residues,
@@ -563,6 +566,11 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         missing_atoms=missing, altloc_atoms=n_alt,
         warnings=warnings, backbone_library=backbone_library,
     )
+    if na_pairs:
+        from cryogmm.model.napairs import detect
+
+        out.na_pairs = detect(out)
+    return out
 
 
 def _frame(p, a, b):

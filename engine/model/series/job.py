@@ -56,6 +56,7 @@ from cryogmm.io.outputs import OutputDir, write_report
 from cryogmm.io.structures import write_models
 from cryogmm.model.density import check_overlap
 from cryogmm.model.refine.config import SIMILARITIES
+from cryogmm.model.napairs import summary as na_summary
 from cryogmm.model.restraints import Restraints
 from cryogmm.model.series.config import GOALS, RefineSeriesConfig, geometry_summary
 from cryogmm.model.series.fit import SeriesFit
@@ -218,6 +219,8 @@ def write_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, t0: float | N
             "capture": getattr(fit, "capture_log", None), "per_map": per_map, "per_frame": per_frame,
             "rms_step_between_frames_A": res.steps_between,
             "fixed_residues": topo.fixed_residues, "warnings": topo.warnings, "log": fit.log,
+            "backbone_library": topo.backbone_library,
+            "na_pairs": None if topo.na_pairs is None else na_summary(topo.na_pairs),
             "seconds": {**res.seconds, "total": None if t0 is None else time.time() - t0},
             "seed": cfg.seed,
         }
@@ -232,7 +235,8 @@ def refine_series(cfg: RefineSeriesConfig, progress=None) -> dict:
     ``cfg.out``. Returns the report."""
     t0 = time.time()
     _check_inputs(cfg)
-    topo = build_topology(cfg.model, dictionaries=cfg.restraints, backbone_library=cfg.backbone_library)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints, backbone_library=cfg.backbone_library,
+                          na_pairs=cfg.na_pairs)
     grids = [read_map_grid(p) for p in cfg.maps]  # checked against each other by fit_series
     z_raw = read_latent(cfg.latent, len(grids)) if cfg.latent is not None else None
     if cfg.references is not None:
