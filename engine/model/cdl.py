@@ -26,6 +26,8 @@ import functools
 
 import numpy as np
 
+from cryogmm.errors import OptionError
+
 LIBRARIES = ("cdl", "engh-huber")
 GROUPS = ("NonPGIV_nonxpro", "IleVal_nonxpro", "Gly_nonxpro", "Pro_nonxpro",
           "NonPGIV_xpro", "IleVal_xpro", "Gly_xpro", "Pro_xpro")
@@ -56,6 +58,12 @@ def table():
         version = str(z["version"])
     codes[codes < 0] = np.nan
     return codes[..., 0] / scale, codes[..., 1] / scale, version
+
+
+def check_library(name: str) -> None:
+    """OptionError naming ``--backbone-library`` unless ``name`` is one of ``LIBRARIES``."""
+    if name not in LIBRARIES:
+        raise OptionError("--backbone-library", f"unknown {name!r}; expected one of {', '.join(LIBRARIES)}")
 
 
 def residue_group(name: str, next_name: str) -> int:

@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from cryogmm.core.rotations import dihedral_deg
-from cryogmm.errors import ModelError, OptionError
+from cryogmm.errors import ModelError
 from cryogmm.io.structures import read_structure_file
+from cryogmm.model.cdl import check_library
 from cryogmm.model.dictionaries import WATERS, polymer_group, read_user_dictionaries, self_dictionary
+from cryogmm.model.napairs import detect as detect_pairs
 
 AMINO_ACIDS = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET",
                "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL", "MSE")
@@ -255,17 +257,12 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
 
     Residues are restrained by, in order: the user's ``dictionaries`` (monomer CIF files), the
     shipped monomer library, or a dictionary made from their own geometry
-    (:mod:`cryogmm.model.dictionaries`); waters stay fixed. ``backbone_library`` (``cdl`` or
-    ``engh-huber``) chooses the protein backbone's bond/angle targets that
-    :class:`~cryogmm.model.restraints.Restraints` built on it use; ``na_pairs``: find the
-    nucleic acids' base pairs and stacks at the input coordinates, for their restraints
-    (:mod:`cryogmm.model.napairs`)."""
+    (:mod:`cryogmm.model.dictionaries`); waters stay fixed. ``backbone_library``: ``cdl`` or
+    ``engh-huber`` (:mod:`cryogmm.model.cdl`); ``na_pairs``: find base pairs and stacks at the
+    input coordinates for their restraints (:mod:`cryogmm.model.napairs`)."""
     import gemmi
 
-    from cryogmm.model.cdl import LIBRARIES
-
-    if backbone_library not in LIBRARIES:
-        raise OptionError("--backbone-library", f"unknown {backbone_library!r}; expected one of {', '.join(LIBRARIES)}")
+    check_library(backbone_library)
 
     if isinstance(path_or_structure, (str, Path)):
         st = read_structure(path_or_structure)
@@ -566,10 +563,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         missing_atoms=missing, altloc_atoms=n_alt,
         warnings=warnings, backbone_library=backbone_library,
     )
-    if na_pairs:
-        from cryogmm.model.napairs import detect
-
-        out.na_pairs = detect(out)
+    out.na_pairs = detect_pairs(out) if na_pairs else None
     return out
 
 
