@@ -43,12 +43,13 @@ def _class(kind, names):
     return "carbonyl" if names in group or names[::-1] in group else "other"
 
 
-def ours(path: Path) -> dict:
-    """Our restraints of ``path``: {(kind, ((resseq, name), ...)): (target, sigma, z)}."""
+def ours(path: Path, backbone_library: str = "engh-huber") -> dict:
+    """Our restraints of ``path``: {(kind, ((chain, resseq, name), ...)): (target, sigma, z)} (the judge's
+    library is Engh & Huber without CDL: ``backbone_library`` as the comparison needs)."""
     from cryogmm.model.restraints import Restraints
     from cryogmm.model.topology import build_topology
 
-    t = build_topology(path)
+    t = build_topology(path, backbone_library=backbone_library)
     r = Restraints(t)
     x = r.with_h(torch.as_tensor(t.coords, dtype=torch.float64))
     out = {}
@@ -59,21 +60,23 @@ def ours(path: Path) -> dict:
                                        ("angle", r.angles.numpy(), np.degrees(r.angle_ideal.numpy()),
                                         np.degrees(r.angle_sigma.numpy()), az)):
         for k, atoms in enumerate(idx):
-            key = (kind, tuple((int(t.seq_id[a]), str(t.atom_name[a])) for a in atoms))
+            key = (kind, tuple((str(t.chain[a]), int(t.seq_id[a]), str(t.atom_name[a])) for a in atoms))
             out[key] = (float(ideal[k]), float(sigma[k]), float(z[k]))
     return out
 
 
-def judge(path: Path, molp: str) -> dict:
+def judge(path: Path, molp: str, cdl: bool = False) -> dict:
+    """The judge's restraints of ``path`` (with cctbx's CDL when ``cdl``), keyed as :func:`ours`."""
     exe = Path(molp) / "venv" / "bin" / "python"
     helper = Path(__file__).with_name("_molprobity_restraints.py")
-    res = subprocess.run([str(exe), str(helper), str(path), molp], capture_output=True, text=True)
+    res = subprocess.run([str(exe), str(helper), str(path), molp] + (["--cdl"] if cdl else []), capture_output=True,
+                         text=True)
     if res.returncode != 0:
         raise RuntimeError(f"MolProbity restraints failed on {path}: {res.stderr.strip().splitlines()[-1:]}")
     out = {}
     for line in res.stdout.splitlines():
         d = json.loads(line)
-        key = (d["kind"], tuple(zip(d["resseq"], d["atoms"])))
+        key = (d["kind"], tuple(zip(d["chain"], d["resseq"], d["atoms"])))
         out[key] = (d["target"], d["sigma"], (d["model"] - d["target"]) / d["sigma"])
     return out
 
@@ -92,8 +95,8 @@ def compare(path: Path, molp: str) -> dict:
         o = _lookup(a, key)
         if o is None:
             continue
-        cls = _class(key[0], [n for _, n in key[1]])
-        rows.setdefault((key[0], cls), []).append((o[0], o[1], o[2], t_j, s_j, z_j, [n for _, n in key[1]]))
+        cls = _class(key[0], [k[-1] for k in key[1]])
+        rows.setdefault((key[0], cls), []).append((o[0], o[1], o[2], t_j, s_j, z_j, [k[-1] for k in key[1]]))
     summary = {}
     for kind in ("bond", "angle"):
         z_o_all, z_j_all = [], []

@@ -78,6 +78,8 @@ def add_args(p):
                         "(stages: rigid residue rotamers full)")
     p.add_argument("--geometry-weight", type=nonnegative_float, default=1.0,
                    help="multiplies the automatic geometry weight (default 1)")
+    p.add_argument("--na-pairs", action="store_true", help="restrain the nucleic acids' base pairs (Watson-Crick, G-U wobble: H-bond distances, coplanar bases) and base stacks found in the start model; how many is in report.json")
+    p.add_argument("--backbone-library", choices=("engh-huber", "cdl"), default="engh-huber", help="protein backbone bond/angle targets: engh-huber (default; fixed Engh & Huber targets, as the MolProbity judge in benchmarks/ scores them) or cdl (the conformation-dependent library, Berkholz et al. 2009, at each residue's phi/psi, as Phenix uses by default)")
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--reference", type=Path, help="model to report the Cα RMSD against (benchmarks)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
@@ -106,7 +108,7 @@ def main(args) -> int:
                             similarity=args.similarity, stages=stages, geometry_only=args.geometry_only,
                             rebuild_rotamers=args.rebuild_rotamers, n_patches=args.patches, steps=steps,
                             geometry_weight=args.geometry_weight, reference=args.reference, seed=args.seed,
-                            device=args.device, motion=args.motion, restraints=tuple(args.restraints), extra=dict(QUICK_EXTRA) if args.quick else {})
+                            device=args.device, motion=args.motion, restraints=tuple(args.restraints), backbone_library=args.backbone_library, na_pairs=args.na_pairs, extra=dict(QUICK_EXTRA) if args.quick else {})
     rep = refine_model(cfg, progress=Progress(bar=True), resume=args.resume)
     print("before:")
     print(summary_table(rep["before"]))

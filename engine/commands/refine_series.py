@@ -64,6 +64,8 @@ def add_args(p):
                    help="geometry polish iterations per output frame (default 40; 0: none)")
     p.add_argument("--references", type=Path, nargs="+",
                    help="one model per map to report the Cα RMSD of each map's frame against (benchmarks)")
+    p.add_argument("--na-pairs", action="store_true", help="restrain the nucleic acids' base pairs (Watson-Crick, G-U wobble: H-bond distances, coplanar bases) and base stacks found in the start model; how many is in report.json")
+    p.add_argument("--backbone-library", choices=("engh-huber", "cdl"), default="engh-huber", help="protein backbone bond/angle targets: engh-huber (default; fixed Engh & Huber targets, as the MolProbity judge in benchmarks/ scores them) or cdl (the conformation-dependent library, Berkholz et al. 2009, at each residue's phi/psi, as Phenix uses by default)")
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     add_force(p)
@@ -79,7 +81,7 @@ def main(args) -> int:
     from cryogmm.runtime import Progress
 
     cfg = RefineSeriesConfig(model=args.model, maps=tuple(args.maps), out=args.out, resolution_A=args.resolution,
-                             restraints=tuple(args.restraints),
+                             restraints=tuple(args.restraints), backbone_library=args.backbone_library, na_pairs=args.na_pairs,
                              frames=args.frames, latent=args.latent, similarity=args.similarity, steps=args.steps,
                              n_patches=args.patches, geometry_weight=args.geometry_weight,
                              polish_iters=args.polish_iters, capture=not args.no_capture,

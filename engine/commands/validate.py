@@ -1,7 +1,9 @@
 """Validate an atomic model: geometry, Ramachandran, rotamers, clashes, and fit to a map.
 
 Figures (all in report.json; the main ones printed):
-  bond/angle RMSZ and |z| > 4 outliers   against the CCP4 monomer library (Engh & Huber)
+  bond/angle RMSZ and |z| > 4 outliers   against the CCP4 monomer library (Engh & Huber),
+                                          the protein backbone against the CDL at the
+                                          model's phi/psi (--backbone-library)
   planarity, chirality, cis non-Pro       least-squares planes, signed chiral volumes
   Ramachandran favoured/allowed/outlier % Top8000 contours (2% favoured; MolProbity's
                                           class-specific allowed levels), plot in
@@ -32,6 +34,7 @@ def add_args(p):
     p.add_argument("model", type=Path, help="PDB or mmCIF model")
     p.add_argument("--map", type=Path, help="MRC map in the model's frame (origin in the header)")
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
+    p.add_argument("--backbone-library", choices=("engh-huber", "cdl"), default="engh-huber", help="protein backbone bond/angle targets: engh-huber (default; fixed Engh & Huber targets, as the MolProbity judge in benchmarks/ scores them) or cdl (the conformation-dependent library, Berkholz et al. 2009, at each residue's phi/psi, as Phenix uses by default)")
     p.add_argument("--resolution", type=positive_float, help="map resolution in Å (needed with --map)")
     p.add_argument("--out", type=Path, required=True, help="output folder: report.json and ramachandran.png")
     add_device(p)
@@ -43,7 +46,7 @@ def main(args) -> int:
     from cryogmm.model.validate import ValidateConfig, summary_table, validate
 
     rep = validate(ValidateConfig(model=args.model, out=args.out, map=args.map, resolution_A=args.resolution,
-                                  restraints=tuple(args.restraints), device=args.device))
+                                  restraints=tuple(args.restraints), backbone_library=args.backbone_library, device=args.device))
     print(f"{args.model}: {rep['n_residues']} residues, {rep['n_atoms']} heavy atoms")
     print(summary_table(rep))
     if rep["fixed_residues"]:

@@ -6,7 +6,11 @@ including riding H placed by :func:`place_hydrogens`) and index tensors from
 into one weighted geometry energy (dimensionless, ~ 0.5 z^2 per restraint).
 
 - bonds, angles: z = (value - ideal) / sigma (Engh & Huber targets from the CCP4 monomer
-  library), energy 0.5 z^2 plus a steeper (z - 4.5)^2 beyond 4.5 sigma;
+  library; with ``backbone_library="cdl"`` (Phenix's default; ours is engh-huber, as the MolProbity
+  judge scores) the protein backbone's twelve bonds and
+  angles of every residue with φ/ψ take the conformation-dependent library's targets and sigmas
+  at its current φ/ψ, :mod:`cryogmm.model.cdl`, refreshed by :meth:`Restraints.refresh_targets`),
+  energy 0.5 z^2 plus a steeper (z - 4.5)^2 beyond 4.5 sigma;
 - chirality: signed volume of the centre and three neighbours against its ideal;
 - planarity: distances of the atoms to their least-squares plane over sigma;
 - peptide omega: trans or cis (as found) with the library's sigma;
@@ -14,6 +18,8 @@ into one weighted geometry energy (dimensionless, ~ 0.5 z^2 per restraint).
   (MolProbity's perpendicular-distance rule, decided on the start model: C3'-endo 82°,
   C2'-endo 146°, sigma ``PUCKER_SIGMA_DEG``), and each RNA backbone suite softly held in the
   nearest of Richardson's suite conformers (``cryogmm.model.suites.SuiteTerm``);
+- nucleic-acid base pairs and stacks found on the start model (``build_topology(na_pairs=True)``):
+  H-bond distances and parallel base planes, :class:`cryogmm.model.napairs.PairTerm`;
 - Ramachandran and rotamer terms: -log of Gaussian mixtures fitted to the Top8000
   percentile contours (wrapped Gaussians on the torus, full covariance), with a floor so that
   far outliers stay outliers instead of being dragged through disallowed regions;
@@ -35,6 +41,8 @@ import numpy as np
 import torch
 
 from cryogmm.core.rotations import dihedral
+from cryogmm.model.cdl import CIS_LIMIT_DEG, LIBRARIES, BackboneLibrary
+from cryogmm.model.napairs import PairTerm
 from cryogmm.model.suites import DELTA_TARGET_DEG, SuiteTerm, pucker_geometry
 from cryogmm.model.topology import RAMA_CLASSES, Topology
 
@@ -221,14 +229,16 @@ class Restraints:
     """Torch tensors of a topology's restraints, and the geometry energy.
 
     ``weights``: per-term multipliers (keys bond, angle, chiral, plane, omega, rama, rotamer,
-    clash)."""
+    clash). ``backbone_library``: ``cdl`` or ``engh-huber`` for the protein backbone's bond and
+    angle targets (default: the topology's, ``cdl`` unless built otherwise); the CDL targets are
+    set at the topology's coordinates and follow φ/ψ at each :meth:`refresh_targets`."""
 
     DEFAULT_WEIGHTS = dict(bond=1.0, angle=1.0, chiral=1.0, plane=1.0, omega=1.0, rama=2.0, rotamer=5.0, clash=1.0,
-                           pucker=1.0, suite=5.0)
+                           pucker=1.0, suite=5.0, napair=1.0)
 
     def __init__(self, topo: Topology, dtype=torch.float64, device="cpu", weights: dict | None = None,
                  rama_floor: float = 1e-4, clash_start: float = 0.1, heavy_only_stats: bool = True,
-                 tail_widening: float | None = 4.0):
+                 tail_widening: float | None = 4.0, backbone_library: str | None = None):
         self.topo = topo
         self.dtype, self.device = dtype, device
         self.weights = dict(self.DEFAULT_WEIGHTS, **(weights or {}))
@@ -242,6 +252,13 @@ class Restraints:
         self.bonds, self.bond_ideal, self.bond_sigma = t(topo.bonds[kb]), f(topo.bond_ideal[kb]), f(topo.bond_sigma[kb])
         self.angles, self.angle_ideal = t(topo.angles[ka]), f(np.radians(topo.angle_ideal[ka]))
         self.angle_sigma = f(np.radians(topo.angle_sigma[ka]))
+        lib = backbone_library or getattr(topo, "backbone_library", "engh-huber")
+        if lib not in LIBRARIES:
+            raise ValueError(f"backbone library {lib!r}: expected one of {', '.join(LIBRARIES)}")
+        self.backbone_library = lib
+        self._dictionary_targets = (self.bond_ideal.clone(), self.bond_sigma.clone(), self.angle_ideal.clone(),
+                                    self.angle_sigma.clone())
+        self.cdl = BackboneLibrary(topo, topo.bonds[kb], topo.angles[ka]) if lib == "cdl" and len(topo.rama) else None
         self.chirals, self.chiral_ideal = t(topo.chirals), f(topo.chiral_ideal)
         self.chiral_both, self.chiral_sigma = t(topo.chiral_both, torch.bool), f(topo.chiral_sigma)
         pl = topo.planes
@@ -258,6 +275,8 @@ class Restraints:
         self.puckers = t(pk[:, :4])
         self.pucker_ideal = f(np.where(two_p, DELTA_TARGET_DEG["C2'-endo"], DELTA_TARGET_DEG["C3'-endo"]))
         self.suites = SuiteTerm(topo, dtype=dtype, device=device)
+        found = getattr(topo, "na_pairs", None)
+        self.napairs = PairTerm(found, dtype=dtype, device=device) if found is not None else None
         tabs = reference_tables()
         self.rama_gmm = {}
         for ci, cname in enumerate(RAMA_CLASSES):
@@ -300,6 +319,27 @@ class Restraints:
             self._rot_batches.append(_MixtureBatch([g for g, _ in items], rama_floor, True, dtype, device))
             order += [o for _, o in items]
         self._rot_order = torch.cat(order) if order else None  # batch rows -> chi_gmm order
+        self.refresh_targets(torch.as_tensor(topo.coords, dtype=dtype, device=device))
+
+    def refresh_targets(self, x) -> int:
+        """Set the CDL bond and angle targets and sigmas of every residue with φ/ψ to their values
+        at coordinates ``x [M, 3]`` (the dictionary's where the CDL has none, e.g. after a cis
+        peptide). Returns how many residues took CDL targets (0 with ``engh-huber``)."""
+        if self.cdl is None or not len(self.cdl):
+            return 0
+        with torch.no_grad():
+            x = torch.as_tensor(x, dtype=self.dtype, device=self.device)
+            pp = self.phi_psi(x).cpu().numpy()
+            o = torch.as_tensor(self.cdl.omega_atoms, device=self.device)
+            om = torch.rad2deg(dihedral(x[o[:, 0]], x[o[:, 1]], x[o[:, 2]], x[o[:, 3]])).cpu().numpy()
+        br, bm, bs, ar, am, as_ = self.cdl.targets(pp, om)
+        bi, bsg, ai, asg = (t.clone() for t in self._dictionary_targets)
+        idx = lambda a: torch.as_tensor(a, dtype=torch.long, device=self.device)  # noqa: E731
+        val = lambda a: torch.as_tensor(a, dtype=self.dtype, device=self.device)  # noqa: E731
+        bi[idx(br)], bsg[idx(br)] = val(bm), val(bs)
+        ai[idx(ar)], asg[idx(ar)] = val(np.radians(am)), val(np.radians(as_))
+        self.bond_ideal, self.bond_sigma, self.angle_ideal, self.angle_sigma = bi, bsg, ai, asg
+        return int((np.abs(om) >= CIS_LIMIT_DEG).sum())
 
     # ----- individual terms (per-restraint values)
     def with_h(self, x):
@@ -465,6 +505,7 @@ class Restraints:
             "rotamer": lambda: self.rotamer_energy(x).sum(),
             "pucker": lambda: flat(self.pucker_z(x)) if len(self.puckers) else zero(),
             "suite": lambda: self.suites.energy(x).sum() if len(self.suites) else zero(),
+            "napair": lambda: self.napairs.energy(x) if self.napairs is not None and len(self.napairs) else zero(),
             "clash": clash,
         }
         return {k: f() for k, f in fns.items() if only is None or k in only}

@@ -74,12 +74,28 @@ def _is_outlier(tb, chi_deg) -> bool:
     return bool(grid_value(tb, np.mod(np.asarray(chi_deg) - tb["lo"], per)[None] + tb["lo"])[0] < ROTAMER_OUTLIER)
 
 
+def _nearer_targets(tb, chi, chi_offsets, n_chi, steps=(0.25, 0.5, 0.75)) -> np.ndarray:
+    """Allowed chi targets of table ``tb`` for a side chain at ``chi``: those of
+    :func:`_allowed_targets` and the allowed points part of the way to each of them (``steps``
+    of the shortest turn of every chi), so the nearest allowed conformation is not forced to a
+    mode's centre: an outlier just outside an allowed region moves a few degrees, not to the
+    middle of it."""
+    tgt = _allowed_targets(tb, chi_offsets, min(2, n_chi))
+    chi = np.asarray(chi, dtype=np.float64)[: tgt.shape[1]]
+    d = (tgt - chi + 180.0) % 360.0 - 180.0
+    part = np.concatenate([chi + t * d for t in steps])
+    per = tb["hi"] - tb["lo"]
+    ok = grid_value(tb, np.mod(part - tb["lo"], per) + tb["lo"]) >= ROTAMER_OUTLIER
+    return np.concatenate([part[ok], tgt])
+
+
 def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
     """Without a map: each outlier side chain goes to the allowed conformation nearest to it
-    (each rotamer mode with chi1 and chi2 turned by ``chi_offsets``; candidates ordered by
-    the side-chain atoms' RMS displacement) that adds no clash; it stays when every candidate
-    clashes. Nearest, because without a map the side chain's place is the only evidence
-    (a model series' frame, a deposited model)."""
+    (each rotamer mode with chi1 and chi2 turned by ``chi_offsets``, and the allowed points a
+    quarter, half and three quarters of the way there from the side chain's own chis;
+    candidates ordered by the side-chain atoms' RMS displacement) that adds no clash; it stays
+    when every candidate clashes. Nearest, because without a map the side chain's place is the
+    only evidence (a model series' frame, a deposited model)."""
 
     topo, rs = rf.topo, rf.rs
     tabs = reference_tables()["rotamer"]
@@ -93,7 +109,8 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
         chi = _chi_angles(xn, q)
         if not _is_outlier(tb, chi):
             continue
-        local, _, S, built = _chi_candidates(xn, q, nbr, topo, tb, chi_offsets)
+        local, _, S, built = _chi_candidates(xn, q, nbr, topo, tb, chi_offsets,
+                                             targets=_nearer_targets(tb, chi, chi_offsets, q.shape[0]))
         heavy = ~topo.is_h[local]
         p0 = xn[local]
         cands = sorted(((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos) for pos in built),
@@ -159,18 +176,18 @@ def _allowed_targets(tb, chi_offsets, n_off: int) -> np.ndarray:
     return _TARGETS[key][1]
 
 
-def _chi_candidates(xn, q, nbr, topo, tb, chi_offsets):
+def _chi_candidates(xn, q, nbr, topo, tb, chi_offsets, targets=None):
     """The allowed side-chain conformations of one residue: each rotamer mode of table ``tb``
     with chi1 and chi2 turned by ``chi_offsets`` (offsets that leave the allowed region are
-    dropped), built from the atoms at ``xn`` by turning the chis of quads ``q`` (all
-    candidates at once). Returns ``(local atom indices, {atom: row in local}, atoms chi1
-    moves, positions of the local atoms per candidate [C, L, 3])``."""
+    dropped), or the chi ``targets [C, d]`` given, built from the atoms at ``xn`` by turning the
+    chis of quads ``q`` (all candidates at once). Returns ``(local atom indices, {atom: row in
+    local}, atoms chi1 moves, positions of the local atoms per candidate [C, L, 3])``."""
     movers = [np.asarray(_moving_atoms(q[c], nbr, topo), dtype=np.int64) for c in range(q.shape[0])]
     local = np.unique(np.concatenate([movers[0], q.ravel()]))
     lut = {int(a): i for i, a in enumerate(local)}
     lq = np.array([[lut[int(a)] for a in q[c]] for c in range(q.shape[0])])
     lmov = [np.array([lut[int(a)] for a in m], dtype=np.int64) for m in movers]
-    tgt = _allowed_targets(tb, chi_offsets, min(2, q.shape[0]))
+    tgt = _allowed_targets(tb, chi_offsets, min(2, q.shape[0])) if targets is None else targets
     pos = np.repeat(xn[local][None], len(tgt), axis=0)  # [C, L, 3]
     for c in range(min(tgt.shape[1], q.shape[0])):
         i0, i1, i2, i3 = lq[c]

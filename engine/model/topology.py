@@ -35,7 +35,9 @@ import numpy as np
 from cryogmm.core.rotations import dihedral_deg
 from cryogmm.errors import ModelError
 from cryogmm.io.structures import read_structure_file
+from cryogmm.model.cdl import check_library
 from cryogmm.model.dictionaries import WATERS, polymer_group, read_user_dictionaries, self_dictionary
+from cryogmm.model.napairs import detect as detect_pairs
 
 AMINO_ACIDS = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU", "LYS", "MET",
                "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL", "MSE")
@@ -174,6 +176,8 @@ class Topology:
     missing_atoms: list = field(default_factory=list)
     altloc_atoms: int = 0
     warnings: list = field(default_factory=list)
+    backbone_library: str = "engh-huber"  # protein backbone targets: "engh-huber" or "cdl" (cryogmm.model.cdl)
+    na_pairs: dict | None = None  # base pairs and stacks found on the start model (cryogmm.model.napairs)
 
     @property
     def n_atoms(self) -> int:
@@ -247,13 +251,18 @@ def _missing_heavy_atoms(st, topo) -> list:
     return [f"{k}: {' '.join(v)}" for k, v in lost.items()]
 
 
-def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=()) -> Topology:
+def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(),
+                   backbone_library: str = "engh-huber", na_pairs: bool = False) -> Topology:
     """Topology of the first model of a PDB/mmCIF file (or a gemmi Structure, copied).
 
     Residues are restrained by, in order: the user's ``dictionaries`` (monomer CIF files), the
     shipped monomer library, or a dictionary made from their own geometry
-    (:mod:`cryogmm.model.dictionaries`); waters stay fixed."""
+    (:mod:`cryogmm.model.dictionaries`); waters stay fixed. ``backbone_library``: ``cdl`` or
+    ``engh-huber`` (:mod:`cryogmm.model.cdl`); ``na_pairs``: find base pairs and stacks at the
+    input coordinates for their restraints (:mod:`cryogmm.model.napairs`)."""
     import gemmi
+
+    check_library(backbone_library)
 
     if isinstance(path_or_structure, (str, Path)):
         st = read_structure(path_or_structure)
@@ -533,7 +542,7 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
             rotors.append((i, heavy_n[0], hs))
     # acceptors: every O; N only without H (His ring N, Pro N excluded by its 3 heavy bonds)
     acceptor = ~is_h & ((element == "O") | ((element == "N") & ~donor & (np.array([len(v) for v in nbr]) < 3)))
-    return Topology(
+    out = Topology(
         structure=st, coords=coords, element=element, atom_name=atom_name, res_index=np.array(res_index),
         res_name=np.array(res_name), chain=np.array(chain), seq_id=np.array(seq_id), is_h=is_h,
         movable=np.array(movable, dtype=bool), residues=residues,
@@ -552,8 +561,10 @@ def build_topology(path_or_structure, add_hydrogens: bool = True, dictionaries=(
         excluded=excluded, vdw=vdw, polar_h=polar_h, acceptor=acceptor, donor=donor, rotors=rotors,
         fixed_residues=fixed_labels, dictionary_counts=dict_counts, self_restrained=self_restrained,
         missing_atoms=missing, altloc_atoms=n_alt,
-        warnings=warnings,
+        warnings=warnings, backbone_library=backbone_library,
     )
+    out.na_pairs = detect_pairs(out) if na_pairs else None
+    return out
 
 
 def _frame(p, a, b):

@@ -3,7 +3,9 @@
 Figures (``validate_coords`` returns them as a flat dict):
 
 - ``bond_rmsz``, ``angle_rmsz``, ``bond_outliers``, ``angle_outliers`` (|z| > 4): heavy-atom
-  bonds and angles against the CCP4 monomer library (Engh & Huber) targets;
+  bonds and angles against the CCP4 monomer library (Engh & Huber) targets, the protein
+  backbone's against the conformation-dependent library at the model's own φ/ψ unless the
+  topology was built with ``backbone_library="engh-huber"`` (``backbone_library`` in the figures);
 - ``plane_rms_A``, ``plane_outliers`` (an atom > 4 sigma from its plane), ``chiral_outliers``
   (wrong hand or |z| > 4 on the signed volume), ``omega_cis_nonpro``;
 - ``rama_favoured_pct``, ``rama_allowed_pct``, ``rama_outlier_pct`` (Top8000 contours, 2%
@@ -59,6 +61,7 @@ class ValidateConfig:
     resolution_A: float | None = None
     restraints: tuple = ()  # user monomer dictionaries (CIF paths)
     device: str = "cpu"  # where the geometry is computed (auto, cpu, cuda[:N]); the map figures run on the CPU
+    backbone_library: str = "engh-huber"  # or "cdl": protein backbone targets (cryogmm.model.cdl)
 
 
 def rmsz(z):
@@ -125,6 +128,7 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
     x = torch.as_tensor(np.asarray(coords), dtype=r.dtype, device=r.device)
     with torch.no_grad():
         x = r.with_h(x)
+        n_cdl = r.refresh_targets(x)  # CDL backbone targets at these coordinates' φ/ψ, as Phenix judges
         bz = r.bond_z(x).cpu().numpy()
         az = r.angle_z(x).cpu().numpy()
         cz = r.chiral_z(x).cpu().numpy() if len(topo.chirals) else np.zeros(0)
@@ -160,6 +164,7 @@ def validate_coords(topo: Topology, coords, restraints: Restraints | None = None
         "n_residues": int(sum(1 for d in topo.residues if d["known"])),
         "bond_rmsz": rmsz(bz), "bond_outliers": int((np.abs(bz) > 4).sum()), "n_bonds": int(len(bz)),
         "angle_rmsz": rmsz(az), "angle_outliers": int((np.abs(az) > 4).sum()), "n_angles": int(len(az)),
+        "backbone_library": r.backbone_library, "n_cdl_residues": n_cdl,
         "plane_rms_A": float(np.sqrt(np.mean(dev**2))) if len(dev) else 0.0,
         "plane_outliers": int((np.abs(pz) > 4).sum()),
         "chiral_outliers": int(((np.abs(cz) > 4) | wrong_hand).sum()),
@@ -350,7 +355,7 @@ def validate(cfg: ValidateConfig, progress=None) -> dict:
     """The ``validate`` job: validate a model file (with its map); writes ``report.json`` and
     ``ramachandran.png`` into ``cfg.out`` when given. Returns the report."""
     _check_resolution(cfg.map is not None, cfg.resolution_A)  # before any file is read
-    topo = build_topology(cfg.model, dictionaries=cfg.restraints)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints, backbone_library=cfg.backbone_library)
     grid = None
     if cfg.map is not None:
         grid = read_map_grid(cfg.map)

@@ -39,6 +39,8 @@ class RefineModelConfig:
     quiet: bool = True
     motion: str = "domains"  # or "local", or "auto": see MOTION_PRESETS
     restraints: tuple = ()  # user monomer dictionaries (CIF paths)
+    backbone_library: str = "engh-huber"  # or "cdl": protein backbone targets (cryogmm.model.cdl)
+    na_pairs: bool = False  # restrain the start model's base pairs and stacks (cryogmm.model.napairs)
     extra: dict = field(default_factory=dict)
 
 

@@ -79,6 +79,7 @@ from cryogmm.model.refine.domains import rigid_stage
 from cryogmm.model.refine.mapterm import MapTerm
 from cryogmm.model.refine.polish import polish_rounds, rama_guard, rama_repair
 from cryogmm.model.refine.refiner import Refiner
+from cryogmm.model.napairs import summary as na_summary
 from cryogmm.model.restraints import Restraints
 from cryogmm.model.rotamers import fit_bases, fit_peptides, fit_side_chains, rebuild_rotamers
 from cryogmm.model.topology import Topology, build_topology, write_model
@@ -136,7 +137,8 @@ def read_inputs(cfg: RefineModelConfig):
     checked against each other."""
     if not cfg.geometry_only and cfg.map is None:
         raise OptionError("--map", "is required unless --geometry-only")
-    topo = build_topology(cfg.model, dictionaries=cfg.restraints)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints, backbone_library=cfg.backbone_library,
+                          na_pairs=cfg.na_pairs)
     grid = None
     if not cfg.geometry_only:
         grid = read_map_grid(cfg.map)
@@ -328,6 +330,8 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
         "rms_moved_A": rms_moved,
         "fixed_residues": topo.fixed_residues, "restrained_residues": topo.dictionary_counts,
         "self_restrained": topo.self_restrained, "restraints": [str(p) for p in cfg.restraints],
+        "backbone_library": topo.backbone_library,
+        "na_pairs": None if topo.na_pairs is None else na_summary(topo.na_pairs),
         "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
         "log": res.log, "trajectory_frames": len(res.trajectory), "stage_seconds": res.stage_seconds,
         "seconds": seconds, "seed": cfg.seed, "resumed_from_stage": res.resumed_from_stage,

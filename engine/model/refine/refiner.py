@@ -87,6 +87,8 @@ class Refiner:
         w_geo = 1.0 if w_geo is None else w_geo
         smooth, prev = None, None
         alpha = 0.05
+        with torch.no_grad():  # conformation-dependent targets at this phase's start
+            self.rs.refresh_targets(self.assemble(fn(params)))
         for it in range(steps):
             if it % 10 == 0:
                 with torch.no_grad():

@@ -15,6 +15,8 @@ def lbfgs_relax(rs: Restraints, assemble, x0: torch.Tensor, loss_fn, iters: int,
     H are turned to their best contacts and the contact pairs refreshed. ``progress(n)`` is
     called after each evaluation, ``after_round(x_full)`` (detached) after each round.
     Returns the final ``x_full`` (detached) and the number of evaluations."""
+    with torch.no_grad():  # conformation-dependent (CDL) targets at the start, fixed during the L-BFGS
+        rs.refresh_targets(assemble(x0))
     delta = torch.zeros_like(x0, requires_grad=True)
     opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=max(1, iters // 2), history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)

@@ -36,6 +36,8 @@ class RefineSeriesConfig:
     device: str = "cpu"
     threads: int = 1  # many small tensors: one thread is fastest on a shared CPU
     restraints: tuple = ()  # user monomer dictionaries (CIF paths)
+    backbone_library: str = "engh-huber"  # or "cdl": protein backbone targets (cryogmm.model.cdl)
+    na_pairs: bool = False  # restrain the start model's base pairs and stacks (cryogmm.model.napairs)
     extra: dict = field(default_factory=dict)
 
 

@@ -64,6 +64,7 @@ from cryogmm.model.refine.checkpoint import (
     set_rng_state,
 )
 from cryogmm.model.refine.config import SIMILARITIES
+from cryogmm.model.napairs import summary as na_summary
 from cryogmm.model.restraints import Restraints
 from cryogmm.model.series.config import GOALS, RefineSeriesConfig, geometry_summary
 from cryogmm.model.series.fit import SeriesFit
@@ -273,6 +274,8 @@ def write_series(topo, res: SeriesResult, cfg: RefineSeriesConfig, t0: float | N
             "capture": getattr(fit, "capture_log", None), "per_map": per_map, "per_frame": per_frame,
             "rms_step_between_frames_A": res.steps_between,
             "fixed_residues": topo.fixed_residues, "warnings": topo.warnings, "log": fit.log,
+            "backbone_library": topo.backbone_library,
+            "na_pairs": None if topo.na_pairs is None else na_summary(topo.na_pairs),
             "seconds": {**res.seconds, "total": None if t0 is None else time.time() - t0},
             "seed": cfg.seed, "resumed_from_unit": res.resumed_from_unit,
         }
@@ -298,7 +301,8 @@ def refine_series(cfg: RefineSeriesConfig, progress=None, resume: bool = False) 
     outputs are written); ``resume`` continues from it."""
     t0 = time.time()
     _check_inputs(cfg)
-    topo = build_topology(cfg.model, dictionaries=cfg.restraints)
+    topo = build_topology(cfg.model, dictionaries=cfg.restraints, backbone_library=cfg.backbone_library,
+                          na_pairs=cfg.na_pairs)
     grids = [read_map_grid(p) for p in cfg.maps]  # checked against each other by fit_series
     z_raw = read_latent(cfg.latent, len(grids)) if cfg.latent is not None else None
     if cfg.references is not None:
