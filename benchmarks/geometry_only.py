@@ -4,8 +4,8 @@ complex in tests/data, or a cryo-EM model with ATP, Mg and lipids (6MSM, MDAnaly
 
 ``refine_model(..., geometry_only=True)`` (no map; the atoms are held near the start by the
 default 0.15 Å harmonic anchor) must improve every geometry figure, or keep it at 0, while
-moving the atoms by less than 0.3 Å RMS (protein backbone restrained to the conformation-dependent
-library, the default; ``--backbone-library engh-huber`` for fixed targets). Judged by ``cryogmm validate`` (bond/angle RMSZ and
+moving the atoms by less than 0.3 Å RMS (protein backbone restrained to Engh & Huber targets, the
+default; ``--backbone-library cdl`` for the conformation-dependent library). Judged by ``cryogmm validate`` (bond/angle RMSZ and
 > 4 sigma outliers, Ramachandran outliers / favoured, rotamer outliers, clashscore, Cβ
 deviations, planarity outliers and RMS, chirality outliers) and, when set up (``MOLP`` or
 ``--molp``, see ../shared/tools/molprobity), by MolProbity (bond/angle RMSZ and outliers,
@@ -155,7 +155,7 @@ def main(argv=None):
                     help="names in cryogmm.data or paths to PDB/mmCIF files")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--backbone-library", default="cdl", choices=("cdl", "engh-huber"))
+    ap.add_argument("--backbone-library", default="engh-huber", choices=("engh-huber", "cdl"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench/geo"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "geometry_only.json")
     ap.add_argument("--molp", default=os.environ.get("MOLP"))
