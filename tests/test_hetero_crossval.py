@@ -73,6 +73,12 @@ def test_halves_run_layout(halves_sim):
         assert (run / name / "checkpoint.pt").is_file()
         assert json.loads((run / name / "report.json").read_text())["n_particles"] == t.n
     assert read_particles(run / "particles.star").n == N
+    # decode on the halves folder itself names the halves (one line, exit 2)
+    from cryogmm.cli import main
+
+    (d / "z.txt").write_text("0 0\n")
+    assert main(["hetero", "decode", str(run), "--z", str(d / "z.txt"), "--out", str(d / "dec")]) == 2
+    assert not (d / "dec").exists()
 
 
 @pytest.mark.slow

@@ -166,6 +166,9 @@ def _save_checkpoint(path, vae, opt, epoch, history, cfg, data, ref, rng):
 def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
+        if (path.parent / "half1" / path.name).is_file():
+            raise InputError(path.parent, "is a --halves run (one network per half): give RUN/half1 or RUN/half2 "
+                             "(hetero analyze takes RUN itself)")
         raise InputError(path, "no checkpoint here: train first (cryogmm hetero train)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
