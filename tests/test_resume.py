@@ -94,7 +94,7 @@ refine_model(RefineModelConfig(model=d / "start.pdb", map=d / "map.mrc", resolut
 
 
 def test_refine_model_kill_and_resume(peptide, tmp_path):
-    from cryogmm.model.refine.checkpoint import CHECKPOINT
+    from cryogmm.io.checkpoint import CHECKPOINT
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _run([sys.executable, "-c", REFINE, str(peptide), str(whole), "0"])
@@ -124,7 +124,7 @@ def _report_is_the_file(rep, out, data):
 
 def test_refine_model_resume_refusals(peptide, tmp_path):
     """--resume with nothing to resume from, or with other settings: one line, exit 2."""
-    from cryogmm.model.refine.checkpoint import CHECKPOINT
+    from cryogmm.io.checkpoint import CHECKPOINT
 
     base = [sys.executable, "-m", "cryogmm", "refine-model", str(peptide / "start.pdb"), "--map",
             str(peptide / "map.mrc"), "--resolution", "4", "--stages", "rigid", "full", "--patches", "4", "--steps", "4"]
@@ -175,7 +175,7 @@ def test_refine_series_kill_and_resume(tiny_series, tmp_path):
     second kill later on (the training or the polish) too."""
     import torch
 
-    from cryogmm.model.refine.checkpoint import CHECKPOINT
+    from cryogmm.io.checkpoint import CHECKPOINT
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _run([sys.executable, "-c", SERIES, str(tiny_series), str(whole), "0"])

@@ -75,7 +75,7 @@ from cryogmm.io.outputs import OutputDir, write_report
 from cryogmm.io.plots import fsc_plot
 from cryogmm.io.structures import gaussians_from_coords, read_model
 from cryogmm.poses.align import BandFrc, focus_widths, refine_batch, stack_mixtures
-from cryogmm.poses.checkpoint import load_checkpoint, save_checkpoint
+from cryogmm.poses.checkpoint import load_checkpoint, resume_fingerprint, save_checkpoint
 from cryogmm.poses.conformation import hetero_poses
 from cryogmm.poses.expand import expand_table
 from cryogmm.poses.patches import composite, patch_masks
@@ -481,7 +481,8 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     R = torch.as_tensor(table.rotmat, dtype=torch.float32)
     S = torch.as_tensor(table.shift_A, dtype=torch.float32)
     R_in, S_in = R.clone(), S.clone()
-    state = load_checkpoint(cfg, dev) if cfg.resume else None
+    fp = resume_fingerprint(cfg)
+    state = load_checkpoint(cfg, fp, dev) if cfg.resume else None
     if state is not None:  # the starting maps and figures of the interrupted run
         hetero_figures, start_res = state["extra"]["hetero"], state["extra"]["start_resolution_A"]
         halves, res = state["halves"], state["res"]
@@ -496,7 +497,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     ck_extra = {"hetero": hetero_figures, "start_resolution_A": start_res}
     run = _iterate(ctx, R, S, halves, [None, None], res, mask, cfg.iterations,
                    "focused" if mask is not None else "global",
-                   checkpoint=lambda r, done: save_checkpoint(cfg, r, done, ck_extra), state=state)
+                   checkpoint=lambda r, done: save_checkpoint(cfg, fp, r, done, ck_extra), state=state)
     curves = dict(run["curves"])
     R, S, frc_final = run["R"].cpu(), run["S"].cpu(), run["frc"].cpu()
     h1, h2 = run["halves"]

@@ -67,7 +67,7 @@ from cryogmm.model.refine.config import (
     STAGES,
     RefineModelConfig,
 )
-from cryogmm.model.refine.checkpoint import (
+from cryogmm.io.checkpoint import (
     CHECKPOINT,
     clear_partial,
     fingerprint,
@@ -156,7 +156,7 @@ def refine_coords(topo: Topology, grid: MapGrid | None, cfg: RefineModelConfig, 
     steps; ``on_coords(xyz)`` receives every trajectory frame (all atoms in topology order,
     riding H included, ``[M, 3]`` Å); ``stop`` (a ``threading.Event``) ends the run at its next
     step with the current coordinates (``stopped`` in the result). ``checkpoint``: a path where
-    the state is saved after every stage (:mod:`cryogmm.model.refine.checkpoint`); ``resume``:
+    the state is saved after every stage (:mod:`cryogmm.io.checkpoint`); ``resume``:
     continue from the checkpoint there (its stages are not run again).
     ``measure_after``: validate the result in memory (``after``; the job measures the written
     files instead)."""

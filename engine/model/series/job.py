@@ -55,7 +55,7 @@ from cryogmm.io.maps import read_map_grid
 from cryogmm.io.outputs import OutputDir, write_report
 from cryogmm.io.structures import write_models
 from cryogmm.model.density import check_overlap
-from cryogmm.model.refine.checkpoint import (
+from cryogmm.io.checkpoint import (
     CHECKPOINT,
     clear_partial,
     fingerprint,

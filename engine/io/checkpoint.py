@@ -1,6 +1,6 @@
-"""Checkpoints of refine-model and refine-series: the state between stages (refine-model) or
-between the models and phases of a series (refine-series), saved in the output folder so that
-``--resume`` after a kill continues from the last one and ends with the same files as an
+"""Checkpoints of the long jobs (refine-poses after every iteration, refine-model between
+stages, refine-series between the models and phases of a series), saved in the output folder
+so that ``--resume`` after a kill continues from the last one and ends with the same files as an
 uninterrupted run.
 
 A checkpoint is one ``torch.save`` file of tensors and JSON strings (read back with
@@ -35,15 +35,11 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg, skip=("out", "device", "threads", "quiet", "resume")) -> str:
+def fingerprint(cfg, skip=("out", "device", "threads", "quiet", "resume"), only=None) -> str:
     """The settings of a job's config (a dataclass) that decide its results, with the SHA-256 of
-    every input file among them (JSON)."""
-    fields = {}
-    for f in dataclasses.fields(cfg):
-        if f.name in skip:
-            continue
-        fields[f.name] = _describe(getattr(cfg, f.name))
-    return json.dumps(fields, sort_keys=True)
+    every input file among them (JSON): every field but ``skip``, or the fields ``only``."""
+    names = only if only is not None else [f.name for f in dataclasses.fields(cfg) if f.name not in skip]
+    return json.dumps({k: _describe(getattr(cfg, k)) for k in names}, sort_keys=True)
 
 
 def _describe(v):
@@ -100,7 +96,7 @@ def load_checkpoint(path, fp: str, option: str = "--resume") -> dict:
         raise InputError(path, f"is a checkpoint of format {st.get('format')}, expected {FORMAT}")
     if st["fingerprint"] != fp:
         old, new = json.loads(st["fingerprint"]), json.loads(fp)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        diff = sorted("--" + k.replace("_", "-") for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise OptionError(option, f"the settings or inputs differ from those {path} was made with "
                                   f"({', '.join(diff)}); resume with the same ones")
     return st
