@@ -181,6 +181,16 @@ def lowpass(x, resolution_A: float, apix: float, edge_shells: float = 2, ndim: i
     return torch.fft.irfftn(f * h, s=x.shape[-nd:], dim=dims)
 
 
+def band_crop(box: int, hi: int) -> int:
+    """The even grid size that keeps Fourier shells up to ``hi`` of a ``box`` grid with a
+    margin (Nyquist at 1.6 ``hi``, so interpolation and the pixel sampling of a projection
+    fold nothing into the band), at least 24 and at most ``box``. Work limited to shells
+    ``<= hi`` (band FRC alignment, the FRC fit of a mixture) runs on this grid with pixel
+    ``apix * box / crop``: shell ``k`` there is shell ``k`` of the full box."""
+    crop = min(int(box), max(24, 2 * math.ceil(1.6 * int(hi))))
+    return crop + crop % 2 if crop < box else int(box)
+
+
 def fourier_crop(vol: torch.Tensor, m: int) -> torch.Tensor:
     """A cubic map resampled to ``m^3`` voxels over the same box by cropping its spectrum
     (the origin stays; the voxel grows by n/m)."""

@@ -41,6 +41,7 @@ import time
 import numpy as np
 import torch
 
+from cryogmm.core.fourier import band_crop, fourier_crop
 from cryogmm.core.gaussians import Gaussians, gaussians_to_map, sigma_from_resolution
 from cryogmm.core.kmeans import weighted_kmeans
 from cryogmm.core.projection import project, project_map
@@ -167,10 +168,14 @@ def fit_gaussians_frc(g: Gaussians, volume: torch.Tensor, apix: float, resolutio
     box = volume.shape[-1]
     dev, dt = volume.device, volume.dtype
     hi = _last_shell(box, apix, resolution_A)
+    # the loss sees shells 1..hi only: map and mixture are projected on the Fourier-cropped
+    # grid that holds them (shell k there is shell k of the full box), not on the full box
+    crop = band_crop(box, hi)
+    apix_c = apix * box / crop
     rng = np.random.default_rng(seed)
     R = torch.as_tensor(random_rotations(views, rng), dtype=dt, device=dev)
     with torch.no_grad():
-        target = project_map(volume, R, None, apix)
+        target = project_map(volume if crop == box else fourier_crop(volume, crop), R, None, apix_c)
     gen = torch.Generator().manual_seed(int(seed) + 1)
 
     c = g.centers.detach().clone().requires_grad_(True)
@@ -189,7 +194,7 @@ def fit_gaussians_frc(g: Gaussians, volume: torch.Tensor, apix: float, resolutio
             order, pos = torch.randperm(views, generator=gen), 0
         idx = order[pos:pos + batch].to(dev)
         pos += batch
-        pred = project(Gaussians(c, la.exp(), ls.exp()), R[idx], None, box, apix)
+        pred = project(Gaussians(c, la.exp(), ls.exp()), R[idx], None, crop, apix_c)
         loss = frc_loss(pred, target[idx], shell_range=(1, hi)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,7 +220,7 @@ def fit_gaussians_frc(g: Gaussians, volume: torch.Tensor, apix: float, resolutio
         progress("fit-gmm FRC", iterations, iterations)  # stopped at a plateau: the stage is done
     fitted = Gaussians(c.detach(), la.detach().exp(), ls.detach().exp())
     info = {"iterations": it, "loss": float(np.mean(history[-window:])) if history else None,
-            "loss_start": history[0] if history else None, "shells": [1, hi], "views": views, "batch": batch,
+            "loss_start": history[0] if history else None, "shells": [1, hi], "grid": crop, "views": views, "batch": batch,
             "plateaus": plateaus, "history": history}
     return scale_to_map(fitted, volume, apix), info
 

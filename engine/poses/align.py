@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from cryogmm.core.fourier import band_crop
 from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.projection import project
 from cryogmm.core.rotations import rotvec_to_rotmat
@@ -22,9 +23,7 @@ class BandFrc:
 
     def __init__(self, box: int, apix: float, lo: int, hi: int, device=None):
         self.box, self.lo, self.hi = box, int(lo), int(hi)
-        crop = min(box, max(24, 2 * math.ceil(1.6 * hi)))
-        crop += crop % 2
-        self.crop = crop
+        self.crop = crop = band_crop(box, hi)
         self.apix_crop = apix * box / crop
         ky = torch.fft.fftfreq(crop, d=1.0 / crop, device=device)
         kx = torch.arange(crop // 2 + 1, device=device, dtype=ky.dtype)
