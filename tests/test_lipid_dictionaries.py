@@ -20,7 +20,7 @@ from cryogmm.model.validate import validate_coords
 from test_nucleic_ligands import _ideal_ligand
 
 ROOT = Path(__file__).resolve().parents[1]
-LIPIDS = ("POV", "PCW", "PEE", "PLC", "LMT", "Y01")
+LIPIDS = ("POV", "PCW", "PEE", "PLC", "3PE", "LHG", "PGW", "LMT", "Y01")
 CFTR_POV = Path(__file__).parent / "data" / "cftr_6msm_pov.pdb"
 
 

@@ -75,11 +75,12 @@ LIGANDS = ("ATP", "ADP", "SO4", "PO4", "GOL", "EDO", "PEG", "CIT", "NA")
 # ``pyr-ASN``, are link blocks of mon_lib_list.cif)
 EXTRA_LIGANDS = ("ANP", "GTP", "GDP", "NAD", "NAP", "FAD", "FMN", "SAM", "HEM", "HEC", "COA", "PLP",
                  "MG", "ZN", "CA", "MN", "FE", "K", "CL", "CLR", "NAG", "MAN", "BMA", "FUC", "GAL")
-# lipids and detergents of cryo-EM models from MonomerLibrary/monomers at MONLIB_COMMIT: phospholipids
-# POPC (POV), DOPC (PCW), DOPE (PEE), DLPC (PLC), POPE (3PE), phosphatidylglycerols (LHG, PGW),
-# cardiolipin (CDL), the detergent DDM (LMT) and cholesteryl hemisuccinate (Y01); those the folder
-# lacks are skipped
-EXTRA_LIPIDS = ("POV", "PCW", "PEE", "PLC", "3PE", "LHG", "PGW", "CDL", "LMT", "Y01")
+# lipids and detergents of cryo-EM models from MonomerLibrary/monomers at MONLIB_COMMIT (AceDRG dictionaries):
+# phospholipids POPC (POV), DOPC (PCW), DOPE (PEE), DLPC (PLC), DSPE (3PE), phosphatidylglycerols DPPG (LHG)
+# and POPG (PGW), the detergent DDM (LMT) and cholesteryl hemisuccinate (Y01); those the folder lacks are
+# skipped. Cardiolipin (CDL) is left out: the repository's copy (seen only at commit 0c2a93ce) is an old
+# libcheck dictionary whose ester C-O targets are 1.454 A (AceDRG's are 1.33-1.34 A).
+EXTRA_LIPIDS = ("POV", "PCW", "PEE", "PLC", "3PE", "LHG", "PGW", "LMT", "Y01")
 MONLIB_COMMIT = "072d82115701a0e7f968ddd890ccc0f2f4f4bad1"
 RAMA_CITATION = ("Top8000 Ramachandran/rotamer percentile contours: Williams CJ et al. (2018) MolProbity: More and "
                  "better reference data for improved all-atom structure validation. Protein Sci 27:293-315. "
