@@ -100,3 +100,15 @@ def test_cftr_popc_tails_are_library_restrained(tmp_path):
     assert rep["restrained_residues"]["ligand"] == {"POV": 2} and rep["self_restrained"] == []
     assert {d["residue"] for d in rep["after"]["ligands"]} == {"A/POV1507", "A/POV1508"}
     assert all(d["bond_rmsz"] < 1.0 and d["angle_rmsz"] < 1.0 for d in rep["after"]["ligands"])
+
+
+def test_self_consistency_check_catches_a_copying_error():
+    """The build's check rejects a copy with one mistyped coordinate digit or a flipped chiral sign."""
+    text = _monlib_files()["p/POV.cif"]
+    check = _tables()._check_self_consistent
+    for bad in (text.replace("87.539      63.184", "87.539      63.884", 1),
+                text.replace("O21    C1    C3    positive", "O21    C1    C3    negative", 1)):
+        assert bad != text
+        doc = gemmi.cif.read_string(bad)
+        with pytest.raises(SystemExit, match="POV"):
+            check(doc.find_block("comp_POV"), doc.find_block("comp_list"), "POV", "POV")

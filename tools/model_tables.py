@@ -260,8 +260,9 @@ def _extra_files(extra, have=()) -> dict:
 
 def _check_self_consistent(block, comp_list, res, path) -> None:
     """A dictionary copied by hand must be whole and unchanged: its atom count equals its own
-    ``_chem_comp.number_atoms_all`` and every bond and angle target agrees with its own ideal
-    coordinates (AceDRG writes both from one optimisation: within 0.05 Å and 5°)."""
+    ``_chem_comp.number_atoms_all``, every bond and angle target agrees with its own ideal
+    coordinates (AceDRG writes both from one optimisation: within 0.05 Å and 5°) and every chiral
+    centre's volume sign is the hand of those coordinates."""
     tab = block.find("_chem_comp_atom.", ["atom_id", "x", "y", "z"])
     xyz = {r[0]: np.array([float(r[1]), float(r[2]), float(r[3])]) for r in tab}
     if comp_list is not None:
@@ -277,6 +278,11 @@ def _check_self_consistent(block, comp_list, res, path) -> None:
         ang = np.degrees(np.arccos(np.clip(u @ w / np.linalg.norm(u) / np.linalg.norm(w), -1, 1)))
         if abs(ang - float(v)) > 5.0:
             raise SystemExit(f"{path}: angle {a}-{b}-{c} is {ang:.1f}° at the ideal coordinates, target {v}")
+    for c, a, b, d, sign in block.find("_chem_comp_chir.", ["atom_id_centre", "atom_id_1", "atom_id_2", "atom_id_3",
+                                                            "volume_sign"]):
+        vol = float(np.dot(xyz[a] - xyz[c], np.cross(xyz[b] - xyz[c], xyz[d] - xyz[c])))
+        if (sign.startswith("pos") and vol <= 0) or (sign.startswith("neg") and vol >= 0):
+            raise SystemExit(f"{path}: chiral centre {c} is {sign} but its ideal coordinates give volume {vol:.2f}")
 
 
 def _write_geom(files, out):
