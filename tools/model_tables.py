@@ -28,16 +28,17 @@ The residues of ``EXTRA_LIGANDS`` (cofactors, nucleotides, ions, cholesterol, gl
 the same library release as carried by the PyPI wheel coot-headless-api 1.3.3rc1 (``pip download
 --no-deps coot-headless-api==1.3.3rc1``, unzip, folder
 ``coot_headless_api/share/coot/lib/data/monomers``; its files for the 37 residues above are
-byte-identical to moorhen's), and the phospholipids of ``EXTRA_LIPIDS`` from the public
-repository MonomerLibrary/monomers (LGPL-3.0, commit
-7d1d97f5ca4f08c8f5096a2188d1a5fed9533af9, one ``<letter>/<CODE>.cif`` per residue). Put those
-files, verbatim, in one folder laid out as the library is (``h/HEM.cif``) and add them to the
-shipped table without the moorhen folder::
+byte-identical to moorhen's), and the lipids and detergents of ``EXTRA_LIPIDS`` from the public
+repository MonomerLibrary/monomers (LGPL-3.0, commit ``MONLIB_COMMIT``, one ``<letter>/<CODE>.cif``
+per residue; no PyPI or npm package found carries them). Put those files, verbatim, in one folder
+laid out as the library is (``h/HEM.cif``, ``p/POV.cif``) and add them to the shipped table without
+the moorhen folder::
 
     python tools/model_tables.py --extend-geom EXTRA_DIR [OUT_DIR]
 
-which keeps every file of the current ``geom_monlib.json`` and adds (or, where the folder has a
-newer copy, replaces) the residues of ``EXTRA_LIGANDS`` and ``EXTRA_LIPIDS`` the folder holds.
+which keeps every file of the current ``geom_monlib.json`` byte for byte and adds (or, where the
+folder has a newer copy, replaces) the residues of ``EXTRA_LIGANDS`` and ``EXTRA_LIPIDS`` the folder
+holds; a residue of ``EXTRA_LIGANDS`` the folder lacks must already be in the table.
 ``python tools/model_tables.py CHEM_DATA_DIR OUT_DIR geom EXTRA_DIR`` rebuilds it from scratch.
 
 Citations and licences are written into each table.
@@ -74,10 +75,13 @@ LIGANDS = ("ATP", "ADP", "SO4", "PO4", "GOL", "EDO", "PEG", "CIT", "NA")
 # ``pyr-ASN``, are link blocks of mon_lib_list.cif)
 EXTRA_LIGANDS = ("ANP", "GTP", "GDP", "NAD", "NAP", "FAD", "FMN", "SAM", "HEM", "HEC", "COA", "PLP",
                  "MG", "ZN", "CA", "MN", "FE", "K", "CL", "CLR", "NAG", "MAN", "BMA", "FUC", "GAL")
-# phospholipids from MonomerLibrary/monomers (POPC is POV there; all four are in the repository at that
-# commit, not yet in the shipped table): the ones the folder lacks are skipped
-EXTRA_LIPIDS = ("POV", "PCW", "PEE", "PLC")
-MONLIB_COMMIT = "7d1d97f5ca4f08c8f5096a2188d1a5fed9533af9"
+# lipids and detergents of cryo-EM models from MonomerLibrary/monomers at MONLIB_COMMIT (AceDRG dictionaries):
+# phospholipids POPC (POV), DOPC (PCW), DOPE (PEE), DLPC (PLC), DSPE (3PE), phosphatidylglycerols DPPG (LHG)
+# and POPG (PGW), the detergent DDM (LMT) and cholesteryl hemisuccinate (Y01); those the folder lacks are
+# skipped. Cardiolipin (CDL) is left out: the repository's copy (seen only at commit 0c2a93ce) is an old
+# libcheck dictionary whose ester C-O targets are 1.454 A (AceDRG's are 1.33-1.34 A).
+EXTRA_LIPIDS = ("POV", "PCW", "PEE", "PLC", "3PE", "LHG", "PGW", "LMT", "Y01")
+MONLIB_COMMIT = "072d82115701a0e7f968ddd890ccc0f2f4f4bad1"
 RAMA_CITATION = ("Top8000 Ramachandran/rotamer percentile contours: Williams CJ et al. (2018) MolProbity: More and "
                  "better reference data for improved all-atom structure validation. Protein Sci 27:293-315. "
                  "Data: github.com/rlabduke/reference_data (commit cbe3006), licence CC-BY-4.0; arg/lys grids "
@@ -90,7 +94,7 @@ GEOM_CITATION = ("CCP4 monomer library 5.60: Vagin AA et al. (2004) Acta Cryst D
                  "LGPL-3 (GNU Lesser General Public License v3), redistributed unmodified. Sources: npm moorhen "
                  "0.22.7 (amino acids, nucleotides, ATP ADP SO4 PO4 GOL EDO PEG CIT NA, links, ener_lib); the same "
                  "release as carried by PyPI coot-headless-api 1.3.3rc1 (" + " ".join(EXTRA_LIGANDS) + "); "
-                 "github.com/MonomerLibrary/monomers commit " + MONLIB_COMMIT + " (phospholipids: {lipids}).")
+                 "github.com/MonomerLibrary/monomers commit " + MONLIB_COMMIT + " (lipids and detergents: {lipids}).")
 Q_SCALE = 25.0  # uint8 code = round(-log10(pct) * Q_SCALE); 255 = empty cell
 
 
@@ -227,10 +231,11 @@ def _build_rotamer(rr, out):
     np.savez_compressed(out / "rotamer_top8000.npz", **rota)
 
 
-def _extra_files(extra) -> dict:
+def _extra_files(extra, have=()) -> dict:
     """``{rel path: text}`` of the ``EXTRA_LIGANDS`` and ``EXTRA_LIPIDS`` dictionaries in folder ``extra``,
     each checked to be a whole monomer file (its ``data_comp_CODE`` block, atoms, and bonds unless
-    it is a single atom)."""
+    it is a single atom). A residue of ``EXTRA_LIGANDS`` missing from the folder is an error unless
+    ``have`` (the rel paths already in the table) holds it."""
     import gemmi
 
     files = {}
@@ -238,17 +243,46 @@ def _extra_files(extra) -> dict:
         rel = f"{res[0].lower()}/{res}.cif"
         p = Path(extra) / rel
         if not p.is_file():
-            if res in EXTRA_LIGANDS:
+            if res in EXTRA_LIGANDS and rel not in have:
                 raise SystemExit(f"{p}: missing")
-            print(f"{res}: not in {extra}, skipped", flush=True)
+            print(f"{res}: not in {extra}, " + ("kept from the table" if rel in have else "skipped"), flush=True)
             continue
         text = p.read_text()
         block = gemmi.cif.read_string(text).find_block(f"comp_{res}")
         n_atoms = len(block.find_values("_chem_comp_atom.atom_id")) if block else 0
         if n_atoms == 0 or (n_atoms > 1 and len(block.find_values("_chem_comp_bond.atom_id_1")) == 0):
             raise SystemExit(f"{p}: not a whole monomer dictionary of {res}")
+        if res in EXTRA_LIPIDS:  # copied by hand from the repository (HEM and HEC count atoms otherwise)
+            _check_self_consistent(block, gemmi.cif.read_string(text).find_block("comp_list"), res, p)
         files[rel] = text
     return files
+
+
+def _check_self_consistent(block, comp_list, res, path) -> None:
+    """A dictionary copied by hand must be whole and unchanged: its atom count equals its own
+    ``_chem_comp.number_atoms_all``, every bond and angle target agrees with its own ideal
+    coordinates (AceDRG writes both from one optimisation: within 0.05 Å and 5°) and every chiral
+    centre's volume sign is the hand of those coordinates."""
+    tab = block.find("_chem_comp_atom.", ["atom_id", "x", "y", "z"])
+    xyz = {r[0]: np.array([float(r[1]), float(r[2]), float(r[3])]) for r in tab}
+    if comp_list is not None:
+        ids = list(comp_list.find_values("_chem_comp.id"))
+        if res in ids and len(xyz) != int(comp_list.find_values("_chem_comp.number_atoms_all")[ids.index(res)]):
+            raise SystemExit(f"{path}: {len(xyz)} atoms, _chem_comp.number_atoms_all says otherwise")
+    for a, b, d0, d1 in block.find("_chem_comp_bond.", ["atom_id_1", "atom_id_2", "value_dist_nucleus", "value_dist"]):
+        d = np.linalg.norm(xyz[a] - xyz[b])
+        if min(abs(d - float(d0)), abs(d - float(d1))) > 0.05:
+            raise SystemExit(f"{path}: bond {a}-{b} is {d:.3f} Å at the ideal coordinates, target {d0}")
+    for a, b, c, v in block.find("_chem_comp_angle.", ["atom_id_1", "atom_id_2", "atom_id_3", "value_angle"]):
+        u, w = xyz[a] - xyz[b], xyz[c] - xyz[b]
+        ang = np.degrees(np.arccos(np.clip(u @ w / np.linalg.norm(u) / np.linalg.norm(w), -1, 1)))
+        if abs(ang - float(v)) > 5.0:
+            raise SystemExit(f"{path}: angle {a}-{b}-{c} is {ang:.1f}° at the ideal coordinates, target {v}")
+    for c, a, b, d, sign in block.find("_chem_comp_chir.", ["atom_id_centre", "atom_id_1", "atom_id_2", "atom_id_3",
+                                                            "volume_sign"]):
+        vol = float(np.dot(xyz[a] - xyz[c], np.cross(xyz[b] - xyz[c], xyz[d] - xyz[c])))
+        if (sign.startswith("pos") and vol <= 0) or (sign.startswith("neg") and vol >= 0):
+            raise SystemExit(f"{path}: chiral centre {c} is {sign} but its ideal coordinates give volume {vol:.2f}")
 
 
 def _write_geom(files, out):
@@ -277,7 +311,7 @@ def extend_geom(extra, out) -> None:
     keeping every file it holds (the moorhen folder is not needed)."""
     out = Path(out)
     files = json.loads((out / "geom_monlib.json").read_text())["files"]
-    files.update(_extra_files(extra))
+    files.update(_extra_files(extra, have=set(files)))
     _write_geom(files, out)
 
 

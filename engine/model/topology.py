@@ -3,10 +3,10 @@
 Built once from a PDB/mmCIF file with gemmi and the shipped CCP4 monomer-library subset
 (``cryogmm/data/geom_monlib.json``: the 20 amino acids and MSE, the RNA and DNA nucleotides,
 nucleotide cofactors (ATP ADP ANP GTP GDP NAD NAP FAD FMN SAM COA PLP), haem (HEM HEC),
-ions (NA MG ZN CA MN FE K CL), additives (SO4 PO4 GOL EDO PEG CIT), cholesterol (CLR) and
-glycans (NAG MAN BMA FUC GAL); every link and modification block: peptide and
-phosphodiester links, termini, glycosidic links such as NAG-ASN; amino-acid targets after
-Engh & Huber). The result is a set
+ions (NA MG ZN CA MN FE K CL), additives (SO4 PO4 GOL EDO PEG CIT), cholesterol (CLR),
+lipids and detergents (POV PCW PEE PLC 3PE LHG PGW LMT Y01) and glycans (NAG MAN BMA FUC
+GAL); every link and modification block: peptide and phosphodiester links, termini,
+glycosidic links such as NAG-ASN; amino-acid targets after Engh & Huber). The result is a set
 of plain index arrays that the restraint terms in :mod:`cryogmm.model.restraints` evaluate
 on any coordinates.
 
