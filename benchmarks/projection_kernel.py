@@ -1,6 +1,7 @@
 """CPU roofline of the separable projection: ``project`` against ``torch.bmm`` of the same shapes.
 
-Usage: python benchmarks/projection_kernel.py [--threads 2,1] [--repeat 7] [--quick] [--out PATH]
+Usage: python benchmarks/projection_kernel.py [--threads 0,1] [--repeat 7] [--quick] [--baseline-rev main]
+       [--no-compile] [--out PATH]
 
 For each case (box 64 and 128, 2,000 and 5,000 Gaussians, batch 16, 1 Å/px, widths 1.5 Å,
 centres in a ball of radius 0.3 box, float32; the mixture of ``gpu_throughput.py``) three
@@ -12,13 +13,18 @@ things are timed in the same process, interleaved round by round, median of ``--
 - ``before``: the projection as it was up to commit e517cae (profiles ``exp`` over the full
   box for every Gaussian, mostly denormal far from the centres, then one dense bmm), kept
   here verbatim as ``reference_project``.
-- ``after``: ``cryogmm.core.projection.project`` (windowed profiles, scatter into a reused
-  buffer, closed-form backward).
+- ``prev``: ``engine/core/projection.py`` as committed at ``--baseline-rev`` (default ``main``),
+  loaded from git into this process (the kernel this tree's changes are measured against).
+- ``after``: ``cryogmm.core.projection.project`` of this tree (windowed profiles, scatter into
+  reused buffers, only the image region the windows reach, closed-form backward).
+- ``compiled``: the same with ``projection.set_compile(True)`` (torch.compile of the profile
+  windows; compiled during the warm-up, not timed). ``--no-compile`` leaves it out.
 
 Forward+backward differentiates through centres and rotations (as pose refinement and
 mixture fitting do). Ratios are ``t_bmm / t_project`` (forward) and ``t_bmm_fb / t_project_fb``
 (forward+backward): the fraction of the same-shape bmm's throughput. The machine is shared;
-the load average at start and end is recorded. Writes ``benchmarks/results/projection_kernel.json``.
+the load average at start and end is recorded. Writes ``benchmarks/results/projection_kernel.json``
+(the file's earlier runs are kept under ``earlier_runs``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +75,21 @@ def timed(fn):
     return time.perf_counter() - t
 
 
-def run_case(box, n, batch, repeat, repeat_before):
+def load_baseline(rev):
+    """``engine/core/projection.py`` at git revision ``rev`` as a module (None without git)."""
+    try:
+        src = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "show", f"{rev}:engine/core/projection.py"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no baseline {rev}: {exc}", file=sys.stderr)
+        return None
+    mod = types.ModuleType(f"projection_at_{rev}")
+    exec(compile(src, f"{rev}:engine/core/projection.py", "exec"), mod.__dict__)
+    return mod
+
+
+def run_case(box, n, batch, repeat, repeat_before, baseline=None, compiled=True):
+    from cryogmm.core import projection
     from cryogmm.core.gaussians import Gaussians
     from cryogmm.core.projection import project
     from cryogmm.core.rotations import random_rotations
@@ -100,8 +123,39 @@ def run_case(box, n, batch, repeat, repeat_before):
         cc, RR = c.clone().requires_grad_(), R.clone().requires_grad_()
         project(Gaussians(cc, a, s), RR, None, box, apix).sum().backward()
 
-    fns = {"bmm_fwd": bmm_f, "bmm_fwdbwd": bmm_fb, "before_fwd": before_f, "before_fwdbwd": before_fb,
-           "after_fwd": after_f, "after_fwdbwd": after_fb}
+    def variant(fn, setup=None):
+        def f():
+            with torch.no_grad():
+                fn(Gaussians(c, a, s), R, None, box, apix)
+
+        def fb():
+            cc, RR = c.clone().requires_grad_(), R.clone().requires_grad_()
+            fn(Gaussians(cc, a, s), RR, None, box, apix).sum().backward()
+
+        def wrap(g):
+            def run():
+                if setup is not None:
+                    setup(True)
+                try:
+                    g()
+                finally:
+                    if setup is not None:
+                        setup(False)
+            return run
+        return wrap(f), wrap(fb)
+
+    fns = {"bmm_fwd": bmm_f, "bmm_fwdbwd": bmm_fb, "before_fwd": before_f, "before_fwdbwd": before_fb}
+    if baseline is not None:
+        fns["prev_fwd"], fns["prev_fwdbwd"] = variant(baseline.project)
+    fns["after_fwd"], fns["after_fwdbwd"] = after_f, after_fb
+    if compiled:
+        projection.set_compile(True)
+        cfun = projection._COMPILED["fn"]
+        projection.set_compile(False)
+
+        def use_compiled(on):
+            projection._COMPILED["fn"] = cfun if on else None
+        fns["compiled_fwd"], fns["compiled_fwdbwd"] = variant(project, use_compiled)
     times = {k: [] for k in fns}
     for f in fns.values():  # warm-up
         f()
@@ -118,10 +172,20 @@ def run_case(box, n, batch, repeat, repeat_before):
            "gflop_per_bmm": 2.0 * batch * n * box * box / 1e9,
            "median_s": {k: round(v, 5) for k, v in med.items()},
            "bmm_gflops": round(2.0 * batch * n * box * box / med["bmm_fwd"] / 1e9, 1)}
-    for which in ("before", "after"):
+    for which in ("before", "prev", "after", "compiled"):
+        if f"{which}_fwd" not in med:
+            continue
         row[f"{which}_fwd_ratio"] = round(med["bmm_fwd"] / med[f"{which}_fwd"], 3)
         row[f"{which}_fwdbwd_ratio"] = round(med["bmm_fwdbwd"] / med[f"{which}_fwdbwd"], 3)
     row["after_vs_before_max_rel_diff"] = float((new - old).abs().max() / old.abs().max())
+    if compiled:
+        with torch.no_grad():
+            use_compiled(True)
+            try:
+                comp = project(Gaussians(c, a, s), R, None, box, apix)
+            finally:
+                use_compiled(False)
+        row["compiled_vs_after_max_rel_diff"] = float((comp - new).abs().max() / new.abs().max())
     return row
 
 
@@ -133,9 +197,13 @@ def main(argv=None):
     ap.add_argument("--repeat-before", type=int, default=3, help="repeats of the slow 'before' path")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="box 64 only")
+    ap.add_argument("--baseline-rev", default="main", help="git revision whose projection.py is timed as 'prev' "
+                    "('' to leave it out)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "projection_kernel.json"))
     args = ap.parse_args(argv)
     load0 = os.getloadavg()
+    baseline = load_baseline(args.baseline_rev) if args.baseline_rev else None
     default_threads = torch.get_num_threads()
     runs = []
     for nt in (int(x) for x in args.threads.split(",")):
@@ -145,20 +213,28 @@ def main(argv=None):
         for box, n in CASES:
             if args.quick and box != 64:
                 continue
-            row = run_case(box, n, args.batch, args.repeat, min(args.repeat, args.repeat_before))
+            row = run_case(box, n, args.batch, args.repeat, min(args.repeat, args.repeat_before), baseline,
+                           not args.no_compile)
             rows.append(row)
-            print(f"box {box:3d} N {n:5d}: bmm {row['bmm_gflops']:6.1f} GFLOP/s | before fwd {row['before_fwd_ratio']:.3f} "
-                  f"fwd+bwd {row['before_fwdbwd_ratio']:.3f} | after fwd {row['after_fwd_ratio']:.3f} "
-                  f"fwd+bwd {row['after_fwdbwd_ratio']:.3f} | max rel diff {row['after_vs_before_max_rel_diff']:.1e}",
-                  flush=True)
+            parts = " | ".join(f"{w} fwd {row[w + '_fwd_ratio']:.3f} fwd+bwd {row[w + '_fwdbwd_ratio']:.3f}"
+                               for w in ("before", "prev", "after", "compiled") if w + "_fwd_ratio" in row)
+            print(f"box {box:3d} N {n:5d}: bmm {row['bmm_gflops']:6.1f} GFLOP/s | {parts} | "
+                  f"max rel diff {row['after_vs_before_max_rel_diff']:.1e}", flush=True)
         runs.append({"torch_threads": torch.get_num_threads(), "cases": rows})
     out = {"what": "project() throughput as a fraction of a same-shape torch.bmm, same process (ratio = t_bmm / "
                    "t_project; forward+backward against bmm forward+backward)",
            "torch": torch.__version__, "cpus": os.cpu_count(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": os.uname().nodename,
+           "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) if argv is None else argv,
+           "baseline_rev": args.baseline_rev or None,
            "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
            "goal": {"fwd_ratio": 0.5, "fwdbwd_ratio": 0.3}, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if Path(args.out).exists():
+        prev = json.loads(Path(args.out).read_text())
+        earlier = prev.pop("earlier_runs", [])
+        out["earlier_runs"] = earlier + [prev]
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -163,3 +163,20 @@ def test_repeated_calls_on_two_threads_are_stable():
             assert (new - old).abs().max() <= 1e-6 * old.abs().max()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compiled_windows_give_the_same_images():
+    """``set_compile(True)`` (torch.compile of the profile windows) changes no image beyond float32
+    rounding. Skipped where torch.compile cannot build a CPU kernel here (no C++ toolchain)."""
+    g = mixture(300, 40, 1.0, torch.float32)
+    R = rotations(3, torch.float32)
+    ref = project(g, R, None, 40, 1.0)
+    try:
+        projection.set_compile(True)
+        img = project(g, R, None, 40, 1.0)
+    except Exception as exc:  # the inductor backend needs a working C++ compiler
+        pytest.skip(f"torch.compile unavailable on this machine: {type(exc).__name__}: {str(exc)[:200]}")
+    finally:
+        projection.set_compile(False)
+    assert not projection.compile_enabled()
+    assert (img - ref).abs().max() <= 1e-6 * ref.abs().max()

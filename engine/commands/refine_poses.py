@@ -94,6 +94,9 @@ def add_args(p):
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     p.add_argument("--matmul-precision", choices=("highest", "tf32", "bf16"), default="highest",
                    help="projection matrix products on GPUs: float32 (highest, default), TF32 or bf16 autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="build the projection's profile windows with torch.compile (off by default; compiling "
+                        "takes up to a minute, then each projection is faster; also CRYOGMM_COMPILE=1)")
     add_stream_args(p)
     add_force(p)
     p.add_argument("--resume", action="store_true",
@@ -112,7 +115,7 @@ def main(args) -> int:
                        low_res_A=args.low_res_A, start_res_A=args.start_res_A, steps=args.steps, lr_deg=args.lr_deg,
                        lr_A=args.lr_A, n_gaussians=args.n_gaussians, max_gaussians=args.max_gaussians,
                        fit_iterations=args.fit_iterations, batch=args.batch, seed=args.seed, device=args.device,
-                       matmul_precision=args.matmul_precision, prefetch=args.prefetch,
+                       matmul_precision=args.matmul_precision, compile=args.compile, prefetch=args.prefetch,
                        accumulate=args.accumulate, resume=args.resume)
     rep = refine_poses(cfg, progress=Progress(bar=distributed.is_main()))
     if not distributed.is_main():

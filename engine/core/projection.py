@@ -7,17 +7,21 @@ voxels along the beam, the scale ``relion_project`` writes.
 
 The kernel (:func:`project`) is separable: an image is ``Gy^T Gx`` with ``Gx[n, x]`` and
 ``Gy[n, y]`` the 1D profiles of the Gaussians. A profile is built only on a window of
-``W`` pixels around its centre (where it exceeds ``eps``, the dtype's resolution / 128, and
-``max(exp(-u^2/2) - eps, 0)`` is what is drawn: continuous, exactly zero outside, never a
-denormal), scattered into a reused zeroed buffer a few images at a time, and multiplied.
-Only the compact windows are kept for the backward pass, which has closed-form gradients.
-Rotations and profiles stay in the input's float dtype even under autocast; only the
-matrix products follow an active autocast (bf16) or TF32 setting.
+``W`` pixels (where it exceeds ``eps``, the dtype's resolution / 128; ``W`` rounded up so that
+a window moves as whole 16-byte elements) placed inside the box; ``exp(-u^2/2)`` floored at
+``eps e^-4`` is drawn (no exp underflows, no denormal anywhere, the floor far below the dtype's
+resolution), scattered by one index copy per axis into reused zeroed buffers a few images at a
+time (``CHUNK_BYTES``), and multiplied, only over the region of the image that some window
+reaches (the rest is exactly 0). Only the compact windows are rebuilt for the backward pass,
+which has closed-form gradients. Rotations and profiles stay in the input's float dtype even
+under autocast; only the matrix products follow an active autocast (bf16) or TF32 setting.
+:func:`set_compile` (off by default) builds the windows with ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -54,29 +58,139 @@ def window_width(sigma_max: float, apix: float, dtype: torch.dtype) -> int:
     return math.floor(2.0 * cut * sigma_max / apix) + 2
 
 
-def _windows(coord, sig, box: int, apix: float, W: int):
-    """Profile windows. ``coord [c, 2, N]`` (x and y, Å), ``sig [c, N]`` (Å). Returns the drawn
-    values ``e [c, 2, N, W]`` (``exp(-u^2/2)`` where above ``eps``, else exactly 0), the offsets
-    ``q`` (pixel minus centre, pixels, same shape) and the first pixel ``k0 [c, 2, N]`` (int64,
-    clamped to ``[-W, box]``: windows beyond the box land in the buffer's padding)."""
-    log_eps = math.log(profile_cutoff(coord.dtype))
-    cut = math.sqrt(-2.0 * log_eps)
-    sig = sig[:, None, :]
-    t = coord / apix  # centre in pixels from the box centre
-    k0 = torch.ceil(t - cut * sig / apix).clamp_(-W - box // 2, box - box // 2)
-    q = (k0 - t)[..., None] + torch.arange(W, device=coord.device, dtype=coord.dtype)
-    arg = (q * q).mul_((-apix * apix / 2.0) / (sig * sig)[..., None])
-    # clamped before exp (an exp that underflows is ~50x slower on CPUs and makes denormals),
-    # then zeroed below eps
-    e = arg.clamp_min_(log_eps - 1.0).exp_()
-    e = torch.nn.functional.threshold_(e, math.exp(log_eps), 0.0)
-    return e, q, k0.long() + box // 2
+def _granule(box: int, dtype: torch.dtype) -> int:
+    """Values moved as one element by the scatter: 16 bytes (a complex128) where the row length
+    allows, so that a window of ``W`` values is ``W / g`` elements of an index copy."""
+    g = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    while box % g:
+        g //= 2
+    return g
 
 
-def _runs(buf, W: int):
-    """The flat buffer seen as overlapping runs of ``W`` values, one starting at every element:
-    ``runs[i] = buf[i:i + W]``, so that one row index moves a whole window."""
-    return buf.as_strided((buf.numel() - W + 1, W), (1, 1))
+_GRANULE_DTYPE = {1: None, 2: torch.float64, 4: torch.complex128}
+
+
+def _units(t, g: int):
+    """A float tensor (last dim contiguous) seen as elements of ``g`` values: a float64 or
+    complex128 view whose last dimension is ``g`` times shorter."""
+    if g == 1:
+        return t
+    return t.view(torch.float64 if t.element_size() * g == 8 else torch.complex128)
+
+
+class _Geometry:
+    """Where the profile windows of a batch lie. ``xy [B, N, 2]`` (Å), ``s [B, N]`` (Å).
+
+    Each profile is drawn on ``W`` pixels (``window_width`` rounded up to the scatter granule
+    ``g``) starting at ``k0`` (a multiple of ``g``, kept inside the box, so rows have no padding:
+    a window that would cross the box edge is shifted inward, where the Gaussian is below ``eps``
+    anyway); ``W`` is at most the box. The images are computed only on the batch's region
+    ``[lo, hi)`` per axis where some window lies (the rest of the box is exactly 0).
+    ``d = k0 - t`` (pixels from the centre to the window's first pixel) and ``nsa2 = -apix^2 /
+    (2 s^2)`` give the profile ``exp(nsa2 (d + k)^2)`` at the window's pixel ``k``, floored at
+    ``eps e^-4``. ``rows`` index each window's first value (in scatter elements) in its chunk's
+    ``[c, N, L]`` profile buffer; ``chunk`` images per chunk keep the two buffers and the
+    windows within ``CHUNK_BYTES``."""
+
+    def __init__(self, xy, s, box: int, apix: float):
+        dt = xy.dtype
+        self.box = box
+        self.log_eps = math.log(profile_cutoff(dt))
+        # profile values are floored at eps e^-4 (an exp that would underflow is ~50x slower on
+        # CPUs and makes denormals; products of two floors and a weight stay normal down to
+        # weights of ~1e-17 in float32); the floor is 4 e-folds below the cut eps, far below
+        # the dtype's resolution, so no threshold pass is needed
+        self.floor = self.log_eps - 4.0
+        cut = math.sqrt(-2.0 * self.log_eps)
+        g = self.g = _granule(box, dt)
+        W = window_width(float(s.max()), apix, dt)
+        W = -(-(W + g - 1) // g) * g
+        h = box // 2
+        B, N = s.shape
+        dev = xy.device
+        t = (xy / apix).permute(2, 0, 1).contiguous()  # [2, B, N] centre in pixels from the box centre
+        if W >= box:
+            W = box
+            k0 = torch.full_like(t, -h)
+        else:  # first pixel (from the box centre), a multiple of g as an index into the box
+            k0 = torch.ceil(t - (cut / apix) * s).add_(h).mul_(1.0 / g).floor_().mul_(g).clamp_(0, box - W).sub_(h)
+        self.W = W
+        lo, hi = k0.view(2, -1).amin(1), k0.view(2, -1).amax(1)
+        self.lo = [int(v) + h for v in lo.tolist()]  # x, y
+        self.hi = [int(v) + h + W for v in hi.tolist()]
+        self.L = [b - a for a, b in zip(self.lo, self.hi)]
+        self.d = k0 - t  # both from the box centre: no rounding of the offset by box // 2
+        self.nsa2 = ((-apix * apix / 2.0) / (s * s))[:, :, None]  # [B, N, 1]: exponent per pixel^2
+        self.kr = torch.arange(W, device=dev, dtype=dt)
+        self.mm_ok = (dev.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+                      and not torch.is_autocast_enabled("cpu"))
+        if self.mm_ok:
+            self.coef = torch.stack([self.d, torch.ones_like(self.d)], -1)  # [2, B, N, 2]
+            self.powers = torch.stack([torch.ones_like(self.kr), self.kr])  # [2, W]
+        per_image = N * (self.L[0] + self.L[1] + 4 * W) * xy.element_size()
+        budget = CHUNK_BYTES.get(dev.type, CHUNK_BYTES_DEFAULT)
+        self.chunk = max(1, min(B, budget // per_image))
+        # index (in scatter elements) of each window's first value in its chunk's [c, N, L] buffer
+        slot = (torch.arange(B, device=dev) % self.chunk)[:, None] * N + torch.arange(N, device=dev)
+        lo_t = torch.tensor(self.lo, device=dev, dtype=dt)[:, None, None]
+        Lg = torch.tensor([L // g for L in self.L], device=dev)[:, None, None]
+        self.rows = ((k0 + h - lo_t).mul_(1.0 / g).long() + slot * Lg).view(2, B * N)
+
+    def windows(self, sl, keep_q: bool = False):
+        """Profile windows of the images ``sl``: ``e [2 (x, y), c, N, W]`` and, with ``keep_q``,
+        the offsets ``q`` (pixels, same shape; else None).
+
+        On CPUs with float32 matrix products at full precision the offsets ``q = d + k`` come
+        from one matrix product ``[d, 1] @ [1, k]`` (exact products, one rounding per value: the
+        same values as the broadcast sum, which is several times slower over rows of ``W``)."""
+        d, nsa2 = self.d[:, sl], self.nsa2[sl]
+        if self.mm_ok:
+            q = torch.matmul(self.coef[:, sl], self.powers)
+        else:
+            q = d[..., None] + self.kr
+        arg = (torch.mul(q, q) if keep_q else q.mul_(q)).mul_(nsa2)
+        e = arg.clamp_min_(self.floor).exp_()
+        return e, (q if keep_q else None)
+
+
+def _window_values(d, nsa2, kr, floor: float, w):
+    """The forward's profile windows in one expression (what ``torch.compile`` fuses into one
+    loop): ``d [2, c, N]``, ``nsa2 [c, N, 1]``, ``kr [W]``, weights ``w [c, N]`` on the y
+    profiles. Returns ``[2, c, N, W]``."""
+    q = d[..., None] + kr
+    e = (q * q * nsa2).clamp_min(floor).exp()
+    return torch.stack([e[0], e[1] * w[..., None]])
+
+
+#: the compiled ``_window_values`` when :func:`set_compile` turned it on (off by default)
+_COMPILED = {"fn": None}
+COMPILE_ENV = "CRYOGMM_COMPILE"
+
+
+def set_compile(enabled: bool) -> bool:
+    """Build the projection's profile windows with ``torch.compile`` (one fused loop instead of
+    a few elementwise passes; the matrix products and the scatter stay as they are). Off by
+    default; the first call with a new shape compiles (seconds to a minute), so it pays only
+    for long jobs. Also switched on by the environment variable ``CRYOGMM_COMPILE=1``.
+    Returns whether it is on."""
+    _COMPILED["fn"] = torch.compile(_window_values, dynamic=True) if enabled else None
+    return enabled
+
+
+def compile_enabled() -> bool:
+    return _COMPILED["fn"] is not None
+
+
+if os.environ.get(COMPILE_ENV, "") not in ("", "0"):
+    set_compile(True)
+
+
+def _runs(buf, W: int, g: int):
+    """The flat buffer as overlapping runs of ``W`` values (``W / g`` elements of ``g`` values),
+    one run starting at every element, so that one row index moves a whole window."""
+    u = _units(buf, g)
+    n = W // g
+    return u.as_strided((u.numel() - n + 1, n), (1, 1))
 
 
 def _mm_dtype(dev: torch.device):
@@ -92,15 +206,6 @@ def _bmm(a, b, out, mm_dtype):
         out.copy_(torch.bmm(a.to(mm_dtype), b.to(mm_dtype)))
 
 
-def _plan(xy, s, box: int, apix: float):
-    """Window width, padded row length and images per chunk (memory budget ``CHUNK_BYTES``)."""
-    B, N, _ = xy.shape
-    W = window_width(float(s.max()), apix, xy.dtype)
-    P = box + 2 * W
-    budget = CHUNK_BYTES.get(xy.device.type, CHUNK_BYTES_DEFAULT)
-    return W, P, max(1, min(B, budget // (2 * P * N * xy.element_size())))
-
-
 class _SeparableProject(torch.autograd.Function):
     """Images ``[B, box, box]`` from image-plane positions ``xy [B, N, 2]`` (Å), widths ``s``
     and weights ``w`` (``[B, N]``): ``sum_n w_n gy_n(y) gx_n(x)``. The profiles are made a
@@ -109,22 +214,34 @@ class _SeparableProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xy, s, w, box, apix, mm_dtype):
         B, N, _ = xy.shape
-        W, P, chunk = _plan(xy, s, box, apix)
-        coords = xy.transpose(1, 2).contiguous()  # [B, 2, N]
-        out = xy.new_empty(B, box, box)
-        buf = xy.new_zeros(chunk * 2 * N * P)  # [c, 2 (x, y), N, P] profiles, padded rows
-        runs = _runs(buf, W)
-        base = torch.arange(chunk * 2 * N, device=xy.device).view(chunk, 2, N) * P + W
+        geo = _Geometry(xy, s, box, apix)
+        (lx, ly), (hx, hy), (Lx, Ly) = geo.lo, geo.hi, geo.L
+        W, g = geo.W, geo.g
+        chunk = geo.chunk
+        full = Lx == box and Ly == box
+        out = xy.new_empty(B, box, box) if full else xy.new_zeros(B, box, box)
+        img = None if full else xy.new_empty(chunk, Ly, Lx)
+        bx, by = xy.new_zeros(chunk * N * Lx), xy.new_zeros(chunk * N * Ly)
+        rx, ry = _runs(bx, W, g), _runs(by, W, g)
         for i in range(0, B, chunk):
             sl = slice(i, min(B, i + chunk))
             c = sl.stop - sl.start
-            e, _, k0 = _windows(coords[sl], s[sl], box, apix, W)
-            e[:, 1].mul_(w[sl, :, None])
-            rows = (base[:c] + k0).view(-1)
-            runs.index_copy_(0, rows, e.reshape(-1, W))
-            g = buf[:c * 2 * N * P].view(c, 2, N, P)[..., W:W + box]
-            _bmm(g[:, 1].transpose(1, 2), g[:, 0], out[sl], mm_dtype)
-            runs.index_fill_(0, rows, 0.0)
+            if _COMPILED["fn"] is not None:
+                e = _COMPILED["fn"](geo.d[:, sl], geo.nsa2[sl], geo.kr, geo.floor, w[sl])
+            else:
+                e, _ = geo.windows(sl)
+                e[1].mul_(w[sl, :, None])
+            ix, iy = geo.rows[0, i * N:sl.stop * N], geo.rows[1, i * N:sl.stop * N]
+            rx.index_copy_(0, ix, _units(e[0], g).reshape(-1, W // g))
+            ry.index_copy_(0, iy, _units(e[1], g).reshape(-1, W // g))
+            gx, gy = bx[:c * N * Lx].view(c, N, Lx), by[:c * N * Ly].view(c, N, Ly)
+            if full:
+                _bmm(gy.transpose(1, 2), gx, out[sl], mm_dtype)
+            else:  # BLAS wants a contiguous result
+                _bmm(gy.transpose(1, 2), gx, img[:c], mm_dtype)
+                out[sl, ly:hy, lx:hx] = img[:c]
+            rx.index_fill_(0, ix, 0)
+            ry.index_fill_(0, iy, 0)
         ctx.save_for_backward(xy, s, w)
         ctx.meta = (box, apix, mm_dtype)
         return out
@@ -135,37 +252,41 @@ class _SeparableProject(torch.autograd.Function):
         xy, s, w = ctx.saved_tensors
         box, apix, mm_dtype = ctx.meta
         B, N, _ = xy.shape
-        W, P, chunk = _plan(xy, s, box, apix)
-        grad = grad.contiguous()
-        coords = xy.transpose(1, 2).contiguous()
-        g_xy, g_s, g_w = xy.new_empty(B, 2, N), torch.empty_like(s), torch.empty_like(w)
-        buf, hbuf = xy.new_zeros(chunk * 2 * N * P), xy.new_zeros(chunk * 2 * N * P)  # hbuf's pads stay 0
-        runs, hruns = _runs(buf, W), _runs(hbuf, W)
-        base = torch.arange(chunk * 2 * N, device=xy.device).view(chunk, 2, N) * P + W
+        geo = _Geometry(xy, s, box, apix)
+        (lx, ly), (hx, hy), (Lx, Ly) = geo.lo, geo.hi, geo.L
+        W, g = geo.W, geo.g
+        chunk = geo.chunk
+        g_xy, g_s, g_w = xy.new_empty(2, B, N), torch.empty_like(s), torch.empty_like(w)
+        bx, by = xy.new_zeros(chunk * N * Lx), xy.new_zeros(chunk * N * Ly)
+        dx, dy = xy.new_empty(chunk * N * Lx), xy.new_empty(chunk * N * Ly)
+        rx, ry = _runs(bx, W, g), _runs(by, W, g)
+        sx, sy = _runs(dx, W, g), _runs(dy, W, g)
         for i in range(0, B, chunk):
             sl = slice(i, min(B, i + chunk))
             c = sl.stop - sl.start
-            e, q, k0 = _windows(coords[sl], s[sl], box, apix, W)
-            rows = base[:c] + k0
-            runs.index_copy_(0, rows[:, 0].reshape(-1), e[:, 0].reshape(-1, W))
-            runs.index_copy_(0, rows[:, 1].reshape(-1), (e[:, 1] * w[sl, :, None]).view(-1, W))
-            g = buf[:c * 2 * N * P].view(c, 2, N, P)[..., W:W + box]
-            h = hbuf[:c * 2 * N * P].view(c, 2, N, P)[..., W:W + box]
+            e, q = geo.windows(sl, keep_q=True)
+            ix, iy = geo.rows[0, i * N:sl.stop * N], geo.rows[1, i * N:sl.stop * N]
+            rx.index_copy_(0, ix, _units(e[0], g).reshape(-1, W // g))
+            ry.index_copy_(0, iy, _units(e[1] * w[sl, :, None], g).reshape(-1, W // g))
+            gx, gy = bx[:c * N * Lx].view(c, N, Lx), by[:c * N * Ly].view(c, N, Ly)
+            gr = grad[sl, ly:hy, lx:hx]
             # image = gy^T gx: d gx = gy image', d gy = gx image'^T
-            _bmm(g[:, 1], grad[sl], h[:, 0], mm_dtype)
-            _bmm(g[:, 0], grad[sl].transpose(1, 2), h[:, 1], mm_dtype)
-            rows = rows.view(-1)
-            d = hruns.index_select(0, rows).view(c, 2, N, W)  # d loss / d profile values
-            runs.index_fill_(0, rows, 0.0)
-            g_w[sl] = (d[:, 1] * e[:, 1]).sum(-1)
-            d[:, 1].mul_(w[sl, :, None])
+            _bmm(gy, gr, dx[:c * N * Lx].view(c, N, Lx), mm_dtype)
+            _bmm(gx, gr.transpose(1, 2), dy[:c * N * Ly].view(c, N, Ly), mm_dtype)
+            d = e.new_empty(2, c, N, W)  # d loss / d profile values
+            torch.index_select(sx, 0, ix, out=_units(d[0], g).view(-1, W // g))
+            torch.index_select(sy, 0, iy, out=_units(d[1], g).view(-1, W // g))
+            rx.index_fill_(0, ix, 0)
+            ry.index_fill_(0, iy, 0)
+            g_w[sl] = (d[1] * e[1]).sum(-1)
+            d[1].mul_(w[sl, :, None])
             # e = exp(-r2 q^2), r2 = apix^2 / 2 s^2, q = pixel - c / apix:
             # de/dc = 2 r2 q e / apix, de/ds = 2 r2 q^2 e / s
             r2 = (apix * apix / 2.0) / (s[sl] * s[sl])
             d.mul_(e).mul_(q)
-            g_xy[sl] = d.sum(-1) * (2.0 * r2 / apix)[:, None, :]
-            g_s[sl] = d.mul_(q).sum((1, 3)) * (2.0 * r2 / s[sl])
-        return g_xy.transpose(1, 2), g_s, g_w, None, None, None
+            g_xy[:, sl] = d.sum(-1) * (2.0 * r2 / apix)
+            g_s[sl] = d.mul_(q).sum((0, 3)) * (2.0 * r2 / s[sl])
+        return g_xy.permute(1, 2, 0), g_s, g_w, None, None, None
 
 
 def project(g: Gaussians, rotmat: torch.Tensor, shift_A: torch.Tensor | None, box: int, apix: float) -> torch.Tensor:

@@ -60,6 +60,7 @@ from cryogmm import distributed
 from cryogmm.bridge.conventions import rotmat_to_euler_zyz_deg
 from cryogmm.bridge.images import ImageSource
 from cryogmm.bridge.io import read_particles, write_particles
+from cryogmm.core import projection
 from cryogmm.core.ctf import CtfParams, ctf_rfft2
 from cryogmm.core.fourier import lowpass
 from cryogmm.core.gaussians import Gaussians
@@ -109,6 +110,7 @@ class RefineConfig:
     seed: int = 0
     device: str | None = None
     matmul_precision: str = "highest"
+    compile: bool = False
     prefetch: int = 1
     accumulate: str = "auto"
     resume: bool = False
@@ -471,6 +473,8 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     ops = symmetry_operators(cfg.sym)
     dev = pick_device(cfg.device)
     set_matmul_precision(dev, cfg.matmul_precision)
+    if cfg.compile:
+        projection.set_compile(True)
     dev = distributed.setup(dev)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -559,6 +563,7 @@ def refine_poses(cfg: RefineConfig, progress=None) -> dict:
                     **({"focus_masked": fsc(h1, h2, mask=sphere * mask.cpu()).numpy()} if mask is not None else {})},
             "device": str(dev),
             "matmul_precision": cfg.matmul_precision,
+            "compiled_projection": projection.compile_enabled(),
             **({"resumed_after_iteration": len(state["history"])} if state is not None else {}),
             **({"processes": distributed.world()} if distributed.world() > 1 else {}),
             "seconds": timer(),
