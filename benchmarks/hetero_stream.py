@@ -212,8 +212,17 @@ def main():
         "images_per_s_per_run": {c: {m: [r["images_per_s"] for r in runs if r["case"] == c and r["load"] == m]
                                      for m in modes} for c, *_ in cases},
     }
+    # per repeat (the modes of a case ran back to back, under about the same load): the paired ratios
+    per = summary["images_per_s_per_run"]
+    summary["images_per_s_ratio_per_repeat"] = {c: [s / m for s, m in zip(per[c]["stream"], per[c]["memory"])]
+                                                for c, *_ in cases}
+    summary["images_per_s_ratio_median_of_repeats"] = {c: float(sorted(v)[len(v) // 2]) if len(v) % 2 else
+                                                       float(sum(sorted(v)[len(v) // 2 - 1: len(v) // 2 + 1]) / 2)
+                                                       for c, v in summary["images_per_s_ratio_per_repeat"].items()}
     if "nocache" in modes:
         summary["images_per_s_ratio_uncached_stream_over_memory"] = {c: ratio(c, "nocache") for c, *_ in cases}
+        summary["images_per_s_ratio_uncached_per_repeat"] = {
+            c: [s / m for s, m in zip(per[c]["nocache"], per[c]["memory"])] for c, *_ in cases}
     if big is not None:
         summary.update({"peak_rss_GB_streamed_big": big["peak_rss_GB"], "n_big": a.n,
                         "in_memory_estimate_GB_big": big["plan"]["estimate_in_memory_GB"],

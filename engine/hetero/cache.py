@@ -3,9 +3,12 @@
 Held in memory, a particle costs its cropped transform, its CTF and the encoder's two input
 images, computed once. Streamed without a cache, every batch of every epoch read the full-box
 images again, Fourier-cropped them, computed the CTFs and projected the reference at the poses
-(about 40 ms per batch of 64 at box 128 on one CPU thread, against 1 ms in memory). The cache
-writes those per-particle arrays once and reads them back per batch, so a streamed epoch costs
-what an in-memory epoch costs plus positioned reads of small records:
+(37 ms per batch of 64 at box 128 on one CPU thread: read 5, crop FFT 6, CTF 4, reference
+projection 18; 1 ms in memory). The cache writes those per-particle arrays once and reads them
+back per batch (3 ms cold, 0.3 ms from the page cache), so a streamed epoch costs what an
+in-memory epoch costs plus positioned reads of small records (``benchmarks/hetero_stream.py``,
+``benchmarks/results/hetero_stream_interleaved.json``: 0.84-1.04x the in-memory images/s,
+uncached 0.72-0.82x, in the same runs on a loaded 2-core machine):
 
 - ``fourier.bin``: per particle the cropped orthonormal ``rfft2`` (complex64 as float32 pairs)
   and the CTF on the cropped grid (float32), one record each, written by the noise pass of
@@ -38,6 +41,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -102,11 +106,13 @@ class _Records:
         self.floats = int(np.prod(self.shape))
         self.nbytes = 4 * self.floats
         self._fd = None
+        self._lock = threading.Lock()  # opened on first read, by the prefetch thread or the caller
 
     def read(self, pos) -> np.ndarray:
         pos = np.asarray(pos, dtype=np.int64).reshape(-1)
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
         order = np.argsort(pos, kind="stable")
         out = np.empty((pos.size, *self.shape), dtype=np.float32)
         read_records(self._fd, pos[order], self.nbytes, 0, out, self.path)
@@ -117,9 +123,10 @@ class _Records:
         return out
 
     def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class _Writer:
