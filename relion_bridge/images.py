@@ -136,6 +136,11 @@ class ImageSource:
     def n(self) -> int:
         return len(self._stack_of)
 
+    @property
+    def stacks(self) -> list:
+        """The stack files (absolute paths) the table's images are in."""
+        return list(self._stacks)
+
     def __len__(self) -> int:
         return self.n
 
@@ -181,15 +186,8 @@ class ImageSource:
         fd, dtype, offset, nz = self._layout(s)
         if within.size and within[-1] >= nz:
             raise StackError(self._stacks[s], f"holds {nz} image(s); image {int(within[-1]) + 1} was asked for")
-        npx = self.box * self.box
         raw = np.empty((within.size, self.box, self.box), dtype=dtype)
-        breaks = np.flatnonzero(np.diff(within) != 1) + 1
-        starts = np.concatenate([[0], breaks])
-        ends = np.concatenate([breaks, [within.size]])
-        flat = raw.reshape(-1).view(np.uint8)
-        step = npx * dtype.itemsize
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            _pread_into(fd, memoryview(flat[a * step: b * step]), offset + int(within[a]) * step, self._stacks[s])
+        read_records(fd, within, self.box * self.box * dtype.itemsize, offset, raw, self._stacks[s])
         if raw.dtype == np.float32:
             return raw
         return raw.astype(np.float32)
@@ -247,6 +245,23 @@ class ImageSource:
             self.close()
         except Exception:
             pass
+
+
+def read_records(fd: int, positions, record_bytes: int, offset: int, out: np.ndarray, path) -> np.ndarray:
+    """Fixed-size records ``positions`` (ascending) of an open file into ``out`` (a C-contiguous
+    array of ``len(positions) * record_bytes`` bytes), record ``i`` at ``offset + i *
+    record_bytes``: one positioned read (``os.preadv``, no memory map: the pages stay in the page
+    cache, not in the process) per run of consecutive records. ``path`` names the file in errors."""
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+    flat = out.reshape(-1).view(np.uint8)
+    if flat.size != pos.size * record_bytes:
+        raise ValueError(f"buffer of {flat.size} bytes for {pos.size} records of {record_bytes}")
+    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
+    starts = np.concatenate([[0], breaks]).astype(np.int64)
+    ends = np.concatenate([breaks, [pos.size]]).astype(np.int64)
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        _pread_into(fd, memoryview(flat[a * record_bytes: b * record_bytes]), offset + int(pos[a]) * record_bytes, path)
+    return out
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int, path) -> None:

@@ -45,12 +45,14 @@ def _cfg(sim, out, **kw):
     return HeteroConfig(**base)
 
 
-def test_streamed_batches_equal_the_resident_ones(sim, tmp_path):
+@pytest.mark.parametrize("cache", [True, False])
+def test_streamed_batches_equal_the_resident_ones(sim, tmp_path, cache):
     """Same cropped transforms, CTFs, encoder inputs, noise variance and image scale, for a
-    batch of rows in any order, whether the particles are held or read per batch."""
+    batch of rows in any order, whether the particles are held or read per batch (through the
+    on-disk cache or straight from the stacks)."""
     mem, ref = setup(_cfg(sim, tmp_path / "a", load="memory"))
-    st, _ = setup(_cfg(sim, tmp_path / "b", load="stream"))
-    assert mem.resident and not st.resident and st.source is not None
+    st, _ = setup(_cfg(sim, tmp_path / "b", load="stream", cache=cache))
+    assert mem.resident and not st.resident and (st.source is None) == cache and (st.cache is not None) == cache
     assert st.noise_var == mem.noise_var
     vae = build_vae(_cfg(sim, tmp_path / "a"), ref, mem)
     fm, fs = ForwardModel(vae, ref, mem, "cpu"), ForwardModel(vae, ref, st, "cpu")
@@ -63,12 +65,13 @@ def test_streamed_batches_equal_the_resident_ones(sim, tmp_path):
     st.close()
 
 
-def test_streamed_training_follows_the_resident_run(sim, tmp_path):
+@pytest.mark.parametrize("cache", [True, False])
+def test_streamed_training_follows_the_resident_run(sim, tmp_path, cache):
     """Two epochs on the same particles: the same epoch losses and the same network (to float
-    rounding: the streamed batches are computed from a batch's rows, the resident ones once
-    in chunks), and the report says how the particles were held."""
+    rounding: the uncached streamed batches are computed from a batch's rows, the resident ones
+    once in chunks), and the report says how the particles were held."""
     rm = train_hetero(_cfg(sim, tmp_path / "mem", load="memory", epochs=2))
-    rs = train_hetero(_cfg(sim, tmp_path / "str", load="stream", epochs=2))
+    rs = train_hetero(_cfg(sim, tmp_path / "str", load="stream", epochs=2, cache=cache))
     assert rm["particles"]["held"] == "memory" and rs["particles"]["held"] == "streamed"
     for hm, hs in zip(rm["history"], rs["history"]):
         for k in ("loss", "data", "kl"):
@@ -83,8 +86,9 @@ def test_streamed_training_follows_the_resident_run(sim, tmp_path):
         assert float((a[k] - b[k]).abs().max()) <= 1e-3 * scale, k
 
 
-def test_prefetched_batches_are_the_direct_ones(sim, tmp_path):
-    st, ref = setup(_cfg(sim, tmp_path / "c", load="stream"))
+@pytest.mark.parametrize("cache", [True, False])
+def test_prefetched_batches_are_the_direct_ones(sim, tmp_path, cache):
+    st, ref = setup(_cfg(sim, tmp_path / "c", load="stream", cache=cache))
     fw = ForwardModel(build_vae(_cfg(sim, tmp_path / "c"), ref, st), ref, st, "cpu")
     parts = [np.arange(0, 10), np.arange(40, 45), np.array([3, 77, 149])]
     seen = []
@@ -191,3 +195,109 @@ def test_cli_streams_and_reports_it(sim, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["particles"]["held"] == "streamed" and rep["max_memory_gb"] == 2.0
     assert rep["particles"]["per_process"] == rep["n_particles"] == 150
+
+
+# --------------------------------------------------------------------------- the on-disk cache
+def _fw(cfg):
+    data, ref = setup(cfg)
+    return data, ForwardModel(build_vae(cfg, ref, data), ref, data, "cpu")
+
+
+def _entries(folder):
+    return sorted(p.name for p in Path(folder).glob("particles-*"))
+
+
+def test_cache_written_once_then_reused_without_reading_the_stacks(sim, tmp_path, monkeypatch):
+    cdir = tmp_path / "cache"
+    st, _ = _fw(_cfg(sim, tmp_path / "a", load="stream", cache_dir=cdir))
+    assert st.cache.status == {"fourier": "written", "encoder": "written"}
+    (entry,) = _entries(cdir)
+    files = sorted(p.name for p in (cdir / entry).iterdir())
+    assert files[0].startswith("encoder-") and files[1:] == ["fourier.bin", "meta.json"]
+    mem, fm = _fw(_cfg(sim, tmp_path / "m", load="memory"))
+    st.close()
+
+    from cryogmm.bridge.images import ImageSource
+
+    def no_reads(*a, **k):
+        raise AssertionError("a reused cache read the stacks")
+
+    monkeypatch.setattr(ImageSource, "chunks", no_reads)
+    monkeypatch.setattr(ImageSource, "images", no_reads)
+    again, fa = _fw(_cfg(sim, tmp_path / "b", load="stream", cache_dir=cdir))
+    assert again.cache.status == {"fourier": "reused", "encoder": "reused"} and _entries(cdir) == [entry]
+    assert again.noise_var == mem.noise_var and fa.ref_scale == fm.ref_scale
+    idx = np.sort(np.random.default_rng(2).choice(mem.n, 31, replace=False))
+    for a, b, name in zip(fm.batch(idx), fa.batch(idx), ("image", "rotation", "shift", "ctf", "encoder input")):
+        # written from the same chunks by the same functions as the resident arrays
+        assert torch.equal(a, b), name
+    # rows asked in any order come back in that order
+    rev = idx[::-1].copy()
+    for a, b in zip(fa.batch(idx), fa.batch(rev)):
+        assert torch.equal(a, b.flip(0))
+    again.close()
+
+
+def test_cache_invalidated_by_input_options_and_reference(sim, tmp_path):
+    import os
+    import shutil
+
+    cdir = tmp_path / "cache"
+    star = sim / "copy_for_cache.star"
+    shutil.copy(sim / "particles.star", star)
+    d0, _ = _fw(_cfg(sim, tmp_path / "a", star=star, load="stream", cache_dir=cdir))
+    (first,) = _entries(cdir)
+    d0.close()
+    # another crop: a second valid entry beside the first
+    d1, _ = _fw(_cfg(sim, tmp_path / "b", star=star, load="stream", cache_dir=cdir, lowpass_A=14.0))
+    assert d1.cache.status["fourier"] == "written" and len(_entries(cdir)) == 2
+    d1.close()
+    # the STAR changed (a later modification time): written again, the stale entry of the same crop removed
+    st = star.stat()
+    os.utime(star, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    d2, _ = _fw(_cfg(sim, tmp_path / "c", star=star, load="stream", cache_dir=cdir))
+    assert d2.cache.status == {"fourier": "written", "encoder": "written"}
+    assert first not in _entries(cdir) and len(_entries(cdir)) == 2
+    enc_old = sorted(p.name for p in Path(d2.cache.folder).glob("encoder-*"))
+    d2.close()
+    # another reference: the particles' records reused, the encoder inputs written again (one file kept)
+    d3, _ = _fw(_cfg(sim, tmp_path / "d", star=star, load="stream", cache_dir=cdir, model=CLOSED))
+    assert d3.cache.status == {"fourier": "reused", "encoder": "written"}
+    enc_new = sorted(p.name for p in Path(d3.cache.folder).glob("encoder-*"))
+    assert len(enc_new) == 1 and enc_new != enc_old
+    d3.close()
+    # a damaged entry (truncated records) is not read: written again
+    fb = Path(d3.cache.folder) / "fourier.bin"
+    with open(fb, "r+b") as fh:
+        fh.truncate(fb.stat().st_size - 8)
+    d4, _ = _fw(_cfg(sim, tmp_path / "e", star=star, load="stream", cache_dir=cdir, model=CLOSED))
+    assert d4.cache.status == {"fourier": "written", "encoder": "written"}
+    assert not list(cdir.glob(".*tmp"))  # no temporary left behind
+    d4.close()
+    star.unlink()
+
+
+def test_training_reports_and_removes_or_keeps_the_cache(sim, tmp_path):
+    r = train_hetero(_cfg(sim, tmp_path / "run", load="stream", epochs=1))
+    c = r["particles"]["cache"]
+    assert c["kept"] is False and c["bytes"] > 150 * 4 * 3 * 16 * 9 and c["fourier"] == "written"
+    assert Path(c["path"]).parent == tmp_path / "run" / "particle_cache" and not Path(c["path"]).exists()
+    assert not (tmp_path / "run" / "particle_cache").exists()
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["particles"]["cache"] == c
+    k = train_hetero(_cfg(sim, tmp_path / "run2", load="stream", epochs=1, cache_dir=tmp_path / "keep"))
+    assert k["particles"]["cache"]["kept"] is True and Path(k["particles"]["cache"]["path"]).is_dir()
+    assert k["history"][0]["loss"] == pytest.approx(r["history"][0]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["file", "under_file"])
+def test_bad_cache_dir_is_refused_with_one_line(sim, tmp_path, bad):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    cdir = f if bad == "file" else f / "sub"
+    out = tmp_path / "run"
+    p = _cli("hetero", "train", sim / "particles.star", "--model", OPEN, "--out", out, "--device", "cpu", "--stream",
+             "--cache-dir", cdir)
+    assert p.returncode == 2, p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "--cache-dir" in lines[0] and str(cdir) in lines[0], p.stderr
+    assert not out.exists() and f.read_text() == "x"

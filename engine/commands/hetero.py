@@ -150,6 +150,12 @@ def add_args(p):
                       help="hold every cropped particle in memory (refused when --max-memory-gb cannot hold them)")
     held.add_argument("--stream", dest="load", action="store_const", const="stream",
                       help="always stream the particles from disk (memory independent of their number)")
+    t.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="streamed particles: keep their on-disk cache (cropped transforms, CTFs, encoder inputs, "
+                        "written once, read per batch) in DIR and reuse it in later runs on the same particles and "
+                        "crop (default: RUN/particle_cache, removed when training ends)")
+    t.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="stream without a cache: read and crop every batch's images from the stacks every epoch")
     t.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt up to --epochs")
     t.add_argument("--halves", action="store_true",
                    help="one network per half set (rlnRandomSubset) into RUN/half1 and RUN/half2, for the per-state "
@@ -209,7 +215,7 @@ def main(args) -> int:
             elastic_weight=args.elastic_weight, elastic_seq=args.elastic_seq,
             project_dir=args.project_dir, max_particles=args.max_particles, resume=args.resume, seed=args.seed,
             device=args.device, matmul_precision=args.matmul_precision, load=args.load,
-            max_memory_gb=args.max_memory_gb,
+            max_memory_gb=args.max_memory_gb, cache=args.cache, cache_dir=args.cache_dir,
         )
         from cryogmm import distributed
 

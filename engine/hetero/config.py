@@ -49,5 +49,9 @@ class HeteroConfig:
     matmul_precision: str = "highest"
     load: str = "auto"  # particles held in memory, streamed from disk, or auto (hetero.data.memory_plan)
     max_memory_gb: float | None = None
+    # streamed particles go through an on-disk cache (hetero.cache): in cache_dir (kept), or by
+    # default in RUN/particle_cache (removed when training ends); cache=False streams without one
+    cache: bool = True
+    cache_dir: Path | None = None
     polish_steps: int = 0  # per-particle latent polish (MAP z under the trained decoder) after training
     calibrate: bool = True  # coarse Gaussians drawn where the reference's atoms put density (vae.calibrate_base)

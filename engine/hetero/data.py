@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from cryogmm.core.ctf import CtfParams, ctf_rfft2, rfft2_frequencies
 from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.projection import rotate_centers
 from cryogmm.errors import OptionError, StarError
+from cryogmm.hetero.cache import ParticleCache, check_cache_dir
 
 #: host memory of a training process besides its particles (interpreter, torch, model, optimiser), bytes
 BASELINE_BYTES = 0.6e9
@@ -143,6 +145,7 @@ class ParticleData:
     source: ImageSource | None = None
     ctf_params: CtfParams | None = None
     plan: dict | None = None
+    cache: ParticleCache | None = None  # streamed: the on-disk cache of cropped transforms and CTFs
 
     def __post_init__(self):
         if self.rows is None:
@@ -172,14 +175,22 @@ class ParticleData:
         return torch.as_tensor(i)
 
     def fourier(self, idx) -> torch.Tensor:
-        """Cropped transforms of table rows ``idx`` (held, or read and cropped now)."""
+        """Cropped transforms of table rows ``idx`` (held, read from the cache, or read and cropped now)."""
         if self.ft is not None:
             return self.ft[self.local(idx)]
+        if self.cache is not None:
+            return self.cache.fourier(self.local(idx))[0]
         self.local(idx)  # a rank reads only its own shard
         return crop_fourier(self.source.images(idx), self._crop_index, self.crop)
 
     def ctf(self, idx) -> torch.Tensor:
         return ctf_rfft2(_ctf_rows(self.ctf_params, idx), self.crop, self.apix_crop)
+
+    def fourier_ctf(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fourier(idx), ctf(idx))``; from the cache one read per run of rows."""
+        if self.ft is None and self.cache is not None:
+            return self.cache.fourier(self.local(idx))
+        return self.fourier(idx), self.ctf(idx)
 
     def images_real(self, ft: torch.Tensor) -> torch.Tensor:
         """Cropped transforms -> centred real images ``[B, crop, crop]``."""
@@ -188,11 +199,14 @@ class ParticleData:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float | None = None, batch: int = 512,
                    max_particles: int | None = None, progress=None, load: str = "memory",
-                   max_memory_gb: float | None = None, train_batch: int = 64, sharded: bool = False) -> ParticleData:
+                   max_memory_gb: float | None = None, train_batch: int = 64, sharded: bool = False,
+                   cache_dir=None, cache_option: str = "--cache-dir") -> ParticleData:
     """Read a STAR (or .cs) with poses and CTF; hold every image Fourier-cropped to ``lowpass_A``
     in memory or stream them (``load``: ``memory``, ``stream`` or ``auto``, see :func:`memory_plan`;
     ``train_batch``: the training batch, for the estimate). ``sharded``: under ``torchrun`` this
@@ -201,12 +215,20 @@ def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float 
     The noise variance is measured in real space outside ``radius_A`` (default 0.8 x the box
     radius): the mean variance of those pixels over the particles (one pass over every image,
     read ``batch`` at a time with the next batch read ahead).
+
+    ``cache_dir``: streamed particles go through an on-disk cache there
+    (:class:`cryogmm.hetero.cache.ParticleCache`): the noise pass writes every particle's cropped
+    transform and CTF once (or a complete entry of the same input and crop is reused, and the
+    stacks are not read at all); batches are then read from it. Skipped (``plan["cache"]`` says
+    why) when the disk lacks room for it. ``cache_option`` names the option in errors.
     """
 
     progress = progress or (lambda *a: None)
     star = Path(star)
     if not star.is_file():
         raise StarError(star, "no such file")
+    if cache_dir is not None:
+        cache_dir = check_cache_dir(cache_dir, cache_option)
     table = read_particles(star, project_dir=project_dir)
     table.require(poses=True, ctf=True, why="heterogeneity training (poses from a consensus refinement, and CTF)")
     if table.n < 2:
@@ -236,18 +258,50 @@ def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float 
     outside = torch.as_tensor(r > rad)
     if not outside.any():
         raise StarError(star, f"images of {box} px leave no pixels outside {rad:g} Å to measure the noise")
+    cache = None
+    if not resident and cache_dir is not None:
+        cache = ParticleCache(cache_dir, star=star, stacks=src.stacks, rows=rows, n_table=table.n, box=box, apix=apix,
+                              crop=crop, noise_radius_A=rad)
+        if not cache.ready:
+            up = cache_dir
+            while not up.exists():
+                up = up.parent
+            free = shutil.disk_usage(up).free
+            if free < 1.1 * cache.bytes_needed() + 1e9:
+                plan["cache"] = (f"none: {cache.bytes_needed() / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free in "
+                                 f"{up}")
+                cache = None
+    writing = cache is not None and not cache.ready
+    ctf_params = CtfParams.from_table(table, np.arange(table.n))
     fts, var_sum = [], 0.0
-    for idx, imgs in src.chunks(batch, indices=rows, prefetch=1):
-        x = torch.as_tensor(imgs)
-        var_sum += float(x[:, outside].var(dim=1).sum())
-        if resident:
-            fts.append(crop_fourier(x, crop_index, crop))
-        progress("read particles", int(idx[-1]) + 1 - int(rows[0]), len(rows))
+    if cache is not None and cache.ready:
+        var_sum = float(cache.noise[0])
+        progress("read particles (cached)", len(rows), len(rows))
+    else:
+        if writing:
+            cache.writer()
+        try:
+            for idx, imgs in src.chunks(batch, indices=rows, prefetch=1):
+                x = torch.as_tensor(imgs)
+                var_sum += float(x[:, outside].var(dim=1).sum())
+                if resident or writing:
+                    f = crop_fourier(x, crop_index, crop)
+                if resident:
+                    fts.append(f)
+                if writing:
+                    cache.append(f, ctf_rfft2(_ctf_rows(ctf_params, idx), crop, apix * box / crop))
+                progress("read particles", int(idx[-1]) + 1 - int(rows[0]), len(rows))
+            if writing:
+                cache.finish_fourier([var_sum, float(len(rows))])
+        except BaseException:
+            if writing:
+                cache.abort()
+            raise
     tot = distributed.all_reduce_sum(torch.tensor([var_sum, float(len(rows))], dtype=torch.float64))
     noise_var = float(tot[0]) / float(tot[1])
     ft = torch.cat(fts) if resident else None
     del fts
-    if resident:
+    if resident or cache is not None:
         src.close()
     if not np.isfinite(noise_var) or noise_var <= 0:
         raise StarError(star, "images have no variance outside the particle (blank or masked images?)")
@@ -260,7 +314,8 @@ def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float 
         table=table, ft=ft, rotmat=torch.as_tensor(table.rotmat, dtype=torch.float32),
         shift_A=torch.as_tensor(table.shift_A, dtype=torch.float32), box=box, apix=apix, crop=crop,
         noise_var=float(noise_var), band=band.float(), k2=k2.float(), kx=kx[0].float(), ky=ky[:, 0].float(),
-        rows=rows, source=None if resident else src, plan=plan,
+        rows=rows, source=None if resident or cache is not None else src, plan=plan, ctf_params=ctf_params,
+        cache=cache,
     )
 
 

@@ -28,7 +28,7 @@ class Run:
         state = load_checkpoint(self.dir / CHECKPOINT)
         cfgd = json.loads(state["config"])
         meta = json.loads(state["meta"])
-        for k in ("star", "model", "out", "map", "project_dir"):
+        for k in ("star", "model", "out", "map", "project_dir", "cache_dir"):
             cfgd[k] = Path(cfgd[k]) if cfgd.get(k) else None
         self.cfg = HeteroConfig(**cfgd)
         self.trained_particles = star is None or (self.cfg.star is not None
@@ -55,7 +55,11 @@ class Run:
         if need_data:
             self.data = load_particles(self.cfg.star, lowpass_A=self.cfg.lowpass_A, project_dir=self.cfg.project_dir,
                                        max_particles=self.cfg.max_particles, load=self.cfg.load,
-                                       max_memory_gb=self.cfg.max_memory_gb)
+                                       max_memory_gb=self.cfg.max_memory_gb,
+                                       # a cache the run kept (--cache-dir): streamed particles read from it
+                                       cache_dir=self.cfg.cache_dir if self.cfg.cache and self.cfg.cache_dir is not None
+                                       and self.cfg.cache_dir.is_dir() else None,
+                                       cache_option="the run's --cache-dir")
             if self.data.crop != meta["crop"]:
                 raise InputError(self.cfg.star, f"particles crop to {self.data.crop} px but the run used "
                                  f"{meta['crop']} px: not the particles this run was trained on")

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -77,7 +78,7 @@ import numpy as np
 import torch
 
 from cryogmm import distributed
-from cryogmm.errors import InputError, OptionError
+from cryogmm.errors import CryoGMMError, InputError, OptionError
 from cryogmm.hetero.config import CHECKPOINT, CONFIG, LATENTS, HeteroConfig
 from cryogmm.hetero.data import load_particles, shard_share
 from cryogmm.hetero.reference import load_reference, map_center
@@ -94,6 +95,8 @@ from cryogmm.hetero.vae import (
 from cryogmm.io.outputs import atomic_output, write_report
 from cryogmm.io.plots import loss_plot
 from cryogmm.runtime import Timer, pick_device, set_matmul_precision
+
+DEFAULT_CACHE = "particle_cache"  # the streamed particles' cache in the run folder (removed at the end)
 
 
 def _check_config(cfg: HeteroConfig):
@@ -127,10 +130,22 @@ def band_resolution(cfg: HeteroConfig, epoch: int) -> float | None:
     return 1.0 / ((1 - f) / cfg.lowpass_start_A + f / cfg.lowpass_A)
 
 
+def cache_location(cfg: HeteroConfig) -> tuple[Path | None, str]:
+    """Where streamed particles are cached, and the option that set it: ``cache_dir``, or the
+    run folder's ``particle_cache`` (None with ``cache`` off)."""
+    if not cfg.cache:
+        return None, "--no-cache"
+    if cfg.cache_dir is not None:
+        return Path(cfg.cache_dir), "--cache-dir"
+    return Path(cfg.out) / DEFAULT_CACHE, "--out"
+
+
 def setup(cfg: HeteroConfig, progress=None):
+    cache_dir, option = cache_location(cfg)
     data = load_particles(cfg.star, lowpass_A=cfg.lowpass_A, project_dir=cfg.project_dir,
                           max_particles=cfg.max_particles, progress=progress, load=cfg.load,
-                          max_memory_gb=cfg.max_memory_gb, train_batch=cfg.batch, sharded=True)
+                          max_memory_gb=cfg.max_memory_gb, train_batch=cfg.batch, sharded=True,
+                          cache_dir=cache_dir, cache_option=option)
     center = map_center(cfg.map, data.box, data.apix) if cfg.map else None
     ref = load_reference(cfg.model, box=data.box, apix=data.apix, mode=cfg.gaussians,
                          resolution_A=cfg.resolution_A, center_A=center)
@@ -144,7 +159,7 @@ def _config_json(cfg) -> dict:
             for k, v in d.items()}
 
 
-_PATHS = ("star", "model", "out", "map", "project_dir")
+_PATHS = ("star", "model", "out", "map", "project_dir", "cache_dir")
 
 
 def _save_checkpoint(path, vae, opt, epoch, history, cfg, data, ref, rng):
@@ -234,7 +249,26 @@ def _train_epoch(epoch: int, cfg: HeteroConfig, step, opt, rng, n: int, dev, pro
 
 def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
     """Train; write ``checkpoint.pt`` (every epoch), ``config.json``, ``loss.png`` and
-    ``report.json`` into ``cfg.out``. Returns the report."""
+    ``report.json`` into ``cfg.out``. Returns the report.
+
+    Streamed particles go through their on-disk cache (:mod:`cryogmm.hetero.cache`): by default
+    ``RUN/particle_cache``, removed when training ends and when the job stops on bad input
+    (kept after an interruption, for ``resume``); in ``cache_dir`` kept. ``report["particles"]
+    ["cache"]`` gives its path, size and whether it was written or reused."""
+    out = Path(cfg.out)
+    had = {p: p.exists() for p in (out, out / DEFAULT_CACHE)}
+    try:
+        return _train(cfg, progress)
+    except CryoGMMError:
+        # bad input: nothing written (the run folder's cache, and the run folder it made)
+        if cfg.cache and cfg.cache_dir is None and not had[out / DEFAULT_CACHE]:
+            shutil.rmtree(out / DEFAULT_CACHE, ignore_errors=True)
+        if not had[out] and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _train(cfg: HeteroConfig, progress=None) -> dict:
     timer = Timer()
     progress = progress or (lambda *a: None)
     _check_config(cfg)
@@ -332,6 +366,14 @@ def train_hetero(cfg: HeteroConfig, progress=None) -> dict:
         report["processes"] = w
     report["particles"] = {"held": "memory" if data.resident else "streamed", "per_process": len(data.rows),
                            **{k: v for k, v in data.plan.items() if k != "resident"}}
+    if data.cache is not None:
+        c = data.cache.report()
+        c["kept"] = cfg.cache_dir is not None
+        report["particles"]["cache"] = c
+        if not c["kept"]:
+            data.cache.remove()
+    elif not data.resident:
+        report["particles"]["cache"] = data.plan.get("cache", "none (--no-cache)" if not cfg.cache else None)
     if cfg.max_memory_gb is not None:
         report["max_memory_gb"] = cfg.max_memory_gb
     data.close()

@@ -12,10 +12,11 @@ from torch import nn
 
 from cryogmm import distributed
 from cryogmm.bridge.images import prefetched
+from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.rotations import random_rotations
 from cryogmm.errors import InputError
+from cryogmm.hetero.cache import tensor_digest
 from cryogmm.hetero.config import HeteroConfig
-from cryogmm.core.gaussians import Gaussians
 from cryogmm.hetero.data import ParticleData, project_fourier
 from cryogmm.hetero.deform import Deformer, make_deformer, mlp
 from cryogmm.hetero.reference import Reference
@@ -165,8 +166,10 @@ class ForwardModel:
     The encoder's inputs (the band-limited image and the reference's CTF-modulated
     projection at the particle's pose, both whitened) and the CTFs are computed once for the
     particles held in memory (the reference does not change during training); for streamed
-    particles (:class:`~cryogmm.hetero.data.ParticleData` not ``resident``) they are computed
-    per batch with the same functions, the next batch in a background thread (:meth:`prefetch`).
+    particles (:class:`~cryogmm.hetero.data.ParticleData` not ``resident``) they are written
+    once to the particles' on-disk cache (:mod:`cryogmm.hetero.cache`) with the same functions
+    and chunks, and read back per batch, or (without a cache) computed per batch; the next batch
+    is prepared in a background thread (:meth:`prefetch`).
     """
 
     def __init__(self, vae: HeteroVAE, ref: Reference, data: ParticleData, device, chunk: int = 512):
@@ -204,12 +207,20 @@ class ForwardModel:
         if data.resident:
             with torch.no_grad():
                 self.enc_all = torch.cat([self.encoder_inputs(*self._batch(idx)).cpu() for idx in parts])
+        elif data.cache is not None:  # streamed through the cache: its encoder inputs written once
+            key = tensor_digest(data.cache.key, self.base_drawn.centers, self.base_drawn.amplitudes,
+                                self.base_drawn.sigmas, self.ref_scale, self.sd, self._band_full > 0, self.kx, self.ky,
+                                self.apix3, data.box)
+            if not data.cache.encoder_ready(key):
+                with torch.no_grad():
+                    data.cache.write_encoder(key, (self.encoder_inputs(*self._batch(idx)).cpu() for idx in parts))
 
     def encoder_inputs(self, x, R, sh, ctf) -> torch.Tensor:
         """``[B, 2, crop, crop]``: the whitened band-limited images and reference projections."""
         ref_ft = self.project(self.base_drawn, R, sh, ctf) * self.ref_scale
-        img = self.data.images_real(x * (self.band > 0)) / self.sd
-        rimg = self.data.images_real(ref_ft * (self.band > 0)) / self.sd
+        inside = self._band_full > 0  # the whole band, whatever the loss band (annealing)
+        img = self.data.images_real(x * inside) / self.sd
+        rimg = self.data.images_real(ref_ft * inside) / self.sd
         return torch.stack([img, rimg], 1)
 
     def set_band(self, resolution_A: float | None) -> None:
@@ -223,15 +234,21 @@ class ForwardModel:
     def _batch(self, idx):
         d = self.data
         idx_t = torch.as_tensor(idx)
-        ctf = self.ctf_all[d.local(idx)] if self.ctf_all is not None else d.ctf(idx)
-        return (d.fourier(idx).to(self.dev), d.rotmat[idx_t].to(self.dev), d.shift_A[idx_t].to(self.dev),
-                ctf.to(self.dev))
+        if self.ctf_all is not None:
+            x, ctf = d.fourier(idx), self.ctf_all[d.local(idx)]
+        else:
+            x, ctf = d.fourier_ctf(idx)
+        return (x.to(self.dev), d.rotmat[idx_t].to(self.dev), d.shift_A[idx_t].to(self.dev), ctf.to(self.dev))
 
     @torch.no_grad()
     def _compute(self, idx):
         x, R, sh, ctf = self._batch(idx)
-        enc = self.enc_all[self.data.local(idx)].to(self.dev) if self.enc_all is not None else \
-            self.encoder_inputs(x, R, sh, ctf)
+        if self.enc_all is not None:
+            enc = self.enc_all[self.data.local(idx)].to(self.dev)
+        elif self.data.cache is not None and self.data.cache.has_encoder:
+            enc = self.data.cache.encoder(self.data.local(idx)).to(self.dev)
+        else:
+            enc = self.encoder_inputs(x, R, sh, ctf)
         return x, R, sh, ctf, enc
 
     def batch(self, idx):
