@@ -18,10 +18,35 @@ step and the elapsed seconds), seconds per L-BFGS evaluation of the polish, seco
 rotamer stages, Cα RMSD to the unmoved tiling before/after, and the growth exponent of
 time per step against atoms (log-log slope between the smallest and largest size; 1 = linear).
 
+The models are mmCIF files (147 chains at 100k atoms of 1hvr: chain names of one, then two
+characters). The map box is the least box with no prime factor over 7 that holds the model
+(``--box smooth``, as cryo-EM boxes are chosen; ``--box tight``, the least even box, was the
+rule before 2026-12-02 19:20 and gave 1hvr boxes 164 = 4 x 41 and 218 = 2 x 109, whose FFTs
+cost 2.5x and 5x more per voxel than a smooth box on this CPU).
+
+Two modes:
+- ``--mode run`` (default): one refine-model process per size as above.
+- ``--mode objective``: the refinement's objective only, robust to a loaded machine. Every
+  size's topology, restraints, map terms and Refiner are built in one process as refine-model
+  builds them, then ``--rounds`` rounds each time ``--steps`` steps of each kind at every size
+  in turn (round-robin, the size order rotated each round): a step is the value and gradient
+  of ``Refiner.step_loss`` (the body of every Adam step: restraints + fsc map term) for the
+  rigid patches (64, the last rigid level's 3 Å blur map term), the residues (1.5 Å blur) and
+  the atoms (the full-atom stage's map term); ``pairs`` is the contact-list rebuild (every
+  10th step). Per size: CPU seconds (``process_time``, ``--threads`` torch threads; 1 by
+  default, so CPU time is the work done) and wall seconds per step, median, min, max and
+  spread over the rounds; load averages per round; the least-squares log-log slope over all
+  sizes and between consecutive sizes. ``--profile DIR`` writes a torch-profiler table of one
+  step of each kind at each size.
+
 Usage:
-  python benchmarks/refine_model_scale.py [--family 6msm 1hvr] [--sizes 2000 10000 50000 100000]
-        [--steps N] [--stages rigid residue rotamers full] [--rows earlier.log] [--work /tmp/bench/scale]
-Writes benchmarks/results/refine_model_scale.json.
+  python benchmarks/refine_model_scale.py [--mode run|objective] [--family 6msm 1hvr]
+        [--sizes 2000 10000 50000 100000] [--steps N] [--stages rigid residue rotamers full]
+        [--rounds 4] [--threads 1] [--profile DIR] [--box smooth|tight] [--rows earlier.log]
+        [--work /tmp/bench/scale]
+  e.g. nice -n 10 python benchmarks/refine_model_scale.py --mode objective --rounds 4 --steps 2
+Adds its results to benchmarks/results/refine_model_scale.json (``rows`` of run mode, each
+with ``measured``: date, host, command, load; ``objective_runs``), keeping what is there.
 """
 
 from __future__ import annotations
