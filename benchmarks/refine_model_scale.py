@@ -18,10 +18,35 @@ step and the elapsed seconds), seconds per L-BFGS evaluation of the polish, seco
 rotamer stages, Cα RMSD to the unmoved tiling before/after, and the growth exponent of
 time per step against atoms (log-log slope between the smallest and largest size; 1 = linear).
 
+The models are mmCIF files (147 chains at 100k atoms of 1hvr: chain names of one, then two
+characters). The map box is the least box with no prime factor over 7 that holds the model
+(``--box smooth``, as cryo-EM boxes are chosen; ``--box tight``, the least even box, was the
+rule before 2026-12-02 19:20 and gave 1hvr boxes 164 = 4 x 41 and 218 = 2 x 109, whose FFTs
+cost 2.5x and 5x more per voxel than a smooth box on this CPU).
+
+Two modes:
+- ``--mode run`` (default): one refine-model process per size as above.
+- ``--mode objective``: the refinement's objective only, robust to a loaded machine. Every
+  size's topology, restraints, map terms and Refiner are built in one process as refine-model
+  builds them, then ``--rounds`` rounds each time ``--steps`` steps of each kind at every size
+  in turn (round-robin, the size order rotated each round): a step is the value and gradient
+  of ``Refiner.step_loss`` (the body of every Adam step: restraints + fsc map term) for the
+  rigid patches (64, the last rigid level's 3 Å blur map term), the residues (1.5 Å blur) and
+  the atoms (the full-atom stage's map term); ``pairs`` is the contact-list rebuild (every
+  10th step). Per size: CPU seconds (``process_time``, ``--threads`` torch threads; 1 by
+  default, so CPU time is the work done) and wall seconds per step, median, min, max and
+  spread over the rounds; load averages per round; the least-squares log-log slope over all
+  sizes and between consecutive sizes. ``--profile DIR`` writes a torch-profiler table of one
+  step of each kind at each size.
+
 Usage:
-  python benchmarks/refine_model_scale.py [--family 6msm 1hvr] [--sizes 2000 10000 50000 100000]
-        [--steps N] [--stages rigid residue rotamers full] [--rows earlier.log] [--work /tmp/bench/scale]
-Writes benchmarks/results/refine_model_scale.json.
+  python benchmarks/refine_model_scale.py [--mode run|objective] [--family 6msm 1hvr]
+        [--sizes 2000 10000 50000 100000] [--steps N] [--stages rigid residue rotamers full]
+        [--rounds 4] [--threads 1] [--profile DIR] [--box smooth|tight] [--rows earlier.log]
+        [--work /tmp/bench/scale]
+  e.g. nice -n 10 python benchmarks/refine_model_scale.py --mode objective --rounds 4 --steps 2
+Adds its results to benchmarks/results/refine_model_scale.json (``rows`` of run mode, each
+with ``measured``: date, host, command, load; ``objective_runs``), keeping what is there.
 """
 
 from __future__ import annotations
@@ -30,6 +55,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -38,14 +64,18 @@ from pathlib import Path
 
 import gemmi
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from refine_model_whole import MDAT, sdist_file  # noqa: E402
 
 ROOT = HERE.parent
-CHAIN_NAMES = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)] \
+ONE_CHAR = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [chr(c) for c in range(ord("a"), ord("z") + 1)] \
     + [str(d) for d in range(10)]
+# the 62 one-character names, then two-character ones (the models are written as mmCIF, which
+# holds any chain name; refine-model writes refined.pdb only where the PDB format holds them)
+CHAIN_NAMES = ONE_CHAR + [a + b for a in ONE_CHAR[:26] for b in ONE_CHAR]
 
 
 def _clean(st: gemmi.Structure) -> gemmi.Structure:
@@ -164,7 +194,30 @@ def tile(unit: gemmi.Structure, n_atoms: int, rng, turn_deg=3.0, shift_A=1.0):
     return truth, start, copies
 
 
-def local_map(st: gemmi.Structure, out: Path, resolution=4.0, apix=1.2, pad=8.0, noise=0.1, seed=0):
+def smooth_box(n: int) -> int:
+    """The least even box >= ``n`` with no prime factor over 7 (cryo-EM boxes are chosen so:
+    an FFT of a box with a large prime factor, 218 = 2 x 109, costs 5x per voxel on this CPU)."""
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1 and n % 2 == 0:
+            return n
+        n += 1
+
+
+def largest_prime_factor(n: int) -> int:
+    p, big = 2, 1
+    while p * p <= n:
+        while n % p == 0:
+            n //= p
+            big = p
+        p += 1
+    return max(big, n)
+
+
+def local_map(st: gemmi.Structure, out: Path, resolution=4.0, apix=1.2, pad=8.0, noise=0.1, seed=0, box="smooth"):
     """Heavy atoms as Gaussians (sigma 0.225 x resolution, weight = atomic number) summed in a
     +-3.5 sigma window each, white noise added; a cube with its origin, written to ``out``."""
     import mrcfile
@@ -173,7 +226,7 @@ def local_map(st: gemmi.Structure, out: Path, resolution=4.0, apix=1.2, pad=8.0,
     z = np.array([c.atom.element.atomic_number for c in st[0].all()], float)
     lo = xyz.min(0) - pad
     n = int(math.ceil((xyz.max(0) - lo + pad).max() / apix))
-    n += n % 2
+    n = smooth_box(n) if box == "smooth" else n + n % 2
     sig = 0.225 * resolution
     r = int(math.ceil(3.5 * sig / apix))
     off = np.arange(-r, r + 1)
@@ -222,8 +275,16 @@ def step_seconds(log: list) -> dict:
     return {k: float(np.median(v)) for k, v in per.items()}
 
 
-def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=None) -> dict:
-    w = work / f"{family}_{n_atoms}"
+def make_case(family: str, n_atoms: int, work: Path, box: str = "smooth") -> tuple[Path, dict]:
+    """truth.cif, start.cif (mmCIF: any number of chains) and map.mrc of one size in
+    ``work/family_n`` (``box``: "smooth", the least box with prime factors <= 7 that holds the
+    model, or "tight", the least even box, as before 2026-12-02 19:20), made once (kept with
+    case.json and reused: the same seeds make the same files). Returns the folder and {atoms,
+    copies, chains, map_box}."""
+    w = work / f"{family}_{n_atoms}" if box == "smooth" else work / f"{family}_{n_atoms}_tight"
+    info = w / "case.json"
+    if info.exists() and all((w / f).exists() for f in ("truth.cif", "start.cif", "map.mrc")):
+        return w, json.loads(info.read_text())
     w.mkdir(parents=True, exist_ok=True)
     unit = UNITS[family](work)
     if n_atoms < 0.6 * _n_atoms(unit):
@@ -231,7 +292,16 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=No
     truth, start, copies = tile(unit, n_atoms, np.random.default_rng(n_atoms))
     truth.make_mmcif_document().write_file(str(w / "truth.cif"))
     start.make_mmcif_document().write_file(str(w / "start.cif"))
-    box = local_map(truth, w / "map.mrc")
+    n = local_map(truth, w / "map.mrc", box=box)
+    meta = {"atoms": _n_atoms(truth), "copies": copies, "chains": len(truth[0]), "map_box": n,
+            "map_box_rule": box, "map_box_largest_prime_factor": largest_prime_factor(n)}
+    info.write_text(json.dumps(meta))
+    return w, meta
+
+
+def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=None, box: str = "smooth") -> dict:
+    w, meta = make_case(family, n_atoms, work, box)
+    copies, box = meta["copies"], meta["map_box"]
     cmd = [sys.executable, "-m", "cryogmm.cli", "refine-model", str(w / "start.cif"), "--map", str(w / "map.mrc"),
            "--resolution", "4", "--out", str(w / "run")]
     if steps:
@@ -248,9 +318,11 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=No
         raise SystemExit(f"{family} {n_atoms}: refine-model failed: {(w / 'stderr.txt').read_text()[-2000:]}")
     rep = json.loads((w / "run" / "report.json").read_text())
     ca_t, ca_s, ca_r = _ca(w / "truth.cif"), _ca(w / "start.cif"), _ca(w / "run" / "refined.cif")
+    if len(ca_r) != len(ca_s):
+        raise SystemExit(f"{family} {n_atoms}: refined.cif lost chains or residues ({len(ca_r)} of {len(ca_s)} CA/P)")
     lb = [r for r in rep["log"] if "evaluations" in r]
     row = {
-        "family": family, "atoms": _n_atoms(truth), "copies": copies, "map_box": box, "steps_per_phase": rep["steps_per_phase"],
+        "family": family, "atoms": meta["atoms"], "copies": copies, "chains": meta["chains"], "map_box": box, "steps_per_phase": rep["steps_per_phase"],
         "wall_s": round(wall, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "peak_rss_GB": round(ru.ru_maxrss / 2**20, 3),
         "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
         "s_per_step": step_seconds(rep["log"]), "stage_seconds": rep["stage_seconds"],
@@ -273,29 +345,205 @@ def _slopes(lo: dict, hi: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- objective mode
+
+KINDS = ("rigid", "residue", "full")
+# the map term each kind's stage scores with: the last rigid level's 3 Å blur, the residue
+# stage's 1.5 Å, the full-atom stage's none
+BLUR = {"rigid": 3.0, "residue": 1.5, "full": 0.0}
+
+
+def _rss_GB() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class Objective:
+    """One size's refinement objective, built as refine-model builds it (topology, restraints,
+    map terms, the Refiner) and evaluated through ``Refiner.step_loss`` (the body of every Adam
+    step of the rigid, residue and full-atom stages): value and gradient of ``w x geometry -
+    map score`` for the rigid-patch (``n_patches``), per-residue and per-atom parameterisations."""
+
+    def __init__(self, folder: Path, resolution: float = 4.0):
+        from cryogmm.model.refine.config import RefineModelConfig
+        from cryogmm.model.refine.job import checked_config, read_inputs
+        from cryogmm.model.refine.mapterm import MapTerm
+        from cryogmm.model.refine.refiner import Refiner
+
+        cfg = checked_config(RefineModelConfig(model=folder / "start.cif", map=folder / "map.mrc",
+                                               resolution_A=resolution, out=folder / "objective"))
+        topo, grid = read_inputs(cfg)
+        self.rf = rf = Refiner(topo, cfg, grid)
+        self.maps = {k: MapTerm(grid, resolution, cfg.similarity, rf.amp, blur_A=b, dtype=rf.dt, device=rf.dev)
+                     for k, b in BLUR.items()}
+        self.par = {"rigid": rf.rigid_parameters(rf.patch_labels(cfg.n_patches)),
+                    "residue": rf.rigid_parameters(rf.residue_labels())}
+        x0 = rf.x_all[rf.move_t].detach().clone()
+        self.par["full"] = ([torch.zeros_like(x0, requires_grad=True)], lambda ps: x0 + ps[0], {})
+        self.n_atoms = int((~topo.is_h).sum())
+
+    def step(self, kind: str):
+        """One step's work: the objective and its gradient."""
+        params, fn, skip = self.par[kind]
+        for q in params:
+            q.grad = None
+        with self.rf.rs.weights_set(**skip):
+            loss = self.rf.step_loss(params, fn, self.maps[kind], 1.0)[0]
+            loss.backward()
+        return loss
+
+    def pairs(self):
+        """The contact list's rebuild (every 10th step of a phase)."""
+        with torch.no_grad():
+            params, fn, _ = self.par["full"]
+            self.rf.rs.update_pairs(self.rf.assemble(fn(params)))
+
+
+def _stats(v):
+    v = np.asarray(v, float)
+    med = float(np.median(v))
+    return {"median": round(med, 5), "min": round(float(v.min()), 5), "max": round(float(v.max()), 5),
+            "spread_pct": round(100.0 * float(v.max() - v.min()) / med, 1) if med > 0 else None, "n": len(v)}
+
+
+def _fit_slope(atoms, secs):
+    """Least-squares slope of log(seconds) on log(atoms) (1 = linear)."""
+    return round(float(np.polyfit(np.log(atoms), np.log(secs), 1)[0]), 3)
+
+
+def objective_mode(family: str, sizes, work: Path, rounds: int, steps: int, threads: int,
+                   profile: Path | None = None, box: str = "smooth") -> dict:
+    """Every size's objective built in this process, then ``rounds`` rounds, each timing
+    ``steps`` steps of every kind at every size in turn (round-robin, the size order rotated
+    each round), so that a change of the machine's load falls on all sizes alike. Per size and
+    kind: CPU seconds (``process_time``, all threads) and wall seconds per step, median and
+    spread over the rounds."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    objs, rows = {}, {}
+    for n in sizes:
+        folder, meta = make_case(family, n, work, box)
+        r0, c0, t0 = _rss_GB(), time.process_time(), time.time()
+        objs[n] = Objective(folder)
+        objs[n].step("full")  # warm-up (first calls allocate)
+        rows[n] = {"family": family, "mode": "objective", **meta, "heavy_atoms_in_topology": objs[n].n_atoms,
+                   "map_term_box": {k: int(m.ref.shape[0]) for k, m in objs[n].maps.items()},
+                   "contact_pairs": int(len(objs[n].rf.rs.pairs)),
+                   "build_cpu_s": round(time.process_time() - c0, 1), "build_wall_s": round(time.time() - t0, 1),
+                   "rss_added_by_build_GB": round(_rss_GB() - r0, 3)}
+        print(json.dumps(rows[n]), flush=True)
+    cpu = {n: {k: [] for k in (*KINDS, "pairs")} for n in sizes}
+    wall = {n: {k: [] for k in (*KINDS, "pairs")} for n in sizes}
+    loads = []
+    for r in range(rounds):
+        order = list(sizes[r % len(sizes):]) + list(sizes[:r % len(sizes)])
+        loads.append([round(v, 2) for v in os.getloadavg()])
+        for n in order:
+            ob = objs[n]
+            for k in KINDS:
+                c0, t0 = time.process_time(), time.time()
+                for _ in range(steps):
+                    ob.step(k)
+                cpu[n][k].append((time.process_time() - c0) / steps)
+                wall[n][k].append((time.time() - t0) / steps)
+            c0, t0 = time.process_time(), time.time()
+            ob.pairs()
+            cpu[n]["pairs"].append(time.process_time() - c0)
+            wall[n]["pairs"].append(time.time() - t0)
+        print(f"round {r + 1}/{rounds} load {loads[-1]}: " + ", ".join(
+            f"{n}: full {cpu[n]['full'][-1]:.3f} s" for n in sizes), flush=True)
+    loads.append([round(v, 2) for v in os.getloadavg()])
+    out = []
+    for n in sizes:
+        row = rows[n]
+        row["cpu_s_per_step"] = {k: _stats(v) for k, v in cpu[n].items()}
+        row["wall_s_per_step"] = {k: _stats(v) for k, v in wall[n].items()}
+        # an Adam step as refine-model runs it: the objective, and a tenth of a contact rebuild
+        row["cpu_s_per_adam_step"] = {k: round(row["cpu_s_per_step"][k]["median"]
+                                               + row["cpu_s_per_step"]["pairs"]["median"] / 10, 5) for k in KINDS}
+        out.append(row)
+    atoms = [r["atoms"] for r in out]
+    growth = {}
+    if len(out) >= 2:
+        for k in (*KINDS, "pairs"):
+            med = [r["cpu_s_per_step"][k]["median"] for r in out]
+            wmed = [r["wall_s_per_step"][k]["median"] for r in out]
+            growth[k] = {"cpu_fit": _fit_slope(atoms, med), "wall_fit": _fit_slope(atoms, wmed),
+                         "cpu_consecutive": {f"{a}->{b}": round(math.log(mb / ma) / math.log(b / a), 3)
+                                             for a, b, ma, mb in zip(atoms, atoms[1:], med, med[1:])}}
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        for n in sizes:
+            for k in KINDS:
+                from torch.profiler import ProfilerActivity, profile as tprof
+
+                with tprof(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+                    objs[n].step(k)
+                (profile / f"{family}_{n}_{k}.txt").write_text(
+                    prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    return {"family": family, "rows": out, "growth_exponent": growth, "load_avg_per_round": loads,
+            "rounds": rounds, "steps_per_round": steps, "threads": threads,
+            "peak_rss_of_this_process_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def _label(argv) -> dict:
+    import platform
+
+    return {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "host": platform.node(),
+            "command": "python benchmarks/refine_model_scale.py " + " ".join(argv),
+            "load_avg_at_start": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count()}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("run", "objective"), default="run",
+                    help="run: refine-model per size (wall, peak RSS, s/step from its log); objective: the "
+                         "stages' objective timed in one process, sizes interleaved (CPU s/step)")
     ap.add_argument("--family", nargs="+", default=list(UNITS), choices=list(UNITS))
     ap.add_argument("--sizes", nargs="*", type=int, default=[2000, 10000, 50000, 100000])
-    ap.add_argument("--steps", type=int, default=None, help="Adam steps per phase (default: refine-model's)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="run: Adam steps per phase (default: refine-model's); objective: steps per size per round (5)")
     ap.add_argument("--stages", nargs="+", default=None, help="refine-model stages (default: its own)")
+    ap.add_argument("--rounds", type=int, default=5, help="objective: round-robin rounds over the sizes")
+    ap.add_argument("--threads", type=int, default=1, help="objective: torch threads (1: CPU time = work)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="objective: write torch-profiler tables of one step per kind and size into this folder")
+    ap.add_argument("--box", choices=("smooth", "tight"), default="smooth",
+                    help="map box: smooth (prime factors <= 7, as cryo-EM boxes are) or tight (least even box)")
     ap.add_argument("--rows", type=Path, nargs="*", default=[],
                     help="rows measured earlier (JSON lines this script printed) to include in the table")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench/scale"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "refine_model_scale.json")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for p in a.rows for line in p.read_text().splitlines() if line.startswith("{\"family")]
-    rows += [run_size(f, n, a.work, a.steps, a.stages) for f in a.family for n in a.sizes]
-    rows.sort(key=lambda r: (r["family"], r["atoms"]))
-    growth = {}
+    label = _label(argv)
+    res = json.loads(a.out.read_text()) if a.out.exists() else {"resolution_A": 4.0, "apix_A": 1.2, "rows": []}
+    if a.mode == "objective":
+        for f in a.family:
+            r = objective_mode(f, sorted(a.sizes), a.work, a.rounds, a.steps or 5, a.threads, a.profile, a.box)
+            r.update(label)
+            r["load_avg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+            print(json.dumps(r["growth_exponent"]), flush=True)
+            res.setdefault("objective_runs", []).append(r)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(res, indent=1) + "\n")
+        return
+    new = [json.loads(line) for p in a.rows for line in p.read_text().splitlines() if line.startswith("{\"family")]
+    new += [run_size(f, n, a.work, a.steps, a.stages, a.box) for f in a.family for n in a.sizes]
+    for r in new:
+        r.setdefault("measured", label)
+    rows = res.get("rows", []) + new
+    rows.sort(key=lambda r: (r["family"], r["atoms"], r.get("measured", {}).get("date_utc", "")))
+    growth = res.get("growth_exponent", {})
     for f in a.family:
-        rs = [r for r in rows if r["family"] == f]
+        rs = [r for r in new if r["family"] == f]
+        rs.sort(key=lambda r: r["atoms"])
         if len(rs) >= 2:
-            growth[f] = {"smallest_to_largest": _slopes(rs[0], rs[-1]),
-                         "consecutive": {f"{lo['atoms']}->{hi['atoms']}": _slopes(lo, hi) for lo, hi in zip(rs, rs[1:])}}
-    res = {"resolution_A": 4.0, "apix_A": 1.2, "steps": a.steps, "cpu_threads": os.cpu_count(), "rows": rows,
-           "growth_exponent": growth}
+            growth[f"{f} ({label['date_utc']})"] = {
+                "smallest_to_largest": _slopes(rs[0], rs[-1]),
+                "consecutive": {f"{lo['atoms']}->{hi['atoms']}": _slopes(lo, hi) for lo, hi in zip(rs, rs[1:])}}
+    res.update({"rows": rows, "growth_exponent": growth})
     print(json.dumps(growth))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1) + "\n")

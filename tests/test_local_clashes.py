@@ -51,8 +51,9 @@ def test_side_chain_and_base_scans_are_unchanged(tmp_path, monkeypatch):
     outs = []
     for measure_all in (False, True):
         if measure_all:  # the old way: every atom measured, every riding H re-placed
-            monkeypatch.setattr(rotamers.Near, "partners", lambda self, pos, S: np.arange(len(pos)))
+            monkeypatch.setattr(rotamers.Near, "partners", lambda self, pos, S, changed=None: np.arange(len(pos)))
             monkeypatch.setattr(rotamers.RidingH, "__call__", lambda self, y, moved: self.rs.with_h(y))
+            monkeypatch.setattr(rotamers.RidingH, "rows", lambda self, moved: np.arange(len(self.rs.h_index)))
         for name in ("hivp_1hvr_xk2.pdb", "rna_1k5i.pdb"):
             splat_map(DATA / name, tmp_path / f"{name}.mrc", resolution=4.0, apix=1.0, pad=8.0, noise=0.1, seed=0)
             t = build_topology(DATA / name)
@@ -75,3 +76,30 @@ def test_side_chain_and_base_scans_are_unchanged(tmp_path, monkeypatch):
         assert n1 == n2 and c1 == c2
         np.testing.assert_array_equal(x1, x2)
     assert outs[0][1] > 10  # the protease's side chains did move
+
+
+def test_trial_in_place_equals_a_moved_copy_and_undoes_exactly():
+    """rotamers.Trial (a candidate applied in place, riding H re-placed, then undone) gives
+    bit for bit the model the copy-per-candidate path gave (clone, move, RidingH), the same
+    local clash count with its explicit changed atoms, and restores the model exactly."""
+    topo = build_topology(DATA / "hivp_1hvr_xk2.pdb")
+    rs = Restraints(topo)
+    x = rs.with_h(torch.as_tensor(topo.coords, dtype=torch.float64))
+    xn = x.numpy().copy()
+    x0, xn0 = x.clone(), xn.copy()
+    riding, near = rotamers.RidingH(rs), rotamers.Near(xn)
+    rng = np.random.default_rng(0)
+    r = int(topo.res_index[np.nonzero(topo.res_name == "ARG")[0][0]])
+    atoms = rotamers._side_chain_atoms(topo, r)
+    assert len(atoms) >= 4
+    pos = xn[atoms] + rng.normal(scale=0.8, size=(len(atoms), 3))
+    y = x.clone()
+    y[torch.as_tensor(atoms)] = torch.as_tensor(pos)
+    y = riding(y, atoms)
+    trial = rotamers.Trial(x, xn, riding)
+    ch = trial.apply(atoms, pos)
+    assert torch.equal(x, y) and np.array_equal(xn, y.numpy())
+    assert len(ch) > len(atoms)  # riding H moved too
+    assert rotamers._local_clashes(rs, xn, atoms, near, ch) == rotamers._local_clashes(rs, xn, atoms, near)
+    trial.undo()
+    assert torch.equal(x, x0) and np.array_equal(xn, xn0)

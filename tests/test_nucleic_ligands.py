@@ -312,3 +312,45 @@ def test_a_flipped_base_is_turned_back(tmp_path):
     got = next(r for r in out if r.seqid.num == 6)
     d = [np.linalg.norm(np.array(got[k][0].pos.tolist()) - v) for k, v in truth.items()]
     assert max(d) < 0.3, d
+
+
+def test_many_chains_and_long_chain_names_kept(tmp_path):
+    """A model with more chains than the 62 one-character names and chain names of 3-8
+    characters (mmCIF holds them, the PDB format does not): refine-model reads it and writes
+    refined.cif and trajectory.cif with every chain name, residue and atom in input order;
+    no refined.pdb; the report says why and measures refined.cif."""
+    src = gemmi.read_structure(str(Path(__file__).parent / "data" / "hivp_1hvr_xk2.pdb"))
+    src.remove_hydrogens()
+    res = [src[0]["A"][i] for i in (9, 10)]  # a dipeptide
+    xk2 = src[0]["A"][len(src[0]["A"]) - 1]
+    st = gemmi.Structure()
+    st.add_model(gemmi.Model("1"))
+    names = [f"C{k}" for k in range(66)] + ["Ligand1"]
+    for k, name in enumerate(names):
+        ch = gemmi.Chain(name)
+        for r in ([xk2] if name == "Ligand1" else res):
+            r2 = r.clone()
+            for a in r2:
+                a.pos = gemmi.Position(a.pos.x + 11.0 * (k % 8), a.pos.y + 11.0 * (k // 8), a.pos.z)
+            ch.add_residue(r2)
+        st[0].add_chain(ch)
+    st.setup_entities()
+    p = tmp_path / "many.cif"
+    st.make_mmcif_document().write_file(str(p))
+    out = tmp_path / "out"
+    assert cli(["refine-model", str(p), "--geometry-only", "--stages", "full", "--steps", "1", "--out", str(out)]) == 0
+
+    def rows(path):
+        s = gemmi.read_structure(str(path))
+        s.remove_hydrogens()
+        return [(c.chain.name, c.residue.seqid.num, c.residue.name, c.atom.name) for c in s[0].all()]
+
+    assert [c.name for c in gemmi.read_structure(str(out / "refined.cif"))[0]] == names
+    assert rows(out / "refined.cif") == rows(p)
+    traj = gemmi.read_structure(str(out / "trajectory.cif"))
+    assert len(traj) >= 2 and [c.name for c in traj[0]] == names
+    assert not (out / "refined.pdb").exists() and not (out / "trajectory.pdb").exists()
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["after_measured_on"] == "refined.cif"
+    assert rep["outputs"] == ["refined.cif", "trajectory.cif", "report.json"]
+    assert any("'C10'" in w and "refined.pdb" in w for w in rep["warnings"])

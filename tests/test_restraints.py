@@ -256,3 +256,80 @@ def test_fsc_map_term_fast_path_and_coarse_grid():
         assert float(s) == pytest.approx(float(expect), abs=1e-10 if mt is full else 2e-3)
     cos = float((grads[0] * grads[1]).sum() / grads[0].norm() / grads[1].norm())
     assert cos > 0.995
+
+
+def _splat_before(x, amp, sigma, shape, apix, origin_A, cut=3.0):
+    """density.splat as it was before the scale work (issue 17): the amplitude multiplied into
+    the [N, K, K, K] stencil last, the grid summed out of place; the reference for the test below."""
+    import math
+
+    dev, dt = x.device, x.dtype
+    nz, ny, nx = shape
+    org = torch.as_tensor(np.asarray(origin_A, dtype=np.float64), dtype=dt, device=dev)
+    s = torch.as_tensor(sigma, dtype=dt, device=dev)
+    r = int(math.ceil(cut * float(s) / apix)) + 1
+    u = (x - org) / apix
+    base = torch.floor(u.detach()).long() - r + 1
+    idx = base[:, :, None] + torch.arange(2 * r, device=dev)[None, None, :]
+    g = torch.exp(-0.5 * (((idx.to(dt) - u[:, :, None]) * apix) / s) ** 2)
+    norm = amp / (2 * math.pi * (s**2)) ** 1.5
+    lim = torch.tensor([nx, ny, nz], device=dev)
+    g = g * ((idx >= 0) & (idx < lim[None, :, None]))
+    idxc = torch.minimum(idx.clamp(min=0), (lim - 1)[None, :, None])
+    gx, gy, gz = g[:, 0], g[:, 1], g[:, 2]
+    w = (gz[:, :, None, None] * gy[:, None, :, None] * gx[:, None, None, :]) * norm[:, None, None, None]
+    flat = (idxc[:, 2, :, None, None] * ny + idxc[:, 1, None, :, None]) * nx + idxc[:, 0, None, None, :]
+    out = torch.zeros(nz * ny * nx, dtype=dt, device=dev)
+    return out.index_add(0, flat.reshape(-1), w.reshape(-1)).reshape(nz, ny, nx)
+
+
+def test_refinement_objective_unchanged_by_the_scale_changes(tmp_path, monkeypatch):
+    """The objective of a refinement step (Refiner.step_loss: restraints + fsc map term) and its
+    gradient, for the rigid-patch, per-residue and per-atom parameterisations, equal what the
+    earlier formulation gave (splat's product order and out-of-place sum, autograd's gradient of
+    rfftn instead of cryogmm.core.fourier.rfftn_ortho's irfftn) to 1e-9 relative, on a protease
+    dimer with its inhibitor whose map box (62 = 2 x 31) is odd-sized in Fourier terms."""
+    import sys
+
+    import cryogmm.model.refine.mapterm as mapterm_mod
+    from cryogmm.model.refine.config import RefineModelConfig
+    from cryogmm.model.refine.job import checked_config, read_inputs
+    from cryogmm.model.refine.refiner import Refiner
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from identical_outputs import splat_map
+
+    pdb = Path(__file__).parent / "data" / "hivp_1hvr_xk2.pdb"
+    splat_map(pdb, tmp_path / "map.mrc", resolution=4.0, apix=1.2, pad=8.0, noise=0.1, seed=0, box=62)
+    cfg = checked_config(RefineModelConfig(model=pdb, map=tmp_path / "map.mrc", resolution_A=4.0, out=tmp_path / "o"))
+    topo, grid = read_inputs(cfg)
+    rf = Refiner(topo, cfg, grid)
+    g = torch.Generator().manual_seed(0)
+    shake = 0.3 * torch.randn(len(rf.move), 3, generator=g, dtype=torch.float64)
+
+    def evaluate():
+        out = []
+        for labels, blur in ((rf.patch_labels(8), 3.0), (rf.residue_labels(), 1.5), (None, 0.0)):
+            mt = mapterm_mod.MapTerm(grid, 4.0, "fsc", rf.amp, blur_A=blur, dtype=rf.dt, device=rf.dev)
+            if labels is None:
+                x0 = rf.x_all[rf.move_t] + shake
+                params, fn, skip = [torch.zeros_like(x0, requires_grad=True)], (lambda ps, x0=x0: x0 + ps[0]), {}
+            else:
+                params, fn, skip = rf.rigid_parameters(labels)
+                with torch.no_grad():
+                    params[1] += 0.2 * torch.randn(params[1].shape, generator=g, dtype=torch.float64)
+            with rf.rs.weights_set(**skip):
+                loss, geo, s, _ = rf.step_loss(params, fn, mt, 0.7)
+                loss.backward()
+            out.append((float(loss), float(s), torch.cat([p.grad.reshape(-1) for p in params])))
+        return out
+
+    g.manual_seed(1)
+    new = evaluate()
+    monkeypatch.setattr(mapterm_mod, "rfftn_ortho", lambda x: torch.fft.rfftn(x, norm="ortho"))
+    monkeypatch.setattr(mapterm_mod, "splat", _splat_before)
+    g.manual_seed(1)
+    old = evaluate()
+    for (ln, sn, gn), (lo, so, go) in zip(new, old):
+        assert ln == pytest.approx(lo, rel=1e-9) and sn == pytest.approx(so, rel=1e-9)
+        assert float((gn - go).norm() / go.norm()) < 1e-9 and float(go.norm()) > 0

@@ -39,7 +39,8 @@ in place).
 Outputs in --out: refined.pdb, refined.cif (the same coordinates, to 0.001 Å), trajectory.pdb
 (frames for playback), report.json (validation and map figures before and after, per-phase
 log; the figures after are measured on refined.pdb as written, so `cryogmm validate` on it
-gives the same numbers). While it runs, --out/checkpoint.pt holds the state after the last
+gives the same numbers). A model with chain names over 2 characters (which PDB files cannot
+hold) gets refined.cif and trajectory.cif only, and its figures are measured on refined.cif. While it runs, --out/checkpoint.pt holds the state after the last
 finished stage (removed at the end): after a kill, --resume continues from it with the same
 settings and ends with the same files as an uninterrupted run.
 
@@ -114,7 +115,7 @@ def main(args) -> int:
     print(summary_table(rep["before"]))
     print("after:")
     print(summary_table(rep["after"]))
-    print(f"moved {rep['rms_moved_A']:.2f} Å RMS in {rep['seconds']:.0f} s -> {args.out}/refined.pdb")
+    print(f"moved {rep['rms_moved_A']:.2f} Å RMS in {rep['seconds']:.0f} s -> {args.out}/{rep['after_measured_on']}")
     for w in rep.get("warnings", []):
         print(f"cryogmm refine-model: warning: {w}", file=sys.stderr)
     return 0

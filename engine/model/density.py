@@ -49,10 +49,12 @@ def splat(x: torch.Tensor, amp: torch.Tensor, sigma, shape, apix: float, origin_
     idxc = idx.clamp(min=0)
     idxc = torch.minimum(idxc, (lim - 1)[None, :, None])
     gx, gy, gz = g[:, 0], g[:, 1], g[:, 2]
-    w = (gz[:, :, None, None] * gy[:, None, :, None] * gx[:, None, None, :]) * norm[:, None, None, None]
+    # the amplitude folded into the z factor ([N, K]) before the [N, K, K, K] outer product:
+    # one product over the stencil fewer, forward and backward
+    w = (gz * norm[:, None])[:, :, None, None] * gy[:, None, :, None] * gx[:, None, None, :]
     flat = (idxc[:, 2, :, None, None] * ny + idxc[:, 1, None, :, None]) * nx + idxc[:, 0, None, None, :]
-    out = torch.zeros(nz * ny * nx, dtype=dt, device=dev)
-    out = out.index_add(0, flat.reshape(-1), w.reshape(-1))
+    # summed in place into fresh zeros (an out-of-place index_add copies the whole grid first)
+    out = torch.zeros(nz * ny * nx, dtype=dt, device=dev).index_add_(0, flat.reshape(-1), w.reshape(-1))
     return out.reshape(nz, ny, nx)
 
 

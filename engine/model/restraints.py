@@ -111,6 +111,11 @@ def place_hydrogens(x: torch.Tensor, h_index, h_frame, h_coef) -> torch.Tensor:
     """Riding H: positions rebuilt from the heavy atoms' local frames (see Topology)."""
     if len(h_index) == 0:
         return x
+    return x.index_copy(0, h_index, riding_positions(x, h_frame, h_coef))
+
+
+def riding_positions(x: torch.Tensor, h_frame, h_coef) -> torch.Tensor:
+    """Positions ``[H, 3]`` of riding H from their frames' atoms in ``x``."""
     p, a, b = x[h_frame[:, 0]], x[h_frame[:, 1]], x[h_frame[:, 2]]
     e1 = a - p
     e1 = e1 / e1.norm(dim=-1, keepdim=True)
@@ -118,8 +123,7 @@ def place_hydrogens(x: torch.Tensor, h_index, h_frame, h_coef) -> torch.Tensor:
     e2 = v - (v * e1).sum(-1, keepdim=True) * e1
     e2 = e2 / e2.norm(dim=-1, keepdim=True)
     e3 = torch.cross(e1, e2, dim=-1)
-    h = p + h_coef[:, 0:1] * e1 + h_coef[:, 1:2] * e2 + h_coef[:, 2:3] * e3
-    return x.index_copy(0, h_index, h)
+    return p + h_coef[:, 0:1] * e1 + h_coef[:, 1:2] * e2 + h_coef[:, 2:3] * e3
 
 
 def _gmm_constants(w, cov):

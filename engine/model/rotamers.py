@@ -41,6 +41,7 @@ from cryogmm.model.restraints import (
     grid_value,
     is_excluded,
     place_hydrogens,
+    riding_positions,
     reference_tables,
 )
 from cryogmm.model.validate import rama_table
@@ -116,16 +117,14 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
         cands = sorted(((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos) for pos in built),
                        key=lambda c: c[0])
         base = _local_clashes(rs, xn, S, near)
+        trial = Trial(x, xn, riding)
         for _, pos in cands:
-            y = x.clone()
-            y[torch.as_tensor(local)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = riding(y, local)
-            yn = y.detach().cpu().numpy()
-            if _local_clashes(rs, yn, S, near) <= base:
-                x, xn = y, yn.copy()
-                near.accept(xn)
+            ch = trial.apply(local, pos)
+            if _local_clashes(rs, xn, S, near, ch) <= base:
+                near.accept(xn, ch)
                 n_rebuilt += 1
                 break
+            trial.undo()
         else:
             n_left += 1
     rf.x_all = rs.with_h(x)
@@ -136,9 +135,16 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
 
 
 def _side_chain_atoms(topo, r):
-    names = topo.atom_name
-    return np.nonzero((topo.res_index == r) & ~topo.is_h & topo.movable
-                      & ~np.isin(names, ["N", "CA", "C", "O", "CB", "OXT"]))[0]
+    """The movable heavy side-chain atoms (beyond Cβ) of residue ``r``, in atom order (the
+    selection over the whole model made once per topology, then looked up per residue)."""
+    cache = getattr(topo, "_side_chain_cache", None)
+    if cache is None:
+        sel = np.nonzero(~topo.is_h & topo.movable & ~np.isin(topo.atom_name, ["N", "CA", "C", "O", "CB", "OXT"]))[0]
+        order = np.argsort(topo.res_index[sel], kind="stable")
+        cache = (sel[order], topo.res_index[sel][order])
+        object.__setattr__(topo, "_side_chain_cache", cache)
+    atoms, res = cache
+    return atoms[np.searchsorted(res, r, side="left"):np.searchsorted(res, r, side="right")]
 
 
 def _moving_atoms(quad, nbr, topo):
@@ -232,20 +238,23 @@ class Near:
 
         self.tree, self.ref, self.moved = cKDTree(self.cur), self.cur.copy(), 0.0
 
-    def accept(self, xn: np.ndarray):
-        """``xn`` is now the accepted model."""
-        ch = np.nonzero((xn != self.cur).any(1))[0]
+    def accept(self, xn: np.ndarray, changed: np.ndarray | None = None):
+        """``xn`` is now the accepted model (``changed``: a superset of the atoms that differ
+        from the last one, if known: no scan of the whole model)."""
+        ch = np.nonzero((xn != self.cur).any(1))[0] if changed is None else changed
         self.cur[ch] = xn[ch]
         if len(ch):
             self.moved = max(self.moved, float(np.sqrt(((self.cur[ch] - self.ref[ch]) ** 2).sum(1).max())))
         if self.moved > self.rebuild_A:
             self._build()
 
-    def partners(self, pos: np.ndarray, S: np.ndarray) -> np.ndarray:
+    def partners(self, pos: np.ndarray, S: np.ndarray, changed: np.ndarray | None = None) -> np.ndarray:
         """Every atom that may lie within ``reach`` of an atom of ``S`` at coordinates ``pos``
-        (the accepted model or a candidate that differs from it in a few atoms)."""
+        (the accepted model or a candidate that differs from it in a few atoms; ``changed``: a
+        superset of those atoms, if known)."""
         hits = self.tree.query_ball_point(pos[S], self.reach + self.moved + 1e-9)
-        changed = np.nonzero((pos != self.cur).any(1))[0]
+        if changed is None:
+            changed = np.nonzero((pos != self.cur).any(1))[0]
         return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] + [S, changed]))
 
 
@@ -260,18 +269,51 @@ class RidingH:
         self.order = np.argsort(flat, kind="stable") // 3  # H rows sorted by frame atom
         self.keys = np.sort(flat)
 
-    def __call__(self, y: torch.Tensor, moved: np.ndarray) -> torch.Tensor:
-        rs = self.rs
+    def rows(self, moved: np.ndarray) -> np.ndarray:
+        """The riding-H rows whose frames use any atom of ``moved``."""
         lo = np.searchsorted(self.keys, moved, side="left")
         hi = np.searchsorted(self.keys, moved, side="right")
-        rows = np.unique(np.concatenate([self.order[a:b] for a, b in zip(lo, hi)] + [np.zeros(0, np.int64)]))
+        return np.unique(np.concatenate([self.order[a:b] for a, b in zip(lo, hi)] + [np.zeros(0, np.int64)]))
+
+    def __call__(self, y: torch.Tensor, moved: np.ndarray) -> torch.Tensor:
+        rs = self.rs
+        rows = self.rows(moved)
         if not len(rows):
             return y
         r = torch.as_tensor(rows, device=y.device)
         return place_hydrogens(y, rs.h_index[r], rs.h_frame[r], rs.h_coef[r])
 
 
-def _local_clashes(rs, xn: np.ndarray, S: np.ndarray, near: Near | None = None) -> int:
+class Trial:
+    """A candidate move of a few atoms applied in place to the accepted model (``x`` torch and
+    its copy ``xn`` numpy, riding H re-placed as :class:`RidingH` does) and undone unless
+    kept: the work is the atoms changed, not a copy of the whole model per candidate (at 100k
+    atoms the copies made the side-chain scan grow with the square of the model)."""
+
+    def __init__(self, x: torch.Tensor, xn: np.ndarray, riding: RidingH):
+        self.x, self.xn, self.riding = x, xn, riding
+        self.changed, self.saved = None, None
+
+    def apply(self, atoms: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Move ``atoms`` to ``pos`` (and their riding H); returns the atoms changed."""
+        x, rs = self.x, self.riding.rs
+        rows = self.riding.rows(atoms)
+        h_idx = rs.h_index[torch.as_tensor(rows, device=x.device)] if len(rows) else None
+        ch = np.unique(np.concatenate([atoms, h_idx.cpu().numpy() if h_idx is not None else np.zeros(0, np.int64)]))
+        self.changed, self.saved = ch, (x[torch.as_tensor(ch, device=x.device)].clone(), self.xn[ch].copy())
+        x[torch.as_tensor(atoms, device=x.device)] = torch.as_tensor(pos, dtype=x.dtype, device=x.device)
+        if h_idx is not None:
+            r = torch.as_tensor(rows, device=x.device)
+            x[h_idx] = riding_positions(x, rs.h_frame[r], rs.h_coef[r])
+        self.xn[ch] = x[torch.as_tensor(ch, device=x.device)].detach().cpu().numpy()
+        return ch
+
+    def undo(self):
+        self.x[torch.as_tensor(self.changed, device=self.x.device)] = self.saved[0]
+        self.xn[self.changed] = self.saved[1]
+
+
+def _local_clashes(rs, xn: np.ndarray, S: np.ndarray, near: Near | None = None, changed=None) -> int:
     """Serious clashes (overlap >= 0.4 Å after H-bond relief) that involve any atom of ``S``,
     with all atoms at ``xn`` (H placed): the clashes a side-chain move can add or remove,
     counted without a whole neighbour-list rebuild (the same pairs, exclusions and radii as
@@ -279,7 +321,7 @@ def _local_clashes(rs, xn: np.ndarray, S: np.ndarray, near: Near | None = None) 
     the atoms it finds are measured (the same count)."""
 
     topo = rs.topo
-    J = near.partners(xn, S) if near is not None else np.arange(len(xn))
+    J = near.partners(xn, S, changed) if near is not None else np.arange(len(xn))
     d = np.linalg.norm(xn[S][:, None, :] - xn[J][None, :, :], axis=-1)
     si, jj = np.nonzero(d < 4.0)
     i, dd, j = S[si], d[si, jj], J[jj]
@@ -329,21 +371,18 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
         cands = [(float(sc_), pos) for sc_, pos in zip(scores, built)]
         cands.sort(key=lambda c: -c[0])
         base = None
+        trial = Trial(x, xn, riding)
         for score, pos in cands:
             if not is_outlier and score <= current + 1e-9 * abs(current):
                 break  # an outlier leaves its conformation for the best allowed one
-            y = x.clone()
-            y[torch.as_tensor(local, device=y.device)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = riding(y, local)
-            yn = y.detach().cpu().numpy()
             if base is None:
                 base = _local_clashes(rs, xn, S, near)
-            if _local_clashes(rs, yn, S, near) <= base:
-                x = y
-                xn = yn.copy()
-                near.accept(xn)
+            ch = trial.apply(local, pos)
+            if _local_clashes(rs, xn, S, near, ch) <= base:
+                near.accept(xn, ch)
                 n_changed += 1
                 break
+            trial.undo()
             n_rejected += 1
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None:
@@ -551,18 +590,16 @@ def fit_bases(rf, grid, angles=(150.0, 165.0, 180.0, 195.0, 210.0), min_gain: fl
                 cands.append((score, pos))
         cands.sort(key=lambda c: -c[0])
         before = None
+        trial = Trial(x, xn, riding)
         for _, pos in cands:
-            y = x.clone()
-            y[torch.as_tensor(base)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = riding(y, base)
-            yn = y.detach().cpu().numpy()
             if before is None:
                 before = _local_clashes(rs, xn, base, near)
-            if _local_clashes(rs, yn, base, near) <= before:
-                x, xn = y, yn.copy()
-                near.accept(xn)
+            ch = trial.apply(base, pos)
+            if _local_clashes(rs, xn, base, near, ch) <= before:
+                near.accept(xn, ch)
                 flipped.append(topo.res_label(int(r)))
                 break
+            trial.undo()
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None and flipped:
         rf.on_coords(rf.x_all.detach().cpu().numpy().copy())

@@ -82,7 +82,7 @@ from cryogmm.model.refine.refiner import Refiner
 from cryogmm.model.napairs import summary as na_summary
 from cryogmm.model.restraints import Restraints
 from cryogmm.model.rotamers import fit_bases, fit_peptides, fit_side_chains, rebuild_rotamers
-from cryogmm.model.topology import Topology, build_topology, write_model
+from cryogmm.model.topology import Topology, build_topology, pdb_format_problem, write_model
 from cryogmm.model.validate import ca_rmsd, map_figures, validate_coords
 
 
@@ -304,9 +304,11 @@ def _geometry_full_stage(rf: Refiner, cfg: RefineModelConfig, last: bool):
 def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, seconds: float | None = None,
                   grid: MapGrid | None = None) -> dict:
     """refined.pdb, refined.cif, trajectory.pdb and report.json into ``cfg.out``; returns the report.
+    A model whose chain names the PDB format cannot hold (``pdb_format_problem``) is written as
+    refined.cif and trajectory.cif only, with a warning (report.json's ``outputs`` lists the files).
 
-    The figures after refinement (``after``, ``rms_moved_A``) are measured on refined.pdb as
-    written (coordinates rounded to the file's 0.001 Å, the model re-read as ``cryogmm
+    The figures after refinement (``after``, ``rms_moved_A``) are measured on refined.pdb (else
+    refined.cif) as written (coordinates rounded to the file's 0.001 Å, the model re-read as ``cryogmm
     validate`` reads it), so that validating the file gives the report's numbers. ``grid``:
     the map in memory (default: ``cfg.map`` is read again)."""
     out = Path(cfg.out)
@@ -314,10 +316,23 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
     # both files hold the coordinates at the PDB format's 0.001 Å (mmCIF would keep more digits),
     # so that they are one model and the report's figures describe either
     xyz = np.round(res.coords, 3)
-    write_model(topo, xyz, out / "refined.pdb")
+    # a model the PDB format cannot hold (chain names over 2 characters) is written as mmCIF
+    # only: refined.cif, trajectory.cif (a stale refined.pdb / trajectory.pdb of an earlier run
+    # in this folder is removed, so the folder holds one model)
+    no_pdb = pdb_format_problem(topo.structure)
+    warnings = list(topo.warnings)
+    if no_pdb is None:
+        write_model(topo, xyz, out / "refined.pdb")
+        outputs = ["refined.pdb", "refined.cif", "trajectory.pdb"]
+    else:
+        for stale in ("refined.pdb", "trajectory.pdb"):
+            (out / stale).unlink(missing_ok=True)
+        outputs = ["refined.cif", "trajectory.cif"]
+        warnings.append(f"refined.pdb and trajectory.pdb not written: {no_pdb}; refined.cif and trajectory.cif "
+                        "hold the model")
     write_model(topo, xyz, out / "refined.cif")
-    _write_trajectory(topo, res.trajectory, out / "trajectory.pdb")
-    after, rms_moved = measure_written(out / "refined.pdb", topo, cfg, grid)
+    _write_trajectory(topo, res.trajectory, out / outputs[2 if no_pdb is None else 1])
+    after, rms_moved = measure_written(out / outputs[0], topo, cfg, grid)
     missing = {k: v for k, v in res.after.items() if k not in after}
     if missing:  # no map to re-read (a door's map in memory only): its figures of the coordinates in memory
         after.update(missing)
@@ -326,13 +341,13 @@ def write_outputs(topo: Topology, res: RefineResult, cfg: RefineModelConfig, sec
         "model": str(cfg.model), "map": None if cfg.map is None else str(cfg.map), "resolution_A": cfg.resolution_A,
         "similarity": None if cfg.geometry_only else cfg.similarity, "stages": res.stages,
         "geometry_only": cfg.geometry_only, "steps_per_phase": cfg.steps, "n_patches": cfg.n_patches,
-        "motion": res.motion, "before": res.before, "after": after, "after_measured_on": "refined.pdb",
+        "motion": res.motion, "before": res.before, "after": after, "after_measured_on": outputs[0], "outputs": outputs + ["report.json"],
         "rms_moved_A": rms_moved,
         "fixed_residues": topo.fixed_residues, "restrained_residues": topo.dictionary_counts,
         "self_restrained": topo.self_restrained, "restraints": [str(p) for p in cfg.restraints],
         "backbone_library": topo.backbone_library,
         "na_pairs": None if topo.na_pairs is None else na_summary(topo.na_pairs),
-        "missing_atoms": topo.missing_atoms, "warnings": topo.warnings,
+        "missing_atoms": topo.missing_atoms, "warnings": warnings,
         "log": res.log, "trajectory_frames": len(res.trajectory), "stage_seconds": res.stage_seconds,
         "seconds": seconds, "seed": cfg.seed, "resumed_from_stage": res.resumed_from_stage,
     }
@@ -399,5 +414,9 @@ def _write_trajectory(topo, frames, path):
                     i += 1
         new.add_model(m)
     tmp = Path(str(path) + ".part")
-    new.write_pdb(str(tmp))
+    if Path(path).suffix == ".cif":
+        new.setup_entities()
+        new.make_mmcif_document().write_file(str(tmp))
+    else:
+        new.write_pdb(str(tmp))
     tmp.replace(path)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cryogmm.core import similarity as core_similarity
-from cryogmm.core.fourier import fourier_crop, half_spectrum_weights, n_shells, shell_of_grid
+from cryogmm.core.fourier import fourier_crop, half_spectrum_weights, n_shells, rfftn_ortho, shell_of_grid
 from cryogmm.core.gaussians import Gaussians, sigma_from_resolution
 from cryogmm.core.projection import project, project_map
 from cryogmm.errors import OptionError
@@ -112,7 +112,7 @@ class MapTerm:
 
     def _fsc_score(self, sim):
         """Mean FSC over shells 1..kmax of ``sim`` against the reference (= core_similarity.fsc)."""
-        f1 = torch.fft.rfftn(sim, norm="ortho").reshape(-1)
+        f1 = rfftn_ortho(sim).reshape(-1)
         tiny = torch.finfo(sim.dtype).tiny
         t1 = ((f1.real ** 2 + f1.imag ** 2) * self._fsc_in).sum().detach().clamp_min(tiny)
         g = f1[self._fsc_sel]

@@ -77,6 +77,18 @@ class Refiner:
             tot = tot + 0.5 * ((d / self.anchor) ** 2).sum()
         return tot / self.n_geo
 
+    def step_loss(self, params, fn, mapterm, w_geo):
+        """The objective of one Adam step: ``w_geo x geometry - map_k x map score`` of the model
+        ``fn(params)`` (the moving heavy atoms). Returns (loss, geometry, map score or None, all atoms)."""
+        x = self.assemble(fn(params))
+        geo = self.geometry(x)
+        loss = w_geo * geo
+        s = None
+        if mapterm is not None:
+            s = mapterm.score(x[self.heavy_t])
+            loss = loss - self.map_k * s
+        return loss, geo, s, x
+
     def run_phase(self, name, params, fn, steps, lr, mapterm, w_geo=None, adapt=False, floor=0.05):
         """Adam on ``params``; ``fn(params) -> x_move``. Returns the final geometry weight."""
         opt = torch.optim.Adam(params, lr=lr)
@@ -94,13 +106,7 @@ class Refiner:
                 with torch.no_grad():
                     self.rs.update_pairs(self.assemble(fn(params)))
             opt.zero_grad()
-            x = self.assemble(fn(params))
-            geo = self.geometry(x)
-            loss = w_geo * geo
-            s = None
-            if mapterm is not None:
-                s = mapterm.score(x[self.heavy_t])
-                loss = loss - self.map_k * s
+            loss, geo, s, x = self.step_loss(params, fn, mapterm, w_geo)
             loss.backward()
             opt.step()
             sched.step()
@@ -178,6 +184,16 @@ class Refiner:
     # ---- stages
     def rigid_bodies(self, labels, name, steps, mapterm, lr_t=0.2, floor=0.05):
         """Move groups of moving atoms (``labels`` per moving atom) as rigid bodies."""
+        opt_params, fn, skip = self.rigid_parameters(labels)
+        with self.rs.weights_set(**skip):
+            # rotation and translation live on different scales: scale rv so one lr fits both
+            self.run_phase(name, opt_params, fn, steps, lr_t, mapterm, floor=floor)
+        return self
+
+    def rigid_parameters(self, labels):
+        """The rigid-body parameterisation of groups of moving atoms (``labels`` per moving
+        atom): parameters ``[rotation vectors, translations]`` (zero), ``fn(params) -> x_move``,
+        and the restraint weights to zero while it runs."""
         lab = torch.as_tensor(labels, device=self.dev)
         k = int(labels.max()) + 1
         x0 = self.x_all[self.move_t].detach()
@@ -199,10 +215,7 @@ class Refiner:
         # geometry then leaves them out)
         res = self.topo.res_index[self.move]
         whole = len(np.unique(res.astype(np.int64) * (k + 1) + labels)) == len(np.unique(res))
-        with self.rs.weights_set(**(dict(rotamer=0.0, chiral=0.0) if whole else {})):
-            # rotation and translation live on different scales: scale rv so one lr fits both
-            self.run_phase(name, opt_params, fn, steps, lr_t, mapterm, floor=floor)
-        return self
+        return opt_params, fn, (dict(rotamer=0.0, chiral=0.0) if whole else {})
 
     def residue_labels(self):
         return self.topo.res_index[self.move]
@@ -210,15 +223,15 @@ class Refiner:
     def patch_labels(self, k):
         topo = self.topo
         res = self.residue_labels()
-        ures = np.unique(res)
+        ures, counts = np.unique(res, return_counts=True)
+        # each residue's moving atoms in topology order (one stable sort, not a scan per residue)
+        groups = np.split(self.move[np.argsort(res, kind="stable")], np.cumsum(counts)[:-1])
         ca = []
-        for r in ures:
-            idx = self.move[res == r]
+        for idx in groups:
             names = topo.atom_name[idx]
             ca.append(topo.coords[idx[names == "CA"][0]] if (names == "CA").any() else topo.coords[idx].mean(0))
         pl = kmeans_patches(np.array(ca), k, seed=self.cfg.seed)
-        lut = dict(zip(ures, pl))
-        return np.array([lut[r] for r in res])
+        return np.asarray(pl)[np.searchsorted(ures, res)]
 
     def full_atom(self, name, steps, mapterm, lr=0.02, w_geo=None):
         x0 = self.x_all[self.move_t].detach().clone()
