@@ -30,9 +30,20 @@ state made by turning chain B 20° about the dimer's centre; ``adk``: adenylate 
    - ``segments_family_fit`` (segments): free rigid motions of the run's learned segments
      fitted to each frame's Cα, starting from the decoder's own fit.
 
+4. Ceilings (``ceilings``, unless ``--no-ceiling``): the true structures' order along the path,
+   and a Bayes path oracle on the particles themselves (true poses, CTF, noise; expected image
+   of every path window by ``relion_project``), in the full band and in 6/8 Å loss bands.
+5. ``--cryodrgn``: cryoDRGN ``train_vae`` on the same particles (installed in the running venv:
+   ``pip install cryodrgn==4.3.1 torch==2.13.0``), |Spearman| of its latent PC1; ``summary_n{N}``
+   puts every run of a SNR beside the ceilings and the peer.
+
 Usage (a few minutes of MD per molecule, then ~4 min of training per decoder and SNR on 2 cores):
   python benchmarks/hetero_thermal.py --work /tmp/hetero_thermal --molecules 1hvr adk \
       --snr 0.1 0.01 --n 4000 --epochs 20 --json benchmarks/results/hetero_thermal.json
+  # frames, particles and ceilings only; then the peer (5 epochs: ~30 min per SNR on 2 cores)
+  python benchmarks/hetero_thermal.py --molecules 1hvr adk --n 2000 --decoders
+  python benchmarks/hetero_thermal.py --molecules 1hvr --n 2000 --decoders --no-ceiling \
+      --cryodrgn --cryodrgn-epochs 5
 """
 
 from __future__ import annotations
