@@ -30,9 +30,20 @@ state made by turning chain B 20° about the dimer's centre; ``adk``: adenylate 
    - ``segments_family_fit`` (segments): free rigid motions of the run's learned segments
      fitted to each frame's Cα, starting from the decoder's own fit.
 
+4. Ceilings (``ceilings``, unless ``--no-ceiling``): the true structures' order along the path,
+   and a Bayes path oracle on the particles themselves (true poses, CTF, noise; expected image
+   of every path window by ``relion_project``), in the full band and in 6/8 Å loss bands.
+5. ``--cryodrgn``: cryoDRGN ``train_vae`` on the same particles (installed in the running venv:
+   ``pip install cryodrgn==4.3.1 torch==2.13.0``), |Spearman| of its latent PC1; ``summary_n{N}``
+   puts every run of a SNR beside the ceilings and the peer.
+
 Usage (a few minutes of MD per molecule, then ~4 min of training per decoder and SNR on 2 cores):
   python benchmarks/hetero_thermal.py --work /tmp/hetero_thermal --molecules 1hvr adk \
       --snr 0.1 0.01 --n 4000 --epochs 20 --json benchmarks/results/hetero_thermal.json
+  # frames, particles and ceilings only; then the peer (5 epochs: ~30 min per SNR on 2 cores)
+  python benchmarks/hetero_thermal.py --molecules 1hvr adk --n 2000 --decoders
+  python benchmarks/hetero_thermal.py --molecules 1hvr --n 2000 --decoders --no-ceiling \
+      --cryodrgn --cryodrgn-epochs 5
 """
 
 from __future__ import annotations
@@ -253,6 +264,10 @@ def make_particles(md_dir: Path, out: Path, n: int, box: int, apix: float, snrs,
         clean[sel] = src.images(np.arange(len(sel)))
         src.close()
     signal_var = float(clean.var(axis=(1, 2)).mean())
+    with mapio.write_stack(out / "clean.mrcs", n, box, apix) as st:  # noise-free images (for the ceiling)
+        st[0:n] = clean
+    (out / "particles.json").write_text(json.dumps({"signal_var": signal_var, "noise_sd": {
+        f"{s:g}": float(np.sqrt(signal_var / s)) for s in snrs}}, indent=2))
     for s in snrs:
         noise = np.random.default_rng(seed + 100 + int(round(1000 * s))).normal(0, np.sqrt(signal_var / s), clean.shape)
         name = f"particles_snr{s:g}"
@@ -263,6 +278,136 @@ def make_particles(md_dir: Path, out: Path, n: int, box: int, apix: float, snrs,
         write_particles(ParticleTable(p, optics.copy()), out / f"{name}.star")
     np.save(out / "frame_of_particle.npy", frame)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- ceilings
+def path_progress(frames_ca, window_of_frame) -> np.ndarray:
+    """Each frame's position along the path: its Cα coordinates projected on the direction from
+    the first window's mean to the last window's mean (Å along that direction / sqrt(n_ca), so
+    that the end-to-end distance equals the Cα RMSD between the two window means)."""
+    w = np.unique(window_of_frame)
+    a = frames_ca[window_of_frame == w[0]].mean(0).ravel()
+    b = frames_ca[window_of_frame == w[-1]].mean(0).ravel()
+    u = (b - a) / np.linalg.norm(b - a)
+    return (frames_ca.reshape(len(frames_ca), -1) - a) @ u / np.sqrt(frames_ca.shape[1])
+
+
+def ceilings(md_dir: Path, pdir: Path, frames_ca, window_of_frame, frame_of_particle, snrs, box: int, apix: float,
+             map_res: float, log) -> dict:
+    """What |Spearman| against the true frame any method could reach on these particles.
+
+    - ``structure``: the TRUE structure of each particle's frame, placed on the path by
+      :func:`path_progress` (no images): how far thermal jitter alone scrambles the frame order;
+    - ``path_oracle``: the Bayes posterior over the path given the image, knowing everything a
+      method must learn or infer: the true pose, shift and CTF, the noise level, and the expected
+      image of every window (``relion_project`` of the mean of the window's frame maps, the same
+      maps and projector the particles were made with). Score ``-|y - P_i(W_w)|^2 / 2 sigma^2``
+      per window (uniform prior); the particle's estimate is the posterior mean of the window
+      index. ``noise_free`` uses the clean images (nearest window). A method that has to learn
+      the path and find the poses does no better than this in expectation; the per-frame thermal
+      jitter (each frame is seen by only ``n / frames`` particles) is not part of the model, as
+      no method can learn it.
+    ``loss_band_abs_spearman_vs_frame``: the same oracle when it sees only the Fourier band a
+    loss low-passed at 6 or 8 Å sees (``hetero train --lowpass-A``; default 8 Å).
+    Also ``d_prime``: per particle, the distance between the projections of adjacent windows (and
+    first-to-last) over the noise sd, medians over particles (below 1: adjacent windows are not
+    separable in one image), and ``jitter_over_noise``: |clean image - its window's projection| /
+    noise sd (the thermal jitter's image signal that no path model explains).
+    """
+    import scipy.fft
+
+    from cryogmm.bridge.images import ImageSource
+    from cryogmm.bridge.io import read_particles, write_particles
+    from cryogmm.core.gaussians import gaussians_to_map
+    from cryogmm.hetero.truth import spearman
+    from cryogmm.io import maps as mapio
+    from cryogmm.io.structures import gaussians_from_coords, read_model
+
+    frame = frame_of_particle
+    win = window_of_frame[frame]
+    prog = path_progress(frames_ca, window_of_frame)
+    res = {"structure": {
+        "abs_spearman_true_progress_vs_frame": abs(spearman(prog[frame], frame)),
+        "abs_spearman_true_progress_vs_window": abs(spearman(prog[frame], win)),
+        "path_length_A": float(prog[window_of_frame == window_of_frame.max()].mean() - prog[window_of_frame == 0].mean()),
+        "sd_progress_within_window_A": float(np.median([prog[window_of_frame == w].std()
+                                                         for w in np.unique(window_of_frame)])),
+        "progress_step_between_windows_A": float(np.median(np.diff([prog[window_of_frame == w].mean()
+                                                                    for w in np.unique(window_of_frame)]))),
+    }}
+    cache = pdir / "window_projections.npy"
+    windows = np.unique(window_of_frame)
+    if not cache.exists():
+        frames = read_model(md_dir / "frames.pdb")
+        center = read_model(md_dir / "reference.pdb").center_of_mass()
+        tmp = pdir / "proj_windows"
+        tmp.mkdir(exist_ok=True)
+        t = read_particles(pdir / f"particles_snr{snrs[0]:g}.star")
+        parts = t.particles.copy()
+        parts["rlnImageName"] = [f"{i + 1:06d}@none.mrcs" for i in range(len(parts))]
+        write_particles(type(t)(parts, t.optics.copy()), tmp / "all.star")
+        proj = np.zeros((len(windows), len(parts), box, box), np.float32)
+        for k, w in enumerate(windows):
+            m = np.mean([gaussians_to_map(gaussians_from_coords(frames, frames.coords[f], "atoms", resolution_A=map_res,
+                                                                center_A=center), box, apix).numpy()
+                         for f in np.flatnonzero(window_of_frame == w)], axis=0)
+            mapio.write_map(tmp / "window.mrc", m, apix)
+            subprocess.run(["relion_project", "--i", "window.mrc", "--o", "proj", "--ang", "all.star", "--ctf",
+                            "--angpix", str(apix)], cwd=tmp, check=True, stdout=log, stderr=subprocess.STDOUT)
+            src = ImageSource.from_table(read_particles(tmp / "proj.star"))
+            proj[k] = src.images(np.arange(len(parts)))
+            src.close()
+        np.save(cache, proj)
+        shutil.rmtree(tmp, ignore_errors=True)
+    proj = np.load(cache).reshape(len(windows), len(frame), -1)
+    clean = mapio.read_mrc(pdir / "clean.mrcs")[0].reshape(len(frame), -1)
+    noise_sd = json.loads((pdir / "particles.json").read_text())["noise_sd"]
+    own = proj[np.searchsorted(windows, win), np.arange(len(frame))]
+
+    def figures(est):
+        return {"abs_spearman_vs_frame": abs(spearman(est, frame)), "abs_spearman_vs_window": abs(spearman(est, win))}
+
+    d_clean = ((clean[None] - proj) ** 2).sum(-1)
+    nf = figures(windows[d_clean.argmin(0)].astype(float))
+    nf["fraction_nearest_window_is_true"] = float((windows[d_clean.argmin(0)] == win).mean())
+    res["path_oracle"] = {"noise_free": nf}
+    step = np.sqrt(((proj[1:] - proj[:-1]) ** 2).sum(-1))  # [W-1, n]
+    span = np.sqrt(((proj[-1] - proj[0]) ** 2).sum(-1))
+    jit = np.sqrt(((clean - own) ** 2).sum(-1))
+    P = scipy.fft.rfft2(proj.reshape(len(windows), -1, box, box))  # float32 in, complex64 out
+    for snr in snrs:
+        sd = noise_sd[f"{snr:g}"]
+        src = ImageSource.from_table(read_particles(pdir / f"particles_snr{snr:g}.star"))
+        y = src.images(np.arange(len(frame))).reshape(len(frame), -1)
+        src.close()
+        ll = -((y[None] - proj) ** 2).sum(-1).astype(np.float64) / (2 * sd ** 2)  # [W, n]
+        post = np.exp(ll - ll.max(0))
+        post /= post.sum(0)
+        pm = windows @ post
+        f = figures(pm)
+        f.update({
+            "abs_spearman_map_window_vs_frame": abs(spearman(windows[ll.argmax(0)], frame)),
+            "median_abs_error_windows": float(np.median(np.abs(pm - win))),
+            "d_prime_adjacent_windows_median": float(np.median(step / sd)),
+            "d_prime_first_to_last_window_median": float(np.median(span / sd)),
+            "jitter_over_noise_median": float(np.median(jit / sd)),
+        })
+        # the same oracle seeing only the band a loss low-passed at lp Å sees (white noise: the
+        # Fourier terms of the distance over the band, Parseval-scaled)
+        Y = scipy.fft.rfft2(y.reshape(-1, box, box))
+        k = np.sqrt(np.fft.fftfreq(box)[:, None] ** 2 + np.fft.rfftfreq(box)[None] ** 2) / apix
+        pairs = np.ones(k.shape)
+        pairs[:, 1:(box + 1) // 2] = 2  # rfft columns whose Hermitian mates are not stored
+        f["loss_band_abs_spearman_vs_frame"] = {}
+        for lp in (6.0, 8.0):
+            m = (k <= 1 / lp) * pairs
+            llb = -np.stack([(np.abs(Y - P[w]) ** 2 * m).sum((-1, -2)) for w in range(len(windows))]) / (
+                2 * sd ** 2 * box * box)
+            pb = np.exp(llb - llb.max(0))
+            pb /= pb.sum(0)
+            f["loss_band_abs_spearman_vs_frame"][f"{lp:g}A"] = abs(spearman(windows @ pb, frame))
+        res["path_oracle"][f"snr{snr:g}"] = f
+    return res
 
 
 # --------------------------------------------------------------------------- training and figures
@@ -348,7 +493,7 @@ def train_and_score(star: Path, ref_pdb: Path, out: Path, decoder: str, epochs: 
     rep = json.loads((out / "report.json").read_text())
     run = hrun.Run(out)
     t0 = time.perf_counter()
-    z_mean = run.encode_all()
+    z_mean = run.encode_all(polished=False)  # the encoder's means; the polished latents are scored apart
     sec_encode = time.perf_counter() - t0
     ca = _ca_index(run.ref.model)
     ref_ca = read_model(ref_pdb).coords[0][ca]
@@ -414,6 +559,68 @@ def thermal_floor(frames_ca, window_of_frame, frame_of_particle) -> dict:
                 rmsd(frames_ca[0][None], frames_ca[window_of_frame == 0][1:])))}
 
 
+def run_peer_cryodrgn(star: Path, out: Path, epochs: int, zdim: int, box: int, apix: float, threads: int, dim: int,
+                      window_of_frame, frame_of_particle, log) -> dict:
+    """cryoDRGN ``train_vae`` (true poses and CTF from the STAR, as ours gets them) on the same
+    particles: |Spearman| of its latent PC1 vs the true frame and window."""
+    from hetero_vs_cryodrgn import cryodrgn_train
+
+    from cryogmm.hetero.truth import spearman
+
+    z, secs, _ = cryodrgn_train(star, star.parent, out, epochs, zdim, box, apix, threads, log, dim)
+    frame = frame_of_particle[: len(z)]
+    win = window_of_frame[frame]
+    zc = z - z.mean(0)
+    pc1 = zc @ np.linalg.svd(zc, full_matrices=False)[2][0]
+    import cryodrgn
+
+    return {"program": f"cryodrgn {cryodrgn.__version__} train_vae", "epochs": epochs, "zdim": zdim,
+            "enc_dec_dim": dim, "threads": threads, "seconds_training": secs, "images_per_s": len(z) * epochs / secs,
+            "abs_spearman_pc1_vs_frame": abs(spearman(pc1, frame)), "abs_spearman_pc1_vs_window": abs(spearman(pc1, win)),
+            "best_abs_spearman_any_latent_dim_vs_frame": max(abs(spearman(z[:, d], frame)) for d in range(z.shape[1]))}
+
+
+def summary(mrec: dict, n: int) -> dict:
+    """Per SNR, every run on these ``n`` particles (ours: each label, posterior mean and polished;
+    cryoDRGN) beside the ceilings: |Spearman| of PC1 vs frame, its fraction of the path oracle,
+    ours over cryoDRGN, and median/p90 decoded Cα RMSD."""
+    ceil = mrec.get(f"ceiling_n{n}", {})
+    out = {}
+    snrs = sorted({v["snr"] for v in mrec.values() if isinstance(v, dict) and "snr" in v and v.get("n_particles") == n},
+                  reverse=True)
+    for snr in snrs:
+        po = ceil.get("path_oracle", {}).get(f"snr{snr:g}", {})
+        rows = {k: v for k, v in mrec.items() if isinstance(v, dict) and v.get("snr") == snr and v.get("n_particles") == n}
+        peer = next((v for k, v in rows.items() if "_cryodrgn_" in k), None)
+        t = {"path_oracle_abs_spearman_vs_frame": po.get("abs_spearman_vs_frame"),
+             "path_oracle_in_8A_loss_band": po.get("loss_band_abs_spearman_vs_frame", {}).get("8A"),
+             "structure_ceiling_abs_spearman_vs_frame": ceil.get("structure", {}).get("abs_spearman_true_progress_vs_frame"),
+             "runs": {}}
+        for k, v in rows.items():
+            if "_cryodrgn_" in k:
+                e = {"abs_spearman_pc1_vs_frame": v["abs_spearman_pc1_vs_frame"], "images_per_s": v["images_per_s"],
+                     "epochs": v["epochs"]}
+            else:
+                e = {"epochs": v["epochs"], "images_per_s": v["images_per_s"]}
+                for part in ("posterior_mean", "polished"):
+                    if part in v:
+                        e[part] = {x: v[part][x] for x in ("abs_spearman_pc1_vs_frame", "median_ca_rmsd_decoded_vs_true_A",
+                                                           "p90_ca_rmsd_decoded_vs_true_A")}
+                        e[part]["reference_window_median_ca_rmsd_decoded_vs_reference_A"] = (
+                            v[part]["reference_window"]["median_ca_rmsd_decoded_vs_reference_A"])
+                        if peer:
+                            e[part]["ratio_abs_spearman_to_cryodrgn"] = (
+                                v[part]["abs_spearman_pc1_vs_frame"] / peer["abs_spearman_pc1_vs_frame"])
+                if peer:
+                    e["ratio_images_per_s_to_cryodrgn"] = v["images_per_s"] / peer["images_per_s"]
+            best = max([e.get(p, e).get("abs_spearman_pc1_vs_frame", 0) for p in ("posterior_mean", "polished", "x")])
+            if po.get("abs_spearman_vs_frame"):
+                e["best_abs_spearman_fraction_of_path_oracle"] = best / po["abs_spearman_vs_frame"]
+            t["runs"][k] = e
+        out[f"snr{snr:g}"] = t
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/hetero_thermal"))
@@ -424,7 +631,8 @@ def main(argv=None):
     p.add_argument("--apix", type=float, default=2.0)
     p.add_argument("--map-res", type=float, default=4.0)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--decoders", nargs="+", default=["segments", "displacement"])
+    p.add_argument("--decoders", nargs="*", default=["segments", "displacement"],
+                   help="none: only the frames, particles and ceilings")
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--snapshots", type=int, default=10)
     p.add_argument("--settle", type=int, default=200)
@@ -433,6 +641,13 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="HeteroConfig overrides for the training runs (e.g. lowpass_A=6)")
     p.add_argument("--label", default="defaults", help="name of this set of training settings in the JSON")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the ceilings (structure and path oracle)")
+    p.add_argument("--cryodrgn", action="store_true",
+                   help="also run cryoDRGN train_vae (installed in this venv: pip install cryodrgn==4.3.1)")
+    p.add_argument("--cryodrgn-epochs", type=int, help="cryoDRGN epochs (default: --epochs)")
+    p.add_argument("--cryodrgn-dim", type=int, default=256,
+                   help="cryoDRGN encoder/decoder width (its default 1024 runs ~1 image/s on a 2-core CPU)")
+    p.add_argument("--zdim", type=int, default=8, help="cryoDRGN latent width (hetero train's default is 8)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "hetero_thermal.json")
@@ -474,6 +689,17 @@ def main(argv=None):
         mrec = results["runs"].setdefault(mol, {})
         mrec["md"] = md
         mrec["thermal_floor"] = thermal_floor(frames_ca, window_of_frame, frame_of_particle)
+        if not a.no_ceiling:
+            t1 = time.perf_counter()
+            c = ceilings(mw / "md", pdir, frames_ca, window_of_frame, frame_of_particle, a.snr, a.box, a.apix,
+                         a.map_res, log)
+            c.update({"n_particles": a.n, "seconds": time.perf_counter() - t1, "loadavg": list(os.getloadavg()),
+                      "date": datetime.now(timezone.utc).isoformat(),
+                      "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])})
+            mrec[f"ceiling_n{a.n}"] = c
+            print(mol, "ceiling", json.dumps(c), flush=True)
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(results, indent=2) + "\n")
         mrec.setdefault("seconds_particles", time.perf_counter() - t0)
         for snr in a.snr:
             for dec in a.decoders:
@@ -494,6 +720,26 @@ def main(argv=None):
                 print(mol, key, json.dumps(brief), flush=True)
                 a.json.parent.mkdir(parents=True, exist_ok=True)
                 a.json.write_text(json.dumps(results, indent=2) + "\n")
+            if a.cryodrgn:
+                ce = a.cryodrgn_epochs or a.epochs
+                key = f"snr{snr:g}_n{a.n}_cryodrgn_e{ce}_dim{a.cryodrgn_dim}"
+                t1 = time.perf_counter()
+                r = run_peer_cryodrgn(pdir / f"particles_snr{snr:g}.star", mw / f"cryodrgn_snr{snr:g}", ce, a.zdim,
+                                      a.box, a.apix, a.threads, a.cryodrgn_dim, window_of_frame, frame_of_particle,
+                                      mw / "cryodrgn.log")
+                r.update({"snr": snr, "n_particles": a.n, "seconds_wall": time.perf_counter() - t1,
+                          "loadavg": list(os.getloadavg()), "date": datetime.now(timezone.utc).isoformat(),
+                          "host": platform.node(),
+                          "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])})
+                ceil = mrec.get(f"ceiling_n{a.n}", {}).get("path_oracle", {}).get(f"snr{snr:g}")
+                if ceil:
+                    r["fraction_of_path_oracle"] = r["abs_spearman_pc1_vs_frame"] / ceil["abs_spearman_vs_frame"]
+                mrec[key] = r
+                print(mol, key, json.dumps(r), flush=True)
+                a.json.write_text(json.dumps(results, indent=2) + "\n")
+        mrec[f"summary_n{a.n}"] = summary(mrec, a.n)
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -151,29 +151,36 @@ def cryodrgn_throughput(sim, out, n, dim, threads, log):
     return n / float(secs.read_text())
 
 
-def run_cryodrgn(sim, out, epochs, zdim, frames_true, box, apix, threads, log, dim=1024):
-    from cryogmm.io import maps as mapio
-    from cryogmm.hetero.truth import spearman
+def cryodrgn_train(star, datadir, out, epochs, zdim, box, apix, threads, log, dim=1024):
+    """``cryodrgn train_vae`` on a RELION STAR (poses and CTF parsed from it) in ``out``:
+    ``(z [n, zdim], seconds of training summed over its epochs, training folder)``; a finished
+    run (its z.pkl) is reused."""
+    import re
 
     cd = [Path(sys.executable).parent / "cryodrgn"]
     out.mkdir(parents=True, exist_ok=True)
-    star = sim / "particles.star"
     if not (out / "pose.pkl").exists():
         sh(cd + ["parse_pose_star", star, "-o", out / "pose.pkl", "-D", box, "--Apix", apix], log)
         sh(cd + ["parse_ctf_star", star, "-o", out / "ctf.pkl", "-D", box, "--Apix", apix], log)
     train = out / f"train_e{epochs}_dim{dim}"
     z_path = train / "z.pkl"
     if not z_path.exists():
-        sh(cd + ["train_vae", star, "--datadir", sim, "--poses", out / "pose.pkl", "--ctf", out / "ctf.pkl",
+        sh(cd + ["train_vae", star, "--datadir", datadir, "--poses", out / "pose.pkl", "--ctf", out / "ctf.pkl",
                  "--zdim", zdim, "-n", epochs, "-o", train, "--no-analysis", "--seed", 0, "--enc-dim", dim,
                  "--dec-dim", dim, "--max-threads", threads], log)
-    import re
-
     secs = sum(int(h) * 3600 + int(m) * 60 + float(x) for h, m, x in
                re.findall(r"Epoch: \d+ .*Finished in (\d+):(\d+):([\d.]+)", (train / "run.log").read_text()))
     with open(z_path, "rb") as f:
         z = pickle.load(f)
-    z = np.asarray(z, dtype=np.float64)
+    return np.asarray(z, dtype=np.float64), secs, train
+
+
+def run_cryodrgn(sim, out, epochs, zdim, frames_true, box, apix, threads, log, dim=1024):
+    from cryogmm.io import maps as mapio
+    from cryogmm.hetero.truth import spearman
+
+    cd = [Path(sys.executable).parent / "cryodrgn"]
+    z, secs, train = cryodrgn_train(sim / "particles.star", sim, out, epochs, zdim, box, apix, threads, log, dim)
     zc = z - z.mean(0)
     _, _, vt = np.linalg.svd(zc, full_matrices=False)
     pc1 = zc @ vt[0]
