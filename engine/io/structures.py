@@ -308,3 +308,13 @@ def read_gaussians_pdb(path, *, origin_A=None, dtype=torch.float32) -> Gaussians
     o = origin if origin_A is None else np.asarray(origin_A, dtype=np.float64).reshape(3)
     c = np.array(xyz) - o
     return Gaussians(torch.tensor(c, dtype=dtype), torch.tensor(a, dtype=dtype), torch.tensor(s, dtype=dtype))
+
+
+def pdb_format_problem(st) -> str | None:
+    """Why the PDB format cannot hold structure ``st`` without loss (None when it can): a chain
+    name longer than the two characters gemmi's PDB files carry (mmCIF holds any name; atom and
+    residue numbers past the PDB columns are written in hybrid-36)."""
+    for ch in st[0]:
+        if len(ch.name) > 2:
+            return f"chain name {ch.name!r} is longer than the PDB format's 2 characters"
+    return None

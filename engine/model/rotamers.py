@@ -40,10 +40,9 @@ from cryogmm.model.restraints import (
     ROTAMER_OUTLIER,
     grid_value,
     is_excluded,
-    place_hydrogens,
-    riding_positions,
     reference_tables,
 )
+from cryogmm.model.trials import Near, RidingH, Trial
 from cryogmm.model.validate import rama_table
 
 
@@ -219,98 +218,6 @@ def _density_sampler(grid):
         return map_coordinates(coef, [u[:, 2], u[:, 1], u[:, 0]], order=3, mode="constant", prefilter=False)
 
     return density
-
-
-class Near:
-    """Which atoms may lie within ``reach`` Å of some points, exactly, without a distance to every
-    atom: a KD-tree of the accepted coordinates at one moment, its radius widened by the
-    farthest any atom has moved since (rebuilt past ``rebuild_A``), plus the atoms a candidate
-    changes. A stage scans thousands of candidates; the distances to the whole model made the
-    side-chain scan grow with the square of the model (66 ms per candidate at 98k atoms)."""
-
-    def __init__(self, xn: np.ndarray, reach: float = 4.0, rebuild_A: float = 2.0):
-        self.reach, self.rebuild_A = reach, rebuild_A
-        self.cur = xn.copy()
-        self._build()
-
-    def _build(self):
-        from scipy.spatial import cKDTree
-
-        self.tree, self.ref, self.moved = cKDTree(self.cur), self.cur.copy(), 0.0
-
-    def accept(self, xn: np.ndarray, changed: np.ndarray | None = None):
-        """``xn`` is now the accepted model (``changed``: a superset of the atoms that differ
-        from the last one, if known: no scan of the whole model)."""
-        ch = np.nonzero((xn != self.cur).any(1))[0] if changed is None else changed
-        self.cur[ch] = xn[ch]
-        if len(ch):
-            self.moved = max(self.moved, float(np.sqrt(((self.cur[ch] - self.ref[ch]) ** 2).sum(1).max())))
-        if self.moved > self.rebuild_A:
-            self._build()
-
-    def partners(self, pos: np.ndarray, S: np.ndarray, changed: np.ndarray | None = None) -> np.ndarray:
-        """Every atom that may lie within ``reach`` of an atom of ``S`` at coordinates ``pos``
-        (the accepted model or a candidate that differs from it in a few atoms; ``changed``: a
-        superset of those atoms, if known)."""
-        hits = self.tree.query_ball_point(pos[S], self.reach + self.moved + 1e-9)
-        if changed is None:
-            changed = np.nonzero((pos != self.cur).any(1))[0]
-        return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] + [S, changed]))
-
-
-class RidingH:
-    """Riding H re-placed only where a candidate moved heavy atoms: the H whose frames use any of
-    them (every other H keeps its place, bit for bit what re-placing all would give)."""
-
-    def __init__(self, rs):
-        self.rs = rs
-        hf = rs.h_frame.cpu().numpy().reshape(-1, 3)
-        flat = hf.reshape(-1)
-        self.order = np.argsort(flat, kind="stable") // 3  # H rows sorted by frame atom
-        self.keys = np.sort(flat)
-
-    def rows(self, moved: np.ndarray) -> np.ndarray:
-        """The riding-H rows whose frames use any atom of ``moved``."""
-        lo = np.searchsorted(self.keys, moved, side="left")
-        hi = np.searchsorted(self.keys, moved, side="right")
-        return np.unique(np.concatenate([self.order[a:b] for a, b in zip(lo, hi)] + [np.zeros(0, np.int64)]))
-
-    def __call__(self, y: torch.Tensor, moved: np.ndarray) -> torch.Tensor:
-        rs = self.rs
-        rows = self.rows(moved)
-        if not len(rows):
-            return y
-        r = torch.as_tensor(rows, device=y.device)
-        return place_hydrogens(y, rs.h_index[r], rs.h_frame[r], rs.h_coef[r])
-
-
-class Trial:
-    """A candidate move of a few atoms applied in place to the accepted model (``x`` torch and
-    its copy ``xn`` numpy, riding H re-placed as :class:`RidingH` does) and undone unless
-    kept: the work is the atoms changed, not a copy of the whole model per candidate (at 100k
-    atoms the copies made the side-chain scan grow with the square of the model)."""
-
-    def __init__(self, x: torch.Tensor, xn: np.ndarray, riding: RidingH):
-        self.x, self.xn, self.riding = x, xn, riding
-        self.changed, self.saved = None, None
-
-    def apply(self, atoms: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Move ``atoms`` to ``pos`` (and their riding H); returns the atoms changed."""
-        x, rs = self.x, self.riding.rs
-        rows = self.riding.rows(atoms)
-        h_idx = rs.h_index[torch.as_tensor(rows, device=x.device)] if len(rows) else None
-        ch = np.unique(np.concatenate([atoms, h_idx.cpu().numpy() if h_idx is not None else np.zeros(0, np.int64)]))
-        self.changed, self.saved = ch, (x[torch.as_tensor(ch, device=x.device)].clone(), self.xn[ch].copy())
-        x[torch.as_tensor(atoms, device=x.device)] = torch.as_tensor(pos, dtype=x.dtype, device=x.device)
-        if h_idx is not None:
-            r = torch.as_tensor(rows, device=x.device)
-            x[h_idx] = riding_positions(x, rs.h_frame[r], rs.h_coef[r])
-        self.xn[ch] = x[torch.as_tensor(ch, device=x.device)].detach().cpu().numpy()
-        return ch
-
-    def undo(self):
-        self.x[torch.as_tensor(self.changed, device=self.x.device)] = self.saved[0]
-        self.xn[self.changed] = self.saved[1]
 
 
 def _local_clashes(rs, xn: np.ndarray, S: np.ndarray, near: Near | None = None, changed=None) -> int:

@@ -576,16 +576,6 @@ def _frame(p, a, b):
     return e1, e2, np.cross(e1, e2)
 
 
-def pdb_format_problem(st) -> str | None:
-    """Why the PDB format cannot hold structure ``st`` without loss (None when it can): a chain
-    name longer than the two characters gemmi's PDB files carry (mmCIF holds any name; atom and
-    residue numbers past the PDB columns are written in hybrid-36)."""
-    for ch in st[0]:
-        if len(ch.name) > 2:
-            return f"chain name {ch.name!r} is longer than the PDB format's 2 characters"
-    return None
-
-
 def write_model(topo: Topology, coords: np.ndarray, path, hydrogens: bool = False) -> None:
     """Write the topology's structure with new coordinates ``[M, 3]`` (PDB or mmCIF by
     extension), atomically. Hydrogens are left out unless asked."""

@@ -58,6 +58,7 @@ import torch
 from cryogmm.errors import OptionError
 from cryogmm.io.maps import MapGrid, read_map_grid
 from cryogmm.io.outputs import write_report
+from cryogmm.io.structures import pdb_format_problem
 from cryogmm.model.density import check_overlap
 from cryogmm.model.refine.config import (
     AUTO_LOCAL_MIN_CC,
@@ -82,7 +83,7 @@ from cryogmm.model.refine.refiner import Refiner
 from cryogmm.model.napairs import summary as na_summary
 from cryogmm.model.restraints import Restraints
 from cryogmm.model.rotamers import fit_bases, fit_peptides, fit_side_chains, rebuild_rotamers
-from cryogmm.model.topology import Topology, build_topology, pdb_format_problem, write_model
+from cryogmm.model.topology import Topology, build_topology, write_model
 from cryogmm.model.validate import ca_rmsd, map_figures, validate_coords
 
 
