@@ -115,14 +115,6 @@ def run_case(box, n, batch, repeat, repeat_before, baseline=None, compiled=True)
         cc, RR = c.clone().requires_grad_(), R.clone().requires_grad_()
         reference_project(cc, a, s, RR, box, apix).sum().backward()
 
-    def after_f():
-        with torch.no_grad():
-            project(Gaussians(c, a, s), R, None, box, apix)
-
-    def after_fb():
-        cc, RR = c.clone().requires_grad_(), R.clone().requires_grad_()
-        project(Gaussians(cc, a, s), RR, None, box, apix).sum().backward()
-
     def variant(fn, setup=None):
         def f():
             with torch.no_grad():
@@ -147,7 +139,7 @@ def run_case(box, n, batch, repeat, repeat_before, baseline=None, compiled=True)
     fns = {"bmm_fwd": bmm_f, "bmm_fwdbwd": bmm_fb, "before_fwd": before_f, "before_fwdbwd": before_fb}
     if baseline is not None:
         fns["prev_fwd"], fns["prev_fwdbwd"] = variant(baseline.project)
-    fns["after_fwd"], fns["after_fwdbwd"] = after_f, after_fb
+    fns["after_fwd"], fns["after_fwdbwd"] = variant(project)
     if compiled:
         projection.set_compile(True)
         cfun = projection._COMPILED["fn"]
