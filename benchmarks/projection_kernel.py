@@ -17,12 +17,13 @@ things are timed in the same process, interleaved round by round, median of ``--
   loaded from git into this process (the kernel this tree's changes are measured against).
 - ``after``: ``cryogmm.core.projection.project`` of this tree (windowed profiles, scatter into
   reused buffers, only the image region the windows reach, closed-form backward).
-- ``compiled``: the same with ``projection.set_compile(True)`` (torch.compile of the profile
-  windows; compiled during the warm-up, not timed). ``--no-compile`` leaves it out.
+- ``compiled``: the same inside ``with projection.use_compile():`` (torch.compile of the
+  profile windows; compiled during the warm-up, not timed). ``--no-compile`` leaves it out.
 
 Forward+backward differentiates through centres and rotations (as pose refinement and
 mixture fitting do). Ratios are ``t_bmm / t_project`` (forward) and ``t_bmm_fb / t_project_fb``
-(forward+backward): the fraction of the same-shape bmm's throughput. The machine is shared;
+(forward+backward): the fraction of the same-shape bmm's throughput; ``*_cpu_ratio`` the same
+from process CPU time (steadier on a loaded machine at one thread). The machine is shared;
 the load average at start and end is recorded. Writes ``benchmarks/results/projection_kernel.json``
 (the file's earlier runs are kept under ``earlier_runs``).
 """
@@ -70,9 +71,11 @@ def mixture(n, box, apix, seed=0):
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """Wall and process CPU seconds of one call (CPU time leaves out the time this process
+    waited for a core on a shared machine; with several threads it adds theirs up)."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def load_baseline(rev):
@@ -86,6 +89,19 @@ def load_baseline(rev):
     mod = types.ModuleType(f"projection_at_{rev}")
     exec(compile(src, f"{rev}:engine/core/projection.py", "exec"), mod.__dict__)
     return mod
+
+
+def git_commit():
+    """This tree's commit, with ``+dirty`` when files differ from it (None without git)."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
 
 
 def run_case(box, n, batch, repeat, repeat_before, baseline=None, compiled=True):
@@ -115,7 +131,8 @@ def run_case(box, n, batch, repeat, repeat_before, baseline=None, compiled=True)
         cc, RR = c.clone().requires_grad_(), R.clone().requires_grad_()
         reference_project(cc, a, s, RR, box, apix).sum().backward()
 
-    def variant(fn, setup=None):
+    def variant(fn, scope=None):
+        """Forward and forward+backward of ``fn``, each inside ``scope()`` when given."""
         def f():
             with torch.no_grad():
                 fn(Gaussians(c, a, s), R, None, box, apix)
@@ -126,13 +143,10 @@ def run_case(box, n, batch, repeat, repeat_before, baseline=None, compiled=True)
 
         def wrap(g):
             def run():
-                if setup is not None:
-                    setup(True)
-                try:
-                    g()
-                finally:
-                    if setup is not None:
-                        setup(False)
+                if scope is None:
+                    return g()
+                with scope():
+                    return g()
             return run
         return wrap(f), wrap(fb)
 
@@ -141,42 +155,39 @@ def run_case(box, n, batch, repeat, repeat_before, baseline=None, compiled=True)
         fns["prev_fwd"], fns["prev_fwdbwd"] = variant(baseline.project)
     fns["after_fwd"], fns["after_fwdbwd"] = variant(project)
     if compiled:
-        projection.set_compile(True)
-        cfun = projection._COMPILED["fn"]
-        projection.set_compile(False)
-
-        def use_compiled(on):
-            projection._COMPILED["fn"] = cfun if on else None
-        fns["compiled_fwd"], fns["compiled_fwdbwd"] = variant(project, use_compiled)
+        fns["compiled_fwd"], fns["compiled_fwdbwd"] = variant(project, projection.use_compile)
     times = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for f in fns.values():  # warm-up
         f()
     for r in range(repeat):
         for k, f in fns.items():
             if k.startswith("before") and r >= repeat_before:
                 continue
-            times[k].append(timed(f))
+            wall, cpu_s = timed(f)
+            times[k].append(wall)
+            cpu[k].append(cpu_s)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     with torch.no_grad():
         old = reference_project(c, a, s, R, box, apix)
         new = project(Gaussians(c, a, s), R, None, box, apix)
     row = {"box": box, "gaussians": n, "batch": batch,
            "gflop_per_bmm": 2.0 * batch * n * box * box / 1e9,
            "median_s": {k: round(v, 5) for k, v in med.items()},
+           "median_cpu_s": {k: round(v, 5) for k, v in med_cpu.items()},
            "bmm_gflops": round(2.0 * batch * n * box * box / med["bmm_fwd"] / 1e9, 1)}
     for which in ("before", "prev", "after", "compiled"):
         if f"{which}_fwd" not in med:
             continue
         row[f"{which}_fwd_ratio"] = round(med["bmm_fwd"] / med[f"{which}_fwd"], 3)
         row[f"{which}_fwdbwd_ratio"] = round(med["bmm_fwdbwd"] / med[f"{which}_fwdbwd"], 3)
+        row[f"{which}_fwd_cpu_ratio"] = round(med_cpu["bmm_fwd"] / med_cpu[f"{which}_fwd"], 3)
+        row[f"{which}_fwdbwd_cpu_ratio"] = round(med_cpu["bmm_fwdbwd"] / med_cpu[f"{which}_fwdbwd"], 3)
     row["after_vs_before_max_rel_diff"] = float((new - old).abs().max() / old.abs().max())
     if compiled:
-        with torch.no_grad():
-            use_compiled(True)
-            try:
-                comp = project(Gaussians(c, a, s), R, None, box, apix)
-            finally:
-                use_compiled(False)
+        with torch.no_grad(), projection.use_compile():
+            comp = project(Gaussians(c, a, s), R, None, box, apix)
         row["compiled_vs_after_max_rel_diff"] = float((comp - new).abs().max() / new.abs().max())
     return row
 
@@ -202,6 +213,7 @@ def main(argv=None):
         torch.set_num_threads(nt or default_threads)
         print(f"torch threads {torch.get_num_threads()}")
         rows = []
+        run_load0 = os.getloadavg()
         for box, n in CASES:
             if args.quick and box != 64:
                 continue
@@ -212,14 +224,15 @@ def main(argv=None):
                                for w in ("before", "prev", "after", "compiled") if w + "_fwd_ratio" in row)
             print(f"box {box:3d} N {n:5d}: bmm {row['bmm_gflops']:6.1f} GFLOP/s | {parts} | "
                   f"max rel diff {row['after_vs_before_max_rel_diff']:.1e}", flush=True)
-        runs.append({"torch_threads": torch.get_num_threads(), "cases": rows})
+        runs.append({"torch_threads": torch.get_num_threads(), "loadavg_start": [round(x, 2) for x in run_load0],
+                     "loadavg_end": [round(x, 2) for x in os.getloadavg()], "cases": rows})
     out = {"what": "project() throughput as a fraction of a same-shape torch.bmm, same process (ratio = t_bmm / "
                    "t_project; forward+backward against bmm forward+backward)",
            "torch": torch.__version__, "cpus": os.cpu_count(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": os.uname().nodename,
            "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) if argv is None else argv,
-           "baseline_rev": args.baseline_rev or None,
+           "commit": git_commit(), "baseline_rev": args.baseline_rev or None,
            "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
            "goal": {"fwd_ratio": 0.5, "fwdbwd_ratio": 0.3}, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -166,17 +166,35 @@ def test_repeated_calls_on_two_threads_are_stable():
 
 
 def test_compiled_windows_give_the_same_images():
-    """``set_compile(True)`` (torch.compile of the profile windows) changes no image beyond float32
-    rounding. Skipped where torch.compile cannot build a CPU kernel here (no C++ toolchain)."""
+    """``use_compile()`` (torch.compile of the profile windows) changes no image beyond float32
+    rounding and is switched off again after its block, also after an exception. Skipped where
+    torch.compile cannot build a CPU kernel here (no C++ toolchain)."""
     g = mixture(300, 40, 1.0, torch.float32)
     R = rotations(3, torch.float32)
     ref = project(g, R, None, 40, 1.0)
+    assert not projection.compile_enabled()
     try:
-        projection.set_compile(True)
-        img = project(g, R, None, 40, 1.0)
+        with projection.use_compile():
+            assert projection.compile_enabled()
+            img = project(g, R, None, 40, 1.0)
     except Exception as exc:  # the inductor backend needs a working C++ compiler
+        assert not projection.compile_enabled()
         pytest.skip(f"torch.compile unavailable on this machine: {type(exc).__name__}: {str(exc)[:200]}")
-    finally:
-        projection.set_compile(False)
     assert not projection.compile_enabled()
     assert (img - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_compile_switch_is_scoped():
+    """``use_compile`` restores the setting it found, nested and after an exception, without
+    compiling anything (no projection inside)."""
+    assert not projection.compile_enabled()
+    with projection.use_compile():
+        assert projection.compile_enabled()
+        with projection.use_compile(False):
+            assert not projection.compile_enabled()
+        assert projection.compile_enabled()
+        with pytest.raises(RuntimeError):
+            with projection.use_compile(False):
+                raise RuntimeError("inside")
+        assert projection.compile_enabled()
+    assert not projection.compile_enabled()

@@ -20,6 +20,7 @@ under autocast; only the matrix products follow an active autocast (bf16) or TF3
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -79,110 +80,143 @@ def _units(t, g: int):
 
 
 class _Geometry:
-    """Where the profile windows of a batch lie. ``xy [B, N, 2]`` (Å), ``s [B, N]`` (Å).
+    """Where the profile windows of a batch lie. ``t [B, 2 (x, y), N]`` image-plane centres
+    (Å), ``s [B, N]`` widths (Å). Everything per window is laid out ``[B, 2, N]`` so that a
+    chunk of images is one contiguous block.
 
     Each profile is drawn on ``W`` pixels (``window_width`` rounded up to the scatter granule
-    ``g``) starting at ``k0`` (a multiple of ``g``, kept inside the box, so rows have no padding:
-    a window that would cross the box edge is shifted inward, where the Gaussian is below ``eps``
+    ``g``) starting at a multiple of ``g`` kept inside the box, so rows have no padding (a window
+    that would cross the box edge is shifted inward, where the Gaussian is below ``eps``
     anyway); ``W`` is at most the box. The images are computed only on the batch's region
     ``[lo, hi)`` per axis where some window lies (the rest of the box is exactly 0).
-    ``d = k0 - t`` (pixels from the centre to the window's first pixel) and ``nsa2 = -apix^2 /
-    (2 s^2)`` give the profile ``exp(nsa2 (d + k)^2)`` at the window's pixel ``k``, floored at
-    ``eps e^-4``. ``rows`` index each window's first value (in scatter elements) in its chunk's
-    ``[c, N, L]`` profile buffer; ``chunk`` images per chunk keep the two buffers and the
-    windows within ``CHUNK_BYTES``."""
+    With ``d`` the pixels from the centre to the window's first pixel and ``nsa2 = -apix^2 /
+    (2 s^2)``, the profile at the window's pixel ``k`` is ``exp(nsa2 (d + k)^2)``, floored at
+    ``eps e^-4``. ``start [B, 2, N]`` is each window's first value (in scatter
+    elements) in its row of the batch's region; ``chunk`` images at a time keep the scatter
+    buffer and the windows within ``CHUNK_BYTES``. Both profile buffers of a chunk (x rows
+    ``[c, N, Lx]``, then y rows ``[c, N, Ly]``) are one flat buffer, filled by one index copy."""
 
-    def __init__(self, xy, s, box: int, apix: float):
-        dt = xy.dtype
+    def __init__(self, t, s, box: int, apix: float):
+        dt = t.dtype
         self.box = box
-        self.log_eps = math.log(profile_cutoff(dt))
+        log_eps = math.log(profile_cutoff(dt))
         # profile values are floored at eps e^-4 (an exp that would underflow is ~50x slower on
-        # CPUs and makes denormals; products of two floors and a weight stay normal down to
-        # weights of ~1e-17 in float32); the floor is 4 e-folds below the cut eps, far below
-        # the dtype's resolution, so no threshold pass is needed
-        self.floor = self.log_eps - 4.0
-        cut = math.sqrt(-2.0 * self.log_eps)
+        # CPUs, flush-to-zero or not, and makes denormals; products of two floors and a weight
+        # stay normal down to weights of ~1e-17 in float32); the floor is 4 e-folds below the
+        # cut eps, far below the dtype's resolution, so no threshold pass is needed
+        self.floor = log_eps - 4.0
+        cut = math.sqrt(-2.0 * log_eps)
         g = self.g = _granule(box, dt)
         W = window_width(float(s.max()), apix, dt)
-        W = -(-(W + g - 1) // g) * g
-        h = box // 2
-        B, N = s.shape
-        dev = xy.device
-        t = (xy / apix).permute(2, 0, 1).contiguous()  # [2, B, N] centre in pixels from the box centre
-        if W >= box:
-            W = box
-            k0 = torch.full_like(t, -h)
-        else:  # first pixel (from the box centre), a multiple of g as an index into the box
-            k0 = torch.ceil(t - (cut / apix) * s).add_(h).mul_(1.0 / g).floor_().mul_(g).clamp_(0, box - W).sub_(h)
+        W = min(box, -(-(W + g - 1) // g) * g)
         self.W = W
-        lo, hi = k0.view(2, -1).amin(1), k0.view(2, -1).amax(1)
-        self.lo = [int(v) + h for v in lo.tolist()]  # x, y
-        self.hi = [int(v) + h + W for v in hi.tolist()]
-        self.L = [b - a for a, b in zip(self.lo, self.hi)]
-        self.d = k0 - t  # both from the box centre: no rounding of the offset by box // 2
-        self.nsa2 = ((-apix * apix / 2.0) / (s * s))[:, :, None]  # [B, N, 1]: exponent per pixel^2
+        h = box // 2
+        B, _, N = t.shape
+        dev = t.device
+        tp = t / apix  # [B, 2, N] centre in pixels from the box centre
+        # first pixel of each window as an index into the box, in scatter elements of g pixels
+        m = torch.sub(tp, s[:, None, :], alpha=cut / apix).ceil_().add_(h).div_(g).floor_().clamp_(0, (box - W) // g)
+        ends = torch.stack([m.amin((0, 2)), m.amax((0, 2))]).tolist()
+        # the region, widened to whole 64-byte rows where the box allows (what matrix-product
+        # kernels move at once; same images, the extra columns are 0)
+        v = max(g, 64 // t.element_size())
+        self.L = [min(box, -(-(int(b) * g + W - int(a) * g) // v) * v) for a, b in zip(*ends)]
+        self.lo = [min(int(a) * g, box - L) for a, L in zip(ends[0], self.L)]  # x, y
+        self.hi = [a + L for a, L in zip(self.lo, self.L)]
+        self.start = m.sub_(torch.tensor([a // g for a in self.lo], device=dev, dtype=dt)[:, None])
+        # pixels from the centre to the window's first pixel: both from the box centre, so no
+        # rounding of the offset by box // 2
+        lo_t = torch.tensor([float(v - h) for v in self.lo], device=dev, dtype=dt)[:, None]
+        self.d = torch.mul(self.start, float(g)).add_(lo_t).sub_(tp)
+        self.nsa2 = torch.mul(s, s).reciprocal_().mul_(-apix * apix / 2.0)[:, None, :, None]  # [B, 1, N, 1]
         self.kr = torch.arange(W, device=dev, dtype=dt)
         self.mm_ok = (dev.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
                       and not torch.is_autocast_enabled("cpu"))
         if self.mm_ok:
-            self.coef = torch.stack([self.d, torch.ones_like(self.d)], -1)  # [2, B, N, 2]
+            self.coef = t.new_empty(B, 2, N, 2)
+            self.coef[..., 0] = self.d
+            self.coef[..., 1] = 1.0
             self.powers = torch.stack([torch.ones_like(self.kr), self.kr])  # [2, W]
-        per_image = N * (self.L[0] + self.L[1] + 4 * W) * xy.element_size()
+        per_image = N * (self.L[0] + self.L[1] + 4 * W) * t.element_size()
         budget = CHUNK_BYTES.get(dev.type, CHUNK_BYTES_DEFAULT)
         self.chunk = max(1, min(B, budget // per_image))
-        # index (in scatter elements) of each window's first value in its chunk's [c, N, L] buffer
-        slot = (torch.arange(B, device=dev) % self.chunk)[:, None] * N + torch.arange(N, device=dev)
-        lo_t = torch.tensor(self.lo, device=dev, dtype=dt)[:, None, None]
-        Lg = torch.tensor([L // g for L in self.L], device=dev)[:, None, None]
-        self.rows = ((k0 + h - lo_t).mul_(1.0 / g).long() + slot * Lg).view(2, B * N)
+        # row offsets (scatter elements) of each window's row in the chunk's buffer: x rows
+        # [c, N, Lx], then y rows [c, N, Ly]
+        Lg = [L // g for L in self.L]
+        slot = torch.arange(self.chunk * N, device=dev).view(self.chunk, N)
+        self.base = torch.stack([slot * Lg[0], slot * Lg[1] + self.chunk * N * Lg[0]], 1)  # [chunk, 2, N]
+
+    def rows(self, sl):
+        """Scatter rows (index of each window's first element) of the images ``sl``: ``[c 2 N]``."""
+        c = sl.stop - sl.start
+        return (self.start[sl].long() + self.base[:c]).view(-1)
 
     def windows(self, sl, keep_q: bool = False):
-        """Profile windows of the images ``sl``: ``e [2 (x, y), c, N, W]`` and, with ``keep_q``,
-        the offsets ``q`` (pixels, same shape; else None).
+        """Profile windows of the images ``sl``: ``e [c, 2 (x, y), N, W]`` and, with ``keep_q``,
+        the offsets ``q = d + k`` (pixels, same shape; else None).
 
-        On CPUs with float32 matrix products at full precision the offsets ``q = d + k`` come
-        from one matrix product ``[d, 1] @ [1, k]`` (exact products, one rounding per value: the
-        same values as the broadcast sum, which is several times slower over rows of ``W``)."""
-        d, nsa2 = self.d[:, sl], self.nsa2[sl]
+        On CPUs with float32 matrix products at full precision the offsets come from one matrix
+        product ``[d, 1] @ [1, k]`` (exact products, one rounding per value: the same values as
+        the broadcast sum, which is several times slower over rows of ``W``). The exponent is
+        ``nsa2 q^2`` from the exact ``q`` (folding the width into the product instead would
+        round ``d`` and ``k`` scaled before they cancel: several times the error near the peak)."""
         if self.mm_ok:
-            q = torch.matmul(self.coef[:, sl], self.powers)
+            q = torch.matmul(self.coef[sl], self.powers)
         else:
-            q = d[..., None] + self.kr
-        arg = (torch.mul(q, q) if keep_q else q.mul_(q)).mul_(nsa2)
+            q = self.d[sl, :, :, None] + self.kr
+        arg = (torch.mul(q, q) if keep_q else q.mul_(q)).mul_(self.nsa2[sl])
         e = arg.clamp_min_(self.floor).exp_()
         return e, (q if keep_q else None)
 
 
 def _window_values(d, nsa2, kr, floor: float, w):
     """The forward's profile windows in one expression (what ``torch.compile`` fuses into one
-    loop): ``d [2, c, N]``, ``nsa2 [c, N, 1]``, ``kr [W]``, weights ``w [c, N]`` on the y
-    profiles. Returns ``[2, c, N, W]``."""
+    loop): ``d [c, 2, N]``, ``nsa2 [c, 1, N, 1]``, ``kr [W]``, weights ``w [c, N]`` on the y
+    profiles. Returns ``[c, 2, N, W]``."""
     q = d[..., None] + kr
     e = (q * q * nsa2).clamp_min(floor).exp()
-    return torch.stack([e[0], e[1] * w[..., None]])
+    return torch.stack([e[:, 0], e[:, 1] * w[..., None]], 1)
 
 
-#: the compiled ``_window_values`` when :func:`set_compile` turned it on (off by default)
-_COMPILED = {"fn": None}
 COMPILE_ENV = "CRYOGMM_COMPILE"
+#: whether the profile windows are built by ``torch.compile`` (see :func:`use_compile`); the
+#: compiled function is made once, on first use
+_COMPILE = {"on": os.environ.get(COMPILE_ENV, "") not in ("", "0"), "fn": None}
+
+
+def _compiled_windows():
+    if _COMPILE["fn"] is None:
+        _COMPILE["fn"] = torch.compile(_window_values, dynamic=True)
+    return _COMPILE["fn"]
+
+
+@contextlib.contextmanager
+def use_compile(enabled: bool = True):
+    """Within the ``with`` block, build the projection's profile windows with ``torch.compile``
+    (``enabled=True``: one fused loop instead of a few elementwise passes; the matrix products
+    and the scatter stay as they are) or without it (``False``); the setting before the block
+    comes back after it, also on an exception. Off by default, on for the whole process with
+    the environment variable ``CRYOGMM_COMPILE=1``. The first call with a new shape compiles
+    (seconds to a minute), so it pays only for long jobs. Not for concurrent use from several
+    threads with different settings (one process-wide switch)."""
+    before = _COMPILE["on"]
+    _COMPILE["on"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _COMPILE["on"] = before
 
 
 def set_compile(enabled: bool) -> bool:
-    """Build the projection's profile windows with ``torch.compile`` (one fused loop instead of
-    a few elementwise passes; the matrix products and the scatter stay as they are). Off by
-    default; the first call with a new shape compiles (seconds to a minute), so it pays only
-    for long jobs. Also switched on by the environment variable ``CRYOGMM_COMPILE=1``.
-    Returns whether it is on."""
-    _COMPILED["fn"] = torch.compile(_window_values, dynamic=True) if enabled else None
-    return enabled
+    """Process-wide default of :func:`use_compile` (stays until changed; prefer the scoped
+    ``with use_compile():``). Returns whether it is on."""
+    _COMPILE["on"] = bool(enabled)
+    return _COMPILE["on"]
 
 
 def compile_enabled() -> bool:
-    return _COMPILED["fn"] is not None
-
-
-if os.environ.get(COMPILE_ENV, "") not in ("", "0"):
-    set_compile(True)
+    """Whether the projection builds its windows with ``torch.compile`` here and now."""
+    return _COMPILE["on"]
 
 
 def _runs(buf, W: int, g: int):
@@ -207,86 +241,82 @@ def _bmm(a, b, out, mm_dtype):
 
 
 class _SeparableProject(torch.autograd.Function):
-    """Images ``[B, box, box]`` from image-plane positions ``xy [B, N, 2]`` (Å), widths ``s``
+    """Images ``[B, box, box]`` from image-plane centres ``t [B, 2 (x, y), N]`` (Å), widths ``s``
     and weights ``w`` (``[B, N]``): ``sum_n w_n gy_n(y) gx_n(x)``. The profiles are made a
     chunk of images at a time, forward and again in backward (nothing of size ``W`` is kept)."""
 
     @staticmethod
-    def forward(ctx, xy, s, w, box, apix, mm_dtype):
-        B, N, _ = xy.shape
-        geo = _Geometry(xy, s, box, apix)
+    def forward(ctx, t, s, w, box, apix, mm_dtype):
+        B, _, N = t.shape
+        geo = _Geometry(t, s, box, apix)
         (lx, ly), (hx, hy), (Lx, Ly) = geo.lo, geo.hi, geo.L
-        W, g = geo.W, geo.g
-        chunk = geo.chunk
+        W, g, chunk = geo.W, geo.g, geo.chunk
         full = Lx == box and Ly == box
-        out = xy.new_empty(B, box, box) if full else xy.new_zeros(B, box, box)
-        img = None if full else xy.new_empty(chunk, Ly, Lx)
-        bx, by = xy.new_zeros(chunk * N * Lx), xy.new_zeros(chunk * N * Ly)
-        rx, ry = _runs(bx, W, g), _runs(by, W, g)
+        out = t.new_empty(B, box, box) if full else t.new_zeros(B, box, box)
+        img = None if full else t.new_empty(chunk, Ly, Lx)
+        nx = chunk * N * Lx
+        buf = t.new_zeros(nx + chunk * N * Ly)  # x rows [chunk, N, Lx], then y rows [chunk, N, Ly]
+        runs = _runs(buf, W, g)
+        fn = _compiled_windows() if _COMPILE["on"] else None
         for i in range(0, B, chunk):
             sl = slice(i, min(B, i + chunk))
             c = sl.stop - sl.start
-            if _COMPILED["fn"] is not None:
-                e = _COMPILED["fn"](geo.d[:, sl], geo.nsa2[sl], geo.kr, geo.floor, w[sl])
+            if fn is not None:
+                e = fn(geo.d[sl], geo.nsa2[sl], geo.kr, geo.floor, w[sl])
             else:
                 e, _ = geo.windows(sl)
-                e[1].mul_(w[sl, :, None])
-            ix, iy = geo.rows[0, i * N:sl.stop * N], geo.rows[1, i * N:sl.stop * N]
-            rx.index_copy_(0, ix, _units(e[0], g).reshape(-1, W // g))
-            ry.index_copy_(0, iy, _units(e[1], g).reshape(-1, W // g))
-            gx, gy = bx[:c * N * Lx].view(c, N, Lx), by[:c * N * Ly].view(c, N, Ly)
+                e[:, 1].mul_(w[sl, :, None])
+            rows = geo.rows(sl)
+            runs.index_copy_(0, rows, _units(e, g).reshape(-1, W // g))
+            gx, gy = buf[:c * N * Lx].view(c, N, Lx), buf[nx:nx + c * N * Ly].view(c, N, Ly)
             if full:
                 _bmm(gy.transpose(1, 2), gx, out[sl], mm_dtype)
             else:  # BLAS wants a contiguous result
                 _bmm(gy.transpose(1, 2), gx, img[:c], mm_dtype)
                 out[sl, ly:hy, lx:hx] = img[:c]
-            rx.index_fill_(0, ix, 0)
-            ry.index_fill_(0, iy, 0)
-        ctx.save_for_backward(xy, s, w)
+            runs.index_fill_(0, rows, 0)
+        ctx.save_for_backward(t, s, w)
         ctx.meta = (box, apix, mm_dtype)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        xy, s, w = ctx.saved_tensors
+        t, s, w = ctx.saved_tensors
         box, apix, mm_dtype = ctx.meta
-        B, N, _ = xy.shape
-        geo = _Geometry(xy, s, box, apix)
+        B, _, N = t.shape
+        geo = _Geometry(t, s, box, apix)
         (lx, ly), (hx, hy), (Lx, Ly) = geo.lo, geo.hi, geo.L
-        W, g = geo.W, geo.g
-        chunk = geo.chunk
-        g_xy, g_s, g_w = xy.new_empty(2, B, N), torch.empty_like(s), torch.empty_like(w)
-        bx, by = xy.new_zeros(chunk * N * Lx), xy.new_zeros(chunk * N * Ly)
-        dx, dy = xy.new_empty(chunk * N * Lx), xy.new_empty(chunk * N * Ly)
-        rx, ry = _runs(bx, W, g), _runs(by, W, g)
-        sx, sy = _runs(dx, W, g), _runs(dy, W, g)
+        W, g, chunk = geo.W, geo.g, geo.chunk
+        g_t, g_s, g_w = torch.empty_like(t), torch.empty_like(s), torch.empty_like(w)
+        nx = chunk * N * Lx
+        buf = t.new_zeros(nx + chunk * N * Ly)
+        dbuf = t.new_empty(nx + chunk * N * Ly)
+        runs, druns = _runs(buf, W, g), _runs(dbuf, W, g)
         for i in range(0, B, chunk):
             sl = slice(i, min(B, i + chunk))
             c = sl.stop - sl.start
             e, q = geo.windows(sl, keep_q=True)
-            ix, iy = geo.rows[0, i * N:sl.stop * N], geo.rows[1, i * N:sl.stop * N]
-            rx.index_copy_(0, ix, _units(e[0], g).reshape(-1, W // g))
-            ry.index_copy_(0, iy, _units(e[1] * w[sl, :, None], g).reshape(-1, W // g))
-            gx, gy = bx[:c * N * Lx].view(c, N, Lx), by[:c * N * Ly].view(c, N, Ly)
+            rows = geo.rows(sl)
+            ew = torch.stack([e[:, 0], e[:, 1] * w[sl, :, None]], 1)
+            runs.index_copy_(0, rows, _units(ew, g).reshape(-1, W // g))
+            gx, gy = buf[:c * N * Lx].view(c, N, Lx), buf[nx:nx + c * N * Ly].view(c, N, Ly)
             gr = grad[sl, ly:hy, lx:hx]
             # image = gy^T gx: d gx = gy image', d gy = gx image'^T
-            _bmm(gy, gr, dx[:c * N * Lx].view(c, N, Lx), mm_dtype)
-            _bmm(gx, gr.transpose(1, 2), dy[:c * N * Ly].view(c, N, Ly), mm_dtype)
-            d = e.new_empty(2, c, N, W)  # d loss / d profile values
-            torch.index_select(sx, 0, ix, out=_units(d[0], g).view(-1, W // g))
-            torch.index_select(sy, 0, iy, out=_units(d[1], g).view(-1, W // g))
-            rx.index_fill_(0, ix, 0)
-            ry.index_fill_(0, iy, 0)
-            g_w[sl] = (d[1] * e[1]).sum(-1)
-            d[1].mul_(w[sl, :, None])
+            _bmm(gy, gr, dbuf[:c * N * Lx].view(c, N, Lx), mm_dtype)
+            _bmm(gx, gr.transpose(1, 2), dbuf[nx:nx + c * N * Ly].view(c, N, Ly), mm_dtype)
+            d = e.new_empty(c, 2, N, W)  # d loss / d profile values
+            torch.index_select(druns, 0, rows, out=_units(d, g).view(-1, W // g))
+            runs.index_fill_(0, rows, 0)
+            g_w[sl] = (d[:, 1] * e[:, 1]).sum(-1)
+            d[:, 1].mul_(w[sl, :, None])
             # e = exp(-r2 q^2), r2 = apix^2 / 2 s^2, q = pixel - c / apix:
             # de/dc = 2 r2 q e / apix, de/ds = 2 r2 q^2 e / s
             r2 = (apix * apix / 2.0) / (s[sl] * s[sl])
             d.mul_(e).mul_(q)
-            g_xy[:, sl] = d.sum(-1) * (2.0 * r2 / apix)
-            g_s[sl] = d.mul_(q).sum((0, 3)) * (2.0 * r2 / s[sl])
-        return g_xy.permute(1, 2, 0), g_s, g_w, None, None, None
+            g_t[sl] = d.sum(-1) * (2.0 * r2 / apix)[:, None]
+            g_s[sl] = d.mul_(q).sum((1, 3)) * (2.0 * r2 / s[sl])
+        return g_t, g_s, g_w, None, None, None
 
 
 def project(g: Gaussians, rotmat: torch.Tensor, shift_A: torch.Tensor | None, box: int, apix: float) -> torch.Tensor:
@@ -298,16 +328,17 @@ def project(g: Gaussians, rotmat: torch.Tensor, shift_A: torch.Tensor | None, bo
     may carry per-image centres ``[B, N, 3]`` (a deformed mixture); amplitudes and widths
     ``[N]`` or ``[B, N]``. Under an active autocast only the matrix products change dtype.
     """
+    dev = g.centers.device
+    dt = g.centers.dtype
+    mm_dtype = _mm_dtype(dev)
     xy, _ = rotate_centers(g.centers, rotmat, shift_A)
-    B = xy.shape[0]
-    dt = xy.dtype
-    with torch.autocast(xy.device.type, enabled=False):
+    with torch.autocast(dev.type, enabled=False):
+        t = xy.transpose(1, 2).contiguous()  # [B, 2 (x, y), N]
+        B = t.shape[0]
         s = (g.sigmas.expand(B, -1) if g.sigmas.dim() == 1 else g.sigmas).to(dt)
         a = (g.amplitudes.expand(B, -1) if g.amplitudes.dim() == 1 else g.amplitudes).to(dt)
         w = a / (2.0 * math.pi * s**2 * apix)  # line integral / apix = sum of voxels
-    mm_dtype = _mm_dtype(xy.device)
-    with torch.autocast(xy.device.type, enabled=False):
-        return _SeparableProject.apply(xy, s, w, int(box), float(apix), mm_dtype)
+        return _SeparableProject.apply(t, s, w, int(box), float(apix), mm_dtype)
 
 
 #: bytes of the sample points (and their samples) one step of :func:`project_map` may hold

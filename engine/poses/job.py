@@ -466,15 +466,18 @@ def _write_maps_and_patches(od, inp: _Inputs, table, extra: dict, h1, h2, final,
 def refine_poses(cfg: RefineConfig, progress=None) -> dict:
     """Run the refinement; write ``refined.star``, ``half1.mrc``, ``half2.mrc``, ``map.mrc``,
     ``fsc.png`` (every iteration), ``report.json`` (and with patches ``composite*.mrc`` and
-    ``patches/``) into ``cfg.out``. Returns the report."""
+    ``patches/``) into ``cfg.out``. Returns the report. ``cfg.compile`` holds for this job only."""
+    with projection.use_compile(cfg.compile or projection.compile_enabled()):
+        return _refine_poses(cfg, progress)
+
+
+def _refine_poses(cfg: RefineConfig, progress) -> dict:
     timer = Timer()
     progress = progress or (lambda *a: None)
     _check_options(cfg)
     ops = symmetry_operators(cfg.sym)
     dev = pick_device(cfg.device)
     set_matmul_precision(dev, cfg.matmul_precision)
-    if cfg.compile:
-        projection.set_compile(True)
     dev = distributed.setup(dev)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
