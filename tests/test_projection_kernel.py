@@ -198,3 +198,25 @@ def test_compile_switch_is_scoped():
                 raise RuntimeError("inside")
         assert projection.compile_enabled()
     assert not projection.compile_enabled()
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_rotation_without_matrix_product_is_the_same(monkeypatch, per_image):
+    """Where TF32 could take the rotation (CUDA), ``rotate_centers`` rotates by broadcast
+    products instead: the same positions to float32 rounding, so the same images (run here on
+    the CPU by switching that path on)."""
+    g = mixture(500, 48, 1.0, torch.float32, seed=4)
+    R = rotations(5, torch.float32, 4)
+    if per_image:
+        g = g.with_centers(g.centers + 0.5 * torch.randn(5, 500, 3, generator=torch.Generator().manual_seed(4)))
+    sh = torch.randn(5, 2, generator=torch.Generator().manual_seed(5))
+    xy0, z0 = rotate_centers(g.centers, R, sh)
+    img0 = project(g, R, sh, 48, 1.0)
+    monkeypatch.setattr(projection, "_tf32_possible", lambda t: True)
+    xy1, z1 = rotate_centers(g.centers, R, sh)
+    scale = float(g.centers.abs().max())
+    assert (xy1 - xy0).abs().max() <= 4 * torch.finfo(torch.float32).eps * scale
+    assert (z1 - z0).abs().max() <= 4 * torch.finfo(torch.float32).eps * scale
+    # a rounding of the positions moves a narrow Gaussian's image by a few 1e-6 of the maximum
+    # (the float32 dense reference is itself up to ~6e-6 from float64)
+    assert (project(g, R, sh, 48, 1.0) - img0).abs().max() <= 5e-6 * img0.abs().max()

@@ -38,14 +38,28 @@ def rotate_centers(centers: torch.Tensor, rotmat: torch.Tensor, shift_A: torch.T
 
     ``centers`` [N, 3] or [B, N, 3]; ``rotmat`` [B, 3, 3]; ``shift_A`` [B, 2] or None.
     Returns ``[B, N, 2]`` (x, y) in Å and the depth ``[B, N]``. Always in the centres' dtype
-    (autocast is switched off here: a bf16 rotation moves atoms by tenths of an Å).
+    (autocast is switched off here: a bf16 rotation moves atoms by tenths of an Å), and where
+    float32 matrix products may run in TF32 (GPUs with ``--matmul-precision tf32|bf16``) as three
+    broadcast products instead of a matrix product (TF32 keeps 10 bits: hundredths of an Å).
     """
     with torch.autocast(centers.device.type, enabled=False):
-        pos = torch.matmul(centers, rotmat.to(centers.dtype).transpose(-1, -2))  # [B, N, 3]
+        R = rotmat.to(centers.dtype)
+        if _tf32_possible(centers):  # [B, N, 3] = sum_i c_i R[:, :, i]
+            pos = centers[..., 0, None] * R[:, None, :, 0]
+            for i in (1, 2):
+                pos = pos + centers[..., i, None] * R[:, None, :, i]
+        else:
+            pos = torch.matmul(centers, R.transpose(-1, -2))  # [B, N, 3]
         xy = pos[..., :2]
         if shift_A is not None:
             xy = xy - shift_A.to(centers.dtype)[:, None, :]
     return xy, pos[..., 2]
+
+
+def _tf32_possible(t: torch.Tensor) -> bool:
+    """Whether a float32 matrix product of ``t`` may run in TF32 here (CUDA with TF32 allowed)."""
+    return (t.dtype == torch.float32 and t.device.type == "cuda"
+            and (torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"))
 
 
 def profile_cutoff(dtype: torch.dtype) -> float:
