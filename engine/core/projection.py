@@ -10,12 +10,13 @@ The kernel (:func:`project`) is separable: an image is ``Gy^T Gx`` with ``Gx[n, 
 ``W`` pixels (where it exceeds ``eps``, the dtype's resolution / 128; ``W`` rounded up so that
 a window moves as whole 16-byte elements) placed inside the box; ``exp(-u^2/2)`` floored at
 ``eps e^-4`` is drawn (no exp underflows, no denormal anywhere, the floor far below the dtype's
-resolution), scattered by one index copy per axis into reused zeroed buffers a few images at a
-time (``CHUNK_BYTES``), and multiplied, only over the region of the image that some window
+resolution), scattered by one index copy (both axes) into a reused zeroed buffer a few images
+at a time (``CHUNK_BYTES``), and multiplied, only over the region of the image that some window
 reaches (the rest is exactly 0). Only the compact windows are rebuilt for the backward pass,
 which has closed-form gradients. Rotations and profiles stay in the input's float dtype even
-under autocast; only the matrix products follow an active autocast (bf16) or TF32 setting.
-:func:`set_compile` (off by default) builds the windows with ``torch.compile``.
+under autocast and TF32; only the matrix products follow an active autocast (bf16) or TF32
+setting. ``with use_compile():`` builds the windows with ``torch.compile`` inside its block
+(off by default; ``CRYOGMM_COMPILE=1`` turns it on for the process).
 """
 
 from __future__ import annotations
