@@ -220,3 +220,28 @@ def test_rotation_without_matrix_product_is_the_same(monkeypatch, per_image):
     # a rounding of the positions moves a narrow Gaussian's image by a few 1e-6 of the maximum
     # (the float32 dense reference is itself up to ~6e-6 from float64)
     assert (project(g, R, sh, 48, 1.0) - img0).abs().max() <= 5e-6 * img0.abs().max()
+
+
+def test_refine_poses_compile_holds_for_its_job_only(monkeypatch):
+    """``refine-poses --compile`` turns the compiled windows on for that job and off again after
+    it (also when it fails), instead of leaving them on in the process."""
+    from types import SimpleNamespace
+
+    from cryogmm.poses import job
+
+    seen = []
+
+    def fake(cfg, progress):
+        seen.append(projection.compile_enabled())
+        if cfg.fail:
+            raise RuntimeError("job failed")
+        return {}
+
+    monkeypatch.setattr(job, "_refine_poses", fake)
+    assert not projection.compile_enabled()
+    job.refine_poses(SimpleNamespace(compile=True, fail=False))
+    with pytest.raises(RuntimeError):
+        job.refine_poses(SimpleNamespace(compile=True, fail=True))
+    job.refine_poses(SimpleNamespace(compile=False, fail=False))
+    assert seen == [True, True, False]
+    assert not projection.compile_enabled()
