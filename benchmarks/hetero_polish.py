@@ -105,14 +105,16 @@ def main(argv=None):
             torch.manual_seed(a.seed)
             t0 = time.perf_counter()
             z = polish_latents(step, np.arange(n), steps=s, lr=a.lr)
-            rec[f"polish{s}"] = score(z)
-            rec[f"polish{s}"]["seconds"] = time.perf_counter() - t0
-        rec.update({"lr": a.lr, "date": datetime.now(timezone.utc).isoformat(), "loadavg": list(os.getloadavg()),
+            key = f"polish{s}" + (f"_lr{a.lr:g}" if a.lr != 0.02 else "")
+            rec[key] = score(z)
+            rec[key]["seconds"] = time.perf_counter() - t0
+        rec.update({"date": datetime.now(timezone.utc).isoformat(), "loadavg": list(os.getloadavg()),
                     "threads": a.threads, "torch": torch.__version__,
                     "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])})
         print(mol, name, json.dumps(rec), flush=True)
         results = json.loads(a.json.read_text()) if a.json.exists() else results
-        results["runs"].setdefault(mol, {}).setdefault("readout_variants", {})[name.removeprefix("train_")] = rec
+        results["runs"].setdefault(mol, {}).setdefault("readout_variants", {}).setdefault(
+            name.removeprefix("train_"), {}).update(rec)
         a.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
