@@ -44,6 +44,13 @@ Usage (a few minutes of MD per molecule, then ~4 min of training per decoder and
   python benchmarks/hetero_thermal.py --molecules 1hvr adk --n 2000 --decoders
   python benchmarks/hetero_thermal.py --molecules 1hvr --n 2000 --decoders --no-ceiling \
       --cryodrgn --cryodrgn-epochs 5
+  # the 2026-12-03 comparison (one process per molecule and decoder, each with its own --json,
+  # merged afterwards): the new defaults, and the earlier fixed 8 Å band without polish
+  python benchmarks/hetero_thermal.py --work /tmp/hthermal --molecules 1hvr --snr 0.1 --n 2000 \
+      --decoders segments --no-ceiling --threads 1 --label defaults --json /tmp/hthermal/res/a.json
+  python benchmarks/hetero_thermal.py --work /tmp/hthermal --molecules 1hvr --snr 0.1 --n 2000 \
+      --decoders segments --no-ceiling --threads 1 --label fixed8 \
+      --set lowpass_A=8 lowpass_start_A=8 polish_steps=0 --json /tmp/hthermal/res/b.json
 """
 
 from __future__ import annotations
