@@ -104,7 +104,9 @@ def clean_pdb(src: Path, out: Path, chains=None):
                 st[0].remove_chain(ch.name)
     st.remove_empty_chains()
     st.setup_entities()
-    st.write_pdb(str(out))
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # atomic: runs of one molecule may start together
+    st.write_pdb(str(tmp))
+    os.replace(tmp, out)
     return out
 
 
@@ -133,7 +135,9 @@ def molecule(name: str, work: Path):
         start = clean_pdb(data / "adk_open.pdb", work / "adk_start.pdb")
         closed = clean_pdb(data / "adk_closed.pdb", work / "adk_closed_clean.pdb")
         sup = work / "adk_closed_on_open.pdb"
-        superpose_file(closed, start, sup, ADK_CORE)
+        tmp = work / f"adk_closed_on_open.{os.getpid()}.pdb"
+        superpose_file(closed, start, tmp, ADK_CORE)
+        os.replace(tmp, sup)
         ms, me = read_model(start), read_model(sup)
         key = lambda m, i: (m.chain[i], int(m.seq_id[i]))  # noqa: E731
         ce = {key(me, i): me.coords[0][i] for i in np.flatnonzero(me.atom_name == "CA")}
