@@ -44,6 +44,13 @@ Usage (a few minutes of MD per molecule, then ~4 min of training per decoder and
   python benchmarks/hetero_thermal.py --molecules 1hvr adk --n 2000 --decoders
   python benchmarks/hetero_thermal.py --molecules 1hvr --n 2000 --decoders --no-ceiling \
       --cryodrgn --cryodrgn-epochs 5
+  # the 2026-12-03 comparison (one process per molecule and decoder, each with its own --json,
+  # merged afterwards): the new defaults, and the earlier fixed 8 Å band without polish
+  python benchmarks/hetero_thermal.py --work /tmp/hthermal --molecules 1hvr --snr 0.1 --n 2000 \
+      --decoders segments --no-ceiling --threads 1 --label defaults --json /tmp/hthermal/res/a.json
+  python benchmarks/hetero_thermal.py --work /tmp/hthermal --molecules 1hvr --snr 0.1 --n 2000 \
+      --decoders segments --no-ceiling --threads 1 --label fixed8 \
+      --set lowpass_A=8 lowpass_start_A=8 polish_steps=0 --json /tmp/hthermal/res/b.json
 """
 
 from __future__ import annotations
@@ -97,7 +104,9 @@ def clean_pdb(src: Path, out: Path, chains=None):
                 st[0].remove_chain(ch.name)
     st.remove_empty_chains()
     st.setup_entities()
-    st.write_pdb(str(out))
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # atomic: runs of one molecule may start together
+    st.write_pdb(str(tmp))
+    os.replace(tmp, out)
     return out
 
 
@@ -126,7 +135,9 @@ def molecule(name: str, work: Path):
         start = clean_pdb(data / "adk_open.pdb", work / "adk_start.pdb")
         closed = clean_pdb(data / "adk_closed.pdb", work / "adk_closed_clean.pdb")
         sup = work / "adk_closed_on_open.pdb"
-        superpose_file(closed, start, sup, ADK_CORE)
+        tmp = work / f"adk_closed_on_open.{os.getpid()}.pdb"
+        superpose_file(closed, start, tmp, ADK_CORE)
+        os.replace(tmp, sup)
         ms, me = read_model(start), read_model(sup)
         key = lambda m, i: (m.chain[i], int(m.seq_id[i]))  # noqa: E731
         ce = {key(me, i): me.coords[0][i] for i in np.flatnonzero(me.atom_name == "CA")}

@@ -46,8 +46,10 @@ def test_no_motion_decodes_the_reference(null_sim, tmp_path, decoder):
     try:
         cfg = hetero_config.HeteroConfig(star=sim / "particles.star", model=model, out=tmp_path / "run",
                                          map=sim / "truth_map.mrc", decoder=decoder, segments=8, zdim=2, epochs=8,
-                                         batch=32, lowpass_A=10.0, kl_warmup=2, seed=0, device="cpu")
-        hetero_train.train_hetero(cfg)
+                                         batch=32, kl_warmup=2, seed=0, device="cpu")
+        # the default band (annealed from 8 Å to the data's 5 Å Nyquist) and latent polish
+        rep = hetero_train.train_hetero(cfg)
+        assert rep["lowpass_A"] == 5.0 and rep["history"][0]["band_A"] == 8.0 and rep["latent_polish"]
         run = hetero_run.Run(tmp_path / "run")
         z = run.encode_all()
         decoded = run.decode_atoms(z)

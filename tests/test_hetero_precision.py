@@ -29,7 +29,11 @@ def test_band_resolution_anneals_linearly_in_frequency():
     assert res[2] == pytest.approx(1.0 / (0.5 / 12.0 + 0.5 / 6.0))  # halfway in 1/Å, 8 Å
     assert all(r == pytest.approx(6.0) for r in res[4:])
     assert all(a > b for a, b in zip(res[:4], res[1:5]))
-    assert hetero_train.band_resolution(_cfg(), 0) is None  # no annealing: the whole band
+    assert hetero_train.band_resolution(_cfg(lowpass_start_A=6.0), 0) is None  # no annealing: the whole band
+    assert hetero_train.band_resolution(_cfg(lowpass_A=8.0), 0) is None  # the default start is not coarser
+    # the default: from DEFAULT_ANNEAL_START_A (8 Å) to lowpass_A over half the epochs
+    assert hetero_config.DEFAULT_ANNEAL_START_A == 8.0
+    assert [hetero_train.band_resolution(_cfg(), e) for e in (0, 5)] == pytest.approx([8.0, 6.0])
     # default anneal_epochs: half of the epochs
     assert hetero_train.band_resolution(_cfg(lowpass_start_A=12.0), 5) == pytest.approx(6.0)
     assert hetero_train.band_resolution(_cfg(lowpass_start_A=12.0), 4) > 6.0
@@ -41,6 +45,17 @@ def test_bad_precision_options_are_refused(kw, opt):
     with pytest.raises(OptionError) as e:
         hetero_train._check_config(_cfg(**kw))
     assert opt in str(e.value)
+
+
+def test_default_band_is_4A_or_the_nyquist(two_state_sim):
+    from cryogmm.hetero.data import load_particles
+
+    sim, _ = two_state_sim  # 2.5 Å pixels: Nyquist 5 Å is coarser than the default 4 Å
+    d = load_particles(sim / "particles.star", lowpass_A=None)
+    assert d.lowpass_A == 5.0 and d.crop == load_particles(sim / "particles.star", lowpass_A=5.0).crop
+    assert load_particles(sim / "particles.star", lowpass_A=7.0).lowpass_A == 7.0
+    assert hetero_config.DEFAULT_LOWPASS_A == 4.0 and hetero_config.HeteroConfig(
+        star=sim, model=HIVP, out=sim).polish_steps == 10
 
 
 def protein_only(out: Path) -> Path:

@@ -17,7 +17,10 @@ The STAR must hold poses (a consensus refinement) and CTF. The model must overla
 particles: its electron-weighted centre is put at the box centre, or give --map (the
 consensus map the model was fitted in) to take the frame from that map's header origin.
 Images are Fourier-cropped to --lowpass-A; projections are computed analytically in
-Fourier space on the cropped grid, so training runs on a CPU.
+Fourier space on the cropped grid, so training runs on a CPU. By default the loss band is
+annealed from 8 Å to 4 Å (or the data's Nyquist) over the first half of the epochs and each
+particle's latent is polished (10 steps) after training: --lowpass-A 8 --lowpass-start-A 8
+--polish-steps 0 gives the earlier fixed 8 Å band without the polish.
 
 train writes RUN/checkpoint.pt after every epoch (continue with --resume), config.json,
 loss.png and report.json. analyze writes RUN/analyze/: z.npy, particles_latent.star/.cs
@@ -117,12 +120,16 @@ def add_args(p):
     t.add_argument("--zdim", type=positive_int, default=8, help="latent dimensions (default 8)")
     t.add_argument("--epochs", type=positive_int, default=20, help="epochs (default 20)")
     t.add_argument("--batch", type=positive_int, default=64, help="particles per batch (default 64)")
-    t.add_argument("--lowpass-A", type=positive_float, default=8.0, help="highest resolution used, Å (default 8)")
+    t.add_argument("--lowpass-A", type=positive_float, metavar="A",
+                   help="highest resolution used, Å (default 4, or the data's Nyquist, 2 x pixel size, if coarser)")
     t.add_argument("--lowpass-start-A", type=positive_float, metavar="A",
-                   help="resolution annealing: the loss band starts at this resolution and reaches --lowpass-A")
+                   help="resolution annealing: the loss band starts at this resolution and reaches --lowpass-A "
+                        "over --anneal-epochs (default 8 when coarser than --lowpass-A; equal to --lowpass-A: "
+                        "no annealing)")
     t.add_argument("--anneal-epochs", type=positive_int, help="epochs of the annealing (default half of --epochs)")
-    t.add_argument("--polish-steps", type=nonnegative_int, default=0,
-                   help="per-particle latent polish after training (MAP z, writes latents_polished.npy; default 0)")
+    t.add_argument("--polish-steps", type=nonnegative_int, default=10,
+                   help="per-particle latent polish after training (MAP z, writes latents_polished.npy; "
+                        "default 10, 0: none)")
     t.add_argument("--gaussians", choices=("ca", "residue2"), default="ca",
                    help="coarse model: one Gaussian per residue (ca) or backbone + side chain (residue2)")
     t.add_argument("--loss", choices=("gaussian", "correlation"), default="gaussian",

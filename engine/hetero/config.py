@@ -8,6 +8,11 @@ from pathlib import Path
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 LATENTS = "latents_polished.npy"  # per-particle polished latents (polish_steps > 0), particle order
+# default loss band: annealed from 8 Å to 4 Å (or the data's Nyquist) over the first half of the
+# epochs. Measured on targeted-MD frames of HIV protease and adenylate kinase (relion_project, SNR
+# 0.1; benchmarks/results/hetero_thermal.json) against the earlier fixed 8 Å band
+DEFAULT_LOWPASS_A = 4.0
+DEFAULT_ANNEAL_START_A = 8.0
 
 
 # --------------------------------------------------------------------------- configs
@@ -22,9 +27,11 @@ class HeteroConfig:
     zdim: int = 8
     epochs: int = 20
     batch: int = 64
-    lowpass_A: float = 8.0
+    # highest resolution used (Å); None: DEFAULT_LOWPASS_A, or the data's Nyquist (2 x pixel) if coarser
+    lowpass_A: float | None = None
     # resolution annealing: the loss band starts at this resolution (Å, coarser than
-    # lowpass_A) and reaches lowpass_A linearly in spatial frequency by anneal_epochs (None: no annealing)
+    # lowpass_A) and reaches lowpass_A linearly in spatial frequency by anneal_epochs; None:
+    # DEFAULT_ANNEAL_START_A when that is coarser than lowpass_A; equal to lowpass_A: no annealing
     lowpass_start_A: float | None = None
     anneal_epochs: int | None = None  # default: half of the epochs
     gaussians: str = "ca"
@@ -53,5 +60,5 @@ class HeteroConfig:
     # default in RUN/particle_cache (removed when training ends); cache=False streams without one
     cache: bool = True
     cache_dir: Path | None = None
-    polish_steps: int = 0  # per-particle latent polish (MAP z under the trained decoder) after training
+    polish_steps: int = 10  # per-particle latent polish (MAP z under the trained decoder) after training
     calibrate: bool = True  # coarse Gaussians drawn where the reference's atoms put density (vae.calibrate_base)

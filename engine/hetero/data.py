@@ -36,6 +36,7 @@ from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.projection import rotate_centers
 from cryogmm.errors import OptionError, StarError
 from cryogmm.hetero.cache import ParticleCache, check_cache_dir
+from cryogmm.hetero.config import DEFAULT_LOWPASS_A
 
 #: host memory of a training process besides its particles (interpreter, torch, model, optimiser), bytes
 BASELINE_BYTES = 0.6e9
@@ -146,6 +147,7 @@ class ParticleData:
     ctf_params: CtfParams | None = None
     plan: dict | None = None
     cache: ParticleCache | None = None  # streamed: the on-disk cache of cropped transforms and CTFs
+    lowpass_A: float | None = None  # the band's resolution (Å): the option's, or the default resolved
 
     def __post_init__(self):
         if self.rows is None:
@@ -203,11 +205,12 @@ class ParticleData:
             self.cache.close()
 
 
-def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float | None = None, batch: int = 512,
+def load_particles(star, *, lowpass_A: float | None, project_dir=None, radius_A: float | None = None, batch: int = 512,
                    max_particles: int | None = None, progress=None, load: str = "memory",
                    max_memory_gb: float | None = None, train_batch: int = 64, sharded: bool = False,
                    cache_dir=None, cache_option: str = "--cache-dir") -> ParticleData:
     """Read a STAR (or .cs) with poses and CTF; hold every image Fourier-cropped to ``lowpass_A``
+    (None: ``DEFAULT_LOWPASS_A``, or the data's Nyquist when that is coarser; ``lowpass_A`` of the result)
     in memory or stream them (``load``: ``memory``, ``stream`` or ``auto``, see :func:`memory_plan`;
     ``train_batch``: the training batch, for the estimate). ``sharded``: under ``torchrun`` this
     rank takes only its contiguous shard (:func:`cryogmm.distributed.shard`).
@@ -240,6 +243,8 @@ def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float 
         raise StarError(star, f"particles of several box sizes {boxes.tolist()} or pixel sizes {apixes.tolist()}; "
                         "use one optics setting")
     box, apix = int(boxes[0]), float(apixes[0])
+    if lowpass_A is None:  # the default: DEFAULT_LOWPASS_A, or the data's Nyquist if coarser
+        lowpass_A = max(DEFAULT_LOWPASS_A, 2 * apix)
     if lowpass_A < 2 * apix:
         raise OptionError("--lowpass-A", f"{lowpass_A:g} Å is beyond Nyquist ({2 * apix:g} Å) of {star}")
     crop = crop_size(box, apix, lowpass_A)
@@ -315,7 +320,7 @@ def load_particles(star, *, lowpass_A: float, project_dir=None, radius_A: float 
         shift_A=torch.as_tensor(table.shift_A, dtype=torch.float32), box=box, apix=apix, crop=crop,
         noise_var=float(noise_var), band=band.float(), k2=k2.float(), kx=kx[0].float(), ky=ky[:, 0].float(),
         rows=rows, source=None if resident or cache is not None else src, plan=plan, ctf_params=ctf_params,
-        cache=cache,
+        cache=cache, lowpass_A=float(lowpass_A),
     )
 
 

@@ -71,7 +71,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,7 @@ import torch
 
 from cryogmm import distributed
 from cryogmm.errors import CryoGMMError, InputError, OptionError
-from cryogmm.hetero.config import CHECKPOINT, CONFIG, LATENTS, HeteroConfig
+from cryogmm.hetero.config import CHECKPOINT, CONFIG, DEFAULT_ANNEAL_START_A, LATENTS, HeteroConfig
 from cryogmm.hetero.data import load_particles, shard_share
 from cryogmm.hetero.reference import load_reference, map_center
 from cryogmm.hetero.vae import (
@@ -110,9 +110,9 @@ def _check_config(cfg: HeteroConfig):
                         ("--segments", cfg.segments, 1)):
         if v < lo:
             raise OptionError(name, f"{v}; expected at least {lo}")
-    if cfg.lowpass_A <= 0:
+    if cfg.lowpass_A is not None and cfg.lowpass_A <= 0:
         raise OptionError("--lowpass-A", f"{cfg.lowpass_A}; expected a positive resolution in Å")
-    if cfg.lowpass_start_A is not None and not cfg.lowpass_start_A >= cfg.lowpass_A:
+    if cfg.lowpass_start_A is not None and cfg.lowpass_A is not None and not cfg.lowpass_start_A >= cfg.lowpass_A:
         raise OptionError("--lowpass-start-A", f"{cfg.lowpass_start_A}; expected a resolution at least --lowpass-A "
                           f"({cfg.lowpass_A} Å): annealing goes from coarse to fine")
     if cfg.polish_steps < 0:
@@ -121,13 +121,16 @@ def _check_config(cfg: HeteroConfig):
 
 def band_resolution(cfg: HeteroConfig, epoch: int) -> float | None:
     """The loss band's resolution (Å) in ``epoch`` (0-based) under resolution annealing: from
-    ``lowpass_start_A`` to ``lowpass_A`` linearly in spatial frequency over ``anneal_epochs``
-    (default half the epochs), then ``lowpass_A``; None without annealing (the whole band)."""
-    if cfg.lowpass_start_A is None:
+    ``lowpass_start_A`` (default ``DEFAULT_ANNEAL_START_A``) to ``lowpass_A`` (resolved: see
+    :func:`cryogmm.hetero.data.load_particles`) linearly in spatial frequency over
+    ``anneal_epochs`` (default half the epochs), then ``lowpass_A``; None without annealing (the
+    whole band: a start not coarser than ``lowpass_A``)."""
+    start = cfg.lowpass_start_A if cfg.lowpass_start_A is not None else DEFAULT_ANNEAL_START_A
+    if not start > cfg.lowpass_A:
         return None
     n = cfg.anneal_epochs if cfg.anneal_epochs is not None else max(1, cfg.epochs // 2)
     f = min(1.0, epoch / max(1, n))
-    return 1.0 / ((1 - f) / cfg.lowpass_start_A + f / cfg.lowpass_A)
+    return 1.0 / ((1 - f) / start + f / cfg.lowpass_A)
 
 
 def cache_location(cfg: HeteroConfig) -> tuple[Path | None, str]:
@@ -203,6 +206,8 @@ def _resume_state(cfg: HeteroConfig):
     state = load_checkpoint(ckpt_path)
     old = json.loads(state["config"])
     for k in ("decoder", "zdim", "segments", "gaussians", "lowpass_A", "hidden", "per_chain"):
+        if k == "lowpass_A" and cfg.lowpass_A is None:  # the default: resolved as before
+            continue
         if str(old[k]) != str(getattr(cfg, k)):
             raise OptionError(f"--{k.replace('_', '-')}", f"{getattr(cfg, k)} differs from the checkpoint's "
                               f"{old[k]} in {ckpt_path}: resume with the same settings")
@@ -280,6 +285,9 @@ def _train(cfg: HeteroConfig, progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     data, ref = setup(cfg, progress)
+    if cfg.lowpass_A is None:  # the default band, resolved on the data (recorded in config.json)
+        cfg = replace(cfg, lowpass_A=data.lowpass_A)
+        _check_config(cfg)  # an explicit --lowpass-start-A finer than the default band
     vae = build_vae(cfg, ref, data)
     if state is not None:
         load_vae_state(vae, state["model"])
