@@ -68,18 +68,21 @@ def rmsz(z):
     return float(np.sqrt(np.mean(z**2))) if len(z) else 0.0
 
 
-def rama_table(r: Restraints, x: torch.Tensor):
-    """(phi_psi [n, 2] deg, class names [n], percentile [n], verdict [n] in favoured/allowed/outlier)."""
+def rama_table(r: Restraints, x: torch.Tensor, rows=None):
+    """(phi_psi [n, 2] deg, class names [n], percentile [n], verdict [n] in favoured/allowed/outlier)
+    of every residue with φ/ψ (``topo.rama`` order), or of ``rows`` of them only (the same
+    figures for those rows: a scan that moves two residues need not measure the whole model)."""
     topo = r.topo
-    if not len(topo.rama):
+    if not len(topo.rama) or (rows is not None and not len(rows)):
         return np.zeros((0, 2)), [], np.zeros(0), []
-    pp = r.phi_psi(x).detach().cpu().numpy()
+    pp = r.phi_psi(x, rows).detach().cpu().numpy()
+    cls = topo.rama_class if rows is None else topo.rama_class[np.asarray(rows, dtype=np.int64)]
     tabs = reference_tables()["rama"]
     pct = np.zeros(len(pp))
-    names = [RAMA_CLASSES[c] for c in topo.rama_class]
+    names = [RAMA_CLASSES[c] for c in cls]
     verdict = []
     for ci, cname in enumerate(RAMA_CLASSES):
-        sel = topo.rama_class == ci
+        sel = cls == ci
         if sel.any():
             pct[sel] = grid_value(tabs[cname], pp[sel])
     for p, n in zip(pct, names):
