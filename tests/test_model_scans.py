@@ -170,3 +170,50 @@ def test_near_stays_exact_when_atoms_move_far():
         near.accept(x, ch)
         builds += near.tree is not tree
     assert 0 < builds < 20  # rebuilt when the list of far atoms fills, not after every far move
+
+
+def test_residue_means_equal_a_mask_per_residue():
+    from cryogmm.model.validate import residue_means
+
+    rng = np.random.default_rng(2)
+    res = np.repeat(np.arange(300), rng.integers(1, 25, size=300))
+    res[rng.choice(len(res), 40, replace=False)] = rng.integers(0, 300, size=40)  # not all contiguous
+    v = rng.normal(size=len(res))
+    got = residue_means(v, res)
+    assert list(got) == sorted(set(res.tolist()))
+    for ri, m in got.items():
+        assert m == float(v[res == ri].mean())
+
+
+def test_counts_before_a_candidate_are_taken_on_the_accepted_model(tmp_path, monkeypatch):
+    """Every scan passes ``ACCEPTED`` (no atom changed) only where the model is the one ``Near``
+    holds, so skipping the comparison of every atom there loses nothing."""
+    calls = []
+    plain = Near.partners
+
+    def checked(self, pos, S, changed=None):
+        if changed is not None and not len(changed):
+            assert np.array_equal(pos, self.cur)
+            calls.append(1)
+        return plain(self, pos, S, changed)
+
+    monkeypatch.setattr(Near, "partners", checked)
+    for name in ("hivp_1hvr_xk2.pdb", "rna_1k5i.pdb"):
+        splat_map(DATA / name, tmp_path / "m.mrc", resolution=3.0, apix=1.0, pad=8.0, noise=0.1, seed=0)
+        grid = read_map_grid(tmp_path / "m.mrc")
+        t = build_topology(DATA / name)
+        cfg = checked_config(RefineModelConfig(model=DATA / name, out=tmp_path / "o", map=tmp_path / "m.mrc",
+                                               resolution_A=3.0))
+        rf = Refiner(t, cfg, grid)
+        nbr = rotamers._bond_graph(t)
+        x = _turned_peptides(rf.rs, rf.x_all)
+        for tb, q in rotamers._movable_chis(t, rotamers.reference_tables()["rotamer"]):
+            x = rotamers.set_torsion(x, q[0], 120.0, nbr, t)
+        rf.x_all = rf.rs.with_h(x)
+        rotamers.fit_peptides(rf, grid, min_gain=0.05)
+        rotamers.fit_bases(rf, grid)
+        rotamers.fit_side_chains(rf, grid)
+        rotamers.rebuild_rotamers(rf)
+        verdict = rama_table(rf.rs, rf.x_all)[3]
+        rotamers.flip_for_rama(rf.rs, rf.x_all, [int(t.rama_res[k]) for k, v in enumerate(verdict) if v == "outlier"])
+    assert len(calls) > 50

@@ -115,7 +115,7 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
         p0 = xn[local]
         cands = sorted(((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos) for pos in built),
                        key=lambda c: c[0])
-        base = _local_clashes(rs, xn, S, near)
+        base = _local_clashes(rs, xn, S, near, ACCEPTED)
         trial = Trial(x, xn, riding)
         for _, pos in cands:
             ch = trial.apply(local, pos)
@@ -220,12 +220,17 @@ def _density_sampler(grid):
     return density
 
 
+ACCEPTED = np.zeros(0, dtype=np.int64)  # ``changed`` of a model that is the accepted one (no atom changed)
+
+
 def _local_clashes(rs, xn: np.ndarray, S: np.ndarray, near: Near | None = None, changed=None) -> int:
     """Serious clashes (overlap >= 0.4 Å after H-bond relief) that involve any atom of ``S``,
     with all atoms at ``xn`` (H placed): the clashes a side-chain move can add or remove,
     counted without a whole neighbour-list rebuild (the same pairs, exclusions and radii as
     :func:`cryogmm.validate.clashes`; polar H rotors are not re-turned). With ``near``, only
-    the atoms it finds are measured (the same count)."""
+    the atoms it finds are measured (the same count); ``changed``: the atoms where ``xn``
+    differs from the model ``near`` holds (``ACCEPTED`` when it is that model: the count
+    before a candidate), else found by comparing every atom."""
 
     topo = rs.topo
     J = near.partners(xn, S, changed) if near is not None else np.arange(len(xn))
@@ -283,7 +288,7 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
             if not is_outlier and score <= current + 1e-9 * abs(current):
                 break  # an outlier leaves its conformation for the best allowed one
             if base is None:
-                base = _local_clashes(rs, xn, S, near)
+                base = _local_clashes(rs, xn, S, near, ACCEPTED)
             ch = trial.apply(local, pos)
             if _local_clashes(rs, xn, S, near, ch) <= base:
                 near.accept(xn, ch)
@@ -372,7 +377,7 @@ def flip_for_rama(rs, x, residues, angles=tuple(range(140, 230, 10))):
         trial = Trial(x, xn, riding)  # candidates applied in place and undone
         for plane, pos in _plane_turns(xn, row, h_of, angles):
             if base is None:
-                base = _local_clashes(rs, xn, plane, near)
+                base = _local_clashes(rs, xn, plane, near, ACCEPTED)
             ch = trial.apply(plane, pos)
             k = n_out(x, rr)
             if not (k[0] >= cur[0] or (best is not None and k >= best[0])) \
@@ -435,7 +440,7 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
         trial = Trial(x, xn, riding)  # each candidate applied in place and undone: no copy of the model
         for score, plane, pos in cands:
             if base is None:
-                base = _local_clashes(rs, xn, plane, near)
+                base = _local_clashes(rs, xn, plane, near, ACCEPTED)
             ch = trial.apply(plane, pos)
             if _local_clashes(rs, xn, plane, near, ch) <= base and rama_ok(x, (r0, r1)):
                 near.accept(xn, ch)
@@ -496,7 +501,7 @@ def fit_bases(rf, grid, angles=(150.0, 165.0, 180.0, 195.0, 210.0), min_gain: fl
         trial = Trial(x, xn, riding)
         for _, pos in cands:
             if before is None:
-                before = _local_clashes(rs, xn, base, near)
+                before = _local_clashes(rs, xn, base, near, ACCEPTED)
             ch = trial.apply(base, pos)
             if _local_clashes(rs, xn, base, near, ch) <= before:
                 near.accept(xn, ch)
