@@ -299,7 +299,8 @@ def make_case(family: str, n_atoms: int, work: Path, box: str = "smooth") -> tup
     return w, meta
 
 
-def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=None, box: str = "smooth") -> dict:
+def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=None, box: str = "smooth",
+             threads: int | None = None) -> dict:
     w, meta = make_case(family, n_atoms, work, box)
     copies, box = meta["copies"], meta["map_box"]
     cmd = [sys.executable, "-m", "cryogmm.cli", "refine-model", str(w / "start.cif"), "--map", str(w / "map.mrc"),
@@ -308,6 +309,9 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=No
         cmd += ["--steps", str(steps)]
     if stages:
         cmd += ["--stages", *stages]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    load0 = [round(v, 2) for v in os.getloadavg()]
     shutil.rmtree(w / "run", ignore_errors=True)
     t0 = time.time()
     with open(w / "stderr.txt", "wb") as err:
@@ -324,7 +328,8 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=No
     row = {
         "family": family, "atoms": meta["atoms"], "copies": copies, "chains": meta["chains"], "map_box": box, "steps_per_phase": rep["steps_per_phase"],
         "wall_s": round(wall, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "peak_rss_GB": round(ru.ru_maxrss / 2**20, 3),
-        "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+        "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "load_avg_at_start": load0,
+        "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], "torch_threads": threads or "refine-model's default",
         "s_per_step": step_seconds(rep["log"]), "stage_seconds": rep["stage_seconds"],
         "lbfgs_evaluations": sum(r["evaluations"] for r in lb),
         "ca_p_rmsd_start_A": round(_rmsd(ca_t, ca_s), 3), "ca_p_rmsd_refined_A": round(_rmsd(ca_t, ca_r), 3),
@@ -332,16 +337,28 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=No
                                                    "clashscore", "map_cc_mask")},
     }
     row["stages"] = stages or "default"
+    row["torch_version"] = torch.__version__
+    import platform
+
+    row["measured"] = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)), "host": platform.node(),
+                       "refine_model_command": " ".join(["python", *cmd[1:]]), "cpu_count": os.cpu_count()}
     print(json.dumps(row), flush=True)
     return row
 
 
 def _slopes(lo: dict, hi: dict) -> dict:
-    """Log-log slopes of seconds per step (each stage) and peak RSS between two sizes (1 = linear)."""
+    """Log-log slopes of seconds per step (each stage) and peak RSS between two sizes (1 = linear);
+    with whole runs also of the wall and CPU seconds and each stage's seconds, and the ratio of
+    the seconds per atom (``per_atom_ratio``: 1 = time grows as the atoms)."""
     n = math.log(hi["atoms"] / lo["atoms"])
     out = {k: round(math.log(hi["s_per_step"][k] / lo["s_per_step"][k]) / n, 3) for k in lo["s_per_step"]
            if k in hi["s_per_step"]}
     out["peak_rss"] = round(math.log(hi["peak_rss_GB"] / lo["peak_rss_GB"]) / n, 3)
+    for k in ("wall_s", "cpu_s"):
+        out[k] = round(math.log(hi[k] / lo[k]) / n, 3)
+    out["stage_seconds"] = {k: round(math.log(hi["stage_seconds"][k] / lo["stage_seconds"][k]) / n, 3)
+                            for k in lo["stage_seconds"] if k in hi["stage_seconds"] and lo["stage_seconds"][k] > 0}
+    out["per_atom_ratio"] = {k: round((hi[k] / hi["atoms"]) / (lo[k] / lo["atoms"]), 3) for k in ("wall_s", "cpu_s")}
     return out
 
 
@@ -507,6 +524,11 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="+", default=None, help="refine-model stages (default: its own)")
     ap.add_argument("--rounds", type=int, default=5, help="objective: round-robin rounds over the sizes")
     ap.add_argument("--threads", type=int, default=1, help="objective: torch threads (1: CPU time = work)")
+    ap.add_argument("--run-threads", type=int, default=None,
+                    help="run: refine-model's --threads (default: its own, 2)")
+    ap.add_argument("--key", default="rows",
+                    help="run: the results key the rows go to (default rows; e.g. default_settings_rows for "
+                         "runs with refine-model's default stages and steps)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="objective: write torch-profiler tables of one step per kind and size into this folder")
     ap.add_argument("--box", choices=("smooth", "tight"), default="smooth",
@@ -530,12 +552,13 @@ def main(argv=None):
             a.out.write_text(json.dumps(res, indent=1) + "\n")
         return
     new = [json.loads(line) for p in a.rows for line in p.read_text().splitlines() if line.startswith("{\"family")]
-    new += [run_size(f, n, a.work, a.steps, a.stages, a.box) for f in a.family for n in a.sizes]
+    new += [run_size(f, n, a.work, a.steps, a.stages, a.box, a.run_threads) for f in a.family for n in a.sizes]
     for r in new:
         r.setdefault("measured", label)
-    rows = res.get("rows", []) + new
+    rows = res.get(a.key, []) + new
     rows.sort(key=lambda r: (r["family"], r["atoms"], r.get("measured", {}).get("date_utc", "")))
-    growth = res.get("growth_exponent", {})
+    gkey = "growth_exponent" if a.key == "rows" else f"{a.key}_growth_exponent"
+    growth = res.get(gkey, {})
     for f in a.family:
         rs = [r for r in new if r["family"] == f]
         rs.sort(key=lambda r: r["atoms"])
@@ -543,7 +566,7 @@ def main(argv=None):
             growth[f"{f} ({label['date_utc']})"] = {
                 "smallest_to_largest": _slopes(rs[0], rs[-1]),
                 "consecutive": {f"{lo['atoms']}->{hi['atoms']}": _slopes(lo, hi) for lo, hi in zip(rs, rs[1:])}}
-    res.update({"rows": rows, "growth_exponent": growth})
+    res.update({a.key: rows, gkey: growth})
     print(json.dumps(growth))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1) + "\n")
