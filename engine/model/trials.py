@@ -55,10 +55,15 @@ class Near:
         """Every atom that may lie within ``reach`` of an atom of ``S`` at coordinates ``pos``
         (the accepted model or a candidate that differs from it in a few atoms; ``changed``: a
         superset of those atoms, if known)."""
-        hits = self.tree.query_ball_point(pos[S], self.reach + self.moved + 1e-9)
+        p = pos[S]
+        hits = self.tree.query_ball_point(p, self.reach + self.moved + 1e-9)
         if changed is None:
             changed = np.nonzero((pos != self.cur).any(1))[0]
-        return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] + [S, changed, self.far]))
+        far = self.far
+        if len(far):  # the listed atoms inside the box of S widened by the reach (the others are too far)
+            fp = pos[far]
+            far = far[((fp >= p.min(0) - self.reach - 1e-9) & (fp <= p.max(0) + self.reach + 1e-9)).all(1)]
+        return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] + [S, changed, far]))
 
 
 class RidingH:
