@@ -45,6 +45,11 @@ Usage:
         [--rounds 4] [--threads 1] [--profile DIR] [--box smooth|tight] [--rows earlier.log]
         [--work /tmp/bench/scale]
   e.g. nice -n 10 python benchmarks/refine_model_scale.py --mode objective --rounds 4 --steps 2
+- ``--mode scans``: CPU seconds of the scans and checks outside the optimiser steps (the
+  peptide, base and side-chain scans, the polish's peptide turns, the contact rebuild, the
+  validation and map figures) per size, one thread, and their growth between sizes.
+``--key default_settings_rows`` with ``--run-threads 1`` and no ``--steps``/``--stages``: the
+default-settings rows (refine-model as a user runs it) under their own key.
 Adds its results to benchmarks/results/refine_model_scale.json (``rows`` of run mode, each
 with ``measured``: date, host, command, load; ``objective_runs``), keeping what is there.
 """
@@ -503,6 +508,57 @@ def objective_mode(family: str, sizes, work: Path, rounds: int, steps: int, thre
             "peak_rss_of_this_process_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
+def scans_mode(family: str, sizes, work: Path, box: str = "smooth") -> list:
+    """CPU seconds (``process_time``, one torch thread) of the model scans and checks each size's
+    refinement runs outside its Adam and L-BFGS steps, on the start model as refine-model reads it:
+    the peptide-flip, base-flip and side-chain scans of the rotamer stage (the peptide scan runs
+    at 3.5 Å or better; timed here at the 4 Å map all the same), the peptide turns of the polish
+    (``flip_for_rama`` on the start's Ramachandran outliers), the contact-list rebuild, and the
+    validation and map figures of report.json. Each scan starts from the same model."""
+    from cryogmm.model import rotamers as R
+    from cryogmm.model.validate import map_figures, rama_table, validate_coords
+
+    torch.set_num_threads(1)
+    out = []
+    for n in sizes:
+        folder, meta = make_case(family, n, work, box)
+        c0 = time.process_time()
+        from cryogmm.model.refine.config import RefineModelConfig
+        from cryogmm.model.refine.job import checked_config, read_inputs
+        from cryogmm.model.refine.refiner import Refiner
+
+        cfg = checked_config(RefineModelConfig(model=folder / "start.cif", map=folder / "map.mrc", resolution_A=4.0,
+                                               out=folder / "scans"))
+        topo, grid = read_inputs(cfg)
+        rf = Refiner(topo, cfg, grid)
+        row = {"family": family, "mode": "scans", **meta, "build_cpu_s": round(time.process_time() - c0, 3)}
+        x0 = rf.x_all.clone()
+
+        def timed(name, f):
+            c = time.process_time()
+            r = f()
+            row[name] = round(time.process_time() - c, 3)
+            rf.x_all = x0.clone()
+            return r
+
+        timed("fit_peptides_cpu_s", lambda: R.fit_peptides(rf, grid))
+        timed("fit_bases_cpu_s", lambda: R.fit_bases(rf, grid))
+        timed("fit_side_chains_cpu_s", lambda: R.fit_side_chains(rf, grid))
+        xh = rf.rs.with_h(x0)
+        verdict = rama_table(rf.rs, xh)[3]
+        out_res = [int(topo.rama_res[k]) for k, v in enumerate(verdict) if v == "outlier"]
+        row["rama_outliers_at_start"] = len(out_res)
+        timed("flip_for_rama_cpu_s", lambda: R.flip_for_rama(rf.rs, xh, out_res))
+        timed("contact_pairs_cpu_s", lambda: rf.rs.update_pairs(xh))
+        xn = xh.detach().cpu().numpy()
+        timed("validate_coords_cpu_s", lambda: validate_coords(topo, xn, rf.rs))
+        timed("map_figures_cpu_s", lambda: map_figures(topo, xn, grid, 4.0))
+        row["rss_GB"] = round(_rss_GB(), 3)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def _label(argv) -> dict:
     import platform
 
@@ -514,7 +570,7 @@ def _label(argv) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("run", "objective"), default="run",
+    ap.add_argument("--mode", choices=("run", "objective", "scans"), default="run",
                     help="run: refine-model per size (wall, peak RSS, s/step from its log); objective: the "
                          "stages' objective timed in one process, sizes interleaved (CPU s/step)")
     ap.add_argument("--family", nargs="+", default=list(UNITS), choices=list(UNITS))
@@ -541,6 +597,19 @@ def main(argv=None):
     a.work.mkdir(parents=True, exist_ok=True)
     label = _label(argv)
     res = json.loads(a.out.read_text()) if a.out.exists() else {"resolution_A": 4.0, "apix_A": 1.2, "rows": []}
+    if a.mode == "scans":
+        for f in a.family:
+            rows = scans_mode(f, sorted(a.sizes), a.work, a.box)
+            keys = [k for k in rows[0] if k.endswith("_cpu_s") and k != "build_cpu_s"]
+            growth = {k: {f"{lo['atoms']}->{hi['atoms']}": round(math.log(hi[k] / lo[k]) / math.log(hi["atoms"] / lo["atoms"]), 3)
+                          for lo, hi in zip(rows, rows[1:]) if lo[k] > 0 and hi[k] > 0} for k in keys}
+            r = {"family": f, "rows": rows, "growth_exponent": growth, **label,
+                 "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], "torch_version": torch.__version__}
+            print(json.dumps(growth), flush=True)
+            res.setdefault("scan_runs", []).append(r)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(res, indent=1) + "\n")
+        return
     if a.mode == "objective":
         for f in a.family:
             r = objective_mode(f, sorted(a.sizes), a.work, a.rounds, a.steps or 5, a.threads, a.profile, a.box)
