@@ -45,6 +45,11 @@ Usage:
         [--rounds 4] [--threads 1] [--profile DIR] [--box smooth|tight] [--rows earlier.log]
         [--work /tmp/bench/scale]
   e.g. nice -n 10 python benchmarks/refine_model_scale.py --mode objective --rounds 4 --steps 2
+- ``--mode scans``: CPU seconds of the scans and checks outside the optimiser steps (the
+  peptide, base and side-chain scans, the polish's peptide turns, the contact rebuild, the
+  validation and map figures) per size, one thread, and their growth between sizes.
+``--key default_settings_rows`` with ``--run-threads 1`` and no ``--steps``/``--stages``: the
+default-settings rows (refine-model as a user runs it) under their own key.
 Adds its results to benchmarks/results/refine_model_scale.json (``rows`` of run mode, each
 with ``measured``: date, host, command, load; ``objective_runs``), keeping what is there.
 """
@@ -299,7 +304,8 @@ def make_case(family: str, n_atoms: int, work: Path, box: str = "smooth") -> tup
     return w, meta
 
 
-def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=None, box: str = "smooth") -> dict:
+def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=None, box: str = "smooth",
+             threads: int | None = None) -> dict:
     w, meta = make_case(family, n_atoms, work, box)
     copies, box = meta["copies"], meta["map_box"]
     cmd = [sys.executable, "-m", "cryogmm.cli", "refine-model", str(w / "start.cif"), "--map", str(w / "map.mrc"),
@@ -308,6 +314,9 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=No
         cmd += ["--steps", str(steps)]
     if stages:
         cmd += ["--stages", *stages]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    load0 = [round(v, 2) for v in os.getloadavg()]
     shutil.rmtree(w / "run", ignore_errors=True)
     t0 = time.time()
     with open(w / "stderr.txt", "wb") as err:
@@ -324,7 +333,8 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=No
     row = {
         "family": family, "atoms": meta["atoms"], "copies": copies, "chains": meta["chains"], "map_box": box, "steps_per_phase": rep["steps_per_phase"],
         "wall_s": round(wall, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "peak_rss_GB": round(ru.ru_maxrss / 2**20, 3),
-        "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+        "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "load_avg_at_start": load0,
+        "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], "torch_threads": threads or "refine-model's default",
         "s_per_step": step_seconds(rep["log"]), "stage_seconds": rep["stage_seconds"],
         "lbfgs_evaluations": sum(r["evaluations"] for r in lb),
         "ca_p_rmsd_start_A": round(_rmsd(ca_t, ca_s), 3), "ca_p_rmsd_refined_A": round(_rmsd(ca_t, ca_r), 3),
@@ -332,16 +342,28 @@ def run_size(family: str, n_atoms: int, work: Path, steps: int | None, stages=No
                                                    "clashscore", "map_cc_mask")},
     }
     row["stages"] = stages or "default"
+    row["torch_version"] = torch.__version__
+    import platform
+
+    row["measured"] = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t0)), "host": platform.node(),
+                       "refine_model_command": " ".join(["python", *cmd[1:]]), "cpu_count": os.cpu_count()}
     print(json.dumps(row), flush=True)
     return row
 
 
 def _slopes(lo: dict, hi: dict) -> dict:
-    """Log-log slopes of seconds per step (each stage) and peak RSS between two sizes (1 = linear)."""
+    """Log-log slopes of seconds per step (each stage) and peak RSS between two sizes (1 = linear);
+    with whole runs also of the wall and CPU seconds and each stage's seconds, and the ratio of
+    the seconds per atom (``per_atom_ratio``: 1 = time grows as the atoms)."""
     n = math.log(hi["atoms"] / lo["atoms"])
     out = {k: round(math.log(hi["s_per_step"][k] / lo["s_per_step"][k]) / n, 3) for k in lo["s_per_step"]
            if k in hi["s_per_step"]}
     out["peak_rss"] = round(math.log(hi["peak_rss_GB"] / lo["peak_rss_GB"]) / n, 3)
+    for k in ("wall_s", "cpu_s"):
+        out[k] = round(math.log(hi[k] / lo[k]) / n, 3)
+    out["stage_seconds"] = {k: round(math.log(hi["stage_seconds"][k] / lo["stage_seconds"][k]) / n, 3)
+                            for k in lo["stage_seconds"] if k in hi["stage_seconds"] and lo["stage_seconds"][k] > 0}
+    out["per_atom_ratio"] = {k: round((hi[k] / hi["atoms"]) / (lo[k] / lo["atoms"]), 3) for k in ("wall_s", "cpu_s")}
     return out
 
 
@@ -486,6 +508,57 @@ def objective_mode(family: str, sizes, work: Path, rounds: int, steps: int, thre
             "peak_rss_of_this_process_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
+def scans_mode(family: str, sizes, work: Path, box: str = "smooth") -> list:
+    """CPU seconds (``process_time``, one torch thread) of the model scans and checks each size's
+    refinement runs outside its Adam and L-BFGS steps, on the start model as refine-model reads it:
+    the peptide-flip, base-flip and side-chain scans of the rotamer stage (the peptide scan runs
+    at 3.5 Å or better; timed here at the 4 Å map all the same), the peptide turns of the polish
+    (``flip_for_rama`` on the start's Ramachandran outliers), the contact-list rebuild, and the
+    validation and map figures of report.json. Each scan starts from the same model."""
+    from cryogmm.model import rotamers as R
+    from cryogmm.model.validate import map_figures, rama_table, validate_coords
+
+    torch.set_num_threads(1)
+    out = []
+    for n in sizes:
+        folder, meta = make_case(family, n, work, box)
+        c0 = time.process_time()
+        from cryogmm.model.refine.config import RefineModelConfig
+        from cryogmm.model.refine.job import checked_config, read_inputs
+        from cryogmm.model.refine.refiner import Refiner
+
+        cfg = checked_config(RefineModelConfig(model=folder / "start.cif", map=folder / "map.mrc", resolution_A=4.0,
+                                               out=folder / "scans"))
+        topo, grid = read_inputs(cfg)
+        rf = Refiner(topo, cfg, grid)
+        row = {"family": family, "mode": "scans", **meta, "build_cpu_s": round(time.process_time() - c0, 3)}
+        x0 = rf.x_all.clone()
+
+        def timed(name, f):
+            c = time.process_time()
+            r = f()
+            row[name] = round(time.process_time() - c, 3)
+            rf.x_all = x0.clone()
+            return r
+
+        timed("fit_peptides_cpu_s", lambda: R.fit_peptides(rf, grid))
+        timed("fit_bases_cpu_s", lambda: R.fit_bases(rf, grid))
+        timed("fit_side_chains_cpu_s", lambda: R.fit_side_chains(rf, grid))
+        xh = rf.rs.with_h(x0)
+        verdict = rama_table(rf.rs, xh)[3]
+        out_res = [int(topo.rama_res[k]) for k, v in enumerate(verdict) if v == "outlier"]
+        row["rama_outliers_at_start"] = len(out_res)
+        timed("flip_for_rama_cpu_s", lambda: R.flip_for_rama(rf.rs, xh, out_res))
+        timed("contact_pairs_cpu_s", lambda: rf.rs.update_pairs(xh))
+        xn = xh.detach().cpu().numpy()
+        timed("validate_coords_cpu_s", lambda: validate_coords(topo, xn, rf.rs))
+        timed("map_figures_cpu_s", lambda: map_figures(topo, xn, grid, 4.0))
+        row["rss_GB"] = round(_rss_GB(), 3)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def _label(argv) -> dict:
     import platform
 
@@ -497,7 +570,7 @@ def _label(argv) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("run", "objective"), default="run",
+    ap.add_argument("--mode", choices=("run", "objective", "scans"), default="run",
                     help="run: refine-model per size (wall, peak RSS, s/step from its log); objective: the "
                          "stages' objective timed in one process, sizes interleaved (CPU s/step)")
     ap.add_argument("--family", nargs="+", default=list(UNITS), choices=list(UNITS))
@@ -507,6 +580,11 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="+", default=None, help="refine-model stages (default: its own)")
     ap.add_argument("--rounds", type=int, default=5, help="objective: round-robin rounds over the sizes")
     ap.add_argument("--threads", type=int, default=1, help="objective: torch threads (1: CPU time = work)")
+    ap.add_argument("--run-threads", type=int, default=None,
+                    help="run: refine-model's --threads (default: its own, 2)")
+    ap.add_argument("--key", default="rows",
+                    help="run: the results key the rows go to (default rows; e.g. default_settings_rows for "
+                         "runs with refine-model's default stages and steps)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="objective: write torch-profiler tables of one step per kind and size into this folder")
     ap.add_argument("--box", choices=("smooth", "tight"), default="smooth",
@@ -519,6 +597,19 @@ def main(argv=None):
     a.work.mkdir(parents=True, exist_ok=True)
     label = _label(argv)
     res = json.loads(a.out.read_text()) if a.out.exists() else {"resolution_A": 4.0, "apix_A": 1.2, "rows": []}
+    if a.mode == "scans":
+        for f in a.family:
+            rows = scans_mode(f, sorted(a.sizes), a.work, a.box)
+            keys = [k for k in rows[0] if k.endswith("_cpu_s") and k != "build_cpu_s"]
+            growth = {k: {f"{lo['atoms']}->{hi['atoms']}": round(math.log(hi[k] / lo[k]) / math.log(hi["atoms"] / lo["atoms"]), 3)
+                          for lo, hi in zip(rows, rows[1:]) if lo[k] > 0 and hi[k] > 0} for k in keys}
+            r = {"family": f, "rows": rows, "growth_exponent": growth, **label,
+                 "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], "torch_version": torch.__version__}
+            print(json.dumps(growth), flush=True)
+            res.setdefault("scan_runs", []).append(r)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(res, indent=1) + "\n")
+        return
     if a.mode == "objective":
         for f in a.family:
             r = objective_mode(f, sorted(a.sizes), a.work, a.rounds, a.steps or 5, a.threads, a.profile, a.box)
@@ -530,12 +621,13 @@ def main(argv=None):
             a.out.write_text(json.dumps(res, indent=1) + "\n")
         return
     new = [json.loads(line) for p in a.rows for line in p.read_text().splitlines() if line.startswith("{\"family")]
-    new += [run_size(f, n, a.work, a.steps, a.stages, a.box) for f in a.family for n in a.sizes]
+    new += [run_size(f, n, a.work, a.steps, a.stages, a.box, a.run_threads) for f in a.family for n in a.sizes]
     for r in new:
         r.setdefault("measured", label)
-    rows = res.get("rows", []) + new
+    rows = res.get(a.key, []) + new
     rows.sort(key=lambda r: (r["family"], r["atoms"], r.get("measured", {}).get("date_utc", "")))
-    growth = res.get("growth_exponent", {})
+    gkey = "growth_exponent" if a.key == "rows" else f"{a.key}_growth_exponent"
+    growth = res.get(gkey, {})
     for f in a.family:
         rs = [r for r in new if r["family"] == f]
         rs.sort(key=lambda r: r["atoms"])
@@ -543,7 +635,7 @@ def main(argv=None):
             growth[f"{f} ({label['date_utc']})"] = {
                 "smallest_to_largest": _slopes(rs[0], rs[-1]),
                 "consecutive": {f"{lo['atoms']}->{hi['atoms']}": _slopes(lo, hi) for lo, hi in zip(rs, rs[1:])}}
-    res.update({"rows": rows, "growth_exponent": growth})
+    res.update({a.key: rows, gkey: growth})
     print(json.dumps(growth))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1) + "\n")

@@ -78,7 +78,8 @@ EXTRA_LIGANDS = ("ANP", "GTP", "GDP", "NAD", "NAP", "FAD", "FMN", "SAM", "HEM", 
 # lipids and detergents of cryo-EM models from MonomerLibrary/monomers at MONLIB_COMMIT (AceDRG dictionaries):
 # phospholipids POPC (POV), DOPC (PCW), DOPE (PEE), DLPC (PLC), DSPE (3PE), phosphatidylglycerols DPPG (LHG)
 # and POPG (PGW), the detergent DDM (LMT) and cholesteryl hemisuccinate (Y01); those the folder lacks are
-# skipped. Cardiolipin (CDL) is left out: the repository's copy (seen only at commit 0c2a93ce) is an old
+# skipped. Cardiolipin (CDL) is left out: the repository's copy (the same at commits 0c2a93ce and 0e2033bf,
+# checked 2026-12-03: no AceDRG descriptors, desc_level '.', partial charges) is an old
 # libcheck dictionary whose ester C-O targets are 1.454 A (AceDRG's are 1.33-1.34 A).
 EXTRA_LIPIDS = ("POV", "PCW", "PEE", "PLC", "3PE", "LHG", "PGW", "LMT", "Y01")
 MONLIB_COMMIT = "072d82115701a0e7f968ddd890ccc0f2f4f4bad1"

@@ -84,6 +84,8 @@ def add_args(p):
     p.add_argument("--restraints", type=Path, action="append", default=[], metavar="FILE.cif", help="monomer dictionary (mmCIF, as Refmac, Phenix and Servalcat read) for residues the shipped library lacks or that you restrain differently; repeatable")
     p.add_argument("--reference", type=Path, help="model to report the Cα RMSD against (benchmarks)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads of the computation (default 2; 1 on a machine shared with other jobs)")
     add_force(p)
     add_device(p)
     p.add_argument("--resume", action="store_true",
@@ -109,7 +111,8 @@ def main(args) -> int:
                             similarity=args.similarity, stages=stages, geometry_only=args.geometry_only,
                             rebuild_rotamers=args.rebuild_rotamers, n_patches=args.patches, steps=steps,
                             geometry_weight=args.geometry_weight, reference=args.reference, seed=args.seed,
-                            device=args.device, motion=args.motion, restraints=tuple(args.restraints), backbone_library=args.backbone_library, na_pairs=args.na_pairs, extra=dict(QUICK_EXTRA) if args.quick else {})
+                            device=args.device, motion=args.motion, restraints=tuple(args.restraints), backbone_library=args.backbone_library, na_pairs=args.na_pairs, extra=dict(QUICK_EXTRA) if args.quick else {},
+                            **({} if args.threads is None else {"threads": args.threads}))
     rep = refine_model(cfg, progress=Progress(bar=True), resume=args.resume)
     print("before:")
     print(summary_table(rep["before"]))

@@ -393,8 +393,9 @@ class Restraints:
         d = torch.rad2deg(dihedral(x[p[:, 0]], x[p[:, 1]], x[p[:, 2]], x[p[:, 3]]))
         return _wrap_deg(d - self.pucker_ideal, 360.0) / PUCKER_SIGMA_DEG
 
-    def phi_psi(self, x):
-        r = self.rama
+    def phi_psi(self, x, rows=None):
+        """φ/ψ (degrees) of every residue with them (``topo.rama`` order), or of ``rows`` of it."""
+        r = self.rama if rows is None else self.rama[torch.as_tensor(rows, dtype=torch.long, device=self.rama.device)]
         phi = dihedral(x[r[:, 0]], x[r[:, 1]], x[r[:, 2]], x[r[:, 3]])
         psi = dihedral(x[r[:, 1]], x[r[:, 2]], x[r[:, 3]], x[r[:, 4]])
         return torch.rad2deg(torch.stack([phi, psi], -1))

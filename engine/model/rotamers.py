@@ -115,7 +115,7 @@ def rebuild_rotamers(rf, chi_offsets=(0.0, -15.0, 15.0, -30.0, 30.0)):
         p0 = xn[local]
         cands = sorted(((float(np.sqrt(((pos - p0)[heavy] ** 2).sum(1).mean())), pos) for pos in built),
                        key=lambda c: c[0])
-        base = _local_clashes(rs, xn, S, near)
+        base = _local_clashes(rs, xn, S, near, ACCEPTED)
         trial = Trial(x, xn, riding)
         for _, pos in cands:
             ch = trial.apply(local, pos)
@@ -220,12 +220,17 @@ def _density_sampler(grid):
     return density
 
 
+ACCEPTED = np.zeros(0, dtype=np.int64)  # ``changed`` of a model that is the accepted one (no atom changed)
+
+
 def _local_clashes(rs, xn: np.ndarray, S: np.ndarray, near: Near | None = None, changed=None) -> int:
     """Serious clashes (overlap >= 0.4 Å after H-bond relief) that involve any atom of ``S``,
     with all atoms at ``xn`` (H placed): the clashes a side-chain move can add or remove,
     counted without a whole neighbour-list rebuild (the same pairs, exclusions and radii as
     :func:`cryogmm.validate.clashes`; polar H rotors are not re-turned). With ``near``, only
-    the atoms it finds are measured (the same count)."""
+    the atoms it finds are measured (the same count); ``changed``: the atoms where ``xn``
+    differs from the model ``near`` holds (``ACCEPTED`` when it is that model: the count
+    before a candidate), else found by comparing every atom."""
 
     topo = rs.topo
     J = near.partners(xn, S, changed) if near is not None else np.arange(len(xn))
@@ -283,7 +288,7 @@ def fit_side_chains(rf, grid, chi_offsets=(-15.0, 0.0, 15.0), outliers_only: boo
             if not is_outlier and score <= current + 1e-9 * abs(current):
                 break  # an outlier leaves its conformation for the best allowed one
             if base is None:
-                base = _local_clashes(rs, xn, S, near)
+                base = _local_clashes(rs, xn, S, near, ACCEPTED)
             ch = trial.apply(local, pos)
             if _local_clashes(rs, xn, S, near, ch) <= base:
                 near.accept(xn, ch)
@@ -352,13 +357,13 @@ def flip_for_rama(rs, x, residues, angles=tuple(range(140, 230, 10))):
     h_of = _amide_h(topo)
     x = rs.with_h(x.detach().clone())
     xn = x.cpu().numpy().copy()
+    near, riding = Near(xn), RidingH(rs)
 
     def n_out(xx, rr):
         """(outliers, -summed Rama percentile) of residues ``rr``: fewer outliers first, then
-        the more favourable."""
-        _, _, pct, v = rama_table(rs, xx)
-        ks = [rama_res[r] for r in rr if r in rama_res]
-        return (sum(v[k] == "outlier" for k in ks), -float(sum(pct[k] for k in ks)))
+        the more favourable (their own φ/ψ only, not the whole model's per candidate)."""
+        _, _, pct, v = rama_table(rs, xx, [rama_res[r] for r in rr if r in rama_res])
+        return (sum(vk == "outlier" for vk in v), -float(sum(pct[k] for k in range(len(v)))))
 
     turned = 0
     for row in _peptides(topo):
@@ -369,20 +374,19 @@ def flip_for_rama(rs, x, residues, angles=tuple(range(140, 230, 10))):
         if cur[0] == 0:
             continue
         best, base = None, None
+        trial = Trial(x, xn, riding)  # candidates applied in place and undone
         for plane, pos in _plane_turns(xn, row, h_of, angles):
-            y = x.clone()
-            y[torch.as_tensor(plane)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = rs.with_h(y)
-            k = n_out(y, rr)
-            if k[0] >= cur[0] or (best is not None and k >= best[0]):
-                continue
-            yn = y.cpu().numpy()
             if base is None:
-                base = _local_clashes(rs, xn, plane)
-            if _local_clashes(rs, yn, plane) <= base:
-                best = (k, y, yn)
+                base = _local_clashes(rs, xn, plane, near, ACCEPTED)
+            ch = trial.apply(plane, pos)
+            k = n_out(x, rr)
+            if not (k[0] >= cur[0] or (best is not None and k >= best[0])) \
+                    and _local_clashes(rs, xn, plane, near, ch) <= base:
+                best = (k, plane, pos)
+            trial.undo()
         if best is not None:
-            x, xn = best[1], best[2].copy()
+            ch = trial.apply(best[1], best[2])
+            near.accept(xn, ch)
             turned += 1
     return x, turned
 
@@ -414,8 +418,9 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
     rama_res = {int(r): k for k, r in enumerate(topo.rama_res)} if len(topo.rama) else {}
 
     def rama_ok(xx, residues):
-        verdict = rama_table(rs, xx)[3]
-        return all(verdict[rama_res[r]] != "outlier" for r in residues if r in rama_res)
+        # the two residues' φ/ψ only (the whole table per candidate grew with the square of the model)
+        verdict = rama_table(rs, xx, [rama_res[r] for r in residues if r in rama_res])[3]
+        return all(v != "outlier" for v in verdict)
 
     n_flipped = n_tested = 0
     flipped = []
@@ -432,21 +437,17 @@ def fit_peptides(rf, grid, angles=tuple(range(140, 230, 10)), min_gain: float = 
         n_tested += 1
         cands.sort(key=lambda c: -c[0])
         base = None
+        trial = Trial(x, xn, riding)  # each candidate applied in place and undone: no copy of the model
         for score, plane, pos in cands:
-            y = x.clone()
-            y[torch.as_tensor(plane)] = torch.as_tensor(pos, dtype=y.dtype, device=y.device)
-            y = riding(y, plane)
-            yn = y.detach().cpu().numpy()
             if base is None:
-                base = _local_clashes(rs, xn, plane, near)
-            if _local_clashes(rs, yn, plane, near) <= base and rama_ok(y, (r0, r1)):
+                base = _local_clashes(rs, xn, plane, near, ACCEPTED)
+            ch = trial.apply(plane, pos)
+            if _local_clashes(rs, xn, plane, near, ch) <= base and rama_ok(x, (r0, r1)):
+                near.accept(xn, ch)
+                n_flipped += 1
+                flipped.append(topo.res_label(r0))
                 break
-        else:
-            continue
-        x, xn = y, yn.copy()
-        near.accept(xn)
-        n_flipped += 1
-        flipped.append(topo.res_label(r0))
+            trial.undo()
     rf.x_all = rs.with_h(x)
     if rf.on_coords is not None and n_flipped:
         rf.on_coords(rf.x_all.detach().cpu().numpy().copy())
@@ -500,7 +501,7 @@ def fit_bases(rf, grid, angles=(150.0, 165.0, 180.0, 195.0, 210.0), min_gain: fl
         trial = Trial(x, xn, riding)
         for _, pos in cands:
             if before is None:
-                before = _local_clashes(rs, xn, base, near)
+                before = _local_clashes(rs, xn, base, near, ACCEPTED)
             ch = trial.apply(base, pos)
             if _local_clashes(rs, xn, base, near, ch) <= before:
                 near.accept(xn, ch)

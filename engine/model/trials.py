@@ -14,12 +14,16 @@ from cryogmm.model.restraints import place_hydrogens, riding_positions
 class Near:
     """Which atoms may lie within ``reach`` Å of some points, exactly, without a distance to every
     atom: a KD-tree of the accepted coordinates at one moment, its radius widened by the
-    farthest any atom has moved since (rebuilt past ``rebuild_A``), plus the atoms a candidate
-    changes. A stage scans thousands of candidates; the distances to the whole model made the
-    side-chain scan grow with the square of the model (66 ms per candidate at 98k atoms)."""
+    farthest any atom has moved since, plus the atoms a candidate changes. Atoms moved more
+    than ``rebuild_A`` since the tree was built (a flipped peptide's O: 2.5 Å) are not held in
+    the bound but listed and always returned; the tree is rebuilt when that list passes
+    ``max_far`` atoms (a rebuild costs the model: one per flip made the peptide scan grow
+    with the square of the model). A stage scans thousands of candidates; the distances to
+    the whole model made the side-chain scan grow with the square of the model (66 ms per
+    candidate at 98k atoms)."""
 
-    def __init__(self, xn: np.ndarray, reach: float = 4.0, rebuild_A: float = 2.0):
-        self.reach, self.rebuild_A = reach, rebuild_A
+    def __init__(self, xn: np.ndarray, reach: float = 4.0, rebuild_A: float = 2.0, max_far: int = 512):
+        self.reach, self.rebuild_A, self.max_far = reach, rebuild_A, max_far
         self.cur = xn.copy()
         self._build()
 
@@ -27,25 +31,39 @@ class Near:
         from scipy.spatial import cKDTree
 
         self.tree, self.ref, self.moved = cKDTree(self.cur), self.cur.copy(), 0.0
+        self.far = np.zeros(0, dtype=np.int64)
 
     def accept(self, xn: np.ndarray, changed: np.ndarray | None = None):
         """``xn`` is now the accepted model (``changed``: a superset of the atoms that differ
         from the last one, if known: no scan of the whole model)."""
-        ch = np.nonzero((xn != self.cur).any(1))[0] if changed is None else changed
+        ch = np.nonzero((xn != self.cur).any(1))[0] if changed is None else np.asarray(changed, dtype=np.int64)
         self.cur[ch] = xn[ch]
-        if len(ch):
-            self.moved = max(self.moved, float(np.sqrt(((self.cur[ch] - self.ref[ch]) ** 2).sum(1).max())))
-        if self.moved > self.rebuild_A:
-            self._build()
+        if not len(ch):
+            return
+        d = np.sqrt(((self.cur[ch] - self.ref[ch]) ** 2).sum(1))
+        far = d > self.rebuild_A
+        if far.any():
+            self.far = np.union1d(self.far, ch[far])
+            if len(self.far) > self.max_far:
+                self._build()
+                return
+        near = ~far & ~np.isin(ch, self.far)
+        if near.any():
+            self.moved = max(self.moved, float(d[near].max()))
 
     def partners(self, pos: np.ndarray, S: np.ndarray, changed: np.ndarray | None = None) -> np.ndarray:
         """Every atom that may lie within ``reach`` of an atom of ``S`` at coordinates ``pos``
         (the accepted model or a candidate that differs from it in a few atoms; ``changed``: a
         superset of those atoms, if known)."""
-        hits = self.tree.query_ball_point(pos[S], self.reach + self.moved + 1e-9)
+        p = pos[S]
+        hits = self.tree.query_ball_point(p, self.reach + self.moved + 1e-9)
         if changed is None:
             changed = np.nonzero((pos != self.cur).any(1))[0]
-        return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] + [S, changed]))
+        far = self.far
+        if len(far):  # the listed atoms inside the box of S widened by the reach (the others are too far)
+            fp = pos[far]
+            far = far[((fp >= p.min(0) - self.reach - 1e-9) & (fp <= p.max(0) + self.reach + 1e-9)).all(1)]
+        return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] + [S, changed, far]))
 
 
 class RidingH:

@@ -68,18 +68,21 @@ def rmsz(z):
     return float(np.sqrt(np.mean(z**2))) if len(z) else 0.0
 
 
-def rama_table(r: Restraints, x: torch.Tensor):
-    """(phi_psi [n, 2] deg, class names [n], percentile [n], verdict [n] in favoured/allowed/outlier)."""
+def rama_table(r: Restraints, x: torch.Tensor, rows=None):
+    """(phi_psi [n, 2] deg, class names [n], percentile [n], verdict [n] in favoured/allowed/outlier)
+    of every residue with φ/ψ (``topo.rama`` order), or of ``rows`` of them only (the same
+    figures for those rows: a scan that moves two residues need not measure the whole model)."""
     topo = r.topo
-    if not len(topo.rama):
+    if not len(topo.rama) or (rows is not None and not len(rows)):
         return np.zeros((0, 2)), [], np.zeros(0), []
-    pp = r.phi_psi(x).detach().cpu().numpy()
+    pp = r.phi_psi(x, rows).detach().cpu().numpy()
+    cls = topo.rama_class if rows is None else topo.rama_class[np.asarray(rows, dtype=np.int64)]
     tabs = reference_tables()["rama"]
     pct = np.zeros(len(pp))
-    names = [RAMA_CLASSES[c] for c in topo.rama_class]
+    names = [RAMA_CLASSES[c] for c in cls]
     verdict = []
     for ci, cname in enumerate(RAMA_CLASSES):
-        sel = topo.rama_class == ci
+        sel = cls == ci
         if sel.any():
             pct[sel] = grid_value(tabs[cname], pp[sel])
     for p, n in zip(pct, names):
@@ -242,6 +245,17 @@ def molecule_figures(topo: Topology, xn: np.ndarray, bz: np.ndarray, az: np.ndar
     return out
 
 
+def residue_means(values: np.ndarray, res_idx: np.ndarray) -> dict:
+    """{residue index: mean of ``values`` over its atoms}, each residue's atoms one slice of the
+    atoms sorted stably by residue: the same values in the same order, so the same means, as a
+    mask per residue (which grows with the square of the model)."""
+    order = np.argsort(res_idx, kind="stable")
+    uniq, start = np.unique(res_idx[order], return_index=True)
+    ends = [*start[1:].tolist(), len(order)]
+    v = values[order]
+    return {ri: float(v[a:b].mean()) for ri, a, b in zip(uniq.tolist(), start.tolist(), ends)}
+
+
 def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
     """Map-model CC (mask within 3 Å of heavy atoms), FSC 0.5 crossing, Q-scores, the map at
     each ligand's atoms."""
@@ -299,10 +313,8 @@ def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
     q = np.where(ok, (du * dv).sum((1, 2)) / np.where(ok, su * sv, 1.0), 0.0)
     out["qscore_mean"] = float(q.mean())
     res_idx = topo.res_index[heavy]
-    per_res = {}
-    for ri in np.unique(res_idx):
-        per_res[topo.res_label(int(ri))] = round(float(q[res_idx == ri].mean()), 4)
-    out["qscore_per_residue"] = per_res
+    q_res = residue_means(q, res_idx)
+    out["qscore_per_residue"] = {topo.res_label(ri): round(m, 4) for ri, m in q_res.items()}
     # ligands: the mean map value at their atoms, in standard deviations of the map about its
     # mean (the figure cryo-EM papers quote for a ligand's density), beside their Q-score
     lig = [ri for ri, d in enumerate(topo.residues) if d.get("kind") in ("ligand", "self-restrained", "user dictionary")]
@@ -310,8 +322,9 @@ def map_figures(topo: Topology, coords, grid, resolution_A: float) -> dict:
         ua = (xa - grid.origin_A) / grid.apix
         at = map_coordinates(data, [ua[:, 2], ua[:, 1], ua[:, 0]], order=1, mode="constant", cval=0.0)
         sd = (at - data.mean()) / max(float(data.std()), 1e-12)
-        out["ligand_map"] = [{"residue": topo.res_label(ri), "map_sd_at_atoms": round(float(sd[res_idx == ri].mean()), 3),
-                              "qscore": round(float(q[res_idx == ri].mean()), 4)} for ri in lig if (res_idx == ri).any()]
+        sd_res = residue_means(sd, res_idx)
+        out["ligand_map"] = [{"residue": topo.res_label(ri), "map_sd_at_atoms": round(sd_res[ri], 3),
+                              "qscore": round(q_res[ri], 4)} for ri in lig if ri in q_res]
     return out
 
 
