@@ -153,6 +153,12 @@ def one_molecule(name, args, work: Path) -> dict:
     result["cryogmm"] = {"command": " ".join(map(str, cg_cmd)), "seconds_wall": wall, "seconds_cpu": cpu,
                          "loadavg_before": load0, "loadavg_after": os.getloadavg(),
                          "iterations": len(rep["iterations"]),
+                         # where cryogmm's time went (its own timers): inputs, starting maps, writing,
+                         # and per iteration the two mixture fits and the align + insert pass
+                         "seconds_phases": rep.get("seconds_phases"),
+                         "per_iteration": [{k: h.get(k) for k in ("iteration", "seconds", "seconds_fit", "seconds_align",
+                                                                  "resolution_A", "n_gaussians", "crop_box")}
+                                           for h in rep["iterations"]],
                          "error": errors(read_particles(cdir / "refined.star"), truth),
                          "half_map_resolution_A": half_resolution(cdir / "half1.mrc", cdir / "half2.mrc",
                                                                   args.box, args.apix)}

@@ -82,3 +82,22 @@ def test_simulate_from_trajectory_file(tmp_path):
     rep = json.loads((traj / "report.json").read_text())
     assert rep["n_frames"] == 3
     assert (traj / "truth_models.pdb").is_file()
+
+
+def test_weighted_kmeans_labels_are_the_nearest_centres():
+    """k-means' distance block (``|c|^2 - 2 p.c``, ``|p|^2`` added after the minimum): every
+    label is the nearest centre by the float64 distance, over several chunks, and a converged
+    run's centres are the weighted means of their points."""
+    from cryogmm.core.kmeans import weighted_kmeans
+
+    g = torch.Generator().manual_seed(3)
+    blobs = torch.randn(12, 3, generator=g) * 30.0
+    pts = (blobs[torch.randint(0, 12, (5000,), generator=g)] + torch.randn(5000, 3, generator=g) * 2.0) + 40.0
+    w = torch.rand(5000, generator=g) + 0.1
+    centres, labels = weighted_kmeans(pts, w, 12, iterations=50, generator=g, chunk=700)
+    d = torch.cdist(pts.double(), centres.double())
+    assert torch.equal(labels, d.argmin(1))
+    for j in range(12):
+        sel = labels == j
+        mean = (pts[sel].double() * w[sel, None].double()).sum(0) / w[sel].double().sum()
+        assert torch.allclose(centres[j].double(), mean, atol=1e-3)

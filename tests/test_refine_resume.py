@@ -91,6 +91,28 @@ def test_resume_without_checkpoint_is_refused(sim, tmp_path):
     assert os.listdir(tmp_path / "o") == []
 
 
+def test_report_splits_the_time_into_phases(sim, tmp_path):
+    """The report says where the time went: each iteration's mixture fits and its align + insert
+    pass (parts of the iteration's seconds), and the job's read / start maps / iterations / write
+    (parts of the job's seconds)."""
+    import json
+
+    from cryogmm.cli import main as cli
+
+    out = tmp_path / "o"
+    assert cli(["refine-poses", str(sim / "particles.star"), "--out", str(out), "--iterations", "2", "--steps", "3",
+                "--fit-iterations", "10", "--max-gaussians", "100", "--device", "cpu"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    for h in rep["iterations"]:
+        assert h["seconds_fit"] > 0 and h["seconds_align"] > 0
+        assert h["seconds_fit"] + h["seconds_align"] <= h["seconds"]
+        assert h["particles_per_s"] == pytest.approx(rep["n_aligned"] / h["seconds_align"])
+    ph = rep["seconds_phases"]
+    assert ph["iterations"] == pytest.approx(sum(h["seconds"] for h in rep["iterations"]))
+    assert min(ph["read"], ph["start_maps"], ph["write"]) > 0
+    assert ph["read"] + ph["start_maps"] + ph["iterations"] + ph["write"] <= rep["seconds"]
+
+
 def test_device_scatter_equals_the_sorted_scatter():
     """The sort-free scatter (one index_add_ per channel, used off the CPU) adds the same values
     as the CPU's sorted, chunked one."""

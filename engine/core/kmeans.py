@@ -10,15 +10,19 @@ import torch
 
 
 def _nearest(points: torch.Tensor, centres: torch.Tensor, chunk: int):
-    """Index of and squared distance to the nearest centre for every point, in chunks."""
+    """Index of and squared distance to the nearest centre for every point, in chunks.
+
+    ``|p - c|^2 = |p|^2 + (|c|^2 - 2 p.c)``: the bracket, one fused ``addmm`` over the
+    ``[chunk, k]`` block, is all the minimum needs (``|p|^2`` is the same for every centre and
+    is added to the minimum only), so the block is written once and read once."""
     c2 = (centres * centres).sum(1)
+    ct = centres.T.contiguous()
     idx, d2 = [], []
     for i in range(0, points.shape[0], chunk):
         p = points[i:i + chunk]
-        d = (p * p).sum(1, keepdim=True) - 2.0 * p @ centres.T + c2
-        m = d.min(1)
+        m = torch.addmm(c2, p, ct, alpha=-2.0).min(1)
         idx.append(m.indices)
-        d2.append(m.values.clamp_min(0))
+        d2.append((m.values + (p * p).sum(1)).clamp_min(0))
     return torch.cat(idx), torch.cat(d2)
 
 

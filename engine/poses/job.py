@@ -297,9 +297,10 @@ def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label, checkp
         hi_shell = min(box // 2 - 1, max(ctx.lo_shell + 2, int(math.floor(box * apix / res))))
         band = BandFrc(box, apix, ctx.lo_shell, hi_shell, device=ctx.dev)
         gmms = _fit_mixtures(ctx, gmms, halves, res, it)
+        t_fit = t_it()
         refs = [focus_widths(g, mask, apix) if mask is not None else g for g in gmms]
         R_new, S_new, frc, (h1, h2, final, _) = _sweep(ctx, R, S, (refs, band), label=f"{label} iteration {it}")
-        t_align = t_it()
+        t_align = t_it() - t_fit
         dang = rotmat_angle_deg(R_new, R).cpu().numpy()
         dsh = torch.linalg.norm(S_new - S, dim=1).cpu().numpy()
         R, S = R_new, S_new
@@ -316,7 +317,8 @@ def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label, checkp
             "pose_change_deg": {"median": float(np.median(dang)), "p90": float(np.percentile(dang, 90))},
             "shift_change_A": {"median": float(np.median(dsh)), "p90": float(np.percentile(dsh, 90))},
             "mean_band_frc": float(frc.mean()),
-            "seconds_align": t_align,  # the pass that aligns and reconstructs
+            "seconds_fit": t_fit,  # the two half maps' mixture fits
+            "seconds_align": t_align,  # the pass that aligns and reconstructs (without the fits)
             "seconds": t_it(),
             "particles_per_s": ctx.table.n / t_align,
         })
@@ -482,6 +484,7 @@ def _refine_poses(cfg: RefineConfig, progress) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     inp = _read_inputs(cfg, ops, dev, rng, progress)
+    seconds_read = timer()
     ctx, mask, expanded = inp.ctx, inp.mask, inp.expanded
     table, box, apix, sphere = ctx.table, ctx.box, ctx.apix, ctx.sphere
 
@@ -492,15 +495,18 @@ def _refine_poses(cfg: RefineConfig, progress) -> dict:
     state = load_checkpoint(cfg, fp, dev) if cfg.resume else None
     if state is not None:  # the starting maps and figures of the interrupted run
         hetero_figures, start_res = state["extra"]["hetero"], state["extra"]["start_resolution_A"]
+        seconds_start = None  # made by the interrupted run
         halves, res = state["halves"], state["res"]
     else:
-        hetero_figures = None
+        hetero_figures, seconds_start = None, None
         if cfg.hetero is not None:
             if expanded:
                 raise OptionError("--hetero/--sym", "conformation to orientation runs on unexpanded particles (C1)")
             R, S, hetero_figures = hetero_poses(cfg, table, mask, R, S, apix, dev, progress)
         R, S = R.to(dev), S.to(dev)  # the poses stay on the device for the whole job
+        t_start = Timer()
         halves, res, start_res = _start_maps(inp, R, S)
+        seconds_start = t_start()
     ck_extra = {"hetero": hetero_figures, "start_resolution_A": start_res}
     run = _iterate(ctx, R, S, halves, [None, None], res, mask, cfg.iterations,
                    "focused" if mask is not None else "global",
@@ -521,6 +527,7 @@ def _refine_poses(cfg: RefineConfig, progress) -> dict:
                 "n_particles": int(inp.n_input), "iterations": run["history"],
                 "resolution_A": run["history"][-1]["resolution_A"], "device": str(dev), "seconds": timer()}
     patch_runs = patches["runs"] if patches else []
+    seconds_before_write = timer()
     with OutputDir(cfg.out) as od:
         eul_in = rotmat_to_euler_zyz_deg(R_in.double().numpy())
         extra = {
@@ -569,6 +576,11 @@ def _refine_poses(cfg: RefineConfig, progress) -> dict:
             "compiled_projection": projection.compile_enabled(),
             **({"resumed_after_iteration": len(state["history"])} if state is not None else {}),
             **({"processes": distributed.world()} if distributed.world() > 1 else {}),
+            # where the time went: reading inputs, the starting maps, the iterations (each
+            # iteration's own split: ``seconds_fit`` / ``seconds_align``), writing the outputs
+            "seconds_phases": {"read": seconds_read, "start_maps": seconds_start,
+                               "iterations": sum(h["seconds"] for h in run["history"]),
+                               "write": timer() - seconds_before_write},
             "seconds": timer(),
         }
         write_report(od.path("report.json"), report)
