@@ -226,7 +226,6 @@ def _uids(table: ParticleTable) -> np.ndarray:
 
 def cs_fields_of(table: ParticleTable) -> dict:
     """The ``{field: array}`` that :func:`write_cs` writes for ``table``."""
-    n = table.n
     out = dict(table.cs_fields) if table.cs_fields is not None else {}
     p = table.particles
     f32 = np.float32
