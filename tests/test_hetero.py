@@ -131,6 +131,15 @@ def test_resume_continues_exactly(adk_sim, tmp_path):
         hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "c", resume=True))
 
 
+def test_resume_without_lowpass_keeps_the_checkpoints_band(adk_sim, tmp_path):
+    # trained at 10 Å (coarser than the default band, 5 Å here: Nyquist at 2.5 Å/px); a resume
+    # that does not repeat --lowpass-A continues at 10 Å instead of resolving the default anew
+    hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "r", epochs=1))
+    res = hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "r", epochs=2, lowpass_A=None, resume=True))
+    assert res["resumed_from_epoch"] == 1 and len(res["history"]) == 2
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lowpass_A"] == 10.0
+
+
 def test_displacement_restraints_hold_the_chain(adk_sim, tmp_path):
     rep = hetero_train.train_hetero(_cfg(adk_sim, tmp_path / "d", decoder="displacement", epochs=4))
     # mean squared deviation from 3.8 Å over the 213 Cα bonds stays small

@@ -206,7 +206,7 @@ def _resume_state(cfg: HeteroConfig):
     state = load_checkpoint(ckpt_path)
     old = json.loads(state["config"])
     for k in ("decoder", "zdim", "segments", "gaussians", "lowpass_A", "hidden", "per_chain"):
-        if k == "lowpass_A" and cfg.lowpass_A is None:  # the default: resolved as before
+        if k == "lowpass_A" and cfg.lowpass_A is None:  # not given: the checkpoint's (see _train)
             continue
         if str(old[k]) != str(getattr(cfg, k)):
             raise OptionError(f"--{k.replace('_', '-')}", f"{getattr(cfg, k)} differs from the checkpoint's "
@@ -279,6 +279,8 @@ def _train(cfg: HeteroConfig, progress=None) -> dict:
     _check_config(cfg)
     out = Path(cfg.out)
     state = _resume_state(cfg)
+    if state is not None and cfg.lowpass_A is None:  # a resume keeps the band it was trained with
+        cfg = replace(cfg, lowpass_A=float(json.loads(state["config"])["lowpass_A"]))
     dev = pick_device(cfg.device)
     set_matmul_precision(dev, cfg.matmul_precision)
     dev = distributed.setup(dev)
