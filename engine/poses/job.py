@@ -63,7 +63,6 @@ from cryogmm.bridge.io import read_particles, write_particles
 from cryogmm.core import projection
 from cryogmm.core.ctf import CtfParams, ctf_rfft2
 from cryogmm.core.fourier import lowpass
-from cryogmm.core.gaussians import Gaussians
 from cryogmm.core.masks import soft_sphere_mask
 from cryogmm.core.rotations import rotmat_angle_deg
 from cryogmm.core.similarity import fsc, resolution_at
@@ -75,7 +74,7 @@ from cryogmm.io.maps import map_origin_A, read_map
 from cryogmm.io.outputs import OutputDir, write_report
 from cryogmm.io.plots import fsc_plot
 from cryogmm.io.structures import gaussians_from_coords, read_model
-from cryogmm.poses.align import BandFrc, focus_widths, refine_batch, stack_mixtures
+from cryogmm.poses.align import BandFrc, cpu_workers, focus_widths, refine_parts, stack_mixtures
 from cryogmm.poses.checkpoint import load_checkpoint, resume_fingerprint, save_checkpoint
 from cryogmm.poses.conformation import hetero_poses
 from cryogmm.poses.expand import expand_table
@@ -196,31 +195,31 @@ def _sweep(ctx: _Ctx, R, S, align=None, wiener=True, label="reconstruct"):
         mix = stack_mixtures(refs)
     mine = distributed.shard(n) if distributed.world() > 1 else None
     total = n if mine is None else len(mine)
-    done = 0
     pad_to = cfg.batch if (dev.type != "cpu" or PAD_ON_CPU) else 0
-    for idx, imgs in ctx.source.chunks(cfg.batch, indices=mine, prefetch=cfg.prefetch):
-        b = len(idx)
-        it = torch.as_tensor(np.asarray(idx), dtype=torch.long).to(dev, non_blocking=True)
-        f = torch.fft.rfft2(torch.fft.ifftshift(_upload(imgs, dev), dim=(-2, -1)))
-        ctf_p = CtfParams(**{k: getattr(ctx.ctf, k)[it] for k in CtfParams.FIELDS})
-        c = ctf_rfft2(ctf_p, box, apix, device=dev)
-        sets = ctx.sets_t[it]
-        A, sh = R[it], S[it]
-        if align is not None:
-            ia = torch.cat([it, it[-1:].expand(pad_to - b)]) if pad_to > b else it
-            fa = f if ia is it else torch.cat([f, f[-1:].expand(pad_to - b, -1, -1)])
-            ca = c if ia is it else torch.cat([c, c[-1:].expand(pad_to - b, -1, -1)])
-            sa = ctx.sets_t[ia]
-            g = Gaussians(mix.centers[sa], mix.amplitudes[sa], mix.sigmas[sa])
-            A, sh, score = refine_batch(g, band, band.band(band.crop_rfft(fa)), band.band(band.crop_rfft(ca)),
-                                        R[ia], S[ia], steps=cfg.steps, lr_rad=math.radians(cfg.lr_deg),
-                                        lr_A=cfg.lr_A, precision=cfg.matmul_precision)
-            A, sh, score = A[:b], sh[:b], score[:b]
-            R_new[it], S_new[it], frc[it] = A, sh, score
-        for op in ctx.ops_t:
-            acc.insert_ft(f, A @ op, sh, c, sets)
-        done += b
-        ctx.progress(label, done, total)
+    done = 0
+    with cpu_workers(dev if align is not None else None) as pool:
+        for idx, imgs in ctx.source.chunks(cfg.batch, indices=mine, prefetch=cfg.prefetch):
+            b = len(idx)
+            it = torch.as_tensor(np.asarray(idx), dtype=torch.long).to(dev, non_blocking=True)
+            f = torch.fft.rfft2(torch.fft.ifftshift(_upload(imgs, dev), dim=(-2, -1)))
+            ctf_p = CtfParams(**{k: getattr(ctx.ctf, k)[it] for k in CtfParams.FIELDS})
+            c = ctf_rfft2(ctf_p, box, apix, device=dev)
+            sets = ctx.sets_t[it]
+            A, sh = R[it], S[it]
+            if align is not None:
+                ia = torch.cat([it, it[-1:].expand(pad_to - b)]) if pad_to > b else it
+                fa = f if ia is it else torch.cat([f, f[-1:].expand(pad_to - b, -1, -1)])
+                ca = c if ia is it else torch.cat([c, c[-1:].expand(pad_to - b, -1, -1)])
+                A, sh, score = refine_parts(pool, mix, ctx.sets_t[ia], band, band.band(band.crop_rfft(fa)),
+                                            band.band(band.crop_rfft(ca)), R[ia], S[ia], steps=cfg.steps,
+                                            lr_rad=math.radians(cfg.lr_deg), lr_A=cfg.lr_A,
+                                            precision=cfg.matmul_precision)
+                A, sh, score = A[:b], sh[:b], score[:b]
+                R_new[it], S_new[it], frc[it] = A, sh, score
+            for op in ctx.ops_t:
+                acc.insert_ft(f, A @ op, sh, c, sets)
+            done += b
+            ctx.progress(label, done, total)
     if mine is not None:  # every rank gets every particle's new pose
         R_new, S_new, frc = (distributed.gather_rows(t, mine) for t in (R_new, S_new, frc))
     return R_new, S_new, frc, maps_from_accumulator(acc, wiener=wiener)
@@ -242,20 +241,29 @@ def _fit_mixtures(ctx: _Ctx, gmms, halves, res, it):
 
 
 def _fit_mixtures_here(ctx: _Ctx, gmms, halves, res, it):
+    """The two halves' fits, each on its own worker thread on the CPU (they are independent and
+    seeded apart; the model's randomisation is drawn here, in half order, before either starts)."""
+    fits = [_fit_one(ctx, gmms[h], halves[h], res, it, h) for h in (0, 1)]
+    with cpu_workers(ctx.dev, jobs=len(fits)) as pool:
+        return [f() for f in fits] if pool is None else pool.map(lambda f: f(), fits)
+
+
+def _fit_one(ctx: _Ctx, g, half, res, it, h):
+    """The fit of half ``h``'s mixture, as a function to call (everything random drawn now)."""
     cfg, apix, box, dev = ctx.cfg, ctx.apix, ctx.box, ctx.dev
-    out = list(gmms)
-    for h in (0, 1):
-        vol = halves[h].to(dev)
-        r = max(res, 2 * apix)
-        if out[h] is None and ctx.model is not None:
-            model = ctx.model
-            origin = map_origin_A(cfg.half_maps[h]) if cfg.half_maps else None
-            center = (origin + (box // 2) * apix) if origin is not None else model.center_of_mass()
-            g0 = gaussians_from_coords(model, model.coords[0], "atoms", resolution_A=res, center_A=center)
-            # gold-standard: each half starts from the model randomised at the resolution
-            g0.centers += torch.as_tensor(ctx.rng.normal(0, res / 4, g0.centers.shape), dtype=torch.float32)
-            out[h], _ = fit_gaussians_frc(g0.to(dev), vol, apix, res, iterations=cfg.fit_iterations, seed=cfg.seed + h)
-        elif out[h] is None:
+    vol = half.to(dev)
+    r = max(res, 2 * apix)
+    if g is None and ctx.model is not None:
+        model = ctx.model
+        origin = map_origin_A(cfg.half_maps[h]) if cfg.half_maps else None
+        center = (origin + (box // 2) * apix) if origin is not None else model.center_of_mass()
+        g0 = gaussians_from_coords(model, model.coords[0], "atoms", resolution_A=res, center_A=center)
+        # gold-standard: each half starts from the model randomised at the resolution
+        g0.centers += torch.as_tensor(ctx.rng.normal(0, res / 4, g0.centers.shape), dtype=torch.float32)
+        return lambda: fit_gaussians_frc(g0.to(dev), vol, apix, res, iterations=cfg.fit_iterations,
+                                         seed=cfg.seed + h)[0]
+    if g is None:
+        def seeded():
             # seed on the half map low-passed to its resolution: noise must not be seeded
             smooth = lowpass(vol, r, apix)
             n = cfg.n_gaussians
@@ -263,12 +271,10 @@ def _fit_mixtures_here(ctx: _Ctx, gmms, halves, res, it):
                 thr, _ = auto_threshold(smooth)
                 vol_A3 = float((smooth > thr).sum()) * apix**3
                 n = min(auto_n(vol_A3, r), cfg.max_gaussians)
-            out[h], _ = gaussians_from_map(smooth, apix, resolution_A=r, n=n, iterations=cfg.fit_iterations,
-                                           seed=cfg.seed + h, device=dev)
-        else:
-            out[h], _ = fit_gaussians_frc(out[h], vol, apix, r, iterations=cfg.fit_iterations,
-                                          seed=cfg.seed + h + 10 * it)
-    return out
+            return gaussians_from_map(smooth, apix, resolution_A=r, n=n, iterations=cfg.fit_iterations,
+                                      seed=cfg.seed + h, device=dev)[0]
+        return seeded
+    return lambda: fit_gaussians_frc(g, vol, apix, r, iterations=cfg.fit_iterations, seed=cfg.seed + h + 10 * it)[0]
 
 
 def _iterate(ctx: _Ctx, R, S, halves, gmms, res, mask, iterations, label, checkpoint=None, state=None):
