@@ -1,0 +1,72 @@
+"""The CPU worker threads of pose refinement: a batch split across threads gives every
+particle the pose the whole batch gives it, in order, and torch's thread count comes back."""
+
+import math
+
+import pytest
+import torch
+
+from cryogmm.core.gaussians import Gaussians
+from cryogmm.core.rotations import rotvec_to_rotmat
+from cryogmm.poses.align import BandFrc, cpu_workers, refine_parts, stack_mixtures
+
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def _case(B=7, N=40, box=32, apix=2.0):
+    gen = torch.Generator().manual_seed(3)
+    mixes = [Gaussians(torch.randn(N, 3, generator=gen) * 8, torch.rand(N, generator=gen) + 0.5,
+                       torch.full((N,), 2.5)) for _ in range(2)]
+    mix = stack_mixtures([mixes[0], Gaussians(mixes[1].centers[:-5], mixes[1].amplitudes[:-5], mixes[1].sigmas[:-5])])
+    band = BandFrc(box, apix, 2, 12)
+    A_true = rotvec_to_rotmat(torch.randn(B, 3, generator=gen))
+    sets = torch.tensor([0, 1, 1, 0, 1, 0, 0])[:B]
+    # particle images: each particle's own set's mixture at its true pose, shifted by 1 Å
+    from cryogmm.core.projection import project
+    g = Gaussians(mix.centers[sets], mix.amplitudes[sets], mix.sigmas[sets])
+    img = project(g, A_true, torch.full((B, 2), 1.0), band.crop, band.apix_crop)
+    x = band.crop_ft(img)
+    ctf = torch.ones_like(x)
+    A0 = rotvec_to_rotmat(torch.randn(B, 3, generator=gen) * math.radians(3)) @ A_true
+    return mix, sets, band, x, ctf, A0, torch.zeros(B, 2)
+
+
+def test_split_batch_equals_whole_batch(two_threads):
+    mix, sets, band, x, ctf, A0, s0 = _case()
+    kw = dict(steps=12, lr_rad=math.radians(1.0), lr_A=0.3)
+    whole = refine_parts(None, mix, sets, band, x, ctf, A0, s0, **kw)
+    with cpu_workers(torch.device("cpu")) as w:
+        assert w is not None and w.n == 2
+        assert torch.get_num_threads() == 1  # the workers share the cores, one thread each
+        split = refine_parts(w, mix, sets, band, x, ctf, A0, s0, **kw)
+    assert torch.get_num_threads() == 2
+    for a, b in zip(whole, split):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    # the refinement moved the poses (the comparison is not between two unchanged starts)
+    assert (whole[0] - A0).abs().max() > 1e-3
+
+
+def test_no_workers_off_the_cpu_or_for_one_job(two_threads):
+    with cpu_workers(torch.device("cuda")) as w:
+        assert w is None
+    with cpu_workers(None) as w:
+        assert w is None
+    with cpu_workers(torch.device("cpu"), jobs=1) as w:
+        assert w is None and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    with cpu_workers(torch.device("cpu")) as w:
+        assert w is None
+
+
+def test_threads_restored_after_an_error(two_threads):
+    with pytest.raises(RuntimeError):
+        with cpu_workers(torch.device("cpu")) as w:
+            w.map(lambda _: (_ for _ in ()).throw(RuntimeError("boom")), [0, 1])
+    assert torch.get_num_threads() == 2
