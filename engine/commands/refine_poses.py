@@ -99,6 +99,9 @@ def add_args(p):
                         "takes up to a minute, then each projection is faster; also CRYOGMM_COMPILE=1)")
     add_stream_args(p)
     add_force(p)
+    p.add_argument("--keep-iterations", action="store_true",
+                   help="also write the poses after every iteration, iterations/refined_itNNN.star (as RELION's "
+                        "run_itNNN_data.star)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint.pt (written after every iteration)")
 
@@ -116,7 +119,8 @@ def main(args) -> int:
                        lr_A=args.lr_A, n_gaussians=args.n_gaussians, max_gaussians=args.max_gaussians,
                        fit_iterations=args.fit_iterations, batch=args.batch, seed=args.seed, device=args.device,
                        matmul_precision=args.matmul_precision, compile=args.compile, prefetch=args.prefetch,
-                       accumulate=args.accumulate, resume=args.resume)
+                       accumulate=args.accumulate, resume=args.resume,
+                       keep_iterations=args.keep_iterations)
     rep = refine_poses(cfg, progress=Progress(bar=distributed.is_main()))
     if not distributed.is_main():
         return 0

@@ -58,3 +58,28 @@ def load_checkpoint(cfg, fp: str, dev):
         "curves": {k: v.numpy() for k, v in st["curves"].items()},
         "extra": json.loads(st["extra"]),
     }
+
+
+def after_iteration(cfg, fp: str, run: dict, done: bool, extra: dict, table):
+    """What a run keeps after each complete iteration: its checkpoint and, with
+    ``--keep-iterations``, that iteration's poses."""
+    save_checkpoint(cfg, fp, run, done, extra)
+    if cfg.keep_iterations:
+        write_iteration_poses(cfg, table, run)
+
+
+def write_iteration_poses(cfg, table, run: dict):
+    """``--keep-iterations``: the poses after the run's last complete iteration as
+    ``iterations/refined_itNNN.star`` in the output folder (rank 0; a temporary name, then
+    renamed), written as each iteration ends, as RELION keeps ``run_itNNN_data.star``."""
+    if not distributed.is_main():
+        return
+    from cryogmm.bridge.io import write_particles
+    from cryogmm.io.outputs import atomic_output
+
+    folder = Path(cfg.out) / "iterations"
+    t = table.relocated(folder).with_poses(rotmat=run["R"].cpu().double().numpy(),
+                                           shift_A=run["S"].cpu().double().numpy())
+    t = t.with_columns(rlnCryogmmFrc=run["frc"].cpu().double().numpy())
+    with atomic_output(folder / f"refined_it{len(run['history']):03d}.star") as tmp:
+        write_particles(t, tmp)

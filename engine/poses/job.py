@@ -75,7 +75,7 @@ from cryogmm.io.outputs import OutputDir, write_report
 from cryogmm.io.plots import fsc_plot
 from cryogmm.io.structures import gaussians_from_coords, read_model
 from cryogmm.poses.align import BandFrc, cpu_workers, focus_widths, refine_parts, stack_mixtures
-from cryogmm.poses.checkpoint import load_checkpoint, resume_fingerprint, save_checkpoint
+from cryogmm.poses.checkpoint import after_iteration, load_checkpoint, resume_fingerprint
 from cryogmm.poses.conformation import hetero_poses
 from cryogmm.poses.expand import expand_table
 from cryogmm.poses.patches import composite, patch_masks
@@ -113,6 +113,7 @@ class RefineConfig:
     prefetch: int = 1
     accumulate: str = "auto"
     resume: bool = False
+    keep_iterations: bool = False
 
 
 def _read_half_maps(paths, box, apix):
@@ -516,7 +517,7 @@ def _refine_poses(cfg: RefineConfig, progress) -> dict:
     ck_extra = {"hetero": hetero_figures, "start_resolution_A": start_res}
     run = _iterate(ctx, R, S, halves, [None, None], res, mask, cfg.iterations,
                    "focused" if mask is not None else "global",
-                   checkpoint=lambda r, done: save_checkpoint(cfg, fp, r, done, ck_extra), state=state)
+                   checkpoint=lambda r, done: after_iteration(cfg, fp, r, done, ck_extra, table), state=state)
     curves = dict(run["curves"])
     R, S, frc_final = run["R"].cpu(), run["S"].cpu(), run["frc"].cpu()
     h1, h2 = run["halves"]
