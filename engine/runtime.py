@@ -146,6 +146,27 @@ def autocast(dev, mode: str = "highest"):
     return contextlib.nullcontext()
 
 
+def pin_images(dev, force: bool = False):
+    """For :meth:`ImageSource.chunks`' ``transform``: on CUDA, a function that copies a batch of
+    images (numpy) into a new page-locked float32 tensor, run by the prefetch thread, so the
+    main thread only queues a non-blocking upload; ``None`` elsewhere (a CPU job uses the
+    numpy array as it is). ``force``: the function without pinning, on any device (tests)."""
+    if getattr(dev, "type", str(dev)) != "cuda" and not force:
+        return None
+    import numpy as np
+    import torch
+
+    pin = getattr(dev, "type", str(dev)) == "cuda"
+
+    def to_pinned(images):
+        a = np.ascontiguousarray(images, dtype=np.float32)
+        t = torch.empty(a.shape, dtype=torch.float32, pin_memory=pin)
+        t.numpy()[...] = a
+        return t
+
+    return to_pinned
+
+
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()

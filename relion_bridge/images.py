@@ -209,20 +209,23 @@ class ImageSource:
             out[grp[srt]] = self._read_sorted(int(st[grp[0]]), within[srt])  # sorted reads: sequential on disk
         return out
 
-    def chunks(self, batch_size, indices=None, prefetch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def chunks(self, batch_size, indices=None, prefetch: int = 0, transform=None) -> Iterator[tuple[np.ndarray, object]]:
         """Yield ``(indices, images)`` over ``indices`` (default all particles, in table order),
         ``batch_size`` at a time. ``prefetch > 0``: a background thread reads up to that many
-        batches ahead while the caller works on the current one (same batches, same order)."""
+        batches ahead while the caller works on the current one (same batches, same order).
+        ``transform``: applied to each batch's images where they are read (in the background
+        thread with ``prefetch``), e.g. a copy into pinned memory for a GPU upload."""
         idx_all = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         bs = int(batch_size)
         if bs < 1:
             raise ValueError(f"batch size {batch_size}; expected >= 1")
         parts = [idx_all[a:a + bs] for a in range(0, idx_all.size, bs)]
+        read = self.images if transform is None else (lambda idx: transform(self.images(idx)))
         if prefetch <= 0 or len(parts) <= 1:
             for idx in parts:
-                yield idx, self.images(idx)
+                yield idx, read(idx)
             return
-        yield from prefetched(self.images, parts, int(prefetch))
+        yield from prefetched(read, parts, int(prefetch))
 
     def close(self) -> None:
         with self._lock:

@@ -70,3 +70,43 @@ def test_threads_restored_after_an_error(two_threads):
         with cpu_workers(torch.device("cpu")) as w:
             w.map(lambda _: (_ for _ in ()).throw(RuntimeError("boom")), [0, 1])
     assert torch.get_num_threads() == 2
+
+
+def test_prefetch_thread_applies_the_transform(tmp_path):
+    """``chunks(transform=...)`` runs the transform where the images are read: in the prefetch
+    thread with ``prefetch``, inline without; the batches are the same either way."""
+    import threading
+
+    import mrcfile
+    import numpy as np
+
+    from cryogmm.bridge.images import ImageSource
+    from cryogmm.poses.job import _upload
+    from cryogmm.runtime import pin_images
+
+    n, box = 10, 8
+    data = np.random.default_rng(0).normal(size=(n, box, box)).astype(np.float32)
+    p = tmp_path / "s.mrcs"
+    with mrcfile.new(str(p)) as m:
+        m.set_data(data)
+    src = ImageSource([str(p)], np.zeros(n, np.int64), np.arange(n), box)
+    assert pin_images(torch.device("cpu")) is None  # a CPU job uploads the numpy batch as it is
+    pin = pin_images(torch.device("cpu"), force=True)
+    seen = []
+
+    def transform(a):
+        seen.append(threading.current_thread().name)
+        return pin(a)
+
+    for prefetch in (0, 2):
+        seen.clear()
+        got = list(src.chunks(4, prefetch=prefetch, transform=transform))
+        assert [len(i) for i, _ in got] == [4, 4, 2]
+        for idx, t in got:
+            assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
+            np.testing.assert_array_equal(t.numpy(), data[idx])
+            assert torch.equal(_upload(t, torch.device("cpu")), t)
+        assert set(seen) == ({"cryogmm-prefetch"} if prefetch else {threading.current_thread().name})
+    # without a transform: numpy batches, uploaded as float32 views
+    idx, a = next(iter(src.chunks(4)))
+    assert isinstance(a, np.ndarray) and torch.equal(_upload(a, torch.device("cpu")), torch.from_numpy(data[:4]))

@@ -80,7 +80,7 @@ from cryogmm.poses.conformation import hetero_poses
 from cryogmm.poses.expand import expand_table
 from cryogmm.poses.patches import composite, patch_masks
 from cryogmm.recon.job import maps_from_accumulator, new_accumulator
-from cryogmm.runtime import Timer, pick_device, set_matmul_precision
+from cryogmm.runtime import Timer, pick_device, pin_images, set_matmul_precision
 
 
 @dataclass
@@ -168,12 +168,12 @@ PAD_ON_CPU = False
 
 
 def _upload(imgs, dev):
-    """A batch of images (numpy, host) on ``dev``: through pinned memory and a non-blocking copy
-    on CUDA (the copy overlaps the work queued before it), a plain tensor view on the CPU."""
-    t = torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))
-    if dev.type == "cuda":
-        return t.pin_memory().to(dev, non_blocking=True)
-    return t.to(dev)
+    """A batch of images on ``dev``: on CUDA a non-blocking copy from the pinned tensor the
+    prefetch thread made (:func:`cryogmm.runtime.pin_images`; the copy overlaps the work queued
+    before it), on the CPU a plain tensor view of the numpy array."""
+    if isinstance(imgs, torch.Tensor):
+        return imgs.to(dev, non_blocking=True)
+    return torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32)).to(dev)
 
 
 def _sweep(ctx: _Ctx, R, S, align=None, wiener=True, label="reconstruct"):
@@ -199,7 +199,7 @@ def _sweep(ctx: _Ctx, R, S, align=None, wiener=True, label="reconstruct"):
     pad_to = cfg.batch if (dev.type != "cpu" or PAD_ON_CPU) else 0
     done = 0
     with cpu_workers(dev if align is not None else None) as pool:
-        for idx, imgs in ctx.source.chunks(cfg.batch, indices=mine, prefetch=cfg.prefetch):
+        for idx, imgs in ctx.source.chunks(cfg.batch, indices=mine, prefetch=cfg.prefetch, transform=pin_images(dev)):
             b = len(idx)
             it = torch.as_tensor(np.asarray(idx), dtype=torch.long).to(dev, non_blocking=True)
             f = torch.fft.rfft2(torch.fft.ifftshift(_upload(imgs, dev), dim=(-2, -1)))
