@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from cryogmm import distributed
+from cryogmm.bridge.io import write_particles
 from cryogmm.core.gaussians import Gaussians
 from cryogmm.io.checkpoint import CHECKPOINT, fingerprint, load_checkpoint as _load, save_checkpoint as _save, \
     set_rng_state
+from cryogmm.io.outputs import atomic_output
 
 #: options a resumed run must share with the checkpoint's (``iterations`` may grow; ``batch``,
 #: ``prefetch`` and ``device`` change only the order of float sums)
@@ -74,9 +76,6 @@ def write_iteration_poses(cfg, table, run: dict):
     renamed), written as each iteration ends, as RELION keeps ``run_itNNN_data.star``."""
     if not distributed.is_main():
         return
-    from cryogmm.bridge.io import write_particles
-    from cryogmm.io.outputs import atomic_output
-
     folder = Path(cfg.out) / "iterations"
     t = table.relocated(folder).with_poses(rotmat=run["R"].cpu().double().numpy(),
                                            shift_A=run["S"].cpu().double().numpy())
