@@ -579,6 +579,7 @@ def _refine_poses(cfg: RefineConfig, progress) -> dict:
                     "unmasked": fsc(h1, h2).numpy(), "masked": fsc(h1, h2, mask=sphere).numpy(),
                     **({"focus_masked": fsc(h1, h2, mask=sphere * mask.cpu()).numpy()} if mask is not None else {})},
             "device": str(dev),
+            **({"cpu_threads": torch.get_num_threads()} if dev.type == "cpu" else {}),  # = the pass's workers
             "matmul_precision": cfg.matmul_precision,
             "compiled_projection": projection.compile_enabled(),
             **({"resumed_after_iteration": len(state["history"])} if state is not None else {}),
