@@ -177,15 +177,13 @@ def refine_parts(workers, mix: Gaussians, sets: torch.Tensor, band: BandFrc, x, 
     :func:`cpu_workers` (``None``: the whole batch here). Every particle's refinement is
     independent of its batch, so the split changes nothing but the order of float sums."""
 
-    def one(ix):
-        s = sets if ix is None else sets[ix]
+    def one(ix):  # ix: the sub-batch's rows, or slice(None) for the whole batch
+        s = sets[ix]
         g = Gaussians(mix.centers[s], mix.amplitudes[s], mix.sigmas[s])
-        if ix is None:
-            return refine_batch(g, band, x, ctf, A0, s0, **kw)
         return refine_batch(g, band, x[ix], ctf[ix], A0[ix], s0[ix], **kw)
 
     if workers is None or len(sets) < 2:
-        return one(None)
+        return one(slice(None))
     parts = [ix for ix in torch.arange(len(sets), device=sets.device).tensor_split(workers.n) if len(ix)]
     outs = workers.map(one, parts)
     return tuple(torch.cat([o[k] for o in outs]) for k in range(3))

@@ -15,7 +15,6 @@ from cryogmm.bridge.io import write_particles
 from cryogmm.core.gaussians import Gaussians
 from cryogmm.io.checkpoint import CHECKPOINT, fingerprint, load_checkpoint as _load, save_checkpoint as _save, \
     set_rng_state
-from cryogmm.io.outputs import atomic_output
 
 #: options a resumed run must share with the checkpoint's (``iterations`` may grow; ``batch``,
 #: ``prefetch`` and ``device`` change only the order of float sums)
@@ -80,5 +79,4 @@ def write_iteration_poses(cfg, table, run: dict):
     t = table.relocated(folder).with_poses(rotmat=run["R"].cpu().double().numpy(),
                                            shift_A=run["S"].cpu().double().numpy())
     t = t.with_columns(rlnCryogmmFrc=run["frc"].cpu().double().numpy())
-    with atomic_output(folder / f"refined_it{len(run['history']):03d}.star") as tmp:
-        write_particles(t, tmp)
+    write_particles(t, folder / f"refined_it{len(run['history']):03d}.star")  # atomic: a temporary name, then renamed
