@@ -1,8 +1,10 @@
 """hetero analyze (issue 18): the free-energy landscape, state occupancies with half-set
 errors, per-particle fit scores and junk rejection (--junk), on HIV protease particles with
-10 % pure-noise images; bad --junk values."""
+10 % junk (pure noise and images of another protein); bad --junk values."""
 
 import json
+from importlib import resources
+from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -14,7 +16,7 @@ from cryogmm.bridge.io import read_particles
 from cryogmm.core.similarity import fsc
 from cryogmm.hetero import config as hetero_config
 from cryogmm.hetero import train as hetero_train
-from cryogmm.hetero.landscape import free_energy, mahalanobis, occupancies, robust_low_z
+from cryogmm.hetero.landscape import fit_z, free_energy, mahalanobis, occupancies, robust_low_z
 from cryogmm.io import maps as mapio
 from cryogmm.recon.job import reconstruct_table
 
@@ -55,10 +57,23 @@ def test_occupancies_and_scores():
     assert mahalanobis(z).argmax() == 300
 
 
+def test_fit_z_combines_both_parts_of_the_residual():
+    """The bulk's junk score is ~N(0, 1); an image with too little of the model along it (noise),
+    one with unexplained signal left in it (another molecule) and one with both score high."""
+    rng = np.random.default_rng(3)
+    t = np.r_[rng.standard_normal(2000), [-6.0, 0.0, -4.0]]
+    res = np.r_[500 + 30 * rng.standard_normal(2000), [500.0, 700.0, 620.0]]
+    z = fit_z(t, res)
+    assert abs(np.median(z[:2000])) < 0.1 and 0.9 < np.std(z[:2000]) < 1.1
+    assert (z[2000:] > 3.5).all() and z[2002] > z[2000]
+    np.testing.assert_allclose(z, (robust_low_z(t) + robust_low_z(-res)) / np.sqrt(2))
+
+
 @pytest.fixture(scope="module")
 def junk_sim(tmp_path_factory):
-    """400 protease particles (box 36 at 2.5 Å, SNR 1), 40 of them replaced by pure noise of
-    the same SD; a segments run (6 epochs) on all 400."""
+    """400 protease particles (box 36 at 2.5 Å, SNR 1), 40 of them replaced by junk: 20 images
+    of pure noise of the same SD, 20 of another protein (adenylate kinase, simulated at the same
+    SNR with poses and CTFs of its own); a segments run (6 epochs) on all 400."""
     from cryogmm.simulate.particles import SimulateConfig, simulate
 
     d = tmp_path_factory.mktemp("junk")
@@ -66,8 +81,13 @@ def junk_sim(tmp_path_factory):
     rep = simulate(SimulateConfig(out=d / "sim", model=model, n=N, box=36, apix=2.5, snr=1.0, seed=3, device="cpu"))
     rng = np.random.default_rng(7)
     junk = np.sort(rng.choice(N, JUNK, replace=False))
+    adk = Path(str(resources.files("cryogmm.data"))) / "adk_open.pdb"
+    simulate(SimulateConfig(out=d / "adk", model=adk, n=JUNK // 2, box=36, apix=2.5, snr=1.0, seed=11, device="cpu"))
+    with mrcfile.open(d / "adk" / "particles.mrcs") as m:
+        other = np.array(m.data)
+    noise = rng.standard_normal((JUNK - JUNK // 2, 36, 36)) * rep["noise_sd"]
     with mrcfile.mmap(d / "sim" / "particles.mrcs", mode="r+") as m:
-        m.data[junk] = (rng.standard_normal((JUNK, 36, 36)) * rep["noise_sd"]).astype(np.float32)
+        m.data[junk] = np.concatenate([noise, other]).astype(np.float32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -117,11 +137,11 @@ def test_junk_is_rejected_and_the_kept_map_is_clean(junk_sim, capsys):
     f_kept = _mean_fsc_to_truth(sim, table, kept_idx, truth)
     assert f_kept >= f_clean - 1e-3, (f_kept, f_clean)
     assert rep["junk"]["kept"]["resolution_A"] < rep["junk"]["rejected"]["resolution_A"]
-    # per-particle scores in the latent table; the noise images score far below the particles
+    # per-particle scores in the latent table; both kinds of junk score above every particle
     lat = read_particles(out / "particles_latent.star").particles
     fz = lat["rlnCryogmmFitZ"].to_numpy()
     assert fz[junk].min() > np.delete(fz, junk).max()
-    assert {"rlnCryogmmFitScore", "rlnCryogmmLatentOutlier"} <= set(lat.columns)
+    assert {"rlnCryogmmFitScore", "rlnCryogmmFitT", "rlnCryogmmFitResidual", "rlnCryogmmLatentOutlier"} <= set(lat.columns)
     # landscape: free energy over PC1/PC2 with trajectory and centres; occupancies from the halves
     land = np.load(out / "landscape.npz")
     f, occ = land["free_energy"], land["occupancy"]

@@ -80,7 +80,8 @@ maps, k-means clusters as STAR/.cs subsets, the segment table, and with --truth 
 simulation's truth.star) the figures against the true conformations.
 
 Writes RUN/analyze/ (or --out): z.npy, particles_latent.star/.cs (with per-particle fit
-scores: rlnCryogmmFitScore, its robust z rlnCryogmmFitZ, rlnCryogmmLatentOutlier),
+scores: rlnCryogmmFitScore, rlnCryogmmFitT, rlnCryogmmFitResidual, the junk score
+rlnCryogmmFitZ, rlnCryogmmLatentOutlier),
 pcN_trajectory.pdb, pcN_model_XX.mrc, pcN_backproj_XX.mrc, cluster_K.star/.cs,
 cluster_centers.pdb, latent.png, landscape.png/.npz (free energy in kT over PC1/PC2, a
 profile for a 1-D latent; cluster occupancies with errors from the half sets in
@@ -186,8 +187,10 @@ def add_args(p):
     a.add_argument("--star", type=Path, help="particles, when they moved since training")
     a.add_argument("--project-dir", type=Path, help="folder that image paths in STAR are relative to")
     a.add_argument("--junk", type=positive_float, metavar="Z",
-                   help="reject particles whose fit score (log-likelihood gain under their decoded model) lies more "
-                        "than Z robust SDs below the median (e.g. 3): kept.star/.cs, rejected.star/.cs and a map of each")
+                   help="reject particles whose image fits its decoded model worse than the bulk by more than Z "
+                        "robust SDs (e.g. 3; the junk score rlnCryogmmFitZ: too little of the model in the image, "
+                        "too much signal the model leaves unexplained, or both): kept.star/.cs, rejected.star/.cs "
+                        "and a map of each")
     a.add_argument("--crossval-resolution-A", type=positive_float, metavar="A",
                    help="runs trained with --halves: mean map-model FSC of the per-state cross-validation over shells "
                         "to this resolution (default the run's --lowpass-A)")

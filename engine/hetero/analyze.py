@@ -18,7 +18,8 @@ from cryogmm.core.pca import pca
 from cryogmm.errors import OptionError, StarError
 from cryogmm.core.similarity import resolution_at
 from cryogmm.hetero.crossval import cross_validate, halves_latent, is_halves_run, load_halves
-from cryogmm.hetero.landscape import free_energy, landscape_plot, mahalanobis, occupancies, robust_low_z
+from cryogmm.hetero.landscape import fit_z as junk_z
+from cryogmm.hetero.landscape import free_energy, landscape_plot, mahalanobis, occupancies
 from cryogmm.hetero.run import Run
 from cryogmm.hetero.truth import atom_keys, match_atoms, truth_figures
 from cryogmm.io import maps as mapio
@@ -57,10 +58,12 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
     ``kept.star``/``.cs``, ``rejected.star``/``.cs`` and their maps, ``report.json`` (cluster
     occupancies with errors, junk figures, truth figures when ``truth`` is given).
 
-    Every particle gets a fit score (:meth:`Run.fit_scores`, nats), its one-sided robust
-    z-score ``fit_z`` (:func:`robust_low_z`: robust SDs below the median) and a latent outlier
-    distance (:func:`mahalanobis`), as ``rlnCryogmmFitScore``, ``rlnCryogmmFitZ`` and
-    ``rlnCryogmmLatentOutlier`` in ``particles_latent.star``. ``junk``: particles with
+    Every particle gets its fit scores under its decoded model (:meth:`Run.fit_scores`: the
+    log-likelihood gain in nats, the residual's component along the model in noise SDs, the
+    residual's energy), the junk score ``fit_z`` combining the last two (:func:`junk_z`, in
+    robust SDs) and a latent outlier distance (:func:`mahalanobis`), as
+    ``rlnCryogmmFitScore``, ``rlnCryogmmFitT``, ``rlnCryogmmFitResidual``, ``rlnCryogmmFitZ``
+    and ``rlnCryogmmLatentOutlier`` in ``particles_latent.star``. ``junk``: particles with
     ``fit_z > junk`` are rejected.
 
     A run trained with ``--halves`` (:mod:`cryogmm.hetero.crossval`): every particle is encoded
@@ -105,13 +108,19 @@ def analyze_hetero(cfg: AnalyzeConfig, progress=None) -> dict:
         if runs is None:
             fit = run.fit_scores(z)
         else:  # each particle scored by its own half's decoder, at its own latent
-            fit = np.where(lat["half"] == 1, runs[0].fit_scores(lat["z1"]), runs[1].fit_scores(lat["z2"]))
-        fit_z = robust_low_z(fit)
+            f1, f2 = runs[0].fit_scores(lat["z1"]), runs[1].fit_scores(lat["z2"])
+            fit = {k: np.where(lat["half"] == 1, f1[k], f2[k]) for k in f1}
+        fz = junk_z(fit["t"], fit["residual"])
         outlier = mahalanobis(z)
-        scores = {"rlnCryogmmFitScore": fit, "rlnCryogmmFitZ": fit_z, "rlnCryogmmLatentOutlier": outlier}
-        rep["fit_score"] = {"median_nats": float(np.median(fit)), "definition": "log-likelihood gain of each image "
-                            "under its decoded model over an empty image (nats); fit_z = (median - score) / "
-                            "(1.4826 MAD)", "n_fit_z_above_3": int((fit_z > 3).sum())}
+        scores = {"rlnCryogmmFitScore": fit["gain"], "rlnCryogmmFitT": fit["t"],
+                  "rlnCryogmmFitResidual": fit["residual"], "rlnCryogmmFitZ": fz, "rlnCryogmmLatentOutlier": outlier}
+        rep["fit_score"] = {"median_nats": float(np.median(fit["gain"])),
+                            "median_t": float(np.median(fit["t"])), "median_residual": float(np.median(fit["residual"])),
+                            "definition": "FitScore: log-likelihood gain of each image under its decoded model over "
+                            "an empty image (nats); FitT: the residual's component along the model in noise SDs; "
+                            "FitResidual: the residual's energy in noise units; fit_z = (robust z of FitT below "
+                            "its median + robust z of FitResidual above its median) / sqrt(2), robust z = "
+                            "distance from the median / (1.4826 MAD)", "n_fit_z_above_3": int((fz > 3).sum())}
         table = with_results(data.table, latent=z, columns=scores)
         write_particles(table, od.path("particles_latent.star"))
         write_particles(table, od.path("particles_latent.cs"))
@@ -230,8 +239,9 @@ def _write_junk(od, data, z, scores, cfg, dev, origin) -> dict:
     """``kept``/``rejected`` STAR and .cs subsets (``fit_z > cfg.junk`` rejected) and the map of
     each (``kept_map.mrc``, ``rejected_map.mrc``) with its half-set FSC resolution."""
     rejected = scores["rlnCryogmmFitZ"] > cfg.junk
-    out = {"threshold": cfg.junk, "definition": "rejected when fit_z > threshold: the fit score "
-           "(rlnCryogmmFitScore) lies more than threshold robust SDs (1.4826 MAD) below the median"}
+    out = {"threshold": cfg.junk, "definition": "rejected when fit_z (rlnCryogmmFitZ) > threshold: the image's "
+           "residual under its decoded model lies that many robust SDs outside the bulk (too little of the "
+           "model along it, too much energy left in it, or both)"}
     for name, sel in (("kept", np.flatnonzero(~rejected)), ("rejected", np.flatnonzero(rejected))):
         sub = with_results(data.table.subset(sel), latent=z[sel], columns={k: v[sel] for k, v in scores.items()})
         write_particles(sub, od.path(f"{name}.star"))

@@ -10,7 +10,8 @@ occupancies with their errors, and per-particle junk scores.
   the standard error of their mean) or, without halves, from a bootstrap over particles.
 - :func:`robust_low_z` and :func:`mahalanobis`: a one-sided robust z-score of a per-particle
   fit score (how far below the median, in MAD-estimated standard deviations) and the latent
-  outlier distance.
+  outlier distance; :func:`fit_z`: the junk score, the robust z-scores of the two parts of
+  each image's residual under its decoded model combined.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def robust_low_z(score: np.ndarray) -> np.ndarray:
     med = np.median(s)
     mad = MAD_TO_SD * np.median(np.abs(s - med))
     return (med - s) / max(mad, 1e-12 * max(1.0, abs(med)))
+
+
+def fit_z(t: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """The junk score of every particle: ``(robust_low_z(t) + robust_low_z(-residual)) / sqrt(2)``
+    for ``t`` the residual's component along the decoded model in noise SDs and ``residual``
+    its energy in noise units (:meth:`cryogmm.hetero.run.Run.fit_scores`). The two parts are
+    independent for a particle of the molecule, so the sum of their z-scores over ``sqrt(2)``
+    is again in SDs (about N(0, 1) for the bulk); junk lies far above on either part: noise
+    holds none of the model (``t`` low), another molecule also signal the model does not
+    explain (``residual`` high)."""
+    return (robust_low_z(t) + robust_low_z(-np.asarray(residual, dtype=np.float64))) / np.sqrt(2.0)
 
 
 def mahalanobis(z: np.ndarray) -> np.ndarray:

@@ -91,24 +91,40 @@ class Run:
         return torch.cat(zs).numpy()
 
     @torch.no_grad()
-    def fit_scores(self, z, batch: int = 512) -> np.ndarray:
-        """Per particle: how much better its image is explained by its decoded model (at latent
-        row ``z[i]``, projected at its pose with its CTF and the run's scale) than by an empty
-        image, in nats: ``(|x|^2 - |x - p|^2) / (2 sigma^2)`` over the training band (the
-        log-likelihood ratio of white Gaussian noise). A particle of the molecule scores about
-        its signal energy; noise, ice or another molecule about zero or below."""
+    def fit_scores(self, z, batch: int = 512) -> dict:
+        """Per particle, how its image ``x`` agrees with its decoded model ``p`` (at latent row
+        ``z[i]``, projected at its pose with its CTF and the run's scale), over the training band
+        with the run's white-noise variance ``sigma^2``; arrays keyed:
+
+        - ``gain``: the log-likelihood gain over an empty image, ``(|x|^2 - |x - p|^2) / (2
+          sigma^2)`` nats. A particle of the molecule scores about its signal energy; noise,
+          ice or another molecule about zero or below.
+        - ``t``: the standardised gain, ``(<x, p> - |p|^2) / (sigma |p|)``: the residual's
+          component along the model, in noise SDs; about N(0, 1) for a particle of the molecule
+          whatever its signal energy (orientation, defocus), negative where the image holds
+          less of the model than a particle would (another molecule, noise).
+        - ``residual``: ``|x - p|^2 / sigma^2``, the residual's energy in noise units (a
+          chi-square over the band for a particle of the molecule); larger where the image holds
+          signal the model does not explain (another molecule). The part along ``p`` and the
+          rest are the two independent halves of one likelihood-ratio test; ``analyze`` combines
+          their robust z-scores (:func:`cryogmm.hetero.landscape.fit_z`)."""
         fw = self.forward_model()
         z = torch.as_tensor(np.asarray(z), dtype=torch.float32)
-        out = []
+        s2 = float(self.data.noise_var)
+        out = {"gain": [], "t": [], "residual": []}
         for b0 in range(0, self.data.n, batch):
             idx = np.arange(b0, min(b0 + batch, self.data.n))
             x, R, sh, ctf, _ = fw.batch(idx)
             zz = z[idx].to(self.dev)
             g = self.vae.drawn(fw.base, zz, self.vae.deformer(fw.base, zz))
             p = fw.predict(g, R, sh, ctf)
-            gain = (fw.band * (x.abs() ** 2 - (x - p).abs() ** 2)).sum((-2, -1)) / (2.0 * self.data.noise_var)
-            out.append(gain.double().cpu())
-        return torch.cat(out).numpy()
+            pp = (fw.band * p.abs() ** 2).sum((-2, -1)).double()
+            xp = (fw.band * (x * p.conj()).real).sum((-2, -1)).double()
+            rr = (fw.band * (x - p).abs() ** 2).sum((-2, -1)).double()
+            out["gain"].append(((2.0 * xp - pp) / (2.0 * s2)).cpu())
+            out["t"].append(((xp - pp) / torch.sqrt(s2 * pp.clamp_min(1e-30))).cpu())
+            out["residual"].append((rr / s2).cpu())
+        return {k: torch.cat(v).numpy() for k, v in out.items()}
 
     @torch.no_grad()
     def decode_atoms(self, z, batch: int = 256) -> np.ndarray:
