@@ -10,6 +10,7 @@ from cryogmm.hetero.deform import (
     DisplacementDeformer,
     SegmentDeformer,
     blend_rigid,
+    frame_triples,
     make_deformer,
     segment_membership,
 )
@@ -133,3 +134,28 @@ def test_move_points_follows_the_gaussians():
         assert d.move_points(base, z, pts, owner).shape == (3, len(owner), 3)
     with pytest.raises(ValueError, match="unknown deformer"):
         make_deformer("voxels", n=3, zdim=2)
+
+
+def test_displacement_atoms_turn_with_their_residues_local_frame():
+    """One Gaussian per residue: when the offsets move the whole chain rigidly, every atom moves
+    with the same rigid motion (side chains turn with the backbone), exactly; chains of fewer
+    than three residues and ``residue2`` models (several Gaussians a residue) only translate."""
+    res, chain = np.arange(10), np.array([0] * 6 + [1] * 4)
+    t = frame_triples(res, chain)
+    assert t[0].tolist() == [0, 1, 2] and t[5].tolist() == [3, 4, 5] and t[6].tolist() == [6, 7, 8]
+    assert frame_triples(np.array([0, 0, 1, 1]), np.zeros(2, int)) is None
+    g = torch.Generator().manual_seed(0)
+    c0 = torch.randn(10, 3, generator=g) * 4
+    base = Gaussians(c0, torch.ones(10), torch.ones(10))
+    d = make_deformer("displacement", n=10, zdim=2, residue_of=res, chain_of_residue=chain)
+    R = rotvec_to_rotmat(torch.tensor([[0.1, 0.3, -0.2]]))[0]
+    shift = torch.tensor([1.0, -2.0, 0.5])
+    with torch.no_grad():  # the last layer's bias alone: the same offsets at every z
+        d.net[-1].bias.copy_((c0 @ R.T + shift - c0).reshape(-1))
+    owner = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 7, 0])
+    pts = c0[owner] + torch.randn(len(owner), 3, generator=g)
+    moved = d.move_points(base, torch.zeros(2, 2), pts, owner)
+    torch.testing.assert_close(moved, (pts @ R.T + shift).expand(2, -1, -1), atol=1e-5, rtol=0)
+    # a chain of two: its frames are undefined, its atoms follow the offsets only
+    d2 = make_deformer("displacement", n=2, zdim=2, residue_of=np.arange(2), chain_of_residue=np.zeros(2, int))
+    assert d2.triples is None

@@ -9,7 +9,8 @@ full-atom model, not only as Gaussians. Heterogeneity training, model series and
 conformation-to-orientation all use this interface.
 
 - :class:`DisplacementDeformer` (e2gmm, atomic VAE of Zhong et al.): an MLP gives every
-  Gaussian its own offset; atoms follow the offset of the Gaussian they belong to.
+  Gaussian its own offset; atoms follow the offset of the Gaussian they belong to and, with
+  one Gaussian per residue, turn with the local frame of that residue's chain.
 - :class:`SegmentDeformer` (cryoSPHERE): a 1D Gaussian mixture over the residue index
   (means, widths, weights, a temperature) gives each residue a soft membership in ``K``
   segments; an MLP gives every segment a rotation (rotation vector, about the segment's
@@ -65,17 +66,57 @@ class Deformer(nn.Module):
         raise NotImplementedError  # pragma: no cover - interface
 
 
+def frame_triples(residue_of, chain_of_residue) -> torch.Tensor | None:
+    """``[N, 3]``: for one Gaussian per residue, the three consecutive Gaussians of the same
+    chain whose centres give each Gaussian its local frame (``[n-1, n, n+1]``, shifted inward
+    at a chain's ends; a Gaussian of a chain of fewer than three has ``[n, n, n]``: no frame).
+    None when some residue has several Gaussians (``residue2``)."""
+    res = torch.as_tensor(residue_of, dtype=torch.long)
+    if res.numel() == 0 or len(torch.unique(res)) != len(res):
+        return None
+    chain = torch.as_tensor(chain_of_residue, dtype=torch.long)[res]
+    n = len(res)
+    idx = torch.arange(n)
+    out = torch.stack([idx, idx, idx], 1)
+    for c in torch.unique(chain):
+        members = idx[chain == c]
+        members = members[torch.argsort(res[members])]
+        if len(members) < 3:
+            continue
+        mid = torch.arange(len(members)).clamp(1, len(members) - 2)
+        out[members] = torch.stack([members[mid - 1], members[mid], members[mid + 1]], 1)
+    return out
+
+
+def local_frames(c: torch.Tensor, triples: torch.Tensor) -> torch.Tensor:
+    """Orthonormal frames ``[..., N, 3, 3]`` (columns) from centres ``c [..., N, 3]``: the first
+    axis along ``c[next] - c[prev]``, the second towards ``c[mid]`` from the midpoint of the two,
+    the third their cross product (a chain's local backbone direction and bend)."""
+    a, b, d = c[..., triples[:, 0], :], c[..., triples[:, 1], :], c[..., triples[:, 2], :]
+    e1 = torch.nn.functional.normalize(d - a, dim=-1)
+    u = b - 0.5 * (a + d)
+    e2 = torch.nn.functional.normalize(u - (u * e1).sum(-1, keepdim=True) * e1, dim=-1)
+    return torch.stack([e1, e2, torch.cross(e1, e2, dim=-1)], -1)
+
+
 class DisplacementDeformer(Deformer):
     """Per-Gaussian offsets from an MLP: ``c_n(z) = c_n + scale_A * f_n(z)``.
 
     ``n``: number of Gaussians; ``scale_A`` sets the size of an offset per unit of network
-    output (the last layer starts at zero, so training starts from the base).
+    output (the last layer starts at zero, so training starts from the base). ``triples``
+    (:func:`frame_triples`, one Gaussian per residue): atoms turn with their residue's local
+    frame (from the moved centres of the residue and its chain neighbours) as well as follow
+    its offset, so side chains keep their place on a backbone that bends or rotates; without
+    it they only follow the offset.
     """
 
-    def __init__(self, n: int, zdim: int, hidden: int = 256, layers: int = 2, scale_A: float = 1.0):
+    def __init__(self, n: int, zdim: int, hidden: int = 256, layers: int = 2, scale_A: float = 1.0,
+                 triples: torch.Tensor | None = None):
         super().__init__()
         self.n, self.zdim, self.scale_A = int(n), int(zdim), float(scale_A)
         self.net = mlp(zdim, 3 * self.n, hidden, layers)
+        # not a buffer: derived from the reference, so checkpoints stay as they were
+        self.triples = None if triples is None or not bool((triples != triples[:, :1]).any()) else triples
 
     def offsets(self, z: torch.Tensor) -> torch.Tensor:
         """``[B, N, 3]`` offsets in Å."""
@@ -85,7 +126,16 @@ class DisplacementDeformer(Deformer):
         return base.with_centers(base.centers + self.offsets(z))
 
     def move_points(self, base, z, points, owner):
-        return points + self.offsets(z)[:, owner]
+        off = self.offsets(z)
+        if self.triples is None:
+            return points + off[:, owner]
+        tri = self.triples.to(points.device)
+        c0 = base.centers
+        f0 = local_frames(c0, tri)  # [N, 3, 3]
+        f1 = local_frames(c0 + off, tri)  # [B, N, 3, 3]
+        rot = f1 @ f0.transpose(-1, -2)  # [B, N, 3, 3]: the frame's turn
+        rel = points - c0[owner]  # [M, 3]
+        return c0[owner] + off[:, owner] + torch.einsum("bmij,mj->bmi", rot[:, owner], rel)
 
 
 def segment_membership(t: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor, logit_w: torch.Tensor,
@@ -207,7 +257,8 @@ def make_deformer(kind: str, *, n: int, zdim: int, residue_of=None, chain_of_res
                   scale_A: float = 1.0) -> Deformer:
     """``kind``: ``displacement`` or ``segments`` (see the classes)."""
     if kind == "displacement":
-        return DisplacementDeformer(n, zdim, hidden, layers, scale_A=scale_A)
+        triples = None if residue_of is None or chain_of_residue is None else frame_triples(residue_of, chain_of_residue)
+        return DisplacementDeformer(n, zdim, hidden, layers, scale_A=scale_A, triples=triples)
     if kind == "segments":
         return SegmentDeformer(residue_of, chain_of_residue, segments, zdim, hidden, layers, temperature=temperature,
                                per_chain=per_chain, trans_scale_A=scale_A)
