@@ -79,7 +79,7 @@ def test_streamed_training_follows_the_resident_run(sim, tmp_path, cache):
     a = load_checkpoint(tmp_path / "mem" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "str" / "checkpoint.pt")["model"]
     for k in a:
-        if not a[k].is_floating_point():
+        if not a[k].numel() or not a[k].is_floating_point():  # empty: e.g. no atoms drawn (draw="coarse")
             assert torch.equal(a[k], b[k]), k
             continue
         scale = float(a[k].abs().max()) + 1e-12

@@ -133,6 +133,10 @@ def add_args(p):
                         "default 10, 0: none)")
     t.add_argument("--gaussians", choices=("ca", "residue2"), default="ca",
                    help="coarse model: one Gaussian per residue (ca) or backbone + side chain (residue2)")
+    t.add_argument("--draw", choices=("coarse", "atoms"), default="coarse",
+                   help="what the images are compared with: the coarse model (default) or every atom of the "
+                        "reference moved by the deformation of its coarse Gaussian (the images' own detail: finer "
+                        "conformational order, several times the work)")
     t.add_argument("--loss", choices=("gaussian", "correlation"), default="gaussian",
                    help="Gaussian likelihood (atomic VAE) or correlation (cryoSPHERE); default gaussian")
     t.add_argument("--kl-warmup", type=nonnegative_int, default=5, help="epochs over which the KL weight ramps to --beta")
@@ -219,7 +223,7 @@ def main(args) -> int:
             star=args.star, model=args.model, out=args.out, map=args.map, decoder=args.decoder,
             segments=args.segments, per_chain=args.per_chain, zdim=args.zdim, epochs=args.epochs, batch=args.batch,
             lowpass_A=args.lowpass_A, lowpass_start_A=args.lowpass_start_A, anneal_epochs=args.anneal_epochs,
-            polish_steps=args.polish_steps, gaussians=args.gaussians, loss=args.loss, kl_warmup=args.kl_warmup,
+            polish_steps=args.polish_steps, gaussians=args.gaussians, draw=args.draw, loss=args.loss, kl_warmup=args.kl_warmup,
             beta=args.beta, lr=args.lr, hidden=args.hidden, temperature=args.temperature,
             bond_weight=args.bond_weight, clash_weight=args.clash_weight, sidechain_weight=args.sidechain_weight,
             elastic_weight=args.elastic_weight, elastic_seq=args.elastic_seq,

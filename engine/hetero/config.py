@@ -62,3 +62,6 @@ class HeteroConfig:
     cache_dir: Path | None = None
     polish_steps: int = 10  # per-particle latent polish (MAP z under the trained decoder) after training
     calibrate: bool = True  # coarse Gaussians drawn where the reference's atoms put density (vae.calibrate_base)
+    # what the forward model draws: the coarse Gaussians ("coarse") or every atom of the reference
+    # moved by the deformation of its coarse Gaussian ("atoms": the images' own detail, more work)
+    draw: str = "coarse"

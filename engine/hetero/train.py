@@ -106,6 +106,8 @@ def _check_config(cfg: HeteroConfig):
         raise OptionError("--loss", f"{cfg.loss!r}; expected gaussian or correlation")
     if cfg.gaussians not in ("ca", "residue2"):
         raise OptionError("--gaussians", f"{cfg.gaussians!r}; expected ca or residue2")
+    if cfg.draw not in ("coarse", "atoms"):
+        raise OptionError("--draw", f"{cfg.draw!r}; expected coarse or atoms")
     for name, v, lo in (("--zdim", cfg.zdim, 1), ("--epochs", cfg.epochs, 1), ("--batch", cfg.batch, 1),
                         ("--segments", cfg.segments, 1)):
         if v < lo:
@@ -293,7 +295,7 @@ def _train(cfg: HeteroConfig, progress=None) -> dict:
     vae = build_vae(cfg, ref, data)
     if state is not None:
         load_vae_state(vae, state["model"])
-    elif cfg.calibrate:
+    elif cfg.calibrate and cfg.draw == "coarse":
         offsets = calibrate_base(ref, data, resolution_A=cfg.resolution_A, seed=cfg.seed)
         with torch.no_grad():
             vae.draw_offsets.copy_(offsets)

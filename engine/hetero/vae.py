@@ -124,6 +124,11 @@ def load_vae_state(vae: "HeteroVAE", state: dict) -> None:
     """Load a checkpoint's network state; runs from before the calibration draw at the Cα."""
     state = dict(state)
     state.setdefault("draw_offsets", torch.zeros_like(vae.draw_offsets))
+    for name in ("atom_centers", "atom_amplitudes", "atom_sigmas", "atom_owner"):
+        if name not in state:  # runs from before draw="atoms" draw the coarse model
+            state[name] = torch.zeros_like(getattr(vae, name))
+        elif state[name].shape != getattr(vae, name).shape:  # the run's atoms, whatever the model was built with
+            vae.register_buffer(name, torch.empty_like(state[name]))
     vae.load_state_dict(state)
 
 
@@ -132,7 +137,7 @@ class HeteroVAE(nn.Module):
     """Encoder (image and reference projection -> posterior over ``z``), deformer, scale."""
 
     def __init__(self, crop: int, zdim: int, deformer: Deformer, hidden: int = 256, init_log_scale: float = 0.0,
-                 n_gaussians: int | None = None):
+                 n_gaussians: int | None = None, atoms: Gaussians | None = None, owner=None):
         super().__init__()
         self.crop, self.zdim = int(crop), int(zdim)
         self.encoder = mlp(2 * crop * crop, 2 * zdim, hidden, 3, zero_last=False)
@@ -141,13 +146,24 @@ class HeteroVAE(nn.Module):
         # where each coarse Gaussian is drawn, relative to its restrained centre (Cα or
         # centroid): the calibration of :func:`calibrate_base`; zero for runs without it
         self.register_buffer("draw_offsets", torch.zeros(int(n_gaussians or 0), 3))
+        # ``draw="atoms"``: the forward model draws every atom as a Gaussian (box-frame centres,
+        # amplitudes, widths), moved by the deformation of the Gaussian that owns it; empty else
+        m = 0 if atoms is None else atoms.n
+        self.register_buffer("atom_centers", torch.zeros(m, 3) if atoms is None else atoms.centers.clone())
+        self.register_buffer("atom_amplitudes", torch.zeros(m) if atoms is None else atoms.amplitudes.clone())
+        self.register_buffer("atom_sigmas", torch.zeros(m) if atoms is None else atoms.sigmas.clone())
+        self.register_buffer("atom_owner", torch.zeros(m, dtype=torch.long) if owner is None
+                             else torch.as_tensor(owner, dtype=torch.long).clone())
         yy, xx = torch.meshgrid(torch.arange(crop) - crop // 2, torch.arange(crop) - crop // 2, indexing="ij")
         self.register_buffer("mask", (torch.hypot(yy.float(), xx.float()) < crop // 2).float())
 
     def drawn(self, base: Gaussians, z: torch.Tensor, g: Gaussians) -> Gaussians:
         """The mixture the forward model draws for deformed ``g`` (``deformer(base, z)``): the
         calibrated centres ``base + draw_offsets`` moved by the same deformation (``g`` itself
-        when the run has no calibration)."""
+        when the run has no calibration), or with ``draw="atoms"`` every atom moved by it."""
+        if len(self.atom_owner):
+            return Gaussians(self.deformer.move_points(base, z, self.atom_centers, self.atom_owner),
+                             self.atom_amplitudes, self.atom_sigmas)
         if not len(self.draw_offsets) or not bool(self.draw_offsets.any()):
             return g
         own = torch.arange(base.n, device=base.centers.device)
@@ -178,6 +194,8 @@ class ForwardModel:
         off = vae.draw_offsets.to(device)
         # the unmoved reference as drawn (calibrated centres when the run has them)
         self.base_drawn = self.base.with_centers(self.base.centers + off) if len(off) else self.base
+        if len(vae.atom_owner):  # draw="atoms": the reference's own atoms
+            self.base_drawn = Gaussians(vae.atom_centers, vae.atom_amplitudes, vae.atom_sigmas).to(device)
         self.kx, self.ky = data.kx.to(device), data.ky.to(device)
         self.band = data.band.to(device)
         self._band_full, self._k2 = self.band, data.k2.to(device)
@@ -370,4 +388,10 @@ def build_vae(cfg: HeteroConfig, ref: Reference, data: ParticleData) -> HeteroVA
     deformer = make_deformer(cfg.decoder, n=ref.gaussians.n, zdim=cfg.zdim, residue_of=ref.residue_of,
                              chain_of_residue=ref.chain_of_residue, segments=cfg.segments, hidden=cfg.hidden,
                              temperature=cfg.temperature, per_chain=cfg.per_chain)
-    return HeteroVAE(data.crop, cfg.zdim, deformer, hidden=cfg.hidden, n_gaussians=ref.gaussians.n)
+    atoms = owner = None
+    if cfg.draw == "atoms":
+        res = cfg.resolution_A or 2.0 * data.apix
+        atoms = gaussians_from_coords(ref.model, ref.model.coords[0], "atoms", resolution_A=res, center_A=ref.center_A)
+        owner = ref.owner
+    return HeteroVAE(data.crop, cfg.zdim, deformer, hidden=cfg.hidden, n_gaussians=ref.gaussians.n, atoms=atoms,
+                     owner=owner)

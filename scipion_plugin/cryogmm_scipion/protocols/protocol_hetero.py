@@ -115,6 +115,11 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
         form.addParam("gaussians", params.EnumParam, choices=["ca", "residue2"], default=0,
                       expertLevel=params.LEVEL_ADVANCED, label="Coarse model",
                       help="ca: one Gaussian per residue; residue2: backbone + side chain.")
+        form.addParam("drawAtoms", params.BooleanParam, default=False,
+                      expertLevel=params.LEVEL_ADVANCED, label="Compare with every atom?",
+                      help="Compare the images with every atom of the reference moved by the "
+                           "deformation (finer conformational order, several times the work) "
+                           "instead of the coarse model.")
         form.addParam("klWarmup", params.IntParam, default=-1,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="KL warm-up epochs", help="-1: the engine's default.")
@@ -180,6 +185,7 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
                 "--batch", self.batch.get(), "--lowpass-A", self.lowpassA.get(),
                 "--loss", self.LOSSES[self.loss.get()],
                 "--gaussians", ["ca", "residue2"][self.gaussians.get()],
+                "--draw", "atoms" if self.drawAtoms else "coarse",
                 "--beta", self.beta.get(), "--lr", self.lr.get(),
                 "--hidden", self.hidden.get(), "--seed", self.seed.get()]
         if self.decoder.get() == 0:
