@@ -87,6 +87,14 @@ def restraint_terms(centers: torch.Tensor, pairs: dict, bond_A: float = 3.8) -> 
 
 
 # --------------------------------------------------------------------------- the zero point
+def reference_atoms(ref: Reference, data: ParticleData, resolution_A: float | None = None) -> Gaussians:
+    """Every atom of the reference as a Gaussian in the box frame, at ``resolution_A`` (default
+    the data's Nyquist, 2 x pixel): the all-atom density the coarse model is calibrated to, and
+    what ``draw="atoms"`` draws."""
+    res = resolution_A or 2.0 * data.apix
+    return gaussians_from_coords(ref.model, ref.model.coords[0], "atoms", resolution_A=res, center_A=ref.center_A)
+
+
 def calibrate_base(ref: Reference, data: ParticleData, resolution_A: float | None = None, views: int = 64,
                    steps: int = 300, lr: float = 0.05, seed: int = 0) -> torch.Tensor:
     """Offsets ``[N, 3]`` (Å) of the reference's coarse Gaussians fitted to the reference's own
@@ -101,8 +109,7 @@ def calibrate_base(ref: Reference, data: ParticleData, resolution_A: float | Non
     coarse-graining. The restraints still act on the Cα (or centroid) centres and atoms are
     moved by the deformation from their own positions: only the drawing is calibrated
     (:meth:`HeteroVAE.drawn`)."""
-    res = resolution_A or 2.0 * data.apix
-    atoms = gaussians_from_coords(ref.model, ref.model.coords[0], "atoms", resolution_A=res, center_A=ref.center_A)
+    atoms = reference_atoms(ref, data, resolution_A)
     R = torch.as_tensor(random_rotations(views, np.random.default_rng(seed)), dtype=torch.float32)
     kx, ky, band = data.kx, data.ky, data.band
     with torch.no_grad():
@@ -193,9 +200,10 @@ class ForwardModel:
         self.base = ref.gaussians.to(device)
         off = vae.draw_offsets.to(device)
         # the unmoved reference as drawn (calibrated centres when the run has them)
-        self.base_drawn = self.base.with_centers(self.base.centers + off) if len(off) else self.base
         if len(vae.atom_owner):  # draw="atoms": the reference's own atoms
             self.base_drawn = Gaussians(vae.atom_centers, vae.atom_amplitudes, vae.atom_sigmas).to(device)
+        else:
+            self.base_drawn = self.base.with_centers(self.base.centers + off) if len(off) else self.base
         self.kx, self.ky = data.kx.to(device), data.ky.to(device)
         self.band = data.band.to(device)
         self._band_full, self._k2 = self.band, data.k2.to(device)
@@ -388,10 +396,6 @@ def build_vae(cfg: HeteroConfig, ref: Reference, data: ParticleData) -> HeteroVA
     deformer = make_deformer(cfg.decoder, n=ref.gaussians.n, zdim=cfg.zdim, residue_of=ref.residue_of,
                              chain_of_residue=ref.chain_of_residue, segments=cfg.segments, hidden=cfg.hidden,
                              temperature=cfg.temperature, per_chain=cfg.per_chain)
-    atoms = owner = None
-    if cfg.draw == "atoms":
-        res = cfg.resolution_A or 2.0 * data.apix
-        atoms = gaussians_from_coords(ref.model, ref.model.coords[0], "atoms", resolution_A=res, center_A=ref.center_A)
-        owner = ref.owner
+    atoms = reference_atoms(ref, data, cfg.resolution_A) if cfg.draw == "atoms" else None
     return HeteroVAE(data.crop, cfg.zdim, deformer, hidden=cfg.hidden, n_gaussians=ref.gaussians.n, atoms=atoms,
-                     owner=owner)
+                     owner=ref.owner if atoms is not None else None)
