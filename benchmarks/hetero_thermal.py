@@ -669,6 +669,9 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     from cryogmm.hetero.config import HeteroConfig
+    from cryogmm.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does (its images/s are the command's)
     from cryogmm.io.structures import read_model
 
     fields = HeteroConfig.__dataclass_fields__

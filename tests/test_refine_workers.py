@@ -110,3 +110,24 @@ def test_prefetch_thread_applies_the_transform(tmp_path):
     # without a transform: numpy batches, uploaded as float32 views
     idx, a = next(iter(src.chunks(4)))
     assert isinstance(a, np.ndarray) and torch.equal(_upload(a, torch.device("cpu")), torch.from_numpy(data[:4]))
+
+
+def test_keep_freed_memory_switch(monkeypatch):
+    """The allocator setting the command line makes: off with CRYOGMM_KEEP_FREED=0, and on
+    Linux with glibc (this suite's machines) it takes effect; tensors still free and reuse."""
+    import sys
+
+    from cryogmm.runtime import MALLOC_ENV, keep_freed_memory
+
+    monkeypatch.setenv(MALLOC_ENV, "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv(MALLOC_ENV)
+    on = keep_freed_memory()
+    if sys.platform.startswith("linux"):
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            assert on is True
+    x = torch.ones(8 << 20)  # 32 MB, over glibc's default mmap threshold
+    del x
+    assert float(torch.ones(8 << 20).sum()) == 8 << 20

@@ -29,6 +29,7 @@ import torch
 
 from cryogmm.core.gaussians import Gaussians
 
+LOG2E = 1.0 / math.log(2.0)  # exponents of the profiles are kept in base 2 (exp2 is cheaper than exp)
 # bytes of the two scatter buffers per chunk of images: cache-sized on CPUs, large on GPUs
 CHUNK_BYTES = {"cpu": 4 << 20}
 CHUNK_BYTES_DEFAULT = 512 << 20
@@ -105,11 +106,12 @@ class _Geometry:
     anyway); ``W`` is at most the box. The images are computed only on the batch's region
     ``[lo, hi)`` per axis where some window lies (the rest of the box is exactly 0).
     With ``d`` the pixels from the centre to the window's first pixel and ``nsa2 = -apix^2 /
-    (2 s^2)``, the profile at the window's pixel ``k`` is ``exp(nsa2 (d + k)^2)``, floored at
-    ``eps e^-4``. ``start [B, 2, N]`` is each window's first value (in scatter
-    elements) in its row of the batch's region; ``chunk`` images at a time keep the scatter
-    buffer and the windows within ``CHUNK_BYTES``. Both profile buffers of a chunk (x rows
-    ``[c, N, Lx]``, then y rows ``[c, N, Ly]``) are one flat buffer, filled by one index copy."""
+    (2 s^2 ln 2)``, the profile at the window's pixel ``k`` is ``2^(nsa2 (d + k)^2)`` (the same
+    as ``exp``, in base 2: a third faster on CPUs), floored at ``eps e^-4``. ``start [B, 2, N]``
+    is each window's first value (in scatter elements) in its row of the batch's region;
+    ``chunk`` images at a time keep the scatter buffer and the windows within ``CHUNK_BYTES``.
+    Both profile buffers of a chunk (x rows ``[c, N, Lx]``, then y rows ``[c, N, Ly]``) are one
+    flat buffer, filled by one index copy."""
 
     def __init__(self, t, s, box: int, apix: float):
         dt = t.dtype
@@ -119,7 +121,7 @@ class _Geometry:
         # CPUs, flush-to-zero or not, and makes denormals; products of two floors and a weight
         # stay normal down to weights of ~1e-17 in float32); the floor is 4 e-folds below the
         # cut eps, far below the dtype's resolution, so no threshold pass is needed
-        self.floor = log_eps - 4.0
+        self.floor = (log_eps - 4.0) * LOG2E  # in base 2 (as nsa2)
         cut = math.sqrt(-2.0 * log_eps)
         g = self.g = _granule(box, dt)
         W = window_width(float(s.max()), apix, dt)
@@ -143,7 +145,7 @@ class _Geometry:
         # rounding of the offset by box // 2
         lo_t = torch.tensor([float(v - h) for v in self.lo], device=dev, dtype=dt)[:, None]
         self.d = torch.mul(self.start, float(g)).add_(lo_t).sub_(tp)
-        self.nsa2 = torch.mul(s, s).reciprocal_().mul_(-apix * apix / 2.0)[:, None, :, None]  # [B, 1, N, 1]
+        self.nsa2 = torch.mul(s, s).reciprocal_().mul_(-apix * apix / 2.0 * LOG2E)[:, None, :, None]  # [B, 1, N, 1]
         self.kr = torch.arange(W, device=dev, dtype=dt)
         self.mm_ok = (dev.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
                       and not torch.is_autocast_enabled("cpu"))
@@ -180,7 +182,7 @@ class _Geometry:
         else:
             q = self.d[sl, :, :, None] + self.kr
         arg = (torch.mul(q, q) if keep_q else q.mul_(q)).mul_(self.nsa2[sl])
-        e = arg.clamp_min_(self.floor).exp_()
+        e = arg.clamp_min_(self.floor).exp2_()
         return e, (q if keep_q else None)
 
 
@@ -189,7 +191,7 @@ def _window_values(d, nsa2, kr, floor: float, w):
     loop): ``d [c, 2, N]``, ``nsa2 [c, 1, N, 1]``, ``kr [W]``, weights ``w [c, N]`` on the y
     profiles. Returns ``[c, 2, N, W]``."""
     q = d[..., None] + kr
-    e = (q * q * nsa2).clamp_min(floor).exp()
+    e = torch.exp2((q * q * nsa2).clamp_min(floor))
     return torch.stack([e[:, 0], e[:, 1] * w[..., None]], 1)
 
 

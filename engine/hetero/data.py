@@ -346,20 +346,59 @@ def project_fourier(g: Gaussians, rotmat: torch.Tensor, shift_A: torch.Tensor | 
     ``P(k) = sum_n a_n exp(-2 pi^2 s_n^2 |k|^2) exp(-2 pi i k . x_n)`` with ``x_n = (A c_n)[:2] -
     shift`` (the image-plane position, as :func:`cryogmm.project.project`), ``kx``, ``ky`` in
     1/Å. Separable: one complex batched matrix product. ``g`` may carry per-image centres
-    ``[B, N, 3]``. Equals the continuous transform of the projected density (e/Å^2 integrated
-    over the plane), so ``P / apix^3`` is the DFT of the image ``project`` draws.
+    ``[B, N, 3]`` (and per-image amplitudes or widths ``[B, N]``). Equals the continuous transform
+    of the projected density (e/Å^2 integrated over the plane), so ``P / apix^3`` is the DFT of
+    the image ``project`` draws. Differentiable in the centres, amplitudes and widths by the
+    closed form of :class:`_FourierProjection` (once).
     """
-
     xy, _ = rotate_centers(g.centers, rotmat, shift_A)
-    B = xy.shape[0]
-    s = g.sigmas.expand(B, -1) if g.sigmas.dim() == 1 else g.sigmas
-    a = g.amplitudes.expand(B, -1) if g.amplitudes.dim() == 1 else g.amplitudes
-    two_pi = 2.0 * math.pi
-    s2 = (two_pi**2 / 2.0) * s[..., None] ** 2
-    ex = torch.exp(-s2 * kx**2) * a[..., None]  # [B, N, kx]
-    ey = torch.exp(-s2 * ky**2)
-    px = -two_pi * xy[..., 0, None] * kx
-    py = -two_pi * xy[..., 1, None] * ky
-    cx = torch.complex(ex * torch.cos(px), ex * torch.sin(px))
-    cy = torch.complex(ey * torch.cos(py), ey * torch.sin(py))
-    return torch.bmm(cy.transpose(1, 2), cx)
+    return _FourierProjection.apply(xy, g.sigmas, g.amplitudes, kx, ky)
+
+
+class _FourierProjection(torch.autograd.Function):
+    """``P = Cy^T Cx`` with ``Cx[b, n, j] = a_n u_x``, ``u_x = exp(-2 pi^2 s_n^2 kx_j^2 - 2 pi i
+    kx_j x_bn)`` and ``Cy`` the same along y without the amplitude. The backward pass needs only
+    the two complex factors the forward pass made (no trigonometry, no graph of elementwise
+    steps): with ``h = conj(dL/dCx) u_x`` (per image, Gaussian and frequency), ``dL/da = sum_j
+    Re h``, ``dL/dx = 2 pi a sum_j kx_j Im h``, ``dL/ds = -4 pi^2 s a sum_j kx_j^2 Re h``, and
+    the same along y."""
+
+    @staticmethod
+    def forward(ctx, xy, s, a, kx, ky):
+        two_pi = 2.0 * math.pi
+        s2 = (two_pi**2 / 2.0) * (s * s)[..., None]  # [N, 1] or [B, N, 1]
+
+        def factor(pos, k):
+            env = torch.exp(-s2 * (k * k))  # [(B,) N, K]
+            ph = pos[..., None] * (-two_pi * k)  # [B, N, K]
+            return torch.complex(env * torch.cos(ph), env * torch.sin(ph))
+
+        ux = factor(xy[..., 0], kx)
+        cy = factor(xy[..., 1], ky)
+        ctx.save_for_backward(ux, cy, s, a, kx, ky)
+        return torch.bmm(cy.transpose(1, 2), ux * a[..., None])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        ux, cy, s, a, kx, ky = ctx.saved_tensors
+        need_xy, need_s, need_a = ctx.needs_input_grad[:3]
+        hx = torch.bmm(cy.conj(), grad).conj_physical_().mul_(ux)  # conj(dL/dCx) u_x: [B, N, kx]
+        # conj(dL/dCy) Cy, dL/dCy = (grad Cx^H)^T = a * (grad u_x^H)^T
+        hy = torch.bmm(grad, ux.conj().transpose(1, 2)).transpose(1, 2).conj_physical_().mul_(cy)
+        hy = hy * a[..., None]
+        two_pi = 2.0 * math.pi
+        dxy = ds = da = None
+        hxr = hx.real
+        if need_a:
+            da = hxr.sum(-1)
+        if need_xy:
+            dxy = torch.stack([(hx.imag @ kx) * a, hy.imag @ ky], -1).mul_(two_pi)
+        if need_s:
+            ds = ((hxr @ (kx * kx)) * a + hy.real @ (ky * ky)).mul_(-(two_pi**2) * s)
+        # widths or amplitudes shared by the images: their gradients summed over the batch
+        if ds is not None and s.dim() == 1:
+            ds = ds.sum(0)
+        if da is not None and a.dim() == 1:
+            da = da.sum(0)
+        return dxy, ds, da, None, None
