@@ -18,8 +18,10 @@ state made by turning chain B 20° about the dimer's centre; ``adk``: adenylate 
    --ctf`` of that frame's particles (random uniform poses, shifts sd 2 Å, defocus 1-2.5 µm,
    300 kV); particles are split evenly over the frames (one frame per particle). White Gaussian
    noise at each ``--snr`` (signal variance over the box / SNR).
-3. ``hetero train`` with both decoders (``--epochs``, ``--n``), latents at the posterior mean
-   (``Run.encode_all``), decoded full-atom models; figures: |Spearman| of latent PC1 vs the
+3. ``hetero train`` with both decoders (``--epochs``, ``--n``), latents at the encoder's mean
+   (``posterior_mean``), polished (``polished``) and, when training wrote them, the posterior means
+   over k-means candidates (``posterior_over_candidates``: what ``analyze`` reads), decoded
+   full-atom models; figures: |Spearman| of latent PC1 vs the
    true frame, median and p90 Cα RMSD decoded vs true frame, decoded vs the reference for the
    particles of the first window (whose restraint target is the reference's), and the bounds:
 
@@ -548,6 +550,11 @@ def train_and_score(star: Path, ref_pdb: Path, out: Path, decoder: str, epochs: 
     if pol.exists():
         z = np.load(pol)
         res["polished"] = score(z)
+    post = out / "latents_posterior.npy"  # what analyze reads when training wrote it
+    if post.exists():
+        z = np.load(post)
+        res["posterior_over_candidates"] = score(z)
+        res["latent_posterior"] = rep.get("latent_posterior")
     # bounds: what the decoder can express, fitted to the true frames' coordinates
     # (every 4th frame: 50 of 200, to keep the fit short on a shared CPU)
     fs = np.arange(0, len(frames_ca), 4)
@@ -613,7 +620,7 @@ def summary(mrec: dict, n: int) -> dict:
                      "epochs": v["epochs"]}
             else:
                 e = {"epochs": v["epochs"], "images_per_s": v["images_per_s"]}
-                for part in ("posterior_mean", "polished"):
+                for part in ("posterior_mean", "polished", "posterior_over_candidates"):
                     if part in v:
                         e[part] = {x: v[part][x] for x in ("abs_spearman_pc1_vs_frame", "median_ca_rmsd_decoded_vs_true_A",
                                                            "p90_ca_rmsd_decoded_vs_true_A")}
@@ -624,7 +631,8 @@ def summary(mrec: dict, n: int) -> dict:
                                 v[part]["abs_spearman_pc1_vs_frame"] / peer["abs_spearman_pc1_vs_frame"])
                 if peer:
                     e["ratio_images_per_s_to_cryodrgn"] = v["images_per_s"] / peer["images_per_s"]
-            best = max([e.get(p, e).get("abs_spearman_pc1_vs_frame", 0) for p in ("posterior_mean", "polished", "x")])
+            best = max([e.get(p, e).get("abs_spearman_pc1_vs_frame", 0)
+                        for p in ("posterior_mean", "polished", "posterior_over_candidates", "x")])
             if po.get("abs_spearman_vs_frame"):
                 e["best_abs_spearman_fraction_of_path_oracle"] = best / po["abs_spearman_vs_frame"]
             t["runs"][k] = e
@@ -728,7 +736,7 @@ def main(argv=None):
                           "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])})
                 mrec[key] = r
                 brief = {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
-                for part in ("posterior_mean", "polished"):
+                for part in ("posterior_mean", "polished", "posterior_over_candidates"):
                     if part in r:
                         brief[part] = {k: v for k, v in r[part].items() if not isinstance(v, list)}
                 print(mol, key, json.dumps(brief), flush=True)

@@ -19,8 +19,10 @@ consensus map the model was fitted in) to take the frame from that map's header 
 Images are Fourier-cropped to --lowpass-A; projections are computed analytically in
 Fourier space on the cropped grid, so training runs on a CPU. By default the loss band is
 annealed from 8 Å to 4 Å (or the data's Nyquist) over the first half of the epochs and each
-particle's latent is polished (10 steps) after training: --lowpass-A 8 --lowpass-start-A 8
---polish-steps 0 gives the earlier fixed 8 Å band without the polish.
+particle's latent is polished (10 steps) after training, then read as its posterior mean
+over 32 k-means centres of all particles' latents (what the image supports among the states
+the data hold, not one of them at random): --lowpass-A 8 --lowpass-start-A 8 --polish-steps 0
+--posterior-candidates 0 gives the earlier fixed 8 Å band without either.
 
 train writes RUN/checkpoint.pt after every epoch (continue with --resume), config.json,
 loss.png and report.json. analyze writes RUN/analyze/: z.npy, particles_latent.star/.cs
@@ -131,6 +133,10 @@ def add_args(p):
     t.add_argument("--polish-steps", type=nonnegative_int, default=10,
                    help="per-particle latent polish after training (MAP z, writes latents_polished.npy; "
                         "default 10, 0: none)")
+    t.add_argument("--posterior-candidates", type=nonnegative_int, default=32, metavar="K",
+                   help="read each particle's latent as its posterior mean over K k-means centres of all "
+                        "particles' latents (writes latents_posterior.npy; K projections per particle; default "
+                        "32, 0: the polished latents)")
     t.add_argument("--gaussians", choices=("ca", "residue2"), default="ca",
                    help="coarse model: one Gaussian per residue (ca) or backbone + side chain (residue2)")
     t.add_argument("--draw", choices=("coarse", "atoms"), default="coarse",
@@ -223,7 +229,8 @@ def main(args) -> int:
             star=args.star, model=args.model, out=args.out, map=args.map, decoder=args.decoder,
             segments=args.segments, per_chain=args.per_chain, zdim=args.zdim, epochs=args.epochs, batch=args.batch,
             lowpass_A=args.lowpass_A, lowpass_start_A=args.lowpass_start_A, anneal_epochs=args.anneal_epochs,
-            polish_steps=args.polish_steps, gaussians=args.gaussians, draw=args.draw, loss=args.loss, kl_warmup=args.kl_warmup,
+            polish_steps=args.polish_steps, posterior_candidates=args.posterior_candidates, gaussians=args.gaussians,
+            draw=args.draw, loss=args.loss, kl_warmup=args.kl_warmup,
             beta=args.beta, lr=args.lr, hidden=args.hidden, temperature=args.temperature,
             bond_weight=args.bond_weight, clash_weight=args.clash_weight, sidechain_weight=args.sidechain_weight,
             elastic_weight=args.elastic_weight, elastic_seq=args.elastic_seq,

@@ -8,6 +8,7 @@ from pathlib import Path
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 LATENTS = "latents_polished.npy"  # per-particle polished latents (polish_steps > 0), particle order
+POSTERIOR = "latents_posterior.npy"  # per-particle posterior-mean latents (posterior_candidates > 0)
 # default loss band: annealed from 8 Å to 4 Å (or the data's Nyquist) over the first half of the
 # epochs. Measured on targeted-MD frames of HIV protease and adenylate kinase (relion_project, SNR
 # 0.1; benchmarks/results/hetero_thermal.json) against the earlier fixed 8 Å band
@@ -61,6 +62,9 @@ class HeteroConfig:
     cache: bool = True
     cache_dir: Path | None = None
     polish_steps: int = 10  # per-particle latent polish (MAP z under the trained decoder) after training
+    # latents read as the posterior mean over this many k-means centres of the particles' own
+    # latents (vae.posterior_mean_latents); 0: the polished (MAP) or encoder-mean latents
+    posterior_candidates: int = 32
     calibrate: bool = True  # coarse Gaussians drawn where the reference's atoms put density (vae.calibrate_base)
     # what the forward model draws: the coarse Gaussians ("coarse") or every atom of the reference
     # moved by the deformation of its coarse Gaussian ("atoms": the images' own detail, more work)

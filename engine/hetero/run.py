@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cryogmm.errors import InputError
-from cryogmm.hetero.config import CHECKPOINT, LATENTS, HeteroConfig
+from cryogmm.hetero.config import CHECKPOINT, LATENTS, POSTERIOR, HeteroConfig
 from cryogmm.hetero.data import load_particles
 from cryogmm.hetero.deform import make_deformer
 from cryogmm.hetero.reference import load_reference
@@ -72,15 +72,17 @@ class Run:
 
     @torch.no_grad()
     def encode_all(self, batch: int = 512, polished: bool = True) -> np.ndarray:
-        """Every particle's latent: the per-particle polished latents training wrote
-        (``latents_polished.npy``, ``polish_steps`` > 0) when these are the particles the run was
-        trained on, else the encoder's posterior mean."""
-        lat = self.dir / LATENTS
-        if polished and self.trained_particles and lat.is_file():
-            z = np.load(lat)
-            if z.shape == (self.data.n, self.cfg.zdim):
-                self.latent_source = LATENTS
-                return z.astype(np.float32)
+        """Every particle's latent, when these are the particles the run was trained on: the
+        posterior-mean latents training wrote (``latents_posterior.npy``,
+        ``posterior_candidates`` > 0), else its polished latents (``latents_polished.npy``,
+        ``polish_steps`` > 0); otherwise (or with ``polished=False``) the encoder's mean."""
+        for name in (POSTERIOR, LATENTS):
+            lat = self.dir / name
+            if polished and self.trained_particles and lat.is_file():
+                z = np.load(lat)
+                if z.shape == (self.data.n, self.cfg.zdim):
+                    self.latent_source = name
+                    return z.astype(np.float32)
         self.latent_source = "encoder mean"
         fw = self.forward_model()
         zs = []

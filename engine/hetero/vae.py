@@ -386,6 +386,41 @@ def polish_latents(step: TrainStep, rows, steps: int = 40, lr: float = 0.02, bat
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def posterior_mean_latents(step: TrainStep, rows, candidates, batch: int = 256):
+    """Per particle, the posterior mean of its latent over a set of candidate latents (the
+    population's own, e.g. k-means centres of every particle's latent: an empirical prior):
+    ``E[z | x] = sum_j w_j z_j`` with ``w_j`` proportional to the likelihood of the image under
+    the decoded model of ``z_j`` (the training's data term, at the particle's pose and CTF, over
+    the full band). Where one image cannot tell neighbouring states apart, the MAP latent (the
+    polish) lands on one of them at random; the posterior mean weighs them, so particles are
+    ordered along a path by what their images support (the Bayes estimate under squared error).
+    Each candidate is decoded once. Returns ``(z [len(rows), D], effective number of
+    candidates [len(rows)])``, the latter ``1 / sum_j w_j^2`` (1: one candidate explains the
+    image; ``K``: the image tells none apart)."""
+    vae, fw = step.vae, step._fw
+    cand = torch.as_tensor(np.asarray(candidates), dtype=torch.float32, device=fw.dev)
+    drawn = []
+    for j in range(len(cand)):
+        zj = cand[j:j + 1]
+        drawn.append(vae.drawn(fw.base, zj, vae.deformer(fw.base, zj)))
+    rows = np.asarray(rows)
+    zs, eff = [], []
+    for b0 in range(0, len(rows), batch):
+        idx = rows[b0:b0 + batch]
+        x, R, sh, ctf = fw.batch(idx)[:4]
+        ll = torch.empty(len(idx), len(drawn), dtype=torch.float64, device=fw.dev)
+        for j, g in enumerate(drawn):
+            p = fw.predict(g, R, sh, ctf)
+            ll[:, j] = -_data_term(x, p, fw.band, fw.data.noise_var, step._cfg.loss).double()
+        w = torch.softmax(ll, 1)
+        zs.append((w @ cand.double()).float().cpu())
+        eff.append((1.0 / (w * w).sum(1)).float().cpu())
+    if not zs:
+        return np.zeros((0, cand.shape[1]), np.float32), np.zeros(0, np.float32)
+    return torch.cat(zs).numpy(), torch.cat(eff).numpy()
+
+
 def rank_loss(per: torch.Tensor, weight: float, n_all: int, w: int) -> torch.Tensor:
     """The loss whose gradient, averaged by DDP over ``w`` ranks, is the gradient of the mean of
     ``per`` over the whole global batch of ``n_all`` particles (one process: that mean)."""

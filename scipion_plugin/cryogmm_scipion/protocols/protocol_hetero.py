@@ -120,6 +120,12 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
                       help="Compare the images with every atom of the reference moved by the "
                            "deformation (finer conformational order, several times the work) "
                            "instead of the coarse model.")
+        form.addParam("posteriorCandidates", params.IntParam, default=32,
+                      validators=[params.GE(0)], expertLevel=params.LEVEL_ADVANCED,
+                      label="Posterior candidates",
+                      help="Read each particle's latent as its posterior mean over this many "
+                           "k-means centres of all particles' latents (what its image supports "
+                           "among the states the data hold); 0: the polished (MAP) latents.")
         form.addParam("klWarmup", params.IntParam, default=-1,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="KL warm-up epochs", help="-1: the engine's default.")
@@ -186,6 +192,7 @@ class CryoGmmProtHetero(CryoGmmBase, ProtAnalysis3D):
                 "--loss", self.LOSSES[self.loss.get()],
                 "--gaussians", ["ca", "residue2"][self.gaussians.get()],
                 "--draw", "atoms" if self.drawAtoms else "coarse",
+                "--posterior-candidates", self.posteriorCandidates.get(),
                 "--beta", self.beta.get(), "--lr", self.lr.get(),
                 "--hidden", self.hidden.get(), "--seed", self.seed.get()]
         if self.decoder.get() == 0:
