@@ -385,8 +385,7 @@ class _FourierProjection(torch.autograd.Function):
         need_xy, need_s, need_a = ctx.needs_input_grad[:3]
         hx = torch.bmm(cy.conj(), grad).conj_physical_().mul_(ux)  # conj(dL/dCx) u_x: [B, N, kx]
         # conj(dL/dCy) Cy, dL/dCy = (grad Cx^H)^T = a * (grad u_x^H)^T
-        hy = torch.bmm(grad, ux.conj().transpose(1, 2)).transpose(1, 2).conj_physical_().mul_(cy)
-        hy = hy * a[..., None]
+        hy = torch.bmm(grad, ux.conj().transpose(1, 2)).transpose(1, 2).conj_physical_().mul_(cy).mul_(a[..., None])
         two_pi = 2.0 * math.pi
         dxy = ds = da = None
         hxr = hx.real

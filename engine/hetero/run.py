@@ -84,13 +84,7 @@ class Run:
                     self.latent_source = name
                     return z.astype(np.float32)
         self.latent_source = "encoder mean"
-        fw = self.forward_model()
-        zs = []
-        for b0 in range(0, self.data.n, batch):
-            idx = np.arange(b0, min(b0 + batch, self.data.n))
-            mu, _ = fw.encode(fw.batch(idx)[4])
-            zs.append(mu.cpu())
-        return torch.cat(zs).numpy()
+        return self.forward_model().encoder_means(np.arange(self.data.n), batch)
 
     @torch.no_grad()
     def fit_scores(self, z, batch: int = 512) -> dict:

@@ -384,9 +384,7 @@ def _train(cfg: HeteroConfig, progress=None) -> dict:
     if cfg.posterior_candidates > 0:
         t0 = time.perf_counter()
         if z is None:  # the candidates come from the encoder means
-            with torch.no_grad():
-                z = _all_rows(torch.cat([fw.encode(fw.batch(data.rows[b0:b0 + 512])[4])[0].cpu()
-                                         for b0 in range(0, len(data.rows), 512)]).numpy(), data.rows, n)
+            z = _all_rows(fw.encoder_means(data.rows), data.rows, n)
         cand = posterior_candidates(z, cfg.posterior_candidates, cfg.seed)
         z_mine, eff_mine = posterior_mean_latents(one, data.rows, cand)
         zp = _all_rows(z_mine, data.rows, n)

@@ -307,6 +307,13 @@ class ForwardModel:
     def encode(self, enc):
         return self.vae.encode(enc[:, 0], enc[:, 1])
 
+    @torch.no_grad()
+    def encoder_means(self, rows, batch: int = 512) -> np.ndarray:
+        """The encoder's posterior mean of the particles ``rows``: ``[len(rows), zdim]``."""
+        rows = np.asarray(rows)
+        zs = [self.encode(self.batch(rows[b0:b0 + batch])[4])[0].cpu() for b0 in range(0, len(rows), batch)]
+        return torch.cat(zs).numpy() if zs else np.zeros((0, self.vae.zdim), np.float32)
+
 
 def _data_term(x, p, band, noise_var, loss: str):
     """Per image: Gaussian negative log-likelihood (up to a constant) or scaled correlation loss."""
