@@ -16,14 +16,16 @@ things are timed in the same process, interleaved round by round, median of ``--
 - ``prev``: ``engine/core/projection.py`` as committed at ``--baseline-rev`` (default ``main``),
   loaded from git into this process (the kernel this tree's changes are measured against).
 - ``after``: ``cryogmm.core.projection.project`` of this tree (windowed profiles, scatter into
-  reused buffers, only the image region the windows reach, closed-form backward).
+  reused buffers, only the image region the windows reach, on CPUs tiles of Gaussians sorted by
+  their y windows each multiplied over its own rows, closed-form backward).
 - ``compiled``: the same inside ``with projection.use_compile():`` (torch.compile of the
   profile windows; compiled during the warm-up, not timed). ``--no-compile`` leaves it out.
-- ``floor``: the work no windowed kernel avoids, timed alone: one ``exp`` over every window
-  value (``[batch, 2, N, W]`` with ``W`` the kernel's window width) and one index copy of every
-  window into operands of the product's size, then its zeroing. ``floor_fwd_ratio = t_bmm /
-  (t_bmm + t_exp + t_scatter)`` is the highest forward ratio such a kernel reaches on this
-  machine (every other elementwise pass and all Python overhead taken as free).
+- ``floor``: the work no windowed kernel that multiplies the whole box avoids, timed alone: one
+  ``exp`` over every window value (``[batch, 2, N, W]`` with ``W`` the kernel's window width) and
+  one index copy of every window into operands of the product's size, then its zeroing.
+  ``floor_fwd_ratio = t_bmm / (t_bmm + t_exp + t_scatter)`` is the highest forward ratio such a
+  kernel reaches on this machine (every other elementwise pass and all Python overhead taken as
+  free); a kernel that multiplies less than the whole box (the region, the tiles) can pass it.
 
 Forward+backward differentiates through centres and rotations (as pose refinement and
 mixture fitting do). Ratios are ``t_bmm / t_project`` (forward) and ``t_bmm_fb / t_project_fb``

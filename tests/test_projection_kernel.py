@@ -245,3 +245,60 @@ def test_refine_poses_compile_holds_for_its_job_only(monkeypatch):
     job.refine_poses(SimpleNamespace(compile=False, fail=False))
     assert seen == [True, True, False]
     assert not projection.compile_enabled()
+
+
+@pytest.mark.parametrize("n,chunk_one,signs", [(50, False, False), (53, True, False), (61, False, True)])
+def test_tiled_forward_same_images(monkeypatch, n, chunk_one, signs):
+    """The forward's tiles (Gaussians sorted by their y windows, each tile multiplied over its own
+    rows; tiles of 4 here so that small cases use them): the same images as the dense reference,
+    with padding of the last tile (53, 61 not multiples), one image a chunk, and weights of both
+    signs (in float64 to 1e-12)."""
+    monkeypatch.setattr(projection, "TILE_GAUSSIANS", 4)
+    if chunk_one:
+        monkeypatch.setitem(projection.CHUNK_BYTES, "cpu", 1)
+    box, apix, B = 64, 1.0, 5
+    products, real = [], projection._bmm  # a tile product has more matrices than the batch images
+    monkeypatch.setattr(projection, "_bmm", lambda a, b, out, dt: products.append(out.shape[0]) or real(a, b, out, dt))
+    for dt, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        g = mixture(n, box, apix, dt, seed=n, smin=0.8, smax=1.6, spread=0.15)
+        if signs:
+            g = Gaussians(g.centers, g.amplitudes * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0).to(dt), g.sigmas)
+        R, sh = rotations(B, dt, 2), torch.randn(B, 2, dtype=dt)
+        products.clear()
+        new, old = project(g, R, sh, box, apix), dense_reference(g, R, sh, box, apix)
+        assert max(products) > B, "tiles not used"
+        assert (new - old).abs().max() <= tol * old.abs().max()
+        monkeypatch.setattr(projection, "TILE_MAX_ROWS", 0.0)  # the same without tiles
+        assert (project(g, R, sh, box, apix) - new).abs().max() <= tol * old.abs().max()
+        monkeypatch.setattr(projection, "TILE_MAX_ROWS", 0.8)
+
+
+def test_gradcheck_tiled_forward(monkeypatch):
+    """Tiles change only the forward's arithmetic: its images still differentiate to the
+    closed-form backward (tiles of 2, the last padded)."""
+    monkeypatch.setattr(projection, "TILE_GAUSSIANS", 2)
+    inputs = _gradcheck_case(40, 0.6, 1.0, B=2, n=7)
+
+    def f(c, a, s, R, o):
+        return project(Gaussians(c, a, s), R, o, 40, 1.0)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_kept_buffer_stays_zero_after_an_interrupted_call(monkeypatch):
+    """The scatter buffer is kept between calls and must stay all 0: an exception between its
+    copy and its fill leaves it so, and the next call draws the same images."""
+    g = mixture(300, 48, 1.0, torch.float32, seed=3)
+    R = rotations(3, torch.float32, 3)
+    ref = project(g, R, None, 48, 1.0)
+
+    def broken(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(projection, "_bmm", broken)
+        with pytest.raises(KeyboardInterrupt):
+            project(g, R, None, 48, 1.0)
+    bufs = projection._SCRATCH.bufs
+    assert all(float(b.abs().max()) == 0.0 for (name, _), b in bufs.items() if name == "zeros")
+    torch.testing.assert_close(project(g, R, None, 48, 1.0), ref, rtol=0, atol=0)

@@ -12,7 +12,10 @@ a window moves as whole 16-byte elements) placed inside the box; ``exp(-u^2/2)``
 ``eps e^-4`` is drawn (no exp underflows, no denormal anywhere, the floor far below the dtype's
 resolution), scattered by one index copy (both axes) into a reused zeroed buffer a few images
 at a time (``CHUNK_BYTES``), and multiplied, only over the region of the image that some window
-reaches (the rest is exactly 0). Only the compact windows are rebuilt for the backward pass,
+reaches (the rest is exactly 0). On CPUs the forward sorts each image's Gaussians by their y
+windows and multiplies tiles of them, each only over the rows its windows span (``TILE_GAUSSIANS``:
+about half the arithmetic of the whole region at box 64); its buffers are kept per thread
+between calls (``_scratch``). Only the compact windows are rebuilt for the backward pass,
 which has closed-form gradients. Rotations and profiles stay in the input's float dtype even
 under autocast and TF32; only the matrix products follow an active autocast (bf16) or TF32
 setting. ``with use_compile():`` builds the windows with ``torch.compile`` inside its block
@@ -24,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 
+import numpy as np
 import torch
 
 from cryogmm.core.gaussians import Gaussians
@@ -39,23 +44,31 @@ def rotate_centers(centers: torch.Tensor, rotmat: torch.Tensor, shift_A: torch.T
     """Image-plane positions of Gaussian centres: ``(A c)[:2] - shift``.
 
     ``centers`` [N, 3] or [B, N, 3]; ``rotmat`` [B, 3, 3]; ``shift_A`` [B, 2] or None.
-    Returns ``[B, N, 2]`` (x, y) in Å and the depth ``[B, N]``. Always in the centres' dtype
-    (autocast is switched off here: a bf16 rotation moves atoms by tenths of an Å), and where
-    float32 matrix products may run in TF32 (GPUs with ``--matmul-precision tf32|bf16``) as three
-    broadcast products instead of a matrix product (TF32 keeps 10 bits: hundredths of an Å).
+    Returns ``[B, N, 2]`` (x, y) in Å and the depth ``[B, N]`` (views of :func:`rotate_rows`).
     """
+    pos = rotate_rows(centers, rotmat)
+    xy = pos[:, :2].transpose(1, 2)
+    if shift_A is not None:
+        xy = xy - shift_A.to(centers.dtype)[:, None, :]
+    return xy, pos[:, 2]
+
+
+def rotate_rows(centers: torch.Tensor, rotmat: torch.Tensor) -> torch.Tensor:
+    """``A c`` for every image and centre, laid out ``[B, 3, N]``: one matrix product (the rows of
+    all rotations times the centres). Always in the centres' dtype (autocast is switched off here:
+    a bf16 rotation moves atoms by tenths of an Å), and where float32 matrix products may run in
+    TF32 (GPUs with ``--matmul-precision tf32|bf16``) as three broadcast products instead (TF32
+    keeps 10 bits: hundredths of an Å)."""
     with torch.autocast(centers.device.type, enabled=False):
         R = rotmat.to(centers.dtype)
         if _tf32_possible(centers):  # [B, N, 3] = sum_i c_i R[:, :, i]
             pos = centers[..., 0, None] * R[:, None, :, 0]
             for i in (1, 2):
                 pos = pos + centers[..., i, None] * R[:, None, :, i]
-        else:
-            pos = torch.matmul(centers, R.transpose(-1, -2))  # [B, N, 3]
-        xy = pos[..., :2]
-        if shift_A is not None:
-            xy = xy - shift_A.to(centers.dtype)[:, None, :]
-    return xy, pos[..., 2]
+            return pos.transpose(1, 2)
+        if centers.dim() == 2:
+            return torch.matmul(R.reshape(-1, 3), centers.T).view(R.shape[0], 3, -1)
+        return torch.matmul(R, centers.transpose(-1, -2))  # batch dimensions broadcast
 
 
 def _tf32_possible(t: torch.Tensor) -> bool:
@@ -149,41 +162,112 @@ class _Geometry:
         self.kr = torch.arange(W, device=dev, dtype=dt)
         self.mm_ok = (dev.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
                       and not torch.is_autocast_enabled("cpu"))
-        if self.mm_ok:
-            self.coef = t.new_empty(B, 2, N, 2)
-            self.coef[..., 0] = self.d
-            self.coef[..., 1] = 1.0
-            self.powers = torch.stack([torch.ones_like(self.kr), self.kr])  # [2, W]
-        per_image = N * (self.L[0] + self.L[1] + 4 * W) * t.element_size()
-        budget = CHUNK_BYTES.get(dev.type, CHUNK_BYTES_DEFAULT)
-        self.chunk = max(1, min(B, budget // per_image))
-        # row offsets (scatter elements) of each window's row in the chunk's buffer: x rows
-        # [c, N, Lx], then y rows [c, N, Ly]
-        Lg = [L // g for L in self.L]
-        slot = torch.arange(self.chunk * N, device=dev).view(self.chunk, N)
-        self.base = torch.stack([slot * Lg[0], slot * Lg[1] + self.chunk * N * Lg[0]], 1)  # [chunk, 2, N]
+        self.coef = None
+
+    def layout(self, rows_y: int, extra: int = 0):
+        """Images per chunk (``chunk``: the scatter buffer, the windows and ``extra`` values per
+        image within ``CHUNK_BYTES``) and each window's row offset (scatter elements) in the
+        chunk's buffer (``base [chunk, 2, N]``): x rows ``[c, N, Lx]``, then y rows ``[c, N,
+        rows_y]``."""
+        B, _, N = self.d.shape
+        Lx, g = self.L[0], self.g
+        per_image = (N * (Lx + rows_y + 4 * self.W) + extra) * self.d.element_size()
+        self.chunk = max(1, min(B, CHUNK_BYTES.get(self.d.device.type, CHUNK_BYTES_DEFAULT) // per_image))
+        slot = torch.arange(self.chunk * N, device=self.d.device).view(self.chunk, N)
+        self.base = torch.stack([slot * (Lx // g), slot * (rows_y // g) + self.chunk * N * (Lx // g)], 1)
+
+    def coefficients(self):
+        """``[d, 1]`` of every window, ``[2, B 2 N]`` (the left operand of the offsets' product,
+        with ``powers [2, W]`` its right), or None where the offsets are a broadcast sum."""
+        if self.mm_ok and self.coef is None:
+            self.coef = _scratch("coefficients", 2 * self.d.numel(), self.d).view(2, -1)
+            self.coef[0] = self.d.view(-1)
+            self.coef[1] = 1.0
+            self.powers = torch.stack([torch.ones_like(self.kr), self.kr])
+        return self.coef
 
     def rows(self, sl):
         """Scatter rows (index of each window's first element) of the images ``sl``: ``[c 2 N]``."""
         c = sl.stop - sl.start
         return (self.start[sl].long() + self.base[:c]).view(-1)
 
-    def windows(self, sl, keep_q: bool = False):
+    def windows(self, sl, keep_q: bool = False, out=None, e_out=None):
         """Profile windows of the images ``sl``: ``e [c, 2 (x, y), N, W]`` and, with ``keep_q``,
-        the offsets ``q = d + k`` (pixels, same shape; else None).
+        the offsets ``q = d + k`` (pixels, same shape; else None). ``out``: a contiguous tensor
+        of ``e``'s size to make them in (a buffer reused chunk after chunk: no fresh pages), or
+        with ``keep_q`` to make ``q`` in, and ``e`` in ``e_out``.
 
         On CPUs with float32 matrix products at full precision the offsets come from one matrix
         product ``[d, 1] @ [1, k]`` (exact products, one rounding per value: the same values as
-        the broadcast sum, which is several times slower over rows of ``W``). The exponent is
+        the broadcast sum, which is slower over rows of ``W``; the product's left operand is
+        the transposed view of ``[2, B 2 N]`` rows, which BLAS reads as is). The exponent is
         ``nsa2 q^2`` from the exact ``q`` (folding the width into the product instead would
         round ``d`` and ``k`` scaled before they cancel: several times the error near the peak)."""
-        if self.mm_ok:
-            q = torch.matmul(self.coef[sl], self.powers)
+        c, n = sl.stop - sl.start, self.d.shape[2]
+        if self.coefficients() is not None:
+            q = torch.mm(self.coef[:, 2 * n * sl.start:2 * n * sl.stop].T, self.powers,
+                         out=None if out is None else out.view(-1, self.W)).view(c, 2, n, self.W)
         else:
-            q = self.d[sl, :, :, None] + self.kr
-        arg = (torch.mul(q, q) if keep_q else q.mul_(q)).mul_(self.nsa2[sl])
+            q = torch.add(self.d[sl, :, :, None], self.kr, out=out)
+        arg = (torch.mul(q, q, out=e_out) if keep_q else q.mul_(q)).mul_(self.nsa2[sl])
         e = arg.clamp_min_(self.floor).exp2_()
         return e, (q if keep_q else None)
+
+
+# Tiles of the forward. Each image's Gaussians are taken in the order of their y windows and
+# cut into T tiles of P (the last padded with copies of weight 0): the y profiles of a tile span
+# only the E rows from its first window, so a tile's image is one [E, P] x [P, Lx] product added
+# into those rows of the image (one index_add_ a chunk), instead of [Ly, N] x [N, Lx] over the
+# whole region: for a compact molecule about half the arithmetic at box 64, a third at 128.
+#: Gaussians per tile of the forward's product on CPUs (a product this deep still runs near full
+#: speed; GPUs, whose matrix products are cheap beside the windows, keep one product per image)
+TILE_GAUSSIANS = 192
+#: the forward tiles the product only when a tile's rows are at most this fraction of the region's
+TILE_MAX_ROWS = 0.8
+
+
+_SCRATCH = threading.local()
+#: the largest buffer kept between calls (per name and thread)
+SCRATCH_KEEP_BYTES = 64 << 20
+
+
+def _scratch(name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer of ``numel`` values of ``like``'s dtype for this thread's kernel, kept
+    between calls on CPUs (fresh pages of a few MB, mapped and zero-filled by the system on
+    every call, cost as much as the work in them; GPUs have their caching allocator). Buffers
+    named ``zeros`` are all 0 when given and must be left so. Buffers over ``SCRATCH_KEEP_BYTES``
+    (one huge image a chunk) are made afresh and not kept."""
+    if like.device.type != "cpu" or numel * like.element_size() > SCRATCH_KEEP_BYTES:
+        return like.new_zeros(numel) if name == "zeros" else like.new_empty(numel)
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    key = (name, like.dtype)
+    b = bufs.get(key)
+    if b is None or b.numel() < numel:
+        bufs[key] = b = like.new_zeros(numel)
+    return b[:numel]
+
+
+def _order_by(key):
+    """Stable order of each row of the whole numbers ``key [B, N]`` (within +-32767): a radix
+    sort in NumPy on CPUs (several times faster than ``torch.argsort`` there)."""
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.argsort(key.to(torch.int16).numpy(), axis=1, kind="stable"))
+    return torch.argsort(key, dim=1, stable=True)
+
+
+def _sorted_by_y(t, s, w, T: int, box: int, apix: float):
+    """The Gaussians of each image in the order of their y windows' first pixel, padded to ``T``
+    tiles of ``P`` with copies of weight 0: ``t, s, w`` so reordered and ``P``."""
+    B, _, N = t.shape
+    P = -(-N // T)
+    cut = math.sqrt(-2.0 * math.log(profile_cutoff(t.dtype)))
+    key = torch.sub(t[:, 1], s, alpha=cut).div_(apix).clamp_(-box, box)
+    order = _order_by(key)
+    if T * P > N:
+        order = torch.cat([order, order[:, -1:].expand(B, T * P - N)], 1)
+    t, s, w = t.gather(2, order[:, None].expand(B, 2, -1)), s.gather(1, order), w.gather(1, order)
+    w[:, N:] = 0.0
+    return t, s, w, P
 
 
 def _window_values(d, nsa2, kr, floor: float, w):
@@ -264,36 +348,91 @@ class _SeparableProject(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, s, w, box, apix, mm_dtype):
-        B, _, N = t.shape
-        geo = _Geometry(t, s, box, apix)
-        (lx, ly), (hx, hy), (Lx, Ly) = geo.lo, geo.hi, geo.L
-        W, g, chunk = geo.W, geo.g, geo.chunk
-        full = Lx == box and Ly == box
-        out = t.new_empty(B, box, box) if full else t.new_zeros(B, box, box)
-        img = None if full else t.new_empty(chunk, Ly, Lx)
-        nx = chunk * N * Lx
-        buf = t.new_zeros(nx + chunk * N * Ly)  # x rows [chunk, N, Lx], then y rows [chunk, N, Ly]
-        runs = _runs(buf, W, g)
-        fn = _compiled_windows() if _COMPILE["on"] else None
-        for i in range(0, B, chunk):
-            sl = slice(i, min(B, i + chunk))
-            c = sl.stop - sl.start
-            if fn is not None:
-                e = fn(geo.d[sl], geo.nsa2[sl], geo.kr, geo.floor, w[sl])
-            else:
-                e, _ = geo.windows(sl)
-                e[:, 1].mul_(w[sl, :, None])
-            rows = geo.rows(sl)
-            runs.index_copy_(0, rows, _units(e, g).reshape(-1, W // g))
-            gx, gy = buf[:c * N * Lx].view(c, N, Lx), buf[nx:nx + c * N * Ly].view(c, N, Ly)
-            if full:
-                _bmm(gy.transpose(1, 2), gx, out[sl], mm_dtype)
-            else:  # BLAS wants a contiguous result
-                _bmm(gy.transpose(1, 2), gx, img[:c], mm_dtype)
-                out[sl, ly:hy, lx:hx] = img[:c]
-            runs.index_fill_(0, rows, 0)
         ctx.save_for_backward(t, s, w)
         ctx.meta = (box, apix, mm_dtype)
+        B, _, N = t.shape
+        T, P = 1, N
+        if N >= 2 * TILE_GAUSSIANS and t.device.type == "cpu":
+            T = min(16, N // TILE_GAUSSIANS)
+        if T > 1:  # tiles (see TILE_GAUSSIANS): the windows of a tile's y profiles lie close together
+            t, s, w, P = _sorted_by_y(t, s, w, T, box, apix)
+        geo = _Geometry(t, s, box, apix)
+        (lx, ly), (hx, hy), (Lx, Ly) = geo.lo, geo.hi, geo.L
+        W, g, M = geo.W, geo.g, t.shape[2]
+        E = Ly
+        if T > 1:  # a tile's y profiles span E rows from its first window's
+            sy = geo.start[:, 1].view(B, T, P)
+            first = sy.amin(2)
+            E = (int((sy.amax(2) - first).max()) + W // g) * g
+            if E > TILE_MAX_ROWS * Ly:
+                T, P, E = 1, M, Ly
+            else:
+                first.clamp_max_((Ly - E) // g)
+                sy.sub_(first[..., None])
+        geo.layout(E, T * E * Lx if T > 1 else 0)
+        chunk = geo.chunk
+        full = Lx == box and Ly == box
+        out = t.new_empty(B, box, box) if full and T == 1 else t.new_zeros(B, box, box)
+        if T > 1:  # each tile row adds into its row of ``out``'s region
+            tiles = _scratch("tiles", chunk * T * E * Lx, t).view(chunk * T, E, Lx)
+            target = out.view(B * box, box)[:, lx:hx]
+            first = first.long().mul_(g).add_(torch.arange(ly, B * box, box, device=t.device)[:, None])
+            out_rows = (first[..., None] + torch.arange(E, device=t.device)).view(B, T * E)
+        elif not full:
+            img = _scratch("image", chunk * Ly * Lx, t).view(chunk, Ly, Lx)  # BLAS wants a contiguous result
+        nx = chunk * M * Lx
+        buf = _scratch("zeros", nx + chunk * M * E, t)  # x rows [chunk, M, Lx], then y rows [chunk, M, E]
+        runs = _runs(buf, W, g)
+        gx, gy = buf[:nx].view(chunk * T, P, Lx), buf[nx:].view(chunk * T, P, E)
+        fn = _compiled_windows() if _COMPILE["on"] else None
+        scratch = _scratch("windows", chunk * 2 * M * W, t).view(chunk, 2, M, W)  # each chunk's windows
+        # what each chunk needs, cut once: scatter rows, offsets' coefficients, widths, weights
+        # (and tile rows); what all full chunks share, viewed once
+        sizes = [min(chunk, B - i) for i in range(0, B, chunk)]
+        rows = _scratch("rows", len(sizes) * chunk * 2 * M, geo.base)
+        rows[:B * 2 * M].view(B, 2, M).copy_(geo.start)
+        rows.view(len(sizes), chunk, 2, M).add_(geo.base)
+        rows = rows[:B * 2 * M].split([2 * M * c for c in sizes])
+        coef = geo.coefficients()
+        coefs = coef.split([2 * M * c for c in sizes], 1) if coef is not None else geo.d.split(sizes)
+        nsa2s, ws = geo.nsa2.split(sizes), w.view(B, M, 1).split(sizes)
+        if T > 1:
+            out_rows = out_rows.view(-1).split([T * E * c for c in sizes])
+        full_views = (scratch, scratch.view(-1, W), _units(scratch, g).view(-1, W // g), gy.transpose(1, 2), gx,
+                      tiles if T > 1 else None)
+        try:
+            for k, c in enumerate(sizes):
+                sl = slice(k * chunk, k * chunk + c)
+                if c == chunk:
+                    e, e2, eu, gyt, gxc, tl = full_views
+                else:
+                    e = scratch[:c]
+                    e2, eu = e.view(-1, W), _units(e, g).view(-1, W // g)
+                    gyt = buf[nx:nx + c * M * E].view(c * T, P, E).transpose(1, 2)
+                    gxc = buf[:c * M * Lx].view(c * T, P, Lx)
+                    tl = tiles[:c * T] if T > 1 else None
+                if fn is not None:
+                    e.copy_(fn(geo.d[sl], geo.nsa2[sl], geo.kr, geo.floor, w[sl]))
+                else:
+                    if coef is not None:
+                        torch.mm(coefs[k].T, geo.powers, out=e2)
+                    else:
+                        torch.add(coefs[k][..., None], geo.kr, out=e)
+                    e.mul_(e).mul_(nsa2s[k]).clamp_min_(geo.floor).exp2_()
+                    e[:, 1].mul_(ws[k])
+                runs.index_copy_(0, rows[k], eu)
+                if T > 1:
+                    _bmm(gyt, gxc, tl, mm_dtype)
+                    target.index_add_(0, out_rows[k], tl.view(-1, Lx))
+                elif full:
+                    _bmm(gyt, gxc, out[sl], mm_dtype)
+                else:
+                    _bmm(gyt, gxc, img[:c], mm_dtype)
+                    out[sl, ly:hy, lx:hx] = img[:c]
+                runs.index_fill_(0, rows[k], 0)
+        except BaseException:
+            buf.zero_()  # the reused buffer stays all 0 (an interrupt may land between copy and fill)
+            raise
         return out
 
     @staticmethod
@@ -304,35 +443,45 @@ class _SeparableProject(torch.autograd.Function):
         B, _, N = t.shape
         geo = _Geometry(t, s, box, apix)
         (lx, ly), (hx, hy), (Lx, Ly) = geo.lo, geo.hi, geo.L
+        geo.layout(geo.L[1])
         W, g, chunk = geo.W, geo.g, geo.chunk
         g_t, g_s, g_w = torch.empty_like(t), torch.empty_like(s), torch.empty_like(w)
         nx = chunk * N * Lx
-        buf = t.new_zeros(nx + chunk * N * Ly)
-        dbuf = t.new_empty(nx + chunk * N * Ly)
+        buf = _scratch("zeros", nx + chunk * N * Ly, t)
+        dbuf = _scratch("profile gradients", nx + chunk * N * Ly, t)
         runs, druns = _runs(buf, W, g), _runs(dbuf, W, g)
-        for i in range(0, B, chunk):
-            sl = slice(i, min(B, i + chunk))
-            c = sl.stop - sl.start
-            e, q = geo.windows(sl, keep_q=True)
-            rows = geo.rows(sl)
-            ew = torch.stack([e[:, 0], e[:, 1] * w[sl, :, None]], 1)
-            runs.index_copy_(0, rows, _units(ew, g).reshape(-1, W // g))
-            gx, gy = buf[:c * N * Lx].view(c, N, Lx), buf[nx:nx + c * N * Ly].view(c, N, Ly)
-            gr = grad[sl, ly:hy, lx:hx]
-            # image = gy^T gx: d gx = gy image', d gy = gx image'^T
-            _bmm(gy, gr, dbuf[:c * N * Lx].view(c, N, Lx), mm_dtype)
-            _bmm(gx, gr.transpose(1, 2), dbuf[nx:nx + c * N * Ly].view(c, N, Ly), mm_dtype)
-            d = e.new_empty(c, 2, N, W)  # d loss / d profile values
-            torch.index_select(druns, 0, rows, out=_units(d, g).view(-1, W // g))
-            runs.index_fill_(0, rows, 0)
-            g_w[sl] = (d[:, 1] * e[:, 1]).sum(-1)
-            d[:, 1].mul_(w[sl, :, None])
-            # e = exp(-r2 q^2), r2 = apix^2 / 2 s^2, q = pixel - c / apix:
-            # de/dc = 2 r2 q e / apix, de/ds = 2 r2 q^2 e / s
-            r2 = (apix * apix / 2.0) / (s[sl] * s[sl])
-            d.mul_(e).mul_(q)
-            g_t[sl] = d.sum(-1) * (2.0 * r2 / apix)[:, None]
-            g_s[sl] = d.mul_(q).sum((1, 3)) * (2.0 * r2 / s[sl])
+        # the windows, their offsets, the weighted windows and their gradients of a chunk
+        win = [_scratch(name, chunk * 2 * N * W, t).view(chunk, 2, N, W) for name in ("windows", "offsets",
+                                                                                        "weighted", "d windows")]
+        try:
+            for i in range(0, B, chunk):
+                sl = slice(i, min(B, i + chunk))
+                c = sl.stop - sl.start
+                e, q = geo.windows(sl, keep_q=True, out=win[1][:c], e_out=win[0][:c])
+                rows = geo.rows(sl)
+                ew = win[2][:c]
+                ew[:, 0] = e[:, 0]
+                torch.mul(e[:, 1], w[sl, :, None], out=ew[:, 1])
+                runs.index_copy_(0, rows, _units(ew, g).view(-1, W // g))
+                gx, gy = buf[:c * N * Lx].view(c, N, Lx), buf[nx:nx + c * N * Ly].view(c, N, Ly)
+                gr = grad[sl, ly:hy, lx:hx]
+                # image = gy^T gx: d gx = gy image', d gy = gx image'^T
+                _bmm(gy, gr, dbuf[:c * N * Lx].view(c, N, Lx), mm_dtype)
+                _bmm(gx, gr.transpose(1, 2), dbuf[nx:nx + c * N * Ly].view(c, N, Ly), mm_dtype)
+                d = win[3][:c]  # d loss / d profile values
+                torch.index_select(druns, 0, rows, out=_units(d, g).view(-1, W // g))
+                runs.index_fill_(0, rows, 0)
+                g_w[sl] = (d[:, 1] * e[:, 1]).sum(-1)
+                d[:, 1].mul_(w[sl, :, None])
+                # e = exp(-r2 q^2), r2 = apix^2 / 2 s^2, q = pixel - c / apix:
+                # de/dc = 2 r2 q e / apix, de/ds = 2 r2 q^2 e / s
+                r2 = (apix * apix / 2.0) / (s[sl] * s[sl])
+                d.mul_(e).mul_(q)
+                g_t[sl] = d.sum(-1) * (2.0 * r2 / apix)[:, None]
+                g_s[sl] = d.mul_(q).sum((1, 3)) * (2.0 * r2 / s[sl])
+        except BaseException:
+            buf.zero_()  # the reused buffer stays all 0
+            raise
         return g_t, g_s, g_w, None, None, None
 
 
@@ -348,13 +497,14 @@ def project(g: Gaussians, rotmat: torch.Tensor, shift_A: torch.Tensor | None, bo
     dev = g.centers.device
     dt = g.centers.dtype
     mm_dtype = _mm_dtype(dev)
-    xy, _ = rotate_centers(g.centers, rotmat, shift_A)
     with torch.autocast(dev.type, enabled=False):
-        t = xy.transpose(1, 2).contiguous()  # [B, 2 (x, y), N]
+        t = rotate_rows(g.centers, rotmat)[:, :2]  # [B, 2 (x, y), N]
+        if shift_A is not None:
+            t = t - shift_A.to(dt)[:, :, None]
         B = t.shape[0]
         s = (g.sigmas.expand(B, -1) if g.sigmas.dim() == 1 else g.sigmas).to(dt)
         a = (g.amplitudes.expand(B, -1) if g.amplitudes.dim() == 1 else g.amplitudes).to(dt)
-        w = a / (2.0 * math.pi * s**2 * apix)  # line integral / apix = sum of voxels
+        w = a / (s * s).mul_(2.0 * math.pi * apix)  # line integral / apix = sum of voxels
         return _SeparableProject.apply(t, s, w, int(box), float(apix), mm_dtype)
 
 
