@@ -217,6 +217,19 @@ def run_case(box, n, batch, repeat, repeat_before, baseline=None, compiled=True)
     return row
 
 
+def summarise(rounds):
+    """Per case, the median, min and max over rounds of every ``*_ratio`` of its rows."""
+    out = []
+    for rows in zip(*rounds):
+        c = {"box": rows[0]["box"], "gaussians": rows[0]["gaussians"]}
+        for k in rows[0]:
+            if k.endswith("_ratio"):
+                v = [r[k] for r in rows]
+                c[k] = {"median": round(statistics.median(v), 3), "min": min(v), "max": max(v)}
+        out.append(c)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="0,1", help="comma list of torch CPU thread counts, one run each "
@@ -225,6 +238,9 @@ def main(argv=None):
     ap.add_argument("--repeat-before", type=int, default=3, help="repeats of the slow 'before' path")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="box 64 only")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every case this many times per thread count "
+                    "(a shared machine's speed drifts by tens of percent between minutes): the file keeps each "
+                    "round and, per case, the median, min and max of each ratio")
     ap.add_argument("--baseline-rev", default="main", help="git revision whose projection.py is timed as 'prev' "
                     "('' to leave it out)")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
@@ -237,21 +253,34 @@ def main(argv=None):
     for nt in (int(x) for x in args.threads.split(",")):
         torch.set_num_threads(nt or default_threads)
         print(f"torch threads {torch.get_num_threads()}")
-        rows = []
+        rounds = []
         run_load0 = os.getloadavg()
-        for box, n in CASES:
-            if args.quick and box != 64:
-                continue
-            row = run_case(box, n, args.batch, args.repeat, min(args.repeat, args.repeat_before), baseline,
-                           not args.no_compile)
-            rows.append(row)
-            parts = " | ".join(f"{w} fwd {row[w + '_fwd_ratio']:.3f} fwd+bwd {row[w + '_fwdbwd_ratio']:.3f}"
-                               for w in ("before", "prev", "after", "compiled") if w + "_fwd_ratio" in row)
-            print(f"box {box:3d} N {n:5d}: bmm {row['bmm_gflops']:6.1f} GFLOP/s | {parts} | "
-                  f"floor fwd {row['floor_fwd_ratio']:.3f} | "
-                  f"max rel diff {row['after_vs_before_max_rel_diff']:.1e}", flush=True)
-        runs.append({"torch_threads": torch.get_num_threads(), "loadavg_start": [round(x, 2) for x in run_load0],
-                     "loadavg_end": [round(x, 2) for x in os.getloadavg()], "cases": rows})
+        for _ in range(max(1, args.rounds)):
+            rows = []
+            for box, n in CASES:
+                if args.quick and box != 64:
+                    continue
+                row = run_case(box, n, args.batch, args.repeat, min(args.repeat, args.repeat_before), baseline,
+                               not args.no_compile)
+                rows.append(row)
+                parts = " | ".join(f"{w} fwd {row[w + '_fwd_ratio']:.3f} fwd+bwd {row[w + '_fwdbwd_ratio']:.3f}"
+                                   for w in ("before", "prev", "after", "compiled") if w + "_fwd_ratio" in row)
+                print(f"box {box:3d} N {n:5d}: bmm {row['bmm_gflops']:6.1f} GFLOP/s | {parts} | "
+                      f"floor fwd {row['floor_fwd_ratio']:.3f} | "
+                      f"max rel diff {row['after_vs_before_max_rel_diff']:.1e}", flush=True)
+            rounds.append(rows)
+        run = {"torch_threads": torch.get_num_threads(), "loadavg_start": [round(x, 2) for x in run_load0],
+               "loadavg_end": [round(x, 2) for x in os.getloadavg()], "cases": rounds[0]}
+        if len(rounds) > 1:
+            run["rounds"] = rounds
+            run["summary"] = summarise(rounds)
+            for c in run["summary"]:
+                print(f"threads {run['torch_threads']} box {c['box']:3d} N {c['gaussians']:5d} over {len(rounds)} "
+                      f"rounds: after fwd median {c['after_fwd_ratio']['median']:.3f} "
+                      f"[{c['after_fwd_ratio']['min']:.3f}, {c['after_fwd_ratio']['max']:.3f}], fwd+bwd median "
+                      f"{c['after_fwdbwd_ratio']['median']:.3f} [{c['after_fwdbwd_ratio']['min']:.3f}, "
+                      f"{c['after_fwdbwd_ratio']['max']:.3f}]")
+        runs.append(run)
     out = {"what": "project() throughput as a fraction of a same-shape torch.bmm, same process (ratio = t_bmm / "
                    "t_project; forward+backward against bmm forward+backward)",
            "torch": torch.__version__, "cpus": os.cpu_count(),
