@@ -82,10 +82,14 @@ def profile_cutoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 128.0
 
 
+def profile_cut(dtype: torch.dtype) -> float:
+    """Half the width of a profile's window in sigma: ``sqrt(-2 ln eps)``."""
+    return math.sqrt(-2.0 * math.log(profile_cutoff(dtype)))
+
+
 def window_width(sigma_max: float, apix: float, dtype: torch.dtype) -> int:
     """Pixels per profile window: covers ``+-sqrt(-2 ln eps)`` sigma of the widest Gaussian."""
-    cut = math.sqrt(-2.0 * math.log(profile_cutoff(dtype)))
-    return math.floor(2.0 * cut * sigma_max / apix) + 2
+    return math.floor(2.0 * profile_cut(dtype) * sigma_max / apix) + 2
 
 
 def _granule(box: int, dtype: torch.dtype) -> int:
@@ -135,7 +139,7 @@ class _Geometry:
         # stay normal down to weights of ~1e-17 in float32); the floor is 4 e-folds below the
         # cut eps, far below the dtype's resolution, so no threshold pass is needed
         self.floor = (log_eps - 4.0) * LOG2E  # in base 2 (as nsa2)
-        cut = math.sqrt(-2.0 * log_eps)
+        cut = profile_cut(dt)
         g = self.g = _granule(box, dt)
         W = window_width(float(s.max()), apix, dt)
         W = min(box, -(-(W + g - 1) // g) * g)
@@ -186,16 +190,31 @@ class _Geometry:
             self.powers = torch.stack([torch.ones_like(self.kr), self.kr])
         return self.coef
 
-    def rows(self, sl):
-        """Scatter rows (index of each window's first element) of the images ``sl``: ``[c 2 N]``."""
-        c = sl.stop - sl.start
-        return (self.start[sl].long() + self.base[:c]).view(-1)
+    def chunk_rows(self):
+        """The images of each chunk (``chunk``, the last fewer) as ``slice``s, and the scatter rows
+        (index of each window's first element, ``[c 2 N]``) of each, cut from one kept buffer."""
+        B, _, N = self.d.shape
+        n = -(-B // self.chunk)
+        rows = _scratch("rows", n * self.chunk * 2 * N, self.base)
+        rows[:B * 2 * N].view(B, 2, N).copy_(self.start)
+        rows.view(n, self.chunk, 2, N).add_(self.base)
+        sl = [slice(i, min(B, i + self.chunk)) for i in range(0, B, self.chunk)]
+        return sl, rows[:B * 2 * N].split([2 * N * (x.stop - x.start) for x in sl])
 
     def windows(self, sl, keep_q: bool = False, out=None, e_out=None):
         """Profile windows of the images ``sl``: ``e [c, 2 (x, y), N, W]`` and, with ``keep_q``,
         the offsets ``q = d + k`` (pixels, same shape; else None). ``out``: a contiguous tensor
         of ``e``'s size to make them in (a buffer reused chunk after chunk: no fresh pages), or
-        with ``keep_q`` to make ``q`` in, and ``e`` in ``e_out``.
+        with ``keep_q`` to make ``q`` in, and ``e`` in ``e_out``. See :meth:`draw`."""
+        n = self.d.shape[2]
+        coef = self.coefficients()
+        part = self.d[sl] if coef is None else coef[:, 2 * n * sl.start:2 * n * sl.stop]
+        return self.draw(part, self.nsa2[sl], out, keep_q, e_out)
+
+    def draw(self, part, nsa2, out=None, keep_q: bool = False, e_out=None):
+        """The windows of ``c`` images from their part of the offsets' operand (``[2, c 2 N]``
+        columns of :meth:`coefficients`, or ``d [c, 2, N]`` where there are none) and their
+        ``nsa2 [c, 1, N, 1]``; ``out``, ``keep_q`` and ``e_out`` as :meth:`windows`.
 
         On CPUs with float32 matrix products at full precision the offsets come from one matrix
         product ``[d, 1] @ [1, k]`` (exact products, one rounding per value: the same values as
@@ -203,13 +222,12 @@ class _Geometry:
         the transposed view of ``[2, B 2 N]`` rows, which BLAS reads as is). The exponent is
         ``nsa2 q^2`` from the exact ``q`` (folding the width into the product instead would
         round ``d`` and ``k`` scaled before they cancel: several times the error near the peak)."""
-        c, n = sl.stop - sl.start, self.d.shape[2]
-        if self.coefficients() is not None:
-            q = torch.mm(self.coef[:, 2 * n * sl.start:2 * n * sl.stop].T, self.powers,
-                         out=None if out is None else out.view(-1, self.W)).view(c, 2, n, self.W)
+        c, n = nsa2.shape[0], nsa2.shape[2]
+        if self.coef is not None:
+            q = torch.mm(part.T, self.powers, out=None if out is None else out.view(-1, self.W)).view(c, 2, n, self.W)
         else:
-            q = torch.add(self.d[sl, :, :, None], self.kr, out=out)
-        arg = (torch.mul(q, q, out=e_out) if keep_q else q.mul_(q)).mul_(self.nsa2[sl])
+            q = torch.add(part[..., None], self.kr, out=out)
+        arg = (torch.mul(q, q, out=e_out) if keep_q else q.mul_(q)).mul_(nsa2)
         e = arg.clamp_min_(self.floor).exp2_()
         return e, (q if keep_q else None)
 
@@ -260,8 +278,7 @@ def _sorted_by_y(t, s, w, T: int, box: int, apix: float):
     tiles of ``P`` with copies of weight 0: ``t, s, w`` so reordered and ``P``."""
     B, _, N = t.shape
     P = -(-N // T)
-    cut = math.sqrt(-2.0 * math.log(profile_cutoff(t.dtype)))
-    key = torch.sub(t[:, 1], s, alpha=cut).div_(apix).clamp_(-box, box)
+    key = torch.sub(t[:, 1], s, alpha=profile_cut(t.dtype)).div_(apix).clamp_(-box, box)
     order = _order_by(key)
     if T * P > N:
         order = torch.cat([order, order[:, -1:].expand(B, T * P - N)], 1)
@@ -388,37 +405,28 @@ class _SeparableProject(torch.autograd.Function):
         scratch = _scratch("windows", chunk * 2 * M * W, t).view(chunk, 2, M, W)  # each chunk's windows
         # what each chunk needs, cut once: scatter rows, offsets' coefficients, widths, weights
         # (and tile rows); what all full chunks share, viewed once
-        sizes = [min(chunk, B - i) for i in range(0, B, chunk)]
-        rows = _scratch("rows", len(sizes) * chunk * 2 * M, geo.base)
-        rows[:B * 2 * M].view(B, 2, M).copy_(geo.start)
-        rows.view(len(sizes), chunk, 2, M).add_(geo.base)
-        rows = rows[:B * 2 * M].split([2 * M * c for c in sizes])
+        slices, rows = geo.chunk_rows()
+        sizes = [sl.stop - sl.start for sl in slices]
         coef = geo.coefficients()
         coefs = coef.split([2 * M * c for c in sizes], 1) if coef is not None else geo.d.split(sizes)
         nsa2s, ws = geo.nsa2.split(sizes), w.view(B, M, 1).split(sizes)
         if T > 1:
             out_rows = out_rows.view(-1).split([T * E * c for c in sizes])
-        full_views = (scratch, scratch.view(-1, W), _units(scratch, g).view(-1, W // g), gy.transpose(1, 2), gx,
-                      tiles if T > 1 else None)
+        full_views = (scratch, _units(scratch, g).view(-1, W // g), gy.transpose(1, 2), gx, tiles if T > 1 else None)
         try:
-            for k, c in enumerate(sizes):
-                sl = slice(k * chunk, k * chunk + c)
+            for k, (sl, c) in enumerate(zip(slices, sizes)):
                 if c == chunk:
-                    e, e2, eu, gyt, gxc, tl = full_views
+                    e, eu, gyt, gxc, tl = full_views
                 else:
                     e = scratch[:c]
-                    e2, eu = e.view(-1, W), _units(e, g).view(-1, W // g)
+                    eu = _units(e, g).view(-1, W // g)
                     gyt = buf[nx:nx + c * M * E].view(c * T, P, E).transpose(1, 2)
                     gxc = buf[:c * M * Lx].view(c * T, P, Lx)
                     tl = tiles[:c * T] if T > 1 else None
                 if fn is not None:
                     e.copy_(fn(geo.d[sl], geo.nsa2[sl], geo.kr, geo.floor, w[sl]))
                 else:
-                    if coef is not None:
-                        torch.mm(coefs[k].T, geo.powers, out=e2)
-                    else:
-                        torch.add(coefs[k][..., None], geo.kr, out=e)
-                    e.mul_(e).mul_(nsa2s[k]).clamp_min_(geo.floor).exp2_()
+                    geo.draw(coefs[k], nsa2s[k], out=e)
                     e[:, 1].mul_(ws[k])
                 runs.index_copy_(0, rows[k], eu)
                 if T > 1:
@@ -454,11 +462,9 @@ class _SeparableProject(torch.autograd.Function):
         win = [_scratch(name, chunk * 2 * N * W, t).view(chunk, 2, N, W) for name in ("windows", "offsets",
                                                                                         "weighted", "d windows")]
         try:
-            for i in range(0, B, chunk):
-                sl = slice(i, min(B, i + chunk))
+            for sl, rows in zip(*geo.chunk_rows()):
                 c = sl.stop - sl.start
                 e, q = geo.windows(sl, keep_q=True, out=win[1][:c], e_out=win[0][:c])
-                rows = geo.rows(sl)
                 ew = win[2][:c]
                 ew[:, 0] = e[:, 0]
                 torch.mul(e[:, 1], w[sl, :, None], out=ew[:, 1])
