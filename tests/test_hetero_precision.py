@@ -89,86 +89,86 @@ def two_state_sim(tmp_path_factory):
     return d / "sim", start
 
 
-def test_annealing_and_polish_write_polished_latents(two_state_sim, tmp_path):
-    sim, model = two_state_sim
+@pytest.fixture
+def one_thread():
+    """Training these small batches on one torch thread (restored afterwards): steadier and faster
+    on a busy 2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        cfg = hetero_config.HeteroConfig(star=sim / "particles.star", model=model, out=tmp_path / "run",
-                                         map=sim / "truth_map.mrc", decoder="segments", segments=6, zdim=2, epochs=4,
-                                         batch=32, lowpass_A=8.0, lowpass_start_A=12.0, anneal_epochs=2,
-                                         kl_warmup=2, polish_steps=15, posterior_candidates=0, seed=0, device="cpu")
-        rep = hetero_train.train_hetero(cfg)
-        assert [h["band_A"] for h in rep["history"]] == pytest.approx([12.0, 1 / (0.5 / 12 + 0.5 / 8), 8.0, 8.0])
-        z = np.load(tmp_path / "run" / hetero_config.LATENTS)
-        assert z.shape == (240, 2) and np.isfinite(z).all()
-        assert hetero_config.LATENTS in rep["outputs"] and rep["latent_polish"]["rows"] == 240
-        # the polish lowers every particle's posterior objective on average (it is a MAP fit from
-        # the encoder's mean): data + restraints + |z|^2/2, evaluated under the trained network
-        run = hetero_run.Run(tmp_path / "run")
-        fw = run.forward_model()
-        pairs = hetero_vae.restraint_pairs(run.ref, elastic_seq=run.cfg.elastic_seq)
-        step = hetero_vae.TrainStep(run.vae, fw, pairs, run.cfg, 0.0)
-        z_enc = run.encode_all(polished=False)
-        assert np.array_equal(run.encode_all(), z)  # analyze reads the polished latents
-        assert run.latent_source == hetero_config.LATENTS
-        idx = np.arange(240)
-        bt = fw.batch(idx)
-
-        def objective(zz):
-            with torch.no_grad():
-                zt = torch.as_tensor(zz, dtype=torch.float32)
-                d, r, _ = step.objective(bt, zt)
-                return (d + r + 0.5 * (zt**2).sum(1)).numpy()
-
-        before, after = objective(z_enc), objective(z)
-        assert after.mean() < before.mean()
-        assert np.mean(after <= before + 1e-3) > 0.9
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_posterior_mean_latents(two_state_sim, tmp_path):
+def test_annealing_and_polish_write_polished_latents(two_state_sim, tmp_path, one_thread):
+    sim, model = two_state_sim
+    cfg = hetero_config.HeteroConfig(star=sim / "particles.star", model=model, out=tmp_path / "run",
+                                     map=sim / "truth_map.mrc", decoder="segments", segments=6, zdim=2, epochs=4,
+                                     batch=32, lowpass_A=8.0, lowpass_start_A=12.0, anneal_epochs=2,
+                                     kl_warmup=2, polish_steps=15, posterior_candidates=0, seed=0, device="cpu")
+    rep = hetero_train.train_hetero(cfg)
+    assert [h["band_A"] for h in rep["history"]] == pytest.approx([12.0, 1 / (0.5 / 12 + 0.5 / 8), 8.0, 8.0])
+    z = np.load(tmp_path / "run" / hetero_config.LATENTS)
+    assert z.shape == (240, 2) and np.isfinite(z).all()
+    assert hetero_config.LATENTS in rep["outputs"] and rep["latent_polish"]["rows"] == 240
+    # the polish lowers every particle's posterior objective on average (it is a MAP fit from
+    # the encoder's mean): data + restraints + |z|^2/2, evaluated under the trained network
+    run = hetero_run.Run(tmp_path / "run")
+    fw = run.forward_model()
+    pairs = hetero_vae.restraint_pairs(run.ref, elastic_seq=run.cfg.elastic_seq)
+    step = hetero_vae.TrainStep(run.vae, fw, pairs, run.cfg, 0.0)
+    z_enc = run.encode_all(polished=False)
+    assert np.array_equal(run.encode_all(), z)  # analyze reads the polished latents
+    assert run.latent_source == hetero_config.LATENTS
+    idx = np.arange(240)
+    bt = fw.batch(idx)
+
+    def objective(zz):
+        with torch.no_grad():
+            zt = torch.as_tensor(zz, dtype=torch.float32)
+            d, r, _ = step.objective(bt, zt)
+            return (d + r + 0.5 * (zt**2).sum(1)).numpy()
+
+    before, after = objective(z_enc), objective(z)
+    assert after.mean() < before.mean()
+    assert np.mean(after <= before + 1e-3) > 0.9
+
+
+def test_posterior_mean_latents(two_state_sim, tmp_path, one_thread):
     """Training writes every particle's posterior-mean latent over k-means centres of the
     polished latents, analyze reads it; the weights are the softmax of the images' data terms
     under each candidate's decoded model (checked against the training objective itself)."""
     sim, model = two_state_sim
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = hetero_config.HeteroConfig(star=sim / "particles.star", model=model, out=tmp_path / "run",
-                                         map=sim / "truth_map.mrc", decoder="segments", segments=6, zdim=2, epochs=3,
-                                         batch=32, lowpass_A=8.0, kl_warmup=1, polish_steps=5,
-                                         posterior_candidates=12, seed=0, device="cpu")
-        rep = hetero_train.train_hetero(cfg)
-        zp = np.load(tmp_path / "run" / hetero_config.POSTERIOR)
-        zm = np.load(tmp_path / "run" / hetero_config.LATENTS)
-        assert zp.shape == zm.shape == (240, 2) and np.isfinite(zp).all()
-        post = rep["latent_posterior"]
-        assert post["candidates"] == 12 and post["of"] == "polished latents"
-        assert 1.0 <= post["median_effective_candidates"] <= 12.0
-        assert hetero_config.POSTERIOR in rep["outputs"]
-        run = hetero_run.Run(tmp_path / "run")
-        assert np.array_equal(run.encode_all(), zp) and run.latent_source == hetero_config.POSTERIOR
-        # every posterior mean lies in the candidates' convex hull: inside their bounding box
-        cand = hetero_train.posterior_candidates(zm, 12, seed=0)
-        assert cand.shape == (12, 2)
-        assert (zp >= cand.min(0) - 1e-5).all() and (zp <= cand.max(0) + 1e-5).all()
-        fw = run.forward_model()
-        pairs = hetero_vae.restraint_pairs(run.ref, elastic_seq=run.cfg.elastic_seq)
-        step = hetero_vae.TrainStep(run.vae, fw, pairs, run.cfg, 0.0)
-        rows = np.arange(40)
-        # one candidate: that candidate, with one effective candidate
-        z1, e1 = hetero_vae.posterior_mean_latents(step, rows, cand[:1])
-        assert np.allclose(z1, cand[0], atol=1e-6) and np.allclose(e1, 1.0)
-        # two candidates: the weights are the softmax of minus the data terms
-        z2, e2 = hetero_vae.posterior_mean_latents(step, rows, cand[:2], batch=16)
-        with torch.no_grad():
-            bt = fw.batch(rows)
-            d = torch.stack([step.objective(bt, torch.as_tensor(cand[j]).expand(len(rows), -1))[0]
-                             for j in range(2)], 1).double()
-        w = torch.softmax(-d, 1).numpy()
-        assert np.allclose(z2, w @ cand[:2].astype(np.float64), atol=1e-4)
-        assert np.allclose(e2, 1.0 / (w**2).sum(1), rtol=1e-4)
-    finally:
-        torch.set_num_threads(threads)
+    cfg = hetero_config.HeteroConfig(star=sim / "particles.star", model=model, out=tmp_path / "run",
+                                     map=sim / "truth_map.mrc", decoder="segments", segments=6, zdim=2, epochs=3,
+                                     batch=32, lowpass_A=8.0, kl_warmup=1, polish_steps=5,
+                                     posterior_candidates=12, seed=0, device="cpu")
+    rep = hetero_train.train_hetero(cfg)
+    zp = np.load(tmp_path / "run" / hetero_config.POSTERIOR)
+    zm = np.load(tmp_path / "run" / hetero_config.LATENTS)
+    assert zp.shape == zm.shape == (240, 2) and np.isfinite(zp).all()
+    post = rep["latent_posterior"]
+    assert post["candidates"] == 12 and post["of"] == "polished latents"
+    assert 1.0 <= post["median_effective_candidates"] <= 12.0
+    assert hetero_config.POSTERIOR in rep["outputs"]
+    run = hetero_run.Run(tmp_path / "run")
+    assert np.array_equal(run.encode_all(), zp) and run.latent_source == hetero_config.POSTERIOR
+    # every posterior mean lies in the candidates' convex hull: inside their bounding box
+    cand = hetero_train.posterior_candidates(zm, 12, seed=0)
+    assert cand.shape == (12, 2)
+    assert (zp >= cand.min(0) - 1e-5).all() and (zp <= cand.max(0) + 1e-5).all()
+    fw = run.forward_model()
+    pairs = hetero_vae.restraint_pairs(run.ref, elastic_seq=run.cfg.elastic_seq)
+    step = hetero_vae.TrainStep(run.vae, fw, pairs, run.cfg, 0.0)
+    rows = np.arange(40)
+    # one candidate: that candidate, with one effective candidate
+    z1, e1 = hetero_vae.posterior_mean_latents(step, rows, cand[:1])
+    assert np.allclose(z1, cand[0], atol=1e-6) and np.allclose(e1, 1.0)
+    # two candidates: the weights are the softmax of minus the data terms
+    z2, e2 = hetero_vae.posterior_mean_latents(step, rows, cand[:2], batch=16)
+    with torch.no_grad():
+        bt = fw.batch(rows)
+        d = torch.stack([step.objective(bt, torch.as_tensor(cand[j]).expand(len(rows), -1))[0]
+                         for j in range(2)], 1).double()
+    w = torch.softmax(-d, 1).numpy()
+    assert np.allclose(z2, w @ cand[:2].astype(np.float64), atol=1e-4)
+    assert np.allclose(e2, 1.0 / (w**2).sum(1), rtol=1e-4)
